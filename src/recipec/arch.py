@@ -1,0 +1,349 @@
+"""Architecture knowledge, without torch: config presets and the tensors a config implies.
+
+`init(arch, size)` in a recipe makes a randomly initialised model from an HF config preset. The planner must
+know that model's signature — every tensor name, shape and dtype — to check and cost a recipe, and
+`recipec plan` must never import torch or build a model. So this module keeps that knowledge as plain data
+and arithmetic: the `config.json` presets, and the exact tensors `save_pretrained` writes for a config.
+It imports only the standard library.
+
+Each architecture has one head class, the one `init` builds and the only one `tensor_shapes` describes:
+llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel, bert -> BertForMaskedLM (a masked-LM head and no pooler,
+as in the published bert-base checkpoints).
+
+What `save_pretrained` writes (checked against transformers 5.24 by tests/test_arch.py):
+- With `tie_word_embeddings` true it omits the tied copies: `lm_head.weight` for llama and gpt2, and for bert
+  both `cls.predictions.decoder.weight` and `cls.predictions.decoder.bias`; the latter is tied to
+  `cls.predictions.bias` by the same flag, so an untied bert saves three vocabulary-sized head tensors.
+- gpt2 uses Conv1D, whose weight is stored (in_features, out_features): transposed against nn.Linear.
+- No buffers are saved (rotary `inv_freq`, gpt2's causal mask, bert's `position_ids` are non-persistent).
+
+Presets, all float32; parameters counted as saved (tied weights once). tiny and small are for tests and CPU
+runs; every llama preset uses grouped-query attention (kv < heads).
+
+    arch   size   hidden  layers  heads  kv  inter   vocab  positions     parameters
+    llama  tiny       64       2      4   2    128    1024        128        205,120
+    llama  small     256       4      4   2    688    8192        512      7,096,576
+    llama  base      768      12     12   4   2048   32000       2048    124,668,672
+    llama  1b       2048      22     32   4   5632   32000       2048  1,100,048,384
+    gpt2   tiny       64       2      4   4    128    1024        128        140,800
+    gpt2   small     256       4      4   4   1024    8192        512      5,387,776
+    gpt2   base      768      12     12  12   3072   50257       1024    124,439,808
+    gpt2   1b       2048      20     16  16   8192   50257       1024  1,112,193,024
+    bert   tiny       64       2      4   4    128    1024        128        146,240
+    bert   small     256       4      4   4   1024    8192        512      5,462,784
+    bert   base      768      12     12  12   3072   30522        512    109,514,298
+    bert   1b       2048      20     16  16   8192   30522        512  1,074,962,234
+
+llama 1b is TinyLlama-1.1B's shape; gpt2 base is GPT-2 small and bert base is bert-base-uncased (as
+BertForMaskedLM), exactly. The gpt2 and bert 1b shapes are synthetic (20 layers, 16 heads of 128) to land near
+1B: published GPT-2 sizes jump from 774M (large) to 1.5B (xl), and BERT stops at 335M (large).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+ARCHS: tuple[str, ...] = ("llama", "bert", "gpt2")
+SIZES: tuple[str, ...] = ("tiny", "small", "base", "1b")
+
+# (hidden, layers, heads, kv_heads, intermediate, vocab, max_positions)
+_LLAMA_PRESETS = {
+    "tiny": (64, 2, 4, 2, 128, 1024, 128),
+    "small": (256, 4, 4, 2, 688, 8192, 512),
+    "base": (768, 12, 12, 4, 2048, 32000, 2048),
+    "1b": (2048, 22, 32, 4, 5632, 32000, 2048),
+}
+# (hidden, layers, heads, intermediate, vocab, max_positions); gpt2 and bert differ only in the vocabulary and
+# context, which follow their published checkpoints from "base" up.
+_GPT2_PRESETS = {
+    "tiny": (64, 2, 4, 128, 1024, 128),
+    "small": (256, 4, 4, 1024, 8192, 512),
+    "base": (768, 12, 12, 3072, 50257, 1024),
+    "1b": (2048, 20, 16, 8192, 50257, 1024),
+}
+_BERT_PRESETS = {
+    "tiny": (64, 2, 4, 128, 1024, 128),
+    "small": (256, 4, 4, 1024, 8192, 512),
+    "base": (768, 12, 12, 3072, 30522, 512),
+    "1b": (2048, 20, 16, 8192, 30522, 512),
+}
+
+_HEAD_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}
+
+# The HF config classes' defaults for every key that shapes a tensor: a config.json may omit any of them.
+# None means "derived" (kv heads = heads, head_dim = hidden / heads, n_inner = 4 * hidden).
+_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None,
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False},
+    "gpt2": {"vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024,
+             "n_inner": None, "add_cross_attention": False, "tie_word_embeddings": True},
+    "bert": {"vocab_size": 30522, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "max_position_embeddings": 512, "type_vocab_size": 2,
+             "add_cross_attention": False, "tie_word_embeddings": True},
+}
+# GPT2Config.attribute_map: HF accepts the generic names as aliases of gpt2's own keys.
+_ALIASES = {"gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                     "n_positions": "max_position_embeddings"}}
+
+# Candidates in state_dict order; vocab_tensors keeps those a config actually saves (tied copies are not).
+_VOCAB_TENSORS = {
+    "llama": ("model.embed_tokens.weight", "lm_head.weight"),
+    "gpt2": ("transformer.wte.weight", "lm_head.weight"),
+    "bert": ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias",
+             "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+}
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+
+# The module owning a weight/bias is a norm when its name ends in "norm" (input_layernorm, norm, LayerNorm,
+# q_norm, ...) or is gpt2's ln_1 / ln_2 / ln_f.
+_NORM_TENSOR = re.compile(r"(?:^|\.)(?:\w*norm|ln_\w+)\.(?:weight|bias)$", re.IGNORECASE)
+
+
+def preset_config(arch: str, size: str) -> dict:
+    """A complete HF config.json dict for a random-init model of `arch` at preset `size`."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of: {', '.join(ARCHS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} for {arch}; expected one of: {', '.join(SIZES)}")
+    if arch == "llama":
+        return _llama_config(*_LLAMA_PRESETS[size])
+    if arch == "gpt2":
+        return _gpt2_config(*_GPT2_PRESETS[size])
+    return _bert_config(*_BERT_PRESETS[size])
+
+
+def _llama_config(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                  positions: int) -> dict:
+    return {
+        "architectures": [_HEAD_CLASS["llama"]],
+        "model_type": "llama",
+        "dtype": "float32",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "max_position_embeddings": positions,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "attention_bias": False,
+        "mlp_bias": False,
+        # Untied, like Llama 2 and TinyLlama: lm_head.weight is its own tensor.
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
+    }
+
+
+def _gpt2_config(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, positions: int) -> dict:
+    return {
+        "architectures": [_HEAD_CLASS["gpt2"]],
+        "model_type": "gpt2",
+        "dtype": "float32",
+        "vocab_size": vocab,
+        "n_embd": hidden,
+        "n_layer": layers,
+        "n_head": heads,
+        "n_inner": intermediate,
+        "n_positions": positions,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        # GPT-2 ties lm_head to wte, so save_pretrained writes no lm_head.weight.
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        # GPT-2's <|endoftext|> is its last token; keep it inside a preset's smaller vocabulary.
+        "bos_token_id": vocab - 1,
+        "eos_token_id": vocab - 1,
+        "pad_token_id": None,
+    }
+
+
+def _bert_config(hidden: int, layers: int, heads: int, intermediate: int, vocab: int, positions: int) -> dict:
+    return {
+        "architectures": [_HEAD_CLASS["bert"]],
+        "model_type": "bert",
+        "dtype": "float32",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": positions,
+        "type_vocab_size": 2,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        # The MLM decoder (weight and bias) is tied to the word embeddings and cls.predictions.bias.
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "pad_token_id": 0,
+    }
+
+
+def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape `save_pretrained` writes for `config`, in state_dict order."""
+    model_type, settings = _settings(config)
+    if model_type == "llama":
+        return _llama_shapes(settings)
+    if model_type == "gpt2":
+        return _gpt2_shapes(settings)
+    return _bert_shapes(settings)
+
+
+def _settings(config: dict) -> tuple[str, dict]:
+    """The config's model_type and its shape-determining keys, defaults filled in and validated."""
+    model_type = config.get("model_type")
+    if model_type not in _DEFAULTS:
+        raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
+                         f"{', '.join(sorted(_DEFAULTS))}")
+    architectures = config.get("architectures")
+    if architectures is not None and list(architectures) != [_HEAD_CLASS[model_type]]:
+        raise ValueError(f"{model_type} config names architectures {architectures!r}; recipec knows the "
+                         f"tensors of {_HEAD_CLASS[model_type]} only")
+    if config.get("quantization_config") is not None:
+        raise ValueError(f"{model_type} config is quantized; recipec knows the tensors of unquantized models only")
+    settings = {}
+    for key, default in _DEFAULTS[model_type].items():
+        alias = _ALIASES.get(model_type, {}).get(key)
+        value = config.get(key, config.get(alias) if alias else None)
+        settings[key] = default if value is None else value
+    for key, value in settings.items():
+        if isinstance(_DEFAULTS[model_type][key], bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{model_type} config: {key} must be true or false, got {value!r}")
+        elif value is not None and (type(value) is not int or value <= 0):
+            raise ValueError(f"{model_type} config: {key} must be a positive integer, got {value!r}")
+    if settings.get("add_cross_attention"):
+        raise ValueError(f"{model_type} config has add_cross_attention; recipec knows the tensors of "
+                         f"{_HEAD_CLASS[model_type]} without cross-attention only")
+    return model_type, settings
+
+
+def _check_heads(hidden: int, heads: int, model_type: str) -> None:
+    # transformers refuses these configs when it builds the model (llama: already in the config class).
+    if hidden % heads:
+        raise ValueError(f"{model_type} config: hidden size {hidden} is not a multiple of "
+                         f"{heads} attention heads")
+
+
+def _linear(name: str, in_features: int, out_features: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    # nn.Linear stores its weight (out_features, in_features).
+    shapes = {f"{name}.weight": (out_features, in_features)}
+    if bias:
+        shapes[f"{name}.bias"] = (out_features,)
+    return shapes
+
+
+def _conv1d(name: str, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+    # transformers' Conv1D stores its weight (in_features, out_features), the transpose of nn.Linear.
+    return {f"{name}.weight": (in_features, out_features), f"{name}.bias": (out_features,)}
+
+
+def _layer_norm(name: str, size: int) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.weight": (size,), f"{name}.bias": (size,)}
+
+
+def _llama_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    hidden, heads, vocab = s["hidden_size"], s["num_attention_heads"], s["vocab_size"]
+    _check_heads(hidden, heads, "llama")
+    kv_heads = s["num_key_value_heads"] or heads
+    if heads % kv_heads:
+        raise ValueError(f"llama config: {heads} attention heads are not a multiple of {kv_heads} key/value heads")
+    head_dim = s["head_dim"] or hidden // heads
+    inter, attn_bias, mlp_bias = s["intermediate_size"], s["attention_bias"], s["mlp_bias"]
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(s["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= _linear(p + "self_attn.q_proj", hidden, heads * head_dim, attn_bias)
+        shapes |= _linear(p + "self_attn.k_proj", hidden, kv_heads * head_dim, attn_bias)
+        shapes |= _linear(p + "self_attn.v_proj", hidden, kv_heads * head_dim, attn_bias)
+        shapes |= _linear(p + "self_attn.o_proj", heads * head_dim, hidden, attn_bias)
+        shapes |= _linear(p + "mlp.gate_proj", hidden, inter, mlp_bias)
+        shapes |= _linear(p + "mlp.up_proj", hidden, inter, mlp_bias)
+        shapes |= _linear(p + "mlp.down_proj", inter, hidden, mlp_bias)
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes["model.norm.weight"] = (hidden,)
+    if not s["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _gpt2_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    hidden, vocab = s["n_embd"], s["vocab_size"]
+    _check_heads(hidden, s["n_head"], "gpt2")
+    inner = s["n_inner"] or 4 * hidden
+    shapes = {"transformer.wte.weight": (vocab, hidden), "transformer.wpe.weight": (s["n_positions"], hidden)}
+    for i in range(s["n_layer"]):
+        p = f"transformer.h.{i}."
+        shapes |= _layer_norm(p + "ln_1", hidden)
+        shapes |= _conv1d(p + "attn.c_attn", hidden, 3 * hidden)
+        shapes |= _conv1d(p + "attn.c_proj", hidden, hidden)
+        shapes |= _layer_norm(p + "ln_2", hidden)
+        shapes |= _conv1d(p + "mlp.c_fc", hidden, inner)
+        shapes |= _conv1d(p + "mlp.c_proj", inner, hidden)
+    shapes |= _layer_norm("transformer.ln_f", hidden)
+    if not s["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _bert_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    hidden, vocab, inter = s["hidden_size"], s["vocab_size"], s["intermediate_size"]
+    _check_heads(hidden, s["num_attention_heads"], "bert")
+    shapes = {
+        "bert.embeddings.word_embeddings.weight": (vocab, hidden),
+        "bert.embeddings.position_embeddings.weight": (s["max_position_embeddings"], hidden),
+        "bert.embeddings.token_type_embeddings.weight": (s["type_vocab_size"], hidden),
+    }
+    shapes |= _layer_norm("bert.embeddings.LayerNorm", hidden)
+    for i in range(s["num_hidden_layers"]):
+        p = f"bert.encoder.layer.{i}."
+        shapes |= _linear(p + "attention.self.query", hidden, hidden, True)
+        shapes |= _linear(p + "attention.self.key", hidden, hidden, True)
+        shapes |= _linear(p + "attention.self.value", hidden, hidden, True)
+        shapes |= _linear(p + "attention.output.dense", hidden, hidden, True)
+        shapes |= _layer_norm(p + "attention.output.LayerNorm", hidden)
+        shapes |= _linear(p + "intermediate.dense", hidden, inter, True)
+        shapes |= _linear(p + "output.dense", inter, hidden, True)
+        shapes |= _layer_norm(p + "output.LayerNorm", hidden)
+    # The prediction head's own bias parameter comes before its submodules in state_dict order.
+    shapes["cls.predictions.bias"] = (vocab,)
+    shapes |= _linear("cls.predictions.transform.dense", hidden, hidden, True)
+    shapes |= _layer_norm("cls.predictions.transform.LayerNorm", hidden)
+    if not s["tie_word_embeddings"]:
+        shapes |= _linear("cls.predictions.decoder", hidden, vocab, True)
+    return shapes
+
+
+def config_dtype(config: dict) -> str:
+    """The safetensors dtype ("F32", "BF16", "F16", "F64") of a config's `dtype` (or legacy `torch_dtype`)."""
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    # Old configs may spell it "torch.float16".
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported dtype {value!r}; expected one of: {', '.join(_SAFETENSORS_DTYPES)}")
+    return _SAFETENSORS_DTYPES[name]
+
+
+def vocab_tensors(config: dict) -> tuple[str, ...]:
+    """Names of the saved tensors whose first dimension is the vocabulary (embeddings and LM-head rows)."""
+    shapes = tensor_shapes(config)
+    return tuple(name for name in _VOCAB_TENSORS[config["model_type"]] if name in shapes)
+
+
+def is_norm_tensor(name: str) -> bool:
+    """True for the weight or bias of a LayerNorm or RMSNorm module."""
+    return _NORM_TENSOR.search(name) is not None
+
+
+def param_count(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The number of scalars in a name -> shape mapping."""
+    return sum(math.prod(shape) for shape in shapes.values())

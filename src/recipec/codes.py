@@ -1,0 +1,132 @@
+"""The catalogue of diagnostic codes: one entry per code, its exit status and its long explanation.
+
+`recipec explain CODE` prints an entry; the README's error list is generated from the same table, so
+there is one place for each fact. Exit statuses follow sysexits: 65 (EX_DATAERR) for a recipe or an
+input file that is wrong, 66 (EX_NOINPUT) for an input that is missing, 1 for a failure while running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECIPE, MISSING, RUNTIME = 65, 66, 1
+
+
+@dataclass(frozen=True)
+class Code:
+    code: str
+    title: str
+    exit_status: int
+    explanation: str
+
+
+_ENTRIES = [
+    # Syntax: E0xx
+    Code("E001", "unexpected token", RECIPE,
+         "The parser met a token that cannot stand where it is, e.g. `m = a + * b` or a statement that\n"
+         "ends early (`m = a +`). Each statement is one line; brackets may span lines.\n"
+         "Fix: look at the caret; the message lists what could have come there."),
+    Code("E002", "unclosed bracket or string", RECIPE,
+         "A `(` or `[` without its closing partner before the end of the file, or a string whose closing\n"
+         "`\"` is missing before the end of its line. Strings cannot span lines.\n"
+         "Fix: close it where the expression ends."),
+    Code("E003", "missing or unsupported header", RECIPE,
+         "Every recipe starts with the language version it is written in: `recipec 1`. A recipe without\n"
+         "it, or with a version this recipec does not speak, is refused so that a future language change\n"
+         "can never silently change what an old recipe means."),
+    # Names: E1xx
+    Code("E101", "unknown name", RECIPE,
+         "A name is used that no statement binds (here or in a `use`d recipe). Names are bound once with\n"
+         "`name = expr` and may be used anywhere in the recipe. A close match is suggested."),
+    Code("E102", "name bound twice", RECIPE,
+         "Each name is bound once, so a recipe reads as a set of definitions, not a program with\n"
+         "reassignment. Rename one of the bindings. A note points at the first binding."),
+    Code("E103", "cyclic use", RECIPE,
+         "`use \"other.rcp\"` brings another recipe's bindings into scope. The chain of `use` statements\n"
+         "loops back to a recipe that is already being loaded; the note lists the cycle."),
+    Code("E104", "used recipe not found", MISSING,
+         "The file named by `use` does not exist. Paths are relative to the directory of the recipe that\n"
+         "contains the `use`, not to the working directory."),
+    Code("E105", "unused name", RECIPE,
+         "A warning: a name is bound but never used or exported, so nothing is built from it."),
+    Code("E106", "cyclic definition", RECIPE,
+         "A name's definition refers back to itself, directly or through other names, so it has no\n"
+         "value. Recipes are definitions, not loops: break the cycle."),
+    # Calls and parameters: E2xx
+    Code("E201", "unknown op", RECIPE,
+         "A call names an op that does not exist. `recipec explain ops` lists every op with its\n"
+         "parameters; a close match is suggested."),
+    Code("E202", "unknown keyword", RECIPE,
+         "A call passes a keyword argument that the op does not declare. A close match is suggested."),
+    Code("E203", "value out of range", RECIPE,
+         "An argument has the right type but a value outside the range the op accepts, e.g. a fraction\n"
+         "outside (0, 1) or a negative count. The message gives the range."),
+    Code("E204", "missing argument", RECIPE,
+         "An op's required argument was not given, by position or by keyword."),
+    Code("E205", "too many arguments", RECIPE,
+         "A call passes more positional arguments than the op takes. Later parameters are keyword-only:\n"
+         "name them."),
+    Code("E206", "wrong argument type", RECIPE,
+         "An argument has the wrong type, e.g. a string where a number is expected, or a corpus where a\n"
+         "model is expected. A string where a model is expected is a model reference (a local directory\n"
+         "if it exists, else a hub id)."),
+    Code("E207", "argument given twice", RECIPE,
+         "An argument is given both by position and by keyword, or the same keyword twice."),
+    # Types and arithmetic: E3xx
+    Code("E301", "weights do not sum to 1 or 0", RECIPE,
+         "Model arithmetic is affine: `+ - *` over models normalizes to one linear combination\n"
+         "sum(c_i * m_i). Coefficients summing to 1 give a model (`cp + 0.8*(chat - base)`,\n"
+         "`0.5*a + 0.5*b`); summing to 0 give a delta (`chat - base`). Any other sum, such as the 2 of\n"
+         "`a + b`, is not a meaningful model: average the models, or add a delta."),
+    Code("E302", "invalid arithmetic", RECIPE,
+         "Only models and deltas can be added and subtracted, and only numbers can scale them: `a * b` of\n"
+         "two models, `a + 1`, or arithmetic on a corpus has no meaning. Numbers fold at check time."),
+    Code("E303", "architecture signature mismatch", RECIPE,
+         "The models of one linear combination must have the same architecture: the same tensor names,\n"
+         "shapes and dtypes (read from config.json and safetensors headers). The message names the first\n"
+         "tensors that differ."),
+    Code("E304", "vocabulary mismatch", RECIPE,
+         "The models agree except for the rows of their vocabulary tensors (embeddings, lm_head): one of\n"
+         "them, typically a continually pre-trained model, extended its tokenizer. Arithmetic on those\n"
+         "rows needs a policy: wrap the expression in `combine(expr, embeddings=\"overlap\")` (add the\n"
+         "delta on the shared rows only), `\"keep\"` (keep the first model's embeddings), or `\"add\"`\n"
+         "(only when the shapes agree)."),
+    Code("E305", "cannot export this", RECIPE,
+         "`export` writes a model. The value is not a model (a delta, a corpus, a number), or the format\n"
+         "(given with `as` or implied by the path's suffix) is not one recipec writes."),
+    Code("E306", "two exports to one path", RECIPE,
+         "Two `export` statements write the same output path; the second would overwrite the first."),
+    # Inputs: E4xx
+    Code("E401", "missing model files", MISSING,
+         "A local model reference points at a directory that does not exist, or that lacks config.json\n"
+         "or its safetensors weights (model.safetensors, or model.safetensors.index.json with shards)."),
+    Code("E402", "corrupt safetensors file", RECIPE,
+         "A safetensors file's header is truncated, not JSON, or describes tensors that do not fit in the\n"
+         "file (offsets past the end, overlapping, a size that does not match shape and dtype). The file\n"
+         "is damaged or was not fully downloaded: fetch it again."),
+    Code("E403", "unsafe path in a sharded index", RECIPE,
+         "A `model.safetensors.index.json` maps a tensor to a file outside the model directory (`..`, an\n"
+         "absolute path, a subdirectory). recipec never follows such a path: a downloaded model must not\n"
+         "be able to make recipec read arbitrary files."),
+    Code("E404", "bad config.json", RECIPE,
+         "A model's config.json is not valid JSON, or lacks `model_type`."),
+    Code("E405", "no data files", MISSING,
+         "A corpus or dataset glob matches no files. Globs are relative to the recipe's directory."),
+    Code("E406", "inconsistent sharded index", RECIPE,
+         "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
+         "tensor the index does not list."),
+    Code("E407", "unknown architecture", RECIPE,
+         "`init` builds a model from a preset or a config; the architecture or size is not one recipec\n"
+         "knows. The message lists the known ones."),
+]
+
+CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}
+
+
+def exit_status_for(codes: list[str]) -> int:
+    """The process exit status for a batch of error codes: a recipe error wins over a missing input."""
+    statuses = {CODES[c].exit_status for c in codes}
+    for status in (RECIPE, MISSING):
+        if status in statuses:
+            return status
+    return RUNTIME if statuses else 0

@@ -1,0 +1,1 @@
+"""The intermediate representation: types, architecture signatures, the op graph and lowering."""

@@ -1,0 +1,100 @@
+"""The op graph: immutable, typed, hash-consed nodes.
+
+A `Node` is an op applied to input nodes with canonical parameters. `Graph.add` returns the existing
+node when the same (op, inputs, params) was added before, so identical subexpressions are one node
+and are built once. Spans and the names a node is bound to are recorded beside it, for diagnostics
+and for the plan's labels, and take no part in identity.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from ..source import Span
+from .types import Type
+
+
+def canonical(value: Any) -> Any:
+    """A hashable, JSON-friendly form of a parameter value: tuples for lists, floats for fractions."""
+    if isinstance(value, Fraction):
+        return int(value) if value.denominator == 1 else float(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(canonical(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, canonical(v)) for k, v in value.items()))
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    id: int
+    op: str
+    inputs: tuple[Node, ...]
+    params: tuple[tuple[str, Any], ...]
+    type: Type
+    spans: list[Span] = field(default_factory=list, repr=False)
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def label(self) -> str:
+        """How the plan names this node: its first bound name, else `%id`."""
+        return self.names[0] if self.names else f"%{self.id}"
+
+    def __hash__(self) -> int:
+        return self.id
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    node: Node
+    path: Path
+    format: str
+    span: Span
+    display: str  # the path as the recipe wrote it
+
+
+@dataclass
+class Graph:
+    nodes: list[Node] = field(default_factory=list)
+    exports: list[ExportSpec] = field(default_factory=list)
+    _index: dict[tuple, Node] = field(default_factory=dict, repr=False)
+
+    def add(self, op: str, inputs: tuple[Node, ...], params: dict[str, Any], type_: Type,
+            span: Span | None = None) -> Node:
+        """The node for (op, inputs, params), created on first use."""
+        canon = tuple(sorted((k, canonical(v)) for k, v in params.items()))
+        key = (op, tuple(n.id for n in inputs), canon)
+        node = self._index.get(key)
+        if node is None:
+            node = Node(len(self.nodes), op, inputs, canon, type_)
+            self.nodes.append(node)
+            self._index[key] = node
+        if span is not None:
+            node.spans.append(span)
+        return node
+
+    def reachable(self) -> list[Node]:
+        """Nodes the exports depend on, in creation order, which is topological (inputs come first)."""
+        seen: set[int] = set()
+        stack = [export.node for export in self.exports]
+        while stack:
+            node = stack.pop()
+            if node.id not in seen:
+                seen.add(node.id)
+                stack.extend(node.inputs)
+        return [self.nodes[i] for i in sorted(seen)]
+
+
+def params_json(node: Node) -> str:
+    """Canonical JSON of a node's parameters (sorted keys, no whitespace): what cache keys hash."""
+    return json.dumps(dict(node.params), sort_keys=True, separators=(",", ":"), default=str)

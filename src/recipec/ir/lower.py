@@ -1,0 +1,626 @@
+"""Lowering: from parsed recipes to a typed, hash-consed op graph, with every error collected.
+
+Names resolve across `use`d recipes (with cycle detection); each binding is evaluated once, on demand,
+in the scope of the recipe that wrote it, so relative paths mean the same from anywhere. Arithmetic
+over models folds into one affine `Linear` value — a list of (leaf, coefficient) with exact fractional
+coefficients — that becomes a `combine` node only where a model is needed: its coefficients must sum
+to 1 (a model) or 0 (a delta). Calls are bound against the op's declared inputs and parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..diagnostics import Diagnostics, Note, RecipeError
+from ..ops import REGISTRY
+from ..ops.arithmetic import Combine
+from ..ops.base import LINEAR, Context, Input, Op
+from ..ops.sources import model_reference
+from ..source import Span
+from ..syntax import ast, parse_file
+from .graph import ExportSpec, Graph, Node
+from .types import Kind, Type
+
+# --- values during lowering ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scalar:
+    value: Fraction
+
+
+@dataclass(frozen=True)
+class Text:
+    value: str
+
+
+@dataclass(frozen=True)
+class Flag:
+    value: bool
+
+
+@dataclass(frozen=True)
+class Items:
+    items: tuple[Value, ...]
+
+
+@dataclass(frozen=True)
+class Graphed:
+    node: Node
+
+
+@dataclass(frozen=True)
+class Linear:
+    """An affine combination sum(c_i * leaf_i) not yet turned into a node."""
+
+    terms: tuple[tuple[Node, Fraction], ...]
+
+    @property
+    def weight_sum(self) -> Fraction:
+        # A delta leaf contributes nothing to the sum: cp + 0.8*delta is still a model.
+        return sum((c for n, c in self.terms if n.type.kind is Kind.MODEL), Fraction(0))
+
+
+class Poison:
+    """The value of an expression that already failed; using it reports nothing more."""
+
+
+POISON = Poison()
+Value = Scalar | Text | Flag | Items | Graphed | Linear | Poison
+
+
+def _fmt(q: Fraction) -> str:
+    if q.denominator == 1:
+        return str(q.numerator)
+    as_float = float(q)
+    return repr(round(as_float, 6)) if Fraction(repr(as_float)) == q else f"{q.numerator}/{q.denominator}"
+
+
+def _did_you_mean(name: str, candidates) -> str | None:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None
+
+
+# --- modules (one recipe file each) --------------------------------------------------------------------
+
+
+@dataclass
+class Module:
+    path: Path
+    recipe: ast.Recipe
+    scope: dict[str, tuple[Module, ast.Assign]] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return self.path.parent
+
+
+@dataclass
+class Program:
+    """The result of lowering: the graph, and what the CLI needs to report about it."""
+
+    graph: Graph
+    main: Module
+    diagnostics: list  # warnings that did not stop lowering
+    bindings: dict[str, Node] = field(default_factory=dict)
+
+
+class Lowerer:
+    def __init__(self) -> None:
+        self.diags = Diagnostics()
+        self.graph = Graph()
+        self.modules: dict[Path, Module] = {}
+        self.values: dict[tuple[int, str], Value] = {}
+        self.evaluating: set[tuple[int, str]] = set()
+
+    # modules and scopes
+
+    def load(self, path: Path, display: str | None = None, via: Span | None = None,
+             stack: tuple[Path, ...] = ()) -> Module | None:
+        path = path.resolve()
+        if path in stack:
+            cycle = " -> ".join(p.name for p in stack[stack.index(path):] + (path,))
+            self.diags.error("E103", f"cyclic `use`: {cycle}", via, "move the shared definitions into a recipe "
+                             "that both can `use`")
+            return None
+        if path in self.modules:
+            return self.modules[path]
+        try:
+            recipe = parse_file(path, display)
+        except RecipeError as err:
+            self.diags.extend(err.diagnostics)
+            return None
+        except OSError as err:
+            self.diags.error("E104", f"cannot read {path}: {err.strerror}", via)
+            return None
+        module = Module(path, recipe)
+        self.modules[path] = module
+        self._build_scope(module, stack + (path,))
+        return module
+
+    def _build_scope(self, module: Module, stack: tuple[Path, ...]) -> None:
+        for stmt in module.recipe.statements:
+            if isinstance(stmt, ast.Use):
+                target = module.dir / stmt.path.value
+                if not target.is_file():
+                    self.diags.error("E104", f"used recipe {stmt.path.value!r} not found (relative to {module.dir})",
+                                     stmt.path.span, "paths in `use` are relative to the recipe that contains it")
+                    continue
+                used = self.load(target, _display(target), stmt.span, stack)
+                if used is None:
+                    continue
+                for name, entry in used.scope.items():
+                    self._bind(module, name, entry)
+        for stmt in module.recipe.statements:
+            if isinstance(stmt, ast.Assign):
+                self._bind(module, stmt.name.id, (module, stmt))
+
+    def _bind(self, module: Module, name: str, entry: tuple[Module, ast.Assign]) -> None:
+        previous = module.scope.get(name)
+        if previous is not None and previous[1] is not entry[1]:
+            self.diags.error("E102", f"`{name}` is bound twice", entry[1].name.span, "rename one of them",
+                             [Note("first bound here", previous[1].name.span)])
+            return
+        module.scope[name] = entry
+
+    # names
+
+    def value_of(self, module: Module, name: ast.Name) -> Value:
+        entry = module.scope.get(name.id)
+        if entry is None:
+            hint = _did_you_mean(name.id, module.scope) or (
+                f"`{name.id}` is an op: call it, e.g. `{name.id}(...)`" if name.id in REGISTRY else
+                f"bind it first: `{name.id} = ...`")
+            self.diags.error("E101", f"unknown name `{name.id}`", name.span, hint)
+            return POISON
+        owner, assign = entry
+        key = (id(owner), name.id)
+        if key in self.values:
+            return self.values[key]
+        if key in self.evaluating:
+            self.diags.error("E106", f"`{name.id}` is defined in terms of itself", name.span,
+                             "break the cycle", [Note("defined here", assign.name.span)])
+            return POISON
+        self.evaluating.add(key)
+        value = self.expr(owner, assign.value)
+        self.evaluating.discard(key)
+        if isinstance(value, Graphed) and name.id not in value.node.names:
+            value.node.names.append(name.id)
+        self.values[key] = value
+        return value
+
+    # expressions
+
+    def expr(self, module: Module, e: ast.Expr) -> Value:
+        if isinstance(e, ast.Number):
+            return Scalar(e.value)
+        if isinstance(e, ast.String):
+            return Text(e.value)
+        if isinstance(e, ast.Bool):
+            return Flag(e.value)
+        if isinstance(e, ast.Name):
+            return self.value_of(module, e)
+        if isinstance(e, ast.List):
+            return Items(tuple(self.expr(module, item) for item in e.items))
+        if isinstance(e, ast.Neg):
+            return self._scale(module, self.expr(module, e.operand), Fraction(-1), e.operand, e)
+        if isinstance(e, ast.BinOp):
+            return self._binop(module, e)
+        if isinstance(e, ast.Call):
+            return self.call(module, e)
+        raise AssertionError(f"unhandled expression {e!r}")
+
+    def _as_linear(self, module: Module, value: Value, e: ast.Expr) -> Linear | None:
+        if isinstance(value, Linear):
+            return value
+        if isinstance(value, Graphed) and value.node.type.kind in (Kind.MODEL, Kind.DELTA):
+            return Linear(((value.node, Fraction(1)),))
+        if isinstance(value, Text):
+            node = self._reference(module, value.value, e.span)
+            return Linear(((node, Fraction(1)),)) if node else None
+        if not isinstance(value, Poison):
+            self.diags.error("E302", f"cannot do model arithmetic with {_describe(value)}", e.span,
+                             "only models and deltas add and subtract; numbers scale them")
+        return None
+
+    def _binop(self, module: Module, e: ast.BinOp) -> Value:
+        left, right = self.expr(module, e.left), self.expr(module, e.right)
+        if isinstance(left, Poison) or isinstance(right, Poison):
+            return POISON
+        if e.op in "*/":
+            if e.op == "/":
+                if not isinstance(right, Scalar):
+                    self.diags.error("E302", f"can only divide by a number, not {_describe(right)}", e.right.span)
+                    return POISON
+                if right.value == 0:
+                    self.diags.error("E302", "division by zero", e.right.span)
+                    return POISON
+                return self._scale(module, left, 1 / right.value, e.left, e)
+            if isinstance(left, Scalar):
+                return self._scale(module, right, left.value, e.right, e)
+            if isinstance(right, Scalar):
+                return self._scale(module, left, right.value, e.left, e)
+            self.diags.error("E302", f"cannot multiply {_describe(left)} by {_describe(right)}", e.span,
+                             "scale a model or a delta by a number: `0.8*(chat - base)`")
+            return POISON
+        sign = Fraction(1 if e.op == "+" else -1)
+        if isinstance(left, Scalar) and isinstance(right, Scalar):
+            return Scalar(left.value + sign * right.value)
+        if isinstance(left, Scalar) or isinstance(right, Scalar):
+            self.diags.error("E302", f"cannot {'add' if e.op == '+' else 'subtract'} a number "
+                             f"{'to' if e.op == '+' else 'from'} a model", e.span,
+                             "numbers scale models (`0.5*a`); they cannot be added to them")
+            return POISON
+        a, b = self._as_linear(module, left, e.left), self._as_linear(module, right, e.right)
+        if a is None or b is None:
+            return POISON
+        terms: dict[Node, Fraction] = dict(a.terms)
+        for node, c in b.terms:
+            terms[node] = terms.get(node, Fraction(0)) + sign * c
+        return Linear(tuple((n, c) for n, c in terms.items() if c != 0))
+
+    def _scale(self, module: Module, value: Value, factor: Fraction, operand: ast.Expr, e: ast.Expr) -> Value:
+        if isinstance(value, Poison):
+            return POISON
+        if isinstance(value, Scalar):
+            return Scalar(value.value * factor)
+        linear = self._as_linear(module, value, operand)
+        if linear is None:
+            return POISON
+        return Linear(tuple((n, c * factor) for n, c in linear.terms if c * factor != 0))
+
+    # models
+
+    def _reference(self, module: Module, text: str, span: Span) -> Node | None:
+        ctx = Context(module.dir, self.diags, span)
+        resolved = model_reference(ctx, text)
+        if resolved is None:
+            return None
+        op, params = resolved
+        return self._apply(op, [], params, ctx)
+
+    def as_model(self, module: Module, value: Value, e: ast.Expr, allow_delta: bool = False) -> Node | None:
+        """The node for a value used where a model is expected, or None after reporting why not."""
+        if isinstance(value, Poison):
+            return None
+        if isinstance(value, Text):
+            return self._reference(module, value.value, e.span)
+        if isinstance(value, Graphed) and value.node.type.kind is Kind.MODEL:
+            return value.node
+        if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA and allow_delta:
+            return value.node
+        if isinstance(value, Linear):
+            if isinstance(e, ast.Name) and e.id in module.scope:
+                # A name bound to an expression: the node is that binding's, named and located by it.
+                owner, assign = module.scope[e.id]
+                node = self.combine(owner, value, assign.value.span, {}, {}, allow_delta)
+                if node is not None and e.id not in node.names:
+                    node.names.append(e.id)
+                return node
+            return self.combine(module, value, e.span, {}, {}, allow_delta)
+        if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA:
+            self.diags.error("E206", "expected a model, got a delta", e.span,
+                             "add the delta to a model: `model + delta`")
+            return None
+        self.diags.error("E206", f"expected a model, got {_describe(value)}", e.span,
+                         "a model is a name bound to one, a model reference string, or an expression over models")
+        return None
+
+    def combine(self, module: Module, linear: Linear, span: Span, policy: dict[str, Any],
+                arg_spans: dict[str, Span], allow_delta: bool = False) -> Node | None:
+        """Check an affine combination's weights and make its `combine` node."""
+        if not linear.terms:
+            self.diags.error("E302", "the models in this expression cancel out", span,
+                             "an expression like `a - a` is zero; remove it")
+            return None
+        total = linear.weight_sum
+        if total not in (0, 1):
+            self.diags.error("E301", f"model weights sum to {_fmt(total)}, not 1 (a model) or 0 (a delta)", span,
+                             _sum_hint(linear))
+            return None
+        if total == 0 and not allow_delta:
+            self.diags.error("E206", "expected a model, but these weights sum to 0: this is a delta", span,
+                             "add the delta to a model: `model + k*(chat - base)`")
+            return None
+        if len(linear.terms) == 1 and linear.terms[0][1] == 1 and not policy:
+            return linear.terms[0][0]
+        leaves = [n for n, _ in linear.terms]
+        params = {"coefficients": tuple(float(c) for _, c in linear.terms), **policy}
+        ctx = Context(module.dir, self.diags, span, {"expr": span, **arg_spans})
+        return self._validated(Combine, leaves, params, ctx)
+
+    # calls
+
+    def call(self, module: Module, e: ast.Call) -> Value:
+        name = e.func.id
+        op = REGISTRY.get(name)
+        if op is None:
+            bound = name in module.scope
+            hint = (f"`{name}` is a value, not an op" if bound
+                    else _did_you_mean(name, REGISTRY) or "`recipec explain ops` lists the ops")
+            self.diags.error("E201", f"unknown op `{name}`", e.func.span, hint)
+            return POISON
+        bound = self._bind_arguments(op, e)
+        if bound is None:
+            return POISON
+        ctx = Context(module.dir, self.diags, e.span, {k: v.span for k, v in bound.items()})
+        inputs: list[Node] = []
+        linear_input: tuple[Linear, Span] | None = None
+        ok = True
+        for inp in op.inputs:
+            arg = bound.pop(inp.name, None)
+            if arg is None:
+                self.diags.error("E204", f"`{name}` needs `{inp.name}`", e.span, f"pass {inp.doc or inp.name}")
+                ok = False
+                continue
+            if inp.kind == LINEAR:
+                value = self.expr(module, arg)
+                linear = self._as_linear(module, value, arg)
+                ok = ok and linear is not None
+                linear_input = (linear, arg.span) if linear else None
+                continue
+            for item in (arg.items if inp.variadic and isinstance(arg, ast.List) else (arg,)):
+                node = self._input(module, inp, item)
+                ok = ok and node is not None
+                inputs.append(node)
+        raw: dict[str, Any] = {}
+        for key, arg in bound.items():
+            value = self.expr(module, arg)
+            converted = _python(value)
+            if converted is _NOT_A_PARAM:
+                if not isinstance(value, Poison):
+                    self.diags.error("E206", f"`{key}` takes a plain value, not {_describe(value)}", arg.span)
+                ok = False
+                continue
+            raw[key] = converted
+        if not ok:
+            return POISON
+        if linear_input is not None:
+            node = self.combine(module, linear_input[0], linear_input[1], raw, ctx.arg_spans, allow_delta=True)
+            return Graphed(node) if node else POISON
+        node = self._validated(op, inputs, raw, ctx)
+        return Graphed(node) if node else POISON
+
+    def _input(self, module: Module, inp: Input, arg: ast.Expr) -> Node | None:
+        value = self.expr(module, arg)
+        if inp.kind is Kind.MODEL:
+            return self.as_model(module, value, arg)
+        if isinstance(value, Graphed) and value.node.type.kind is inp.kind:
+            return value.node
+        if not isinstance(value, Poison):
+            self.diags.error("E206", f"`{inp.name}` must be a {inp.kind.value}, got {_describe(value)}", arg.span)
+        return None
+
+    def _bind_arguments(self, op: type[Op], e: ast.Call) -> dict[str, ast.Expr] | None:
+        """Map a call's arguments to the op's input and parameter names, reporting misuse."""
+        variadic = next((i for i in op.inputs if i.variadic), None)
+        slots = [i.name for i in op.inputs] + list(op.positional)
+        fields = set(op.Params.model_fields) - getattr(op, "internal", frozenset())
+        known = [i.name for i in op.inputs] + sorted(fields)
+        bound: dict[str, ast.Expr] = {}
+        ok = True
+        positional = list(e.args)
+        if variadic is not None and positional:
+            bound[variadic.name] = ast.List(tuple(positional), span=positional[0].span.to(positional[-1].span))
+            positional = []
+        for i, arg in enumerate(positional):
+            if i >= len(slots):
+                self.diags.error("E205", f"`{op.name}` takes {len(slots)} positional argument"
+                                 f"{'s' if len(slots) != 1 else ''}, got {len(positional)}", arg.span,
+                                 "name the remaining arguments: " + ", ".join(f"`{k}=`" for k in known if k not in slots)
+                                 if len(known) > len(slots) else None)
+                ok = False
+                break
+            bound[slots[i]] = arg
+        for kw in e.kwargs:
+            if kw.name not in known:
+                hint = _did_you_mean(kw.name, known) or (f"`{op.name}` takes " + ", ".join(f"`{k}`" for k in known))
+                self.diags.error("E202", f"`{op.name}` has no parameter `{kw.name}`", kw.name_span, hint)
+                ok = False
+            elif kw.name in bound:
+                self.diags.error("E207", f"`{kw.name}` is given twice", kw.span,
+                                 "pass each argument once, by position or by keyword")
+                ok = False
+            else:
+                bound[kw.name] = kw.value
+        return bound if ok else None
+
+    def _validated(self, op: type[Op], inputs: list[Node], raw: dict[str, Any], ctx: Context) -> Node | None:
+        try:
+            params = op.Params(**raw)
+        except ValidationError as err:
+            for problem in err.errors():
+                _report_param_error(op, problem, raw, ctx)
+            return None
+        return self._apply(op, inputs, params, ctx)
+
+    def _apply(self, op: type[Op], inputs: list[Node], params, ctx: Context) -> Node | None:
+        errors_before = len(ctx.diags.errors)
+        out: Type = op.output_type(ctx, inputs, params)
+        if len(ctx.diags.errors) > errors_before or out.kind is Kind.LIST:
+            return None
+        return self.graph.add(op.name, tuple(inputs), op.node_params(params, ctx), out, ctx.span)
+
+    # statements
+
+    def lower_main(self, module: Module) -> None:
+        # Every binding of the main recipe is checked, used or not, in source order (so node ids, and
+        # the plan, follow the recipe); `use`d recipes only as far as they are used.
+        for owner, assign in list(module.scope.values()):
+            if owner is module:
+                self.value_of(module, assign.name)
+        exports_by_path: dict[Path, ast.Export] = {}
+        for stmt in module.recipe.statements:
+            if isinstance(stmt, ast.Export):
+                self._export(module, stmt, exports_by_path)
+
+    def _referenced(self, module: Module) -> set[str]:
+        names: set[str] = set()
+        stack: list[Any] = list(module.recipe.statements)
+        for other in self.modules.values():
+            if other is not module:
+                stack.extend(other.recipe.statements)
+        while stack:
+            node = stack.pop()
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Assign):
+                stack.append(node.value)
+            elif isinstance(node, ast.Export):
+                stack.append(node.value)
+            elif isinstance(node, ast.Call):
+                stack.extend(node.args)
+                stack.extend(kw.value for kw in node.kwargs)
+            elif isinstance(node, ast.BinOp):
+                stack.extend((node.left, node.right))
+            elif isinstance(node, ast.Neg):
+                stack.append(node.operand)
+            elif isinstance(node, ast.List):
+                stack.extend(node.items)
+        return names
+
+    def _export(self, module: Module, stmt: ast.Export, seen: dict[Path, ast.Export]) -> None:
+        value = self.expr(module, stmt.value)
+        fmt = stmt.format.id if stmt.format else ("onnx" if stmt.path.value.endswith(".onnx") else "hf")
+        if fmt != "hf":
+            where = stmt.format.span if stmt.format else stmt.path.span
+            self.diags.error("E305", f"export format `{fmt}` is not supported yet", where,
+                             "export to a directory (Hugging Face safetensors): `export m to \"out/model\"`")
+            return
+        if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA or (
+                isinstance(value, Linear) and value.weight_sum == 0):
+            self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
+                             stmt.value.span, "add it to a model first: `export base + delta to ...`")
+            return
+        node = self.as_model(module, value, stmt.value)
+        if node is None:
+            return
+        path = (module.dir / stmt.path.value).resolve()
+        if path in seen:
+            self.diags.error("E306", f"two exports write {stmt.path.value!r}", stmt.path.span,
+                             "give each export its own path", [Note("first exported here", seen[path].path.span)])
+            return
+        seen[path] = stmt
+        self.graph.exports.append(ExportSpec(node, path, fmt, stmt.span, stmt.path.value))
+
+
+_NOT_A_PARAM = object()
+
+
+def _python(value: Value) -> Any:
+    """The plain Python value pydantic validates, or _NOT_A_PARAM for graph values."""
+    if isinstance(value, Scalar):
+        q = value.value
+        return q.numerator if q.denominator == 1 else float(q)
+    if isinstance(value, Text | Flag):
+        return value.value
+    if isinstance(value, Items):
+        items = [_python(v) for v in value.items]
+        return _NOT_A_PARAM if any(i is _NOT_A_PARAM for i in items) else items
+    return _NOT_A_PARAM
+
+
+def _describe(value: Value) -> str:
+    if isinstance(value, Scalar):
+        return f"a number ({_fmt(value.value)})"
+    if isinstance(value, Text):
+        return f"a string ({value.value!r})"
+    if isinstance(value, Flag):
+        return "a boolean"
+    if isinstance(value, Items):
+        return "a list"
+    if isinstance(value, Graphed):
+        return f"a {value.node.type.kind.value.lower()}"
+    if isinstance(value, Linear):
+        return "a model expression"
+    return "an invalid value"
+
+
+def _sum_hint(linear: Linear) -> str:
+    n = len(linear.terms)
+    if all(c == 1 for _, c in linear.terms) and n > 1:
+        return f"average them: `({' + '.join(t.label for t, _ in linear.terms)})/{n}`, or add a delta: `a + (b - base)`"
+    return "scale the weights to sum to 1 (a model), or subtract a base so they sum to 0 (a delta)"
+
+
+_RANGE_KEYS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+
+
+def _range_of(op: type[Op], name: str) -> str | None:
+    info = op.Params.model_fields.get(name)
+    if info is None:
+        return None
+    bounds = {}
+    for meta in info.metadata:
+        for key in _RANGE_KEYS:
+            if getattr(meta, key, None) is not None:
+                bounds[key] = getattr(meta, key)
+    lo = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    hi = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    key = next(iter(bounds), None)
+    return f"{_RANGE_KEYS[key]} {bounds[key]}" if key else None
+
+
+def _report_param_error(op: type[Op], problem: dict, raw: dict[str, Any], ctx: Context) -> None:
+    name = str(problem["loc"][0]) if problem["loc"] else None
+    kind = problem["type"]
+    info = op.Params.model_fields.get(name) if name else None
+    hint = f"`{name}` is {info.description}" if info is not None and info.description else None
+    value = raw.get(name)
+    if kind == "missing":
+        ctx.error("E204", f"`{op.name}` needs `{name}`", hint=hint)
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        ctx.error("E203", f"`{name}` must be {_range_of(op, name)}, got {value!r}", name, hint)
+    elif kind == "literal_error":
+        ctx.error("E203", f"`{name}` must be {problem['ctx']['expected']}, got {value!r}", name, hint)
+    else:
+        expected = problem["msg"].replace("Input should be ", "").replace("a valid ", "")
+        ctx.error("E206", f"`{name}` must be {expected}, got {_describe_raw(value)}", name, hint)
+
+
+def _describe_raw(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def lower_file(path: Path) -> Program:
+    """Parse, resolve and type-check a recipe; raises RecipeError with every error found."""
+    lowerer = Lowerer()
+    module = lowerer.load(path, _display(path))
+    if module is not None:
+        lowerer.lower_main(module)
+    lowerer.diags.raise_if_errors()
+    assert module is not None
+    bindings = {}
+    for name, (owner, assign) in module.scope.items():
+        value = lowerer.values.get((id(owner), name))
+        if isinstance(value, Graphed):
+            bindings[name] = value.node
+    referenced = lowerer._referenced(module)
+    for name, (owner, assign) in module.scope.items():
+        if owner is module and name not in referenced:
+            lowerer.diags.warning("E105", f"`{name}` is never used or exported", assign.name.span,
+                                  f"export it (`export {name} to \"out/{name}\"`) or remove it")
+    return Program(lowerer.graph, module, lowerer.diags.items, bindings)

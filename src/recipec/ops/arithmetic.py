@@ -1,0 +1,92 @@
+"""Model arithmetic: `combine`, the one op every `+ - *` expression over models lowers to.
+
+`cp + 0.8*(chat - base)` is `combine` of the leaves (cp, chat, base) with coefficients (1, 0.8, -0.8).
+Written out, `combine(expr, embeddings=..., norms=..., dtype=...)` sets the per-tensor policies a plain
+expression takes by default. The affine algebra (folding, the sum-to-1-or-0 rule) belongs to the
+language and lives in lowering; this module checks that the leaves fit together.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..diagnostics import Note
+from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
+from .base import LINEAR, Context, Cost, Input, Op, Params, register
+
+# The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
+# on a few threads at once: the planner's peak-memory estimate and the engine share these numbers.
+STREAM_CHUNK_ELEMENTS = 1 << 20
+STREAM_THREADS = 2
+
+POLICY_HINT = ('wrap the expression to choose a vocabulary policy: combine(expr, embeddings="overlap") adds the '
+               'delta on the shared rows only; embeddings="keep" keeps the first model\'s rows')
+
+
+@register
+class Combine(Op):
+    """A linear combination of models, with per-tensor policies. Example: `combine(cp + 0.8*(chat - base), norms="keep")`"""
+
+    name = "combine"
+    inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
+
+    class Params(Params):
+        coefficients: tuple[float, ...] = ()  # filled in by lowering from the expression, never by users
+        embeddings: Literal["add", "keep", "overlap"] = Field(
+            "add", description="what to do with vocabulary tensors: add the delta, keep the first model's, "
+                               "or add on the rows all models share")
+        norms: Literal["add", "keep"] = Field("add", description="whether norm weights take part or stay the first model's")
+        special_tokens: Literal["chat", "first"] = Field(
+            "chat", description="where special-token embedding rows come from when vocabularies differ")
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+            "auto", description="output dtype; auto keeps the first model's")
+
+    internal = frozenset({"coefficients"})
+
+    @classmethod
+    def output_type(cls, ctx: Context, inputs, params):
+        total = sum(c for c, n in zip(params.coefficients, inputs) if n.type.kind is Kind.MODEL)
+        kind = Kind.MODEL if abs(total - 1) < 1e-9 else Kind.DELTA
+        known = [n for n in inputs if n.type.signature is not None]
+        if not known:
+            return Type(kind, None)
+        first = known[0]
+        for other in known[1:]:
+            diff = compare(first.type.signature, other.type.signature)
+            if diff is None:
+                continue
+            notes = tuple(Note(f"`{n.label}` is defined here", n.spans[0]) for n in (first, other) if n.spans)
+            if diff.vocab_only:
+                if params.embeddings in ("keep", "overlap"):
+                    continue
+                names = ", ".join(f"`{n}`" for n, _, _ in diff.changed)
+                return ctx.error(
+                    "E304", f"vocabularies differ: `{first.label}` has {first.type.signature.vocab_size} tokens, "
+                            f"`{other.label}` has {other.type.signature.vocab_size} ({names})",
+                    "expr", POLICY_HINT, notes)
+            more = f" (and {diff.count - 1} more)" if diff.count > 1 else ""
+            return ctx.error("E303", f"`{first.label}` and `{other.label}` have different architectures: "
+                                     f"{diff.first()}{more}", "expr",
+                             "combine only models of one architecture, e.g. a fine-tune and its base", notes)
+        return Type(kind, _output_signature(first.type.signature, params.dtype))
+
+    @classmethod
+    def cost(cls, inputs, params, out):
+        sig = out.signature
+        if sig is None:
+            return Cost()
+        read = sum(n.type.signature.nbytes if n.type.signature else sig.nbytes for n in inputs)
+        largest = sig.largest_tensor.numel if sig.tensors else 0
+        chunk = min(STREAM_CHUNK_ELEMENTS, largest) * 4 * (len(inputs) + 1)
+        return Cost(bytes_read=read, bytes_written=sig.nbytes, peak_bytes=STREAM_THREADS * chunk,
+                    flops=2 * len(inputs) * sig.params)
+
+
+def _output_signature(sig: Signature, dtype: str) -> Signature:
+    if dtype == "auto":
+        return sig
+    code = DTYPE_CODES[dtype]
+    tensors = {t.name: (code if t.dtype in ("F32", "BF16", "F16") else t.dtype, t.shape) for t in sig.tensors}
+    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings)

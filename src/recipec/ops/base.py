@@ -1,0 +1,124 @@
+"""What an op is: typed inputs and parameters, an output-type rule, a cost model and a cache key.
+
+Every op is a subclass of `Op` registered with `@register`. Its `Params` is a pydantic model whose
+fields are the op's keyword parameters (types, defaults and ranges in one place); `inputs` lists the
+graph inputs (models, corpora) it takes. Lowering binds a call's arguments against these declarations
+and reports every problem as a located diagnostic; the planner asks `cost`; backends key the cache with
+`cache_key`. Adding an op means writing one such class (STYLE.md, "adding an op").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..diagnostics import Diagnostics, Note
+from ..ir.graph import Node
+from ..ir.types import Kind, Signature, Type
+from ..source import Span
+
+
+class Params(BaseModel):
+    """Base of every op's parameters: strict types (a string is never silently a number), no extras."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Input:
+    """A graph input of an op: a model, a corpus, a dataset, or a linear combination of models."""
+
+    name: str
+    kind: Kind | str  # Kind, or "Linear" for an affine expression taken unevaluated
+    variadic: bool = False
+    doc: str = ""
+
+
+LINEAR = "Linear"
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What the planner needs from an op: bytes moved, working memory and arithmetic."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_bytes: int = 0
+    flops: int = 0
+
+
+@dataclass
+class Context:
+    """What a type rule may use: where the recipe lives, where the call is, and where to report."""
+
+    recipe_dir: Path
+    diags: Diagnostics
+    span: Span
+    arg_spans: dict[str, Span] = field(default_factory=dict)
+
+    def error(self, code: str, message: str, arg: str | None = None, hint: str | None = None,
+              notes: tuple[Note, ...] = ()) -> Type:
+        """Report an error at an argument (or the call) and return the poison type."""
+        self.diags.error(code, message, self.arg_spans.get(arg, self.span) if arg else self.span, hint, notes)
+        return ERROR_TYPE
+
+
+ERROR_TYPE = Type(Kind.LIST)  # never a valid input anywhere; silences follow-on errors
+
+
+class Op:
+    """Base class of ops; subclasses set the class attributes and override the rules."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    inputs: ClassVar[tuple[Input, ...]] = ()
+    positional: ClassVar[tuple[str, ...]] = ()  # parameters that may also be given by position
+    builds: ClassVar[bool] = True  # False for inputs that exist already (load, hf)
+    Params: ClassVar[type[Params]] = Params
+
+    @classmethod
+    def output_type(cls, ctx: Context, inputs: list[Node], params: Params) -> Type:
+        """The type of the op's result, checking its inputs; reports through `ctx`."""
+        raise NotImplementedError
+
+    @classmethod
+    def cost(cls, inputs: list[Node], params: Params, out: Type) -> Cost:
+        """Estimated cost of building the result."""
+        return Cost()
+
+    @classmethod
+    def node_params(cls, params: Params, ctx: Context) -> dict[str, Any]:
+        """The parameters recorded on the graph node (and hashed into its cache key)."""
+        return params.model_dump(mode="json")
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+
+REGISTRY: dict[str, type[Op]] = {}
+
+
+def register(op: type[Op]) -> type[Op]:
+    """Class decorator: make an op callable from recipes under its `name`."""
+    assert op.name not in REGISTRY, f"op {op.name} registered twice"
+    REGISTRY[op.name] = op
+    return op
+
+
+def cache_key(node: Node, input_keys: list[str], toolchain: dict[str, str]) -> str:
+    """sha256 over canonical JSON of op, op version, parameters, input keys and toolchain versions."""
+    op = REGISTRY[node.op]
+    doc = {"op": node.op, "version": op.version, "params": dict(node.params), "inputs": input_keys,
+           "toolchain": toolchain}
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def model_signature(node: Node) -> Signature | None:
+    return node.type.signature

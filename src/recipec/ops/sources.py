@@ -1,0 +1,225 @@
+"""Source ops: where models and data come from (`load`, `hf`, `init`, `text`, `chat`).
+
+Their type rules read only config.json and safetensors headers, so `check` and `plan` stay fast and
+never read a weight or touch the network. A string where a model is expected goes through
+`model_reference`: a local directory if one exists (relative to the recipe), otherwise a hub id.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .. import arch as archs
+from ..ir.types import DTYPE_CODES, Kind, Signature, Type
+from ..store import hub
+from ..store.model_dir import ModelDirError, read_config, read_model_dir
+from .base import Context, Cost, Op, Params, register
+
+def signature_of_dir(root: Path) -> Signature:
+    """The signature of a local model directory, from config.json and safetensors headers."""
+    files = read_model_dir(root)
+    tensors = {name: (t.dtype, t.shape) for name, t in files.tensors.items()}
+    config = files.config
+    tied = "lm_head.weight" not in tensors and bool(config.get("tie_word_embeddings", True))
+    return Signature.build(config["model_type"], tensors, _vocab_size(config), tied)
+
+
+def signature_of_config(config: dict, dtype: str | None = None) -> Signature:
+    """The signature a config implies for a freshly initialized model (no files needed)."""
+    shapes = archs.tensor_shapes(config)
+    dt = dtype or archs.config_dtype(config)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return Signature.build(config["model_type"], {n: (dt, s) for n, s in shapes.items()}, _vocab_size(config), tied)
+
+
+def _vocab_size(config: dict) -> int | None:
+    value = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return value if isinstance(value, int) else None
+
+
+def _dir_type(ctx: Context, root: Path, arg: str) -> Type:
+    try:
+        return Type(Kind.MODEL, signature_of_dir(root))
+    except ModelDirError as err:
+        return ctx.error(err.code, err.message, arg, err.hint)
+
+
+@register
+class Load(Op):
+    """A local Hugging Face model directory (config.json + safetensors). Example: `load("models/base")`"""
+
+    name = "load"
+    positional = ("path",)
+    builds = False
+
+    class Params(Params):
+        path: str = Field(description="a model directory, relative to the recipe")
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        return _dir_type(ctx, ctx.recipe_dir / params.path, "path")
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        return {"path": str((ctx.recipe_dir / params.path).resolve())}
+
+
+@register
+class Hf(Op):
+    """A model on the Hugging Face hub, pinned by revision. Example: `hf("meta-llama/Llama-2-7b-hf", revision="main")`
+
+    Resolved from the local hub cache when it is there; otherwise its signature is unknown until
+    `recipec lock` resolves it. Never downloads during check or plan.
+    """
+
+    name = "hf"
+    positional = ("id",)
+    builds = False
+
+    class Params(Params):
+        id: str = Field(description="a hub repository id such as `org/name`")
+        revision: str | None = Field(None, description="a branch, tag or commit to pin")
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        if not hub.is_hub_id(params.id):
+            return ctx.error("E206", f"{params.id!r} is not a hub id", "id",
+                             "hub ids look like `org/name`; for a local directory use load(\"path\")")
+        cached = hub.cached_snapshot(params.id, params.revision)
+        if cached is None:
+            return Type(Kind.MODEL, None)
+        return _dir_type(ctx, cached[0], "id")
+
+
+def model_reference(ctx: Context, text: str) -> tuple[type[Op], Params] | None:
+    """A string where a model is expected: a local directory if it exists, else a hub id."""
+    if (ctx.recipe_dir / text).is_dir():
+        return Load, Load.Params(path=text)
+    if hub.is_hub_id(text) and not text.startswith("."):
+        return Hf, Hf.Params(id=text)
+    ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir}) and not a hub id",
+              hint="a model reference is a local directory with config.json, or a hub id like `org/name`")
+    return None
+
+
+@register
+class Init(Op):
+    """A randomly initialized model from a preset or a config, seeded. Example: `init("llama", size="tiny", seed=1)`"""
+
+    name = "init"
+    positional = ("arch",)
+
+    class Params(Params):
+        arch: str = Field(description="the architecture family: " + ", ".join(archs.ARCHS))
+        size: str | None = Field(None, description="a preset size: " + ", ".join(archs.SIZES))
+        config: str | None = Field(None, description="a config.json to build instead of a preset")
+        seed: int = Field(0, ge=0, description="the random seed; the same seed gives the same weights")
+        dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype")
+
+    @classmethod
+    def config_for(cls, ctx: Context, params: Params) -> dict | None:
+        """The HF config this init builds, or None after reporting why there is none."""
+        if params.arch not in archs.ARCHS:
+            ctx.error("E407", f"unknown architecture {params.arch!r}", "arch",
+                      "known architectures: " + ", ".join(archs.ARCHS))
+            return None
+        if (params.size is None) == (params.config is None):
+            ctx.error("E204", "init needs exactly one of `size=` or `config=`",
+                      hint=f'e.g. init("{params.arch}", size="tiny")')
+            return None
+        if params.config is not None:
+            path = ctx.recipe_dir / params.config
+            try:
+                config = read_config(path.parent if path.name == "config.json" else path)
+            except ModelDirError as err:
+                ctx.error(err.code, err.message, "config", err.hint)
+                return None
+            if config["model_type"] != params.arch:
+                ctx.error("E407", f"config is for {config['model_type']!r}, not {params.arch!r}", "config")
+                return None
+            return config
+        try:
+            return archs.preset_config(params.arch, params.size)
+        except (KeyError, ValueError):
+            ctx.error("E407", f"unknown size {params.size!r} for {params.arch}", "size",
+                      "known sizes: " + ", ".join(archs.SIZES))
+            return None
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        config = cls.config_for(ctx, params)
+        if config is None:
+            return Type(Kind.LIST)
+        try:
+            return Type(Kind.MODEL, signature_of_config(config, DTYPE_CODES[params.dtype]))
+        except (KeyError, ValueError) as err:
+            return ctx.error("E407", f"cannot build this config: {err}", "config")
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        data = params.model_dump(mode="json")
+        if params.config is not None:
+            # The config's content, not its path, decides the weights.
+            data["config"] = cls.config_for(ctx, params)
+        return data
+
+    @classmethod
+    def cost(cls, inputs, params, out):
+        sig = out.signature
+        # transformers materializes the whole fp32 model before it is saved.
+        return Cost(bytes_written=sig.nbytes, peak_bytes=sig.params * 4 + sig.nbytes, flops=sig.params * 8)
+
+
+def _data_files(ctx: Context, pattern: str) -> list[Path] | None:
+    matches = sorted(Path(p) for p in globlib.glob(str(ctx.recipe_dir / pattern), recursive=True))
+    files = [p for p in matches if p.is_file()]
+    if not files:
+        ctx.error("E405", f"{pattern!r} matches no files (relative to {ctx.recipe_dir})", "glob",
+                  "check the pattern; `**` matches directories recursively")
+        return None
+    return files
+
+
+class _DataSource(Op):
+    builds = False
+    kind: Kind
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        return Type(cls.kind) if _data_files(ctx, params.glob) is not None else Type(Kind.LIST)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        data = params.model_dump(mode="json")
+        data["files"] = [str(p.resolve()) for p in _data_files(ctx, params.glob) or ()]
+        data["bytes"] = sum(Path(p).stat().st_size for p in data["files"])
+        return data
+
+
+@register
+class Text(_DataSource):
+    """A text corpus: JSON-lines or plain-text files. Example: `text("data/zh/*.jsonl", field="text")`"""
+
+    name = "text"
+    positional = ("glob",)
+    kind = Kind.CORPUS
+
+    class Params(Params):
+        glob: str = Field(description="files to read, relative to the recipe (`**` recurses)")
+        field: str = Field("text", description="the JSON field holding the text, for .jsonl files")
+
+
+@register
+class Chat(_DataSource):
+    """A chat dataset: JSON-lines of {"messages": [{"role", "content"}, ...]}. Example: `chat("data/sft/*.jsonl")`"""
+
+    name = "chat"
+    positional = ("glob",)
+    kind = Kind.DATASET
+
+    class Params(Params):
+        glob: str = Field(description="files to read, relative to the recipe (`**` recurses)")

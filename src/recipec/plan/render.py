@@ -1,0 +1,98 @@
+"""Plan output: a readable, Terraform-style listing for people and the same data as JSON."""
+
+from __future__ import annotations
+
+import json
+
+from ..ir.graph import Node
+from .plan import BUILD, CACHED, INPUT, Plan
+
+PLAN_FORMAT_VERSION = 1
+_MARK = {BUILD: "+", CACHED: "=", INPUT: "<"}
+_COLOR = {BUILD: "32", CACHED: "36", INPUT: "2"}
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: float, unit: str = "") -> str:
+    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}{unit}"
+    return f"{int(n)} {unit}".rstrip()
+
+
+def _type_line(node: Node) -> str:
+    sig = node.type.signature
+    if node.type.kind.value in ("Model", "Delta"):
+        if sig is None:
+            return f"{node.type} · signature unknown until locked"
+        return (f"{node.type} · {human_count(sig.params)} params · {len(sig.tensors)} tensors · "
+                f"{human_bytes(sig.nbytes)} {sig.dtype}")
+    return str(node.type)
+
+
+def render_text(plan: Plan, color: bool = False) -> str:
+    def paint(text: str, code: str) -> str:
+        return f"\x1b[{code}m{text}\x1b[0m" if color else text
+
+    width = max((len(s.node.label) for s in plan.steps), default=4) + 2
+    lines = [f"recipec plan {plan.recipe}", ""]
+    for step in plan.steps:
+        node = step.node
+        mark = paint(_MARK[step.status], _COLOR[step.status])
+        status = {INPUT: "input", CACHED: "cached", BUILD: node.op}[step.status]
+        lines.append(f"  {mark} {node.label:<{width}}{step.description}")
+        pad = " " * (width + 4)
+        lines.append(f"{pad}{paint(status, _COLOR[step.status])} → {_type_line(node)}")
+        if node.inputs:
+            lines.append(f"{pad}from {', '.join(i.label for i in node.inputs)}")
+        if step.status == BUILD:
+            c = step.cost
+            lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
+                         f"peak {human_bytes(c.peak_bytes)} · {human_count(c.flops, 'FLOP')}")
+    for export in plan.exports:
+        lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
+    t = plan.totals
+    lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
+                  f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}",
+              paint(plan.summary(), "1")]
+    return "\n".join(lines) + "\n"
+
+
+def _signature_data(node: Node) -> dict | None:
+    sig = node.type.signature
+    if sig is None:
+        return None
+    return {"model_type": sig.model_type, "params": sig.params, "tensors": len(sig.tensors), "bytes": sig.nbytes,
+            "dtype": sig.dtype, "vocab_size": sig.vocab_size}
+
+
+def to_data(plan: Plan) -> dict:
+    return {
+        "format_version": PLAN_FORMAT_VERSION,
+        "recipe": plan.recipe,
+        "steps": [
+            {
+                "id": s.node.id, "label": s.node.label, "names": list(s.node.names), "op": s.node.op,
+                "status": s.status, "description": s.description, "inputs": [i.label for i in s.node.inputs],
+                "type": str(s.node.type), "signature": _signature_data(s.node),
+                "cost": {"bytes_read": s.cost.bytes_read, "bytes_written": s.cost.bytes_written,
+                         "peak_bytes": s.cost.peak_bytes, "flops": s.cost.flops},
+            }
+            for s in plan.steps
+        ],
+        "exports": [{"node": e.node.label, "path": e.display, "format": e.format} for e in plan.exports],
+        "totals": vars(plan.totals),
+        "summary": {"build": plan.to_build, "cached": plan.cached, "exports": len(plan.exports),
+                    "text": plan.summary()},
+    }
+
+
+def render_json(plan: Plan) -> str:
+    return json.dumps(to_data(plan), indent=2) + "\n"

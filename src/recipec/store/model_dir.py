@@ -1,0 +1,119 @@
+"""A Hugging Face model directory on disk: config.json plus safetensors weights, single or sharded.
+
+`read_model_dir` learns everything the planner needs (config, every tensor's dtype, shape and place)
+from config.json and the safetensors headers alone. A sharded index is distrusted: its `weight_map`
+may only name plain files inside the directory, and it must agree with the shards' own headers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .safetensors_header import HeaderError, TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelDirError(Exception):
+    """A problem with a model directory, carrying its diagnostic code, the file and a hint."""
+
+    def __init__(self, code: str, message: str, path: Path, hint: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.path, self.hint = code, message, path, hint
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    root: Path
+    config: dict
+    tensors: dict[str, TensorEntry]  # every tensor, with the file holding it in `.path` of its header
+    shard_of: dict[str, Path]  # tensor name -> the file that holds it
+    files: tuple[Path, ...]  # weight files, sorted
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def read_config(root: Path) -> dict:
+    """config.json of a model directory, validated just enough to be trusted by the planner."""
+    path = root / "config.json"
+    if not path.is_file():
+        raise ModelDirError("E401", f"no config.json in {root}", root,
+                            "a model directory needs config.json and safetensors weights")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelDirError("E404", f"config.json is not valid JSON: {err}", path) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelDirError("E404", "config.json has no `model_type`", path,
+                            "every transformers config names its `model_type`, e.g. \"llama\"")
+    return config
+
+
+def read_model_dir(root: Path) -> ModelFiles:
+    """Config and tensor table of a local model directory; raises ModelDirError."""
+    if not root.is_dir():
+        raise ModelDirError("E401", f"model directory {root} does not exist", root)
+    config = read_config(root)
+    if (root / INDEX_FILE).is_file():
+        shard_of = _read_index(root)
+    elif (root / SINGLE_FILE).is_file():
+        shard_of = None
+    else:
+        pickled = [p for p in PICKLE_FILES if (root / p).exists()]
+        hint = ("this model has only pickled weights; convert them to safetensors" if pickled
+                else f"expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+        raise ModelDirError("E401", f"no safetensors weights in {root}", root, hint)
+    files = sorted(set(shard_of.values())) if shard_of else [root / SINGLE_FILE]
+    tensors: dict[str, TensorEntry] = {}
+    holder: dict[str, Path] = {}
+    for file in files:
+        if not file.is_file():
+            raise ModelDirError("E401", f"shard {file.name} listed in {INDEX_FILE} is missing", file,
+                                "the download is incomplete: fetch the missing shard")
+        try:
+            header = read_header(file)
+        except HeaderError as err:
+            raise ModelDirError("E402", f"{file.name}: {err}", file,
+                                "the file is damaged or incompletely downloaded: fetch it again") from None
+        for name, entry in header.tensors.items():
+            if shard_of is not None and shard_of.get(name) != file:
+                raise ModelDirError("E406", f"{file.name} holds `{name}`, which {INDEX_FILE} does not map to it",
+                                    file)
+            tensors[name] = entry
+            holder[name] = file
+    if shard_of is not None:
+        missing = sorted(set(shard_of) - set(tensors))
+        if missing:
+            raise ModelDirError("E406", f"{INDEX_FILE} lists `{missing[0]}` but {shard_of[missing[0]].name} "
+                                f"does not contain it ({len(missing)} missing)", root / INDEX_FILE)
+    return ModelFiles(root, config, tensors, holder, tuple(files))
+
+
+def _read_index(root: Path) -> dict[str, Path]:
+    index_path = root / INDEX_FILE
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ModelDirError("E402", f"{INDEX_FILE} is not a valid index (JSON with a `weight_map` object)",
+                            index_path) from None
+    shard_of = {}
+    for name, file in weight_map.items():
+        if not _is_plain_file_name(file):
+            raise ModelDirError("E403", f"{INDEX_FILE} maps `{name}` to {file!r}, outside the model directory",
+                                index_path, "a shard must be a plain file name in the model directory")
+        shard_of[name] = root / file
+    return shard_of
+
+
+def _is_plain_file_name(name: object) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\x00" not in name and not name.startswith("~") and ":" not in name)

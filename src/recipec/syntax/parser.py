@@ -1,0 +1,294 @@
+"""Parse recipe text into an AST (`syntax.ast`), collecting every syntax error as a diagnostic.
+
+The grammar lives in `grammar/recipec.lark` (shipped inside the wheel). The scanner cuts the text into
+statements; each is parsed with lark's LALR parser on its own, and one Transformer attaches spans to
+every node, so no grammar rule does position bookkeeping. Lark's exceptions never escape: they become
+E001/E002/E003 diagnostics with the offending token underlined.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import lark
+
+from .. import LANGUAGE_VERSION
+from ..diagnostics import Diagnostics, RecipeError
+from ..source import Source, Span
+from . import ast
+from .scanner import scan
+
+_SUFFIX = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+_TOKEN_WORDS = {"NAME": "a name", "NUMBER": "a number", "STRING": "a string", "VERSION": "a version number",
+                "$END": "the end of the line"}
+_NUMBER_HINT = "numbers look like 0.8, 1e-5, 1_000 or 100M (suffixes K, M, G or B, T)"
+_STATEMENT_FORMS = 'a statement is `name = expr`, `export expr to "path"` or `use "other.rcp"`'
+
+
+def grammar_text() -> str:
+    """The grammar, from the installed package or, in a source checkout, from `grammar/`."""
+    packaged = resources.files("recipec").joinpath("grammar/recipec.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parents[3] / "grammar" / "recipec.lark"
+    return checkout.read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=1)
+def _parser() -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", start=["header", "stmt"], propagate_positions=True,
+                     keep_all_tokens=True, maybe_placeholders=True)
+
+
+def parse_file(path: Path, display: str | None = None) -> ast.Recipe:
+    """Parse a recipe file; raises RecipeError with every syntax error found."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return parse(text, Source(path, text, display or str(path)))
+
+
+def parse(text: str, source: Source | None = None) -> ast.Recipe:
+    """Parse recipe text; raises RecipeError with every syntax error found."""
+    source = source or Source(Path("<recipe>"), text)
+    diags = Diagnostics()
+    scanned = scan(text)
+    for err in scanned.errors:
+        span = Span(source, err.start, err.end)
+        if err.kind == "string":
+            diags.error("E002", "unclosed string", span, 'close the string with `"` on the same line')
+        else:
+            closer = ")" if err.opener == "(" else "]"
+            diags.error("E002", f"unclosed `{err.opener}`", span, f"close it with `{closer}` where the expression ends")
+
+    version, statements = None, []
+    chunks = list(scanned.chunks)
+    first_code = chunks[0] if chunks else None
+    if first_code and not first_code.broken and text[first_code.start:].startswith("recipec"):
+        version = _parse_header(scanned.masked, first_code, source, diags)
+        chunks = chunks[1:]
+    else:
+        at = first_code.start if first_code else 0
+        diags.error("E003", "missing header: a recipe starts with `recipec 1`",
+                    Span(source, at, at + (1 if first_code else 0)),
+                    f"add `recipec {LANGUAGE_VERSION}` as the first line")
+    for chunk in chunks:
+        if chunk.broken:
+            continue
+        stmt = _parse_statement(scanned.masked, chunk, source, diags)
+        if stmt is not None:
+            statements.append(stmt)
+    diags.raise_if_errors()
+    comments = tuple(_comment(text, start, end, source) for start, end in scanned.comments)
+    return ast.Recipe(version or LANGUAGE_VERSION, tuple(statements), comments, source)
+
+
+def _comment(text: str, start: int, end: int, source: Source) -> ast.Comment:
+    line_start = text.rfind("\n", 0, start) + 1
+    trailing = bool(text[line_start:start].strip())
+    return ast.Comment(text[start:end].rstrip(), Span(source, start, end), trailing)
+
+
+def _parse_header(masked: str, chunk, source: Source, diags: Diagnostics) -> int | None:
+    tree = _parse_chunk(masked, chunk, "header", source, diags)
+    if tree is None:
+        return None
+    token = tree.children[1]
+    version = int(token)
+    if version != LANGUAGE_VERSION:
+        diags.error("E003", f"unsupported language version {version}",
+                    Span(source, chunk.start + token.start_pos, chunk.start + token.end_pos),
+                    f"this recipec speaks `recipec {LANGUAGE_VERSION}`; upgrade recipec or port the recipe")
+    return version
+
+
+def _parse_statement(masked: str, chunk, source: Source, diags: Diagnostics) -> ast.Statement | None:
+    tree = _parse_chunk(masked, chunk, "stmt", source, diags)
+    if tree is None:
+        return None
+    builder = _AstBuilder(source, chunk.start)
+    try:
+        return builder.transform(tree)
+    except lark.exceptions.VisitError as err:
+        if isinstance(err.orig_exc, _BadLiteral):
+            bad = err.orig_exc
+            diags.error("E001", bad.message, Span(source, chunk.start + bad.start, chunk.start + bad.end), bad.hint)
+            return None
+        raise
+
+
+def _parse_chunk(masked: str, chunk, start: str, source: Source, diags: Diagnostics):
+    text = masked[chunk.start : chunk.end]
+    try:
+        return _parser().parse(text, start=start)
+    except lark.exceptions.UnexpectedCharacters as err:
+        at = chunk.start + err.pos_in_stream
+        diags.error("E001", f"unexpected character `{masked[at]}`", Span(source, at, at + 1), _STATEMENT_FORMS)
+    except lark.exceptions.UnexpectedToken as err:
+        _unexpected_token(err, text, chunk, source, diags)
+    return None
+
+
+def _unexpected_token(err: lark.exceptions.UnexpectedToken, text: str, chunk, source: Source,
+                      diags: Diagnostics) -> None:
+    expected = _describe_expected(err.expected)
+    token = err.token
+    if token.type == "$END":
+        end = chunk.start + len(text.rstrip())
+        last = text.rstrip().split()[-1] if text.strip() else ""
+        diags.error("E001", f"statement ends unexpectedly after `{last}`; expected {expected}",
+                    Span(source, end - 1, end),
+                    "finish the expression; to continue on the next line, wrap it in parentheses")
+        return
+    at = chunk.start + token.start_pos
+    if token.type == "VERSION":  # digits that NUMBER refused: a malformed number such as `2Bx`
+        end = at + len(token.value)
+        while end < chunk.end and (text[end - chunk.start].isalnum() or text[end - chunk.start] in "._"):
+            end += 1
+        diags.error("E001", f"malformed number `{text[token.start_pos:end - chunk.start]}`",
+                    Span(source, at, end), _NUMBER_HINT)
+        return
+    hint = _STATEMENT_FORMS if token.start_pos == 0 or token.type in ("EQUAL",) else None
+    if token.type == "EQUAL" and "EQUAL" not in err.expected:
+        hint = "a name is bound once per statement; keyword arguments go inside a call: `f(x, key=value)`"
+    diags.error("E001", f"unexpected `{token.value}`; expected {expected}", Span(source, at, at + len(token.value)), hint)
+
+
+def _describe_expected(names) -> str:
+    words = []
+    terminals = {t.name: t for t in _parser().terminals}
+    for name in sorted(names):
+        if name in _TOKEN_WORDS:
+            words.append(_TOKEN_WORDS[name])
+        elif name in terminals and terminals[name].pattern.type == "str":
+            words.append(f"`{terminals[name].pattern.value}`")
+    words = sorted(set(words), key=lambda w: (not w.startswith("a "), w))
+    if not words:
+        return "something else"
+    return ", ".join(words[:-1]) + (" or " if len(words) > 1 else "") + words[-1]
+
+
+class _BadLiteral(Exception):
+    def __init__(self, message: str, start: int, end: int, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.start, self.end, self.hint = message, start, end, hint
+
+
+def _number(text: str) -> Fraction:
+    digits = text.replace("_", "")
+    scale = 1
+    if digits[-1] in _SUFFIX:
+        scale = _SUFFIX[digits[-1]]
+        digits = digits[:-1]
+    return Fraction(digits) * scale
+
+
+class _AstBuilder(lark.Transformer):
+    """Turns lark trees into AST nodes with spans; the only place that knows lark's tree shapes."""
+
+    def __init__(self, source: Source, offset: int):
+        super().__init__()
+        self._source, self._offset = source, offset
+
+    def _span(self, meta_or_token) -> Span:
+        start = getattr(meta_or_token, "start_pos")
+        end = getattr(meta_or_token, "end_pos")
+        return Span(self._source, self._offset + start, self._offset + end)
+
+    @staticmethod
+    def _nodes(children) -> list:
+        return [c for c in children if not isinstance(c, lark.Token) or c.type in ("NAME", "STRING", "NUMBER")]
+
+    # statements
+    @lark.v_args(meta=True)
+    def assign(self, meta, children):
+        name_tok, value = children[0], children[2]
+        return ast.Assign(ast.Name(str(name_tok), self._span(name_tok)), value, self._span(meta))
+
+    @lark.v_args(meta=True)
+    def export(self, meta, children):
+        value, path = children[1], self.string_token(children[3])
+        fmt = None
+        if len(children) > 4 and children[5] is not None:
+            fmt = ast.Name(str(children[5]), self._span(children[5]))
+        return ast.Export(value, path, fmt, self._span(meta))
+
+    @lark.v_args(meta=True)
+    def use(self, meta, children):
+        return ast.Use(self.string_token(children[1]), self._span(meta))
+
+    # expressions
+    @lark.v_args(meta=True)
+    def number(self, meta, children):
+        tok = children[0]
+        try:
+            value = _number(str(tok))
+        except (ValueError, ZeroDivisionError):
+            raise _BadLiteral(f"malformed number `{tok}`", tok.start_pos, tok.end_pos, _NUMBER_HINT)
+        return ast.Number(value, str(tok), self._span(tok))
+
+    def string_token(self, tok) -> ast.String:
+        try:
+            value = json.loads(str(tok))
+        except json.JSONDecodeError:
+            raise _BadLiteral("invalid escape in string", tok.start_pos, tok.end_pos,
+                              'strings take JSON escapes (\\" \\\\ \\n \\t \\uXXXX); write paths with `/`')
+        return ast.String(value, self._span(tok))
+
+    def string(self, children):
+        return self.string_token(children[0])
+
+    @lark.v_args(meta=True)
+    def true(self, meta, children):
+        return ast.Bool(True, self._span(meta))
+
+    @lark.v_args(meta=True)
+    def false(self, meta, children):
+        return ast.Bool(False, self._span(meta))
+
+    def name(self, children):
+        return ast.Name(str(children[0]), self._span(children[0]))
+
+    @lark.v_args(meta=True)
+    def call(self, meta, children):
+        func = ast.Name(str(children[0]), self._span(children[0]))
+        args_tree = children[2]
+        args, kwargs = [], []
+        for arg in (args_tree or []):
+            (kwargs if isinstance(arg, ast.Keyword) else args).append(arg)
+        return ast.Call(func, tuple(args), tuple(kwargs), self._span(meta))
+
+    def args(self, children):
+        return [c for c in children if not isinstance(c, lark.Token)]
+
+    items = args
+
+    @lark.v_args(meta=True)
+    def kwarg(self, meta, children):
+        name = children[0]
+        return ast.Keyword(str(name), children[2], self._span(meta), self._span(name))
+
+    @lark.v_args(meta=True)
+    def paren(self, meta, children):
+        return children[1]
+
+    @lark.v_args(meta=True)
+    def list(self, meta, children):
+        return ast.List(tuple(children[1] or ()), self._span(meta))
+
+    def _binop(op):  # noqa: N805 - a rule factory used in the class body
+        @lark.v_args(meta=True)
+        def rule(self, meta, children):
+            return ast.BinOp(op, children[0], children[2], self._span(meta))
+        return rule
+
+    add, sub, mul, div = _binop("+"), _binop("-"), _binop("*"), _binop("/")
+
+    @lark.v_args(meta=True)
+    def neg(self, meta, children):
+        return ast.Neg(children[1], self._span(meta))
+
+    def pos(self, children):
+        return children[1]

@@ -38,6 +38,7 @@ class Scalar:
 @dataclass(frozen=True)
 class Text:
     value: str
+    span: Span | None = field(default=None, compare=False)  # where the string was written
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class Lowerer:
         if isinstance(e, ast.Number):
             return Scalar(e.value)
         if isinstance(e, ast.String):
-            return Text(e.value)
+            return Text(e.value, e.span)
         if isinstance(e, ast.Bool):
             return Flag(e.value)
         if isinstance(e, ast.Name):
@@ -222,7 +223,7 @@ class Lowerer:
         if isinstance(value, Graphed) and value.node.type.kind in (Kind.MODEL, Kind.DELTA):
             return Linear(((value.node, Fraction(1)),))
         if isinstance(value, Text):
-            node = self._reference(module, value.value, e.span)
+            node = self._reference(module, value.value, value.span or e.span)
             return Linear(((node, Fraction(1)),)) if node else None
         if not isinstance(value, Poison):
             self.diags.error("E302", f"cannot do model arithmetic with {_describe(value)}", e.span,
@@ -290,7 +291,7 @@ class Lowerer:
         if isinstance(value, Poison):
             return None
         if isinstance(value, Text):
-            return self._reference(module, value.value, e.span)
+            return self._reference(module, value.value, value.span or e.span)
         if isinstance(value, Graphed) and value.node.type.kind is Kind.MODEL:
             return value.node
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA and allow_delta:
@@ -494,7 +495,7 @@ class Lowerer:
                              "export to a directory (Hugging Face safetensors): `export m to \"out/model\"`")
             return
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA or (
-                isinstance(value, Linear) and value.weight_sum == 0):
+                isinstance(value, Linear) and value.terms and value.weight_sum == 0):
             self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
                              stmt.value.span, "add it to a model first: `export base + delta to ...`")
             return
@@ -582,8 +583,12 @@ def _report_param_error(op: type[Op], problem: dict, raw: dict[str, Any], ctx: C
     elif kind == "literal_error":
         ctx.error("E203", f"`{name}` must be {problem['ctx']['expected']}, got {value!r}", name, hint)
     else:
-        expected = problem["msg"].replace("Input should be ", "").replace("a valid ", "")
+        expected = _EXPECTED.get(kind) or problem["msg"].replace("Input should be ", "")
         ctx.error("E206", f"`{name}` must be {expected}, got {_describe_raw(value)}", name, hint)
+
+
+_EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+             "bool_type": "true or false", "list_type": "a list", "tuple_type": "a list"}
 
 
 def _describe_raw(value: Any) -> str:

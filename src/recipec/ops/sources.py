@@ -132,9 +132,8 @@ class Init(Op):
                       hint=f'e.g. init("{params.arch}", size="tiny")')
             return None
         if params.config is not None:
-            path = ctx.recipe_dir / params.config
             try:
-                config = read_config(path.parent if path.name == "config.json" else path)
+                config = read_config(ctx.recipe_dir / params.config)
             except ModelDirError as err:
                 ctx.error(err.code, err.message, "config", err.hint)
                 return None

@@ -40,8 +40,8 @@ class ModelFiles:
 
 
 def read_config(root: Path) -> dict:
-    """config.json of a model directory, validated just enough to be trusted by the planner."""
-    path = root / "config.json"
+    """config.json of a model directory (or a config file itself), validated enough to be trusted."""
+    path = root if root.is_file() else root / "config.json"
     if not path.is_file():
         raise ModelDirError("E401", f"no config.json in {root}", root,
                             "a model directory needs config.json and safetensors weights")
@@ -58,7 +58,8 @@ def read_config(root: Path) -> dict:
 def read_model_dir(root: Path) -> ModelFiles:
     """Config and tensor table of a local model directory; raises ModelDirError."""
     if not root.is_dir():
-        raise ModelDirError("E401", f"model directory {root} does not exist", root)
+        raise ModelDirError("E401", f"model directory {root} does not exist", root,
+                            "paths in a recipe are relative to the recipe's own directory")
     config = read_config(root)
     if (root / INDEX_FILE).is_file():
         shard_of = _read_index(root)

@@ -85,6 +85,38 @@ with open(out, "w") as f:
                "stdout": buf.getvalue(), "stderr": err.getvalue()}, f)
 """
 
+# Where the time goes without a profiler's overhead: the imports and steps of `plan`, one after another.
+PHASES = r"""
+import time
+t0 = time.perf_counter()
+import json, resource, sys
+from pathlib import Path
+recipe = Path(sys.argv[1])
+T = {}
+def mark(key):
+    global t0
+    t = time.perf_counter()
+    T[key] = (t - t0) * 1000
+    t0 = t
+import recipec.cli; mark("import recipec.cli")
+import pydantic; mark("import pydantic")
+import lark; mark("import lark")
+import recipec.ops; mark("import recipec.ops (op classes, pydantic models)")
+import recipec.plan, recipec.plan.render; mark("import recipec.plan")
+import recipec.ir.lower; mark("import recipec.ir.lower (+ syntax)")
+from recipec.syntax import parse_file
+parse_file(recipe); mark("parse_file (lark grammar build + parse)")
+from recipec.store.model_dir import read_model_dir
+for name in ("base", "chat", "cp"):
+    read_model_dir(recipe.parent / name)
+mark("read_model_dir x3 (all headers)")
+program = recipec.ir.lower.lower_file(recipe); mark("lower_file (parse, type, headers again)")
+plan = recipec.plan.make_plan(program.graph, str(recipe)); mark("make_plan")
+recipec.plan.render.render_text(plan); mark("render_text")
+T["peak RSS (MB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(T))
+"""
+
 
 # --- checkpoints ---------------------------------------------------------------------------------
 
@@ -293,17 +325,28 @@ def profile(python: str, recipe: Path, workdir: Path, top: int) -> None:
         if m:
             rows.append((int(m[2]), int(m[1]), len(m[3]) // 2, m[4]))
     total = sum(self_us for _, self_us, _, _ in rows)
-    print(f"\n=== -X importtime: {len(rows)} modules, {total / 1e3:.0f} ms self time in all ===")
+    print(f"\n=== -X importtime of `-m recipec plan`: {len(rows)} modules, {total / 1e3:.0f} ms self time in all ===")
     print(f"{'cumulative ms':>14} {'self ms':>8}  module")
     for cum, self_us, depth, name in sorted(rows, reverse=True)[:top]:
         print(f"{cum / 1e3:14.1f} {self_us / 1e3:8.1f}  {'  ' * min(depth, 6)}{name}")
-    top_level = {}
-    for cum, _, depth, name in rows:
-        if depth <= 1:
-            top_level[name.split(".")[0]] = top_level.get(name.split(".")[0], 0) + cum
-    print("\nby top-level package (cumulative ms of outermost imports):")
-    for name, cum in sorted(top_level.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"{cum / 1e3:10.1f}  {name}")
+    by_package: dict[str, int] = {}
+    for _, self_us, _, name in rows:
+        by_package[name.split(".")[0]] = by_package.get(name.split(".")[0], 0) + self_us
+    print("\nself time by top-level package (whoever imported it):")
+    for name, us in sorted(by_package.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"{us / 1e3:10.1f} ms  {name}")
+
+    print("\n=== phases, no profiler (ms; one fresh process per row) ===")
+    rows = []
+    for _ in range(3):
+        proc = subprocess.run([python, "-c", PHASES, str(recipe)], cwd=recipe.parent, env=child_env(),
+                              capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stderr[-2000:])
+            return
+        rows.append(json.loads(proc.stdout))
+    for key in rows[0]:
+        print(f"{key:<44}" + "".join(f"{r[key]:9.1f}" for r in rows))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -345,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                                      capture_output=True, text=True).stdout.split()
         print(f"checkpoints: {len(NAMES)} x Llama-2-70B shape ({info['tensors']} tensors, {info['shards']} shards, "
               f"{info['params'] / 1e9:.2f} G params, {info['bytes'] / 1e9:.1f} GB bf16 each) in {root}")
-        print(f"built in {build_s:.2f} s · apparent size {apparent / 1e9:.1f} GB · on disk {allocated / 1e6:.2f} MB"
+        print(f"built in {build_s:.2f} s · apparent size {apparent / 1e9:.1f} GB ({apparent / 2**30:.1f} GiB) · "
+              f"on disk {allocated / 2**20:.2f} MiB"
               f" (du: {du[0] if du else '?'}, du --apparent-size: {du_apparent[0] if du_apparent else '?'})")
         if allocated > 64 << 20:
             print("FAIL: the shards are not sparse")

@@ -138,7 +138,7 @@ class Lowerer:
             self.diags.extend(err.diagnostics)
             return None
         except OSError as err:
-            self.diags.error("E104", f"cannot read {path}: {err.strerror}", via)
+            self.diags.error("E104", f"cannot read {display or path}: {err.strerror}", via, path=display)
             return None
         module = Module(path, recipe)
         self.modules[path] = module
@@ -352,7 +352,7 @@ class Lowerer:
             return POISON
         ctx = Context(module.dir, self.diags, e.span, {k: v.span for k, v in bound.items()})
         inputs: list[Node] = []
-        linear_input: tuple[Linear, Span] | None = None
+        linear_input: Linear | None = None
         ok = True
         for inp in op.inputs:
             arg = bound.pop(inp.name, None)
@@ -364,7 +364,7 @@ class Lowerer:
                 value = self.expr(module, arg)
                 linear = self._as_linear(module, value, arg)
                 ok = ok and linear is not None
-                linear_input = (linear, arg.span) if linear else None
+                linear_input = linear
                 continue
             for item in (arg.items if inp.variadic and isinstance(arg, ast.List) else (arg,)):
                 node = self._input(module, inp, item)
@@ -383,7 +383,7 @@ class Lowerer:
         if not ok:
             return POISON
         if linear_input is not None:
-            node = self.combine(module, linear_input[0], linear_input[1], raw, ctx.arg_spans, allow_delta=True)
+            node = self.combine(module, linear_input, e.span, raw, ctx.arg_spans, allow_delta=True)
             return Graphed(node) if node else POISON
         node = self._validated(op, inputs, raw, ctx)
         return Graphed(node) if node else POISON

@@ -52,15 +52,19 @@ def render_text(plan: Plan, color: bool = False) -> str:
         lines.append(f"{pad}{paint(status, _COLOR[step.status])} → {_type_line(node)}")
         if node.inputs:
             lines.append(f"{pad}from {', '.join(i.label for i in node.inputs)}")
-        if step.status == BUILD:
+        if step.status == BUILD and node.type.signature is None:
+            lines.append(f"{pad}cost unknown until locked")
+        elif step.status == BUILD:
             c = step.cost
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
                          f"peak {human_bytes(c.peak_bytes)} · {human_count(c.flops, 'FLOP')}")
     for export in plan.exports:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
+    unknown = sum(s.status == BUILD and s.node.type.signature is None for s in plan.steps)
     lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
-                  f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}",
+                  f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
+                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} unknown until locked)" if unknown else ""),
               paint(plan.summary(), "1")]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,7 @@
 """`recipec fmt`: print an AST back as canonical recipe text, keeping every comment.
 
-Canonical layout: the header, one statement per line, spaces around `=`, `+`, `-`, none around `*` and
+Canonical layout: the header, one statement per line, the `=` of consecutive assignments aligned,
+spaces around `=`, `+`, `-`, none around `*` and
 `/` (as in `cp + 0.8*(chat - base)`), the fewest parentheses that keep the tree the same, numbers as
 written, at most one blank line where the source had some. A comment on its own line stays before the
 statement that follows it; a comment after code stays at the end of that statement's line; a comment
@@ -40,7 +41,7 @@ def expr_text(e: ast.Expr) -> str:
         args = [expr_text(a) for a in e.args] + [f"{k.name}={expr_text(k.value)}" for k in e.kwargs]
         return f"{e.func.id}({', '.join(args)})"
     if isinstance(e, ast.Neg):
-        return "-" + _wrap(e.operand, _prec(e.operand) < 3)
+        return "-" + _wrap(e.operand, _prec(e.operand) <= 3)  # -(-x), never --x
     if isinstance(e, ast.BinOp):
         p = _PREC[e.op]
         left = _wrap(e.left, _prec(e.left) < p)
@@ -102,6 +103,7 @@ def format_recipe(recipe: ast.Recipe) -> str:
         out.append(line)
         prev_end = max(prev_end, end)
 
+    assigned: dict[int, str] = {}  # line index -> the name an assignment on that line binds
     for i, stmt in enumerate(recipe.statements):
         for c in leading[i]:
             # A comment from inside a multi-line statement is printed above it: blank lines do not apply.
@@ -109,9 +111,24 @@ def format_recipe(recipe: ast.Recipe) -> str:
         line_end = text.find("\n", stmt.span.end)
         emit(statement_text(stmt) + (f"  {trailing[i]}" if trailing[i] else ""), stmt.span.start,
              len(text) if line_end < 0 else line_end)
+        if isinstance(stmt, ast.Assign):
+            assigned[len(out) - 1] = stmt.name.id
     for c in footer:
         emit(c.text, c.span.start, c.span.end)
+    _align_assignments(out, assigned)
     return "\n".join(out) + "\n"
+
+
+def _align_assignments(lines: list[str], assigned: dict[int, str]) -> None:
+    """Align the `=` of consecutive assignments, as a table of definitions reads best."""
+    run: list[int] = []
+    for index in sorted(assigned) + [-1]:
+        if run and index != run[-1] + 1:
+            width = max(len(assigned[k]) for k in run)
+            for k in run:
+                lines[k] = assigned[k].ljust(width) + lines[k][len(assigned[k]):]
+            run = []
+        run.append(index)
 
 
 def _header_start(text: str) -> int:

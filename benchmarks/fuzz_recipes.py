@@ -1,0 +1,664 @@
+#!/usr/bin/env python
+"""Fuzz the recipec front end: every input must end in diagnostics or success, never in a traceback.
+
+    python benchmarks/fuzz_recipes.py [--n 10000] [--seed 0] [--show 5] [--minimize 8]
+
+Each input (random text and bytes, mutated valid recipes, token soups built from the grammar's
+terminals, well-formed programs over the real ops, deep nesting, very long lines, odd unicode, NUL
+bytes, CRLF, a BOM) is written to a recipe file in a scratch workspace (which also holds a few
+fixture files: a `use`able library, data files, good and broken model directories) and then
+
+  1. run through `recipec.cli.main(["check", path])` in-process, with stdout/stderr captured through
+     real UTF-8 streams (stdout strict, stderr backslashreplace, as a Python process gets them).
+     An "internal error" line, or any exception escaping `main`, is a bug;
+  2. run through `recipec.ir.lower.lower_file(path)` directly: any exception other than RecipeError
+     is a bug; every diagnostic of a RecipeError (or every warning of a success) must have a code in
+     `recipec.codes.CODES`, a span inside the text, and must render (`render_all`, `to_json`);
+  3. when the text parses, `format_recipe` must be idempotent, keep the AST, and give UTF-8 text.
+
+Bugs are bucketed by exception type and the innermost recipec frame; each bucket shows its shortest
+input, shrunk further by a small delta-debugging pass (`--minimize N` buckets, 0 to skip). Exits 1 if
+any bug was found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Keep the hub cache lookups away from the real cache: results must not depend on the machine.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="recipec-fuzz-"))
+os.environ["HF_HUB_CACHE"] = str(_SCRATCH / "hub-cache")
+os.environ.pop("RECIPEC_DEBUG", None)
+os.environ["NO_COLOR"] = "1"
+
+from recipec import cli  # noqa: E402
+from recipec.codes import CODES  # noqa: E402
+from recipec.diagnostics import RecipeError, render_all, to_json  # noqa: E402
+from recipec.ir.lower import lower_file  # noqa: E402
+from recipec.syntax import parse  # noqa: E402
+from recipec.syntax.format import format_recipe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_INPUT_TIMEOUT_S = 10
+SLOW_S = 1.0
+
+# --- seeds and token pools -----------------------------------------------------------------------------
+
+HAND_WRITTEN = [
+    # calls, kwargs, lists, `use`, comments, a multi-line parenthesized expression
+    'recipec 1\n'
+    'use "lib.rcp"   # brings `shared` into scope\n'
+    '\n'
+    '# two toy models\n'
+    'base = init("llama", size="tiny", seed=1)\n'
+    'chat = init("llama", size="tiny", seed=2)\n'
+    'delta = chat - base\n'
+    'model = combine(\n'
+    '    base + 0.5*delta,   # half the chat vector\n'
+    '    embeddings="overlap",\n'
+    '    norms="keep",\n'
+    ')\n'
+    'corpus = text("data/*.txt", field="text")\n'
+    'sft = chat("data/*.jsonl")\n'
+    'export model to "out/m"  # trailing\n'
+    'export shared to "out/shared" as hf\n',
+    # unicode in strings and comments, escapes, numbers of every shape
+    'recipec 1  # ヘッダー\n'
+    '# λ — “quotes” 🦙\n'
+    'a = init("gpt2", size="tiny", seed=1_000)\n'
+    'b = init("gpt2", size="tiny", seed=2, dtype="bfloat16")\n'
+    'm = 0.25*a + .75*b\n'
+    'n = (a + b)/2\n'
+    'k = [1, 2.5, 1e9, 100M, 2B, 1.5T, 500K, 1e-5, -3, +4,]\n'
+    's = ["caf\\u00e9", "tab\\there", "quote\\"q", "back\\\\slash", "λ中🦙"]\n'
+    'export m to "out/\\u00e9"\n'
+    'export n to "out/n"\n',
+    # local models, hub ids, references by string, nested lists and arithmetic
+    'recipec 1\n'
+    'x = load("models/tiny")\n'
+    'y = "models/tiny"\n'
+    'h = hf("org/name", revision="main")\n'
+    'z = combine(x - y + (x), dtype="float16")\n'
+    'w = -(-x) + 2*(x - x/1) - 0*x\n'
+    'deep = [[1, [2, [3]]], [], ["a", true, false]]\n'
+    'export z to "out/z"\n'
+    'export w to "out/w.onnx"\n',
+    # errors on purpose: the compiler must still just report them
+    'recipec 1\n'
+    'a = init("llama", size="huge")\n'
+    'b = init("bert", config="models/badcfg/config.json")\n'
+    'c = a + b\n'
+    'c = a * b\n'
+    'd = f(1, x=2)\n'
+    'e = init("llama", "tiny", 3, 4)\n'
+    'export a - a to "o"\n'
+    'export 2*a to "o"\n'
+    'export "../nope" to "o" as onnx\n',
+]
+
+LIB = 'recipec 1\nshared = init("llama", size="tiny", seed=7)\nother = shared\n'
+
+KEYWORDS = ["recipec", "export", "to", "as", "use", "true", "false"]
+NAMES = ["a", "b", "base", "chat", "cp", "model", "x", "_", "shared", "delta", "init", "combine", "load",
+         "hf", "text", "size", "seed", "dtype", "embeddings", "norms", "field", "revision", "config", "arch"]
+NUMBERS = ["0", "1", "2", "0.8", ".5", "1.", "1e9", "1E-5", "1e+3", "100M", "2B", "1.5T", "500K", "7G",
+           "1_000", "1__", "0.0", "1e400", "1e-400", "3.14159", "99999999999999999999", "1e308", "00", "0_0"]
+STRINGS = ['"llama"', '"gpt2"', '"bert"', '"tiny"', '"small"', '"1b"', '"out/m"', '"lib.rcp"', '"bad.rcp"',
+           '"cyc_a.rcp"', '"models/tiny"', '"models/badcfg"', '"models/arch_int"', '"models/trunc"',
+           '"models/badindex"', '"models/nocfg"', '"data/*.txt"', '"data/*.jsonl"', '"org/name"', '"overlap"',
+           '"keep"', '"float16"', '""', '"\\u00e9"', '"\\ud800"', '"\\u0000"', '"a\\"b"', '"\\\\"', '"\\q"',
+           '"λ🦙"', '"fuzz.rcp"', '"."', '"/"', '"x.onnx"']
+PUNCT = ["(", ")", "[", "]", ",", "=", "+", "-", "*", "/", "#", '"', "\n", " ", "\t", "\r\n", "."]
+ODD = ["\x00", "\ufeff", "\u200b", "\u2028", "\u2029", "\u0085", "\u202e", "\xa0", "\u3000", "\x0b", "\x0c",
+       "\x1b", "\x7f", "\ufffd", "\u0301", "é", "λ", "中", "🦙", "\u0661", "\uff11", "²", "\U0010ffff", "\r"]
+TOKENS = KEYWORDS + NAMES + NUMBERS + STRINGS + PUNCT + ["recipec 1"]
+TOKEN_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?[KMGBT]?|\.\d+|[A-Za-z_]\w*'
+                      r'|\r?\n|[ \t]+|.', re.S)
+
+
+def seeds() -> list[str]:
+    out = list(HAND_WRITTEN)
+    for path in sorted((ROOT / "examples").glob("*.rcp")) + sorted((ROOT / "recipes").glob("*.rcp")):
+        out.append(path.read_text(encoding="utf-8", errors="replace"))
+    return out
+
+
+# --- input generators ----------------------------------------------------------------------------------
+
+
+def random_text(rng: random.Random) -> str:
+    n = rng.choice([0, 1, 2, 5, 20, 80, 300])
+    alphabet = rng.choice([
+        "abcxyz_019 =+-*/()[],.\"#\n\t",
+        "".join(chr(c) for c in range(32, 127)) + "\n",
+        "".join(ODD) + "ab1 (\"#\n",
+    ])
+    body = "".join(rng.choice(alphabet) for _ in range(n))
+    return ("recipec 1\n" + body) if rng.random() < 0.6 else body
+
+
+def random_bytes(rng: random.Random) -> bytes:
+    n = rng.choice([1, 4, 16, 64, 256])
+    body = bytes(rng.randrange(256) for _ in range(n))
+    return (b"recipec 1\n" + body) if rng.random() < 0.6 else body
+
+
+def mutate_chars(rng: random.Random, text: str) -> str:
+    chars = list(text)
+    for _ in range(rng.choice([1, 1, 2, 3, 5, 10])):
+        i = rng.randrange(len(chars) + 1)
+        op = rng.randrange(5)
+        if op == 0 or not chars:  # insert
+            chars[i:i] = rng.choice([rng.choice(PUNCT), rng.choice(ODD), chr(rng.randrange(32, 127))])
+        elif op == 1:  # delete a run
+            del chars[i:i + rng.choice([1, 1, 2, 5])]
+        elif op == 2:  # replace
+            chars[min(i, len(chars) - 1)] = rng.choice(PUNCT + ODD + list("az09_"))
+        elif op == 3:  # duplicate a slice
+            j = rng.randrange(len(chars) + 1)
+            a, b = sorted((i, j))
+            chars[i:i] = chars[a:b][:200]
+        else:  # swap two characters
+            j = rng.randrange(len(chars))
+            k = min(i, len(chars) - 1)
+            chars[j], chars[k] = chars[k], chars[j]
+    return "".join(chars)
+
+
+def mutate_tokens(rng: random.Random, text: str) -> str:
+    toks = TOKEN_RE.findall(text)
+    for _ in range(rng.choice([1, 1, 2, 3, 6])):
+        i = rng.randrange(len(toks) + 1)
+        op = rng.randrange(5)
+        if op == 0 or not toks:
+            toks[i:i] = [rng.choice(TOKENS)]
+        elif op == 1:
+            del toks[i:i + 1]
+        elif op == 2:
+            toks[min(i, len(toks) - 1)] = rng.choice(TOKENS)
+        elif op == 3:  # duplicate a run of tokens (a line, a bracket...)
+            j = min(len(toks), i + rng.randrange(1, 12))
+            toks[i:i] = toks[i:j]
+        else:  # swap two lines
+            lines = "".join(toks).split("\n")
+            if len(lines) > 2:
+                a, b = rng.randrange(1, len(lines)), rng.randrange(1, len(lines))
+                lines[a], lines[b] = lines[b], lines[a]
+            toks = TOKEN_RE.findall("\n".join(lines))
+    return "".join(toks)
+
+
+def token_soup(rng: random.Random) -> str:
+    n = rng.choice([1, 3, 8, 20, 60])
+    sep = rng.choice(["", " ", " "])
+    body = sep.join(rng.choice(TOKENS) for _ in range(n))
+    return ("recipec 1\n" + body) if rng.random() < 0.8 else body
+
+
+# well-formed programs over the real ops: these get past the parser and exercise lowering
+
+def _expr(rng: random.Random, names: list[str], depth: int = 0) -> str:
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice(names + NUMBERS + STRINGS + ["true", "false"]) if names else rng.choice(NUMBERS)
+    if r < 0.55:
+        op = rng.choice("+-*/")
+        return f"{_expr(rng, names, depth + 1)} {op} {_expr(rng, names, depth + 1)}"
+    if r < 0.65:
+        return f"-({_expr(rng, names, depth + 1)})"
+    if r < 0.75:
+        return f"({_expr(rng, names, depth + 1)})"
+    if r < 0.82:
+        return "[" + ", ".join(_expr(rng, names, depth + 1) for _ in range(rng.randrange(4))) + "]"
+    return _call(rng, names, depth + 1)
+
+
+def _call(rng: random.Random, names: list[str], depth: int) -> str:
+    op = rng.choice(["init", "init", "load", "hf", "text", "chat", "combine", "nope"])
+    args: list[str] = []
+    if op == "init":
+        args.append(rng.choice(['"llama"', '"gpt2"', '"bert"', '"nope"', "1", '"\\u0000"']))
+        args += [f"size={rng.choice(['\"tiny\"', '\"small\"', '\"1b\"', '\"huge\"', '1'])}",
+                 f"seed={rng.choice(NUMBERS + ['-1', '1e400 + 0.5', '1/3'])}"]
+        if rng.random() < 0.3:
+            args.append(f"dtype={rng.choice(['\"float16\"', '\"bfloat16\"', '\"int8\"', '1e400+0.5'])}")
+        if rng.random() < 0.2:
+            args.append(f"config={rng.choice(STRINGS)}")
+    elif op in ("load", "hf", "text", "chat"):
+        args.append(rng.choice(STRINGS))
+        if rng.random() < 0.3:
+            args.append(f"{rng.choice(['revision', 'field', 'path', 'glob'])}={rng.choice(STRINGS + NUMBERS)}")
+    else:
+        args.append(_expr(rng, names, depth + 1))
+    for _ in range(rng.choice([0, 0, 0, 1, 2])):
+        key = rng.choice(["embeddings", "norms", "dtype", "special_tokens", "seed", "size", "zzz"])
+        args.append(f"{key}={_expr(rng, names, depth + 1)}")
+    rng.shuffle(args) if rng.random() < 0.1 else None
+    return f"{op}({', '.join(args)})"
+
+
+def program(rng: random.Random) -> str:
+    lines = ["recipec 1"]
+    names: list[str] = []
+    if rng.random() < 0.2:
+        lines.append(f"use {rng.choice(['\"lib.rcp\"', '\"bad.rcp\"', '\"cyc_a.rcp\"', '\"fuzz.rcp\"'])}")
+        names.append("shared")
+    for i in range(rng.randrange(1, 6)):
+        name = f"v{i}"
+        lines.append(f"{name} = {_call(rng, names, 0) if rng.random() < 0.5 or not names else _expr(rng, names)}")
+        names.append(name)
+    for _ in range(rng.randrange(0, 3)):
+        fmt = rng.choice(["", "", " as hf", " as onnx", " as zzz"])
+        lines.append(f"export {_expr(rng, names)} to {rng.choice(STRINGS)}{fmt}")
+    return "\n".join(lines) + "\n"
+
+
+def deep_nesting(rng: random.Random) -> str:
+    n = rng.choice([10, 50, 100, 200, 300, 500, 1000, 2000])
+    kind = rng.randrange(7)
+    if kind == 0:
+        e = "(" * n + "1" + ")" * n
+    elif kind == 1:
+        e = "[" * n + "1" + "]" * n
+    elif kind == 2:
+        e = " + ".join(["1"] * n)
+    elif kind == 3:
+        e = "-" * n + "1"
+    elif kind == 4:
+        e = "init(" * n + ")" * n
+    elif kind == 5:  # unclosed
+        e = "(" * n + "1"
+    else:  # right-nested arithmetic
+        e = "1 - (" * n + "1" + ")" * n
+    return f"recipec 1\nx = {e}\nexport x to \"out/x\"\n"
+
+
+def long_line(rng: random.Random) -> str:
+    n = rng.choice([1_000, 10_000, 50_000])
+    kind = rng.randrange(4)
+    if kind == 0:
+        return "recipec 1\nx = " + "a" * n + "\n"
+    if kind == 1:
+        return 'recipec 1\nx = "' + "é" * n + '"\n'
+    if kind == 2:
+        return "recipec 1\n# " + "#" * n + "\nx = 1\n"
+    return "recipec 1\nx = [" + ", ".join(str(i) for i in range(n // 6)) + "]\n"
+
+
+def odd_unicode(rng: random.Random, text: str) -> str:
+    chars = list(text)
+    for _ in range(rng.randrange(1, 6)):
+        chars.insert(rng.randrange(len(chars) + 1), rng.choice(ODD))
+    return "".join(chars)
+
+
+@dataclass
+class Case:
+    kind: str
+    data: bytes
+
+
+def post_process(rng: random.Random, text: str) -> str:
+    r = rng.random()
+    if r < 0.08:
+        text = text.replace("\n", "\r\n")
+    elif r < 0.11:
+        text = "\ufeff" + text
+    elif r < 0.15:
+        i = rng.randrange(len(text) + 1)
+        text = text[:i] + "\x00" + text[i:]
+    elif r < 0.18:
+        text = text.rstrip("\n")  # no final newline
+    return text
+
+
+def generate(rng: random.Random, seed_texts: list[str]) -> Case:
+    r = rng.random()
+    if r < 0.12:
+        kind, text = "random-text", random_text(rng)
+    elif r < 0.17:
+        return Case("random-bytes", random_bytes(rng))
+    elif r < 0.42:
+        kind, text = "mutated-chars", mutate_chars(rng, rng.choice(seed_texts))
+    elif r < 0.62:
+        kind, text = "mutated-tokens", mutate_tokens(rng, rng.choice(seed_texts))
+    elif r < 0.74:
+        kind, text = "token-soup", token_soup(rng)
+    elif r < 0.88:
+        kind, text = "program", program(rng)
+    elif r < 0.91:
+        kind, text = "deep-nesting", deep_nesting(rng)
+    elif r < 0.93:
+        kind, text = "long-line", long_line(rng)
+    else:
+        kind, text = "odd-unicode", odd_unicode(rng, rng.choice(seed_texts))
+    text = post_process(rng, text)
+    # Lone surrogates (none are generated raw, but be safe) go out as UTF-8 with surrogatepass: bytes a
+    # file could really hold.
+    return Case(kind, text.encode("utf-8", errors="surrogatepass"))
+
+
+# --- the workspace ------------------------------------------------------------------------------------
+
+
+def _safetensors(tensors: dict[str, tuple[str, list[int]]], truncate: int = 0) -> bytes:
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = 4
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    data = struct.pack("<Q", len(blob)) + blob + b"\0" * offset
+    return data[:len(data) - truncate] if truncate else data
+
+
+def make_workspace(root: Path) -> Path:
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "a.txt").write_text("hello\n")
+    (root / "data" / "b.jsonl").write_text('{"messages": []}\n')
+    (root / "lib.rcp").write_text(LIB)
+    (root / "bad.rcp").write_text("recipec 1\nx = (\n")
+    (root / "cyc_a.rcp").write_text('recipec 1\nuse "cyc_b.rcp"\n')
+    (root / "cyc_b.rcp").write_text('recipec 1\nuse "cyc_a.rcp"\n')
+    tiny = {"model.embed_tokens.weight": ("F32", [4, 2]), "lm_head.weight": ("F32", [4, 2])}
+    models = {
+        "tiny": ({"model_type": "llama", "vocab_size": 4}, _safetensors(tiny), None),
+        "badcfg": ('{"model_type": 1', _safetensors(tiny), None),
+        "arch_int": ({"model_type": "llama", "architectures": 5, "hidden_size": "x"}, _safetensors(tiny), None),
+        "trunc": ({"model_type": "llama"}, _safetensors(tiny, truncate=3), None),
+        "badindex": ({"model_type": "llama"}, None, {"weight_map": {"w": "../etc/passwd"}}),
+        "nocfg": (None, _safetensors(tiny), None),
+    }
+    for name, (config, weights, index) in models.items():
+        d = root / "models" / name
+        d.mkdir(parents=True)
+        if config is not None:
+            (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        if weights is not None:
+            (d / "model.safetensors").write_bytes(weights)
+        if index is not None:
+            (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return root / "fuzz.rcp"
+
+
+# --- running one input -----------------------------------------------------------------------------------
+
+
+class InputTimeout(BaseException):
+    """Raised by SIGALRM; a BaseException so the CLI's `except Exception` cannot swallow it."""
+
+
+def _on_alarm(signum, frame):
+    raise InputTimeout()
+
+
+@dataclass
+class Bug:
+    kind: str  # "lower_file", "cli-internal-error", "cli-escaped", "diagnostic", "fmt", "timeout"
+    exc: str  # exception type and message
+    where: str  # innermost recipec frame (file:line), or what was violated
+    tb: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.exc.split(":")[0], self.where)
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/recipec/" in f.filename and "fuzz_recipes" not in f.filename]
+    f = (ours or frames or [None])[-1]
+    if f is None:
+        return "?"
+    path = f.filename
+    i = path.rfind("/recipec/")
+    return f"{path[i + 1:] if i >= 0 else path}:{f.lineno} ({f.name})"
+
+
+def _exc_text(exc: BaseException) -> str:
+    msg = str(exc).replace("\n", " ")
+    return f"{type(exc).__name__}: {msg[:160]}"
+
+
+def _run_cli(argv: list[str]) -> tuple[int | str, str, str]:
+    out_b, err_b = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(out_b, encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(err_b, encoding="utf-8", errors="backslashreplace", write_through=True)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        status: int | str = cli.main(argv)
+    except InputTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - anything escaping main is a bug
+        status = f"escaped: {_exc_text(exc)} @ {_where(exc)}"
+    finally:
+        sys.stdout, sys.stderr = saved
+    return status, out_b.getvalue().decode("utf-8", "replace"), err_b.getvalue().decode("utf-8", "replace")
+
+
+def _check_diagnostics(diags, text_len_of) -> list[Bug]:
+    bugs = []
+    for d in diags:
+        if d.code not in CODES:
+            bugs.append(Bug("diagnostic", f"unknown code {d.code}", "codes"))
+        spans = [d.span] + [n.span for n in d.notes]
+        for s in spans:
+            if s is None:
+                continue
+            n = len(s.source.text)
+            if not (0 <= s.start <= s.end <= n):
+                bugs.append(Bug("diagnostic", f"span [{s.start}, {s.end}) outside text of {n} chars "
+                                f"({d.code}: {d.message[:60]})", f"span {d.code}"))
+    try:
+        render_all(diags)
+        to_json(diags)
+    except Exception as exc:  # noqa: BLE001
+        bugs.append(Bug("diagnostic", _exc_text(exc), _where(exc), traceback.format_exc()))
+    return bugs
+
+
+def check_input(path: Path, data: bytes, json_flag: bool) -> tuple[int | str, list[Bug]]:
+    path.write_bytes(data)
+    bugs: list[Bug] = []
+    # 1. the CLI, in-process
+    argv = ["check", "--json", str(path)] if json_flag else ["check", str(path)]
+    status, out, err = _run_cli(argv)
+    if isinstance(status, str):
+        bugs.append(Bug("cli-escaped", status.split(" @ ")[0], status.split(" @ ")[-1]))
+        status = "exception"
+    elif "internal error" in err:
+        line = next(ln for ln in err.splitlines() if "internal error" in ln)
+        os.environ["RECIPEC_DEBUG"] = "1"
+        try:
+            _, _, _ = _run_cli(argv)
+            where, tb = "?", ""
+        except InputTimeout:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            where, tb = _where(exc), traceback.format_exc()
+        finally:
+            os.environ.pop("RECIPEC_DEBUG", None)
+        bugs.append(Bug("cli-internal-error", line.split("internal error: ", 1)[-1], where, tb))
+    # 2. lower_file directly
+    try:
+        program_ = lower_file(path)
+        bugs += _check_diagnostics(program_.diagnostics, None)
+    except RecipeError as err_:
+        bugs += _check_diagnostics(err_.diagnostics, None)
+    except InputTimeout:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        bugs.append(Bug("lower_file", _exc_text(exc), _where(exc), traceback.format_exc()))
+    # 3. the formatter, when the text parses
+    text = data.decode("utf-8", errors="replace")
+    try:
+        recipe = parse(text)
+    except RecipeError as err_:
+        bugs += _check_diagnostics(err_.diagnostics, None)
+        recipe = None
+    except InputTimeout:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        bugs.append(Bug("parse", _exc_text(exc), _where(exc), traceback.format_exc()))
+        recipe = None
+    if recipe is not None:
+        bugs += _check_format(text, recipe)
+    return status, bugs
+
+
+def _check_format(text: str, recipe) -> list[Bug]:
+    try:
+        once = format_recipe(recipe)
+        again_ast = parse(once)
+        twice = format_recipe(again_ast)
+    except InputTimeout:
+        raise
+    except RecipeError as exc:
+        return [Bug("fmt", "formatted text does not parse: " + str(exc)[:100].replace("\n", " "), "fmt-reparse")]
+    except Exception as exc:  # noqa: BLE001
+        return [Bug("fmt", _exc_text(exc), _where(exc), traceback.format_exc())]
+    bugs = []
+    if again_ast != recipe:
+        bugs.append(Bug("fmt", "format changed the AST", "fmt-ast"))
+    if twice != once:
+        bugs.append(Bug("fmt", "format is not idempotent", "fmt-idempotence"))
+    try:
+        once.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bugs.append(Bug("fmt", f"formatted text is not UTF-8-encodable: {exc.reason}", "fmt-utf8"))
+    return bugs
+
+
+def run_one(path: Path, data: bytes, json_flag: bool) -> tuple[int | str, list[Bug], float]:
+    t0 = time.perf_counter()
+    signal.alarm(PER_INPUT_TIMEOUT_S)
+    try:
+        status, bugs = check_input(path, data, json_flag)
+    except InputTimeout:
+        status, bugs = "timeout", [Bug("timeout", f"no result in {PER_INPUT_TIMEOUT_S} s", "timeout")]
+    finally:
+        signal.alarm(0)
+    return status, bugs, time.perf_counter() - t0
+
+
+# --- shrinking -----------------------------------------------------------------------------------------
+
+
+def minimize(path: Path, data: bytes, key, json_flag: bool, budget_s: float = 20.0) -> bytes:
+    """Greedy delta debugging over characters: the shortest input found that keeps the same bug."""
+    text = data.decode("utf-8", errors="surrogatepass")
+    deadline = time.perf_counter() + budget_s
+
+    def still_fails(candidate: str) -> bool:
+        _, bugs, _ = run_one(path, candidate.encode("utf-8", errors="surrogatepass"), json_flag)
+        return any(b.key == key for b in bugs)
+
+    # lines first, then runs of characters of shrinking length
+    lines = text.split("\n")
+    i = 1
+    while i < len(lines) and time.perf_counter() < deadline:
+        candidate = lines[:i] + lines[i + 1:]
+        if still_fails("\n".join(candidate)):
+            lines = candidate
+        else:
+            i += 1
+    text = "\n".join(lines)
+    chunk = max(1, len(text) // 2)
+    while chunk >= 1 and time.perf_counter() < deadline:
+        i, changed = 0, False
+        while i < len(text) and time.perf_counter() < deadline:
+            candidate = text[:i] + text[i + chunk:]
+            if candidate and still_fails(candidate):
+                text, changed = candidate, True
+            else:
+                i += chunk
+        if not changed:
+            chunk //= 2
+    return text.encode("utf-8", errors="surrogatepass")
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=10_000, help="inputs to run (default 10000)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--show", type=int, default=5, help="failing inputs to show per bug bucket (default 5)")
+    ap.add_argument("--minimize", type=int, default=8, help="bug buckets to shrink (default 8; 0 skips)")
+    ap.add_argument("--json-every", type=int, default=4,
+                    help="run every Nth input as `check --json` as well as plain (default 4; 0 never)")
+    args = ap.parse_args(argv)
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
+    signal.signal(signal.SIGALRM, _on_alarm)
+
+    rng = random.Random(args.seed)
+    path = make_workspace(_SCRATCH / "ws")
+    seed_texts = seeds()
+    statuses: collections.Counter = collections.Counter()
+    kinds: collections.Counter = collections.Counter()
+    buckets: dict[tuple, list[tuple[bytes, Bug, bool]]] = {}
+    n_bad_inputs = 0
+    slow: list[tuple[float, str, bytes]] = []
+    t0 = time.perf_counter()
+    for i in range(args.n):
+        case = generate(rng, seed_texts)
+        kinds[case.kind] += 1
+        json_flag = bool(args.json_every) and i % args.json_every == args.json_every - 1
+        status, bugs, dt = run_one(path, case.data, json_flag)
+        statuses[status] += 1
+        if dt > SLOW_S:
+            slow.append((dt, case.kind, case.data))
+        if bugs:
+            n_bad_inputs += 1
+        for bug in bugs:
+            buckets.setdefault(bug.key, []).append((case.data, bug, json_flag))
+    elapsed = time.perf_counter() - t0
+
+    tracebacks = sum(len(v) for k, v in buckets.items() if k[0] in ("lower_file", "cli-internal-error",
+                                                                    "cli-escaped", "parse"))
+    others = sum(len(v) for k, v in buckets.items()) - tracebacks
+    print(f"inputs run: {args.n} (seed {args.seed}) in {elapsed:.1f} s ({args.n / elapsed:.0f}/s)")
+    print("input kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    print("cli exit statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
+    print(f"tracebacks: {tracebacks}  (internal errors / exceptions from lower_file, parse or the CLI)")
+    print(f"other violations: {others}  (diagnostic checks, fmt idempotence/AST/UTF-8, timeouts)")
+    print(f"inputs with any bug: {n_bad_inputs}; distinct bugs: {len(buckets)}")
+    if slow:
+        slow.sort(reverse=True)
+        print(f"slow inputs (> {SLOW_S:.0f} s): {len(slow)}; slowest: "
+              + ", ".join(f"{dt:.1f}s {kind} {ascii(data[:60])}" for dt, kind, data in slow[:3]))
+    for n, (key, hits) in enumerate(sorted(buckets.items(), key=lambda kv: -len(kv[1]))):
+        hits.sort(key=lambda h: len(h[0]))
+        data, bug, json_flag = hits[0]
+        print(f"\n=== bug {n + 1}: [{key[0]}] {bug.exc}\n    at {bug.where}   ({len(hits)} inputs)")
+        for d, _, _ in hits[:args.show]:
+            print(f"    input: {ascii(d.decode('utf-8', 'surrogatepass'))[:300]}")
+        if n < args.minimize:
+            small = minimize(path, data, key, json_flag)
+            print(f"    minimized: {ascii(small.decode('utf-8', 'surrogatepass'))[:300]}")
+        if bug.tb:
+            tail = [ln for ln in bug.tb.rstrip().splitlines()][-8:]
+            print("    traceback (tail):\n      " + "\n      ".join(tail))
+    return 1 if buckets else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

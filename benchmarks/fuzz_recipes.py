@@ -24,12 +24,15 @@ any bug was found.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -40,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Keep the hub cache lookups away from the real cache: results must not depend on the machine.
-_SCRATCH = Path(tempfile.mkdtemp(prefix="recipec-fuzz-"))
+# A tmpfs when there is one: each input is written to disk twice per run, and disk writes dominate otherwise.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="recipec-fuzz-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
 os.environ["HF_HUB_CACHE"] = str(_SCRATCH / "hub-cache")
 os.environ.pop("RECIPEC_DEBUG", None)
 os.environ["NO_COLOR"] = "1"
@@ -227,15 +231,19 @@ def _expr(rng: random.Random, names: list[str], depth: int = 0) -> str:
     return _call(rng, names, depth + 1)
 
 
+SIZES = ['"tiny"', '"small"', '"1b"', '"huge"', "1"]
+DTYPES = ['"float16"', '"bfloat16"', '"int8"', "1e400+0.5"]
+USES = ['"lib.rcp"', '"bad.rcp"', '"cyc_a.rcp"', '"fuzz.rcp"']
+
+
 def _call(rng: random.Random, names: list[str], depth: int) -> str:
     op = rng.choice(["init", "init", "load", "hf", "text", "chat", "combine", "nope"])
     args: list[str] = []
     if op == "init":
         args.append(rng.choice(['"llama"', '"gpt2"', '"bert"', '"nope"', "1", '"\\u0000"']))
-        args += [f"size={rng.choice(['\"tiny\"', '\"small\"', '\"1b\"', '\"huge\"', '1'])}",
-                 f"seed={rng.choice(NUMBERS + ['-1', '1e400 + 0.5', '1/3'])}"]
+        args += ["size=" + rng.choice(SIZES), "seed=" + rng.choice(NUMBERS + ["-1", "1e400 + 0.5", "1/3"])]
         if rng.random() < 0.3:
-            args.append(f"dtype={rng.choice(['\"float16\"', '\"bfloat16\"', '\"int8\"', '1e400+0.5'])}")
+            args.append("dtype=" + rng.choice(DTYPES))
         if rng.random() < 0.2:
             args.append(f"config={rng.choice(STRINGS)}")
     elif op in ("load", "hf", "text", "chat"):
@@ -255,7 +263,7 @@ def program(rng: random.Random) -> str:
     lines = ["recipec 1"]
     names: list[str] = []
     if rng.random() < 0.2:
-        lines.append(f"use {rng.choice(['\"lib.rcp\"', '\"bad.rcp\"', '\"cyc_a.rcp\"', '\"fuzz.rcp\"'])}")
+        lines.append("use " + rng.choice(USES))
         names.append("shared")
     for i in range(rng.randrange(1, 6)):
         name = f"v{i}"
@@ -268,7 +276,7 @@ def program(rng: random.Random) -> str:
 
 
 def deep_nesting(rng: random.Random) -> str:
-    n = rng.choice([10, 50, 100, 200, 300, 500, 1000, 2000])
+    n = rng.choice([10, 50, 100, 200, 300, 500, 1000])
     kind = rng.randrange(7)
     if kind == 0:
         e = "(" * n + "1" + ")" * n
@@ -288,7 +296,7 @@ def deep_nesting(rng: random.Random) -> str:
 
 
 def long_line(rng: random.Random) -> str:
-    n = rng.choice([1_000, 10_000, 50_000])
+    n = rng.choice([1_000, 3_000, 10_000])
     kind = rng.randrange(4)
     if kind == 0:
         return "recipec 1\nx = " + "a" * n + "\n"
@@ -338,11 +346,11 @@ def generate(rng: random.Random, seed_texts: list[str]) -> Case:
         kind, text = "mutated-tokens", mutate_tokens(rng, rng.choice(seed_texts))
     elif r < 0.74:
         kind, text = "token-soup", token_soup(rng)
-    elif r < 0.88:
+    elif r < 0.89:
         kind, text = "program", program(rng)
     elif r < 0.91:
         kind, text = "deep-nesting", deep_nesting(rng)
-    elif r < 0.93:
+    elif r < 0.92:
         kind, text = "long-line", long_line(rng)
     else:
         kind, text = "odd-unicode", odd_unicode(rng, rng.choice(seed_texts))
@@ -421,14 +429,23 @@ class Bug:
 
 
 def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "/recipec/" in f.filename and "fuzz_recipes" not in f.filename]
-    f = (ours or frames or [None])[-1]
+    """The innermost recipec frame of a traceback, as `recipec/path.py:line (function)`."""
+    tb, found, last = exc.__traceback__, None, None
+    while tb is not None:  # walk the frames without loading source lines: cheap even for deep recursion
+        code = tb.tb_frame.f_code
+        last = (code.co_filename, tb.tb_lineno, code.co_name)
+        if "/recipec/" in code.co_filename and "fuzz_recipes" not in code.co_filename:
+            found = last
+        tb = tb.tb_next
+    f = found or last
     if f is None:
         return "?"
-    path = f.filename
-    i = path.rfind("/recipec/")
-    return f"{path[i + 1:] if i >= 0 else path}:{f.lineno} ({f.name})"
+    i = f[0].rfind("/recipec/")
+    return f"{f[0][i + 1:] if i >= 0 else f[0]}:{f[1]} ({f[2]})"
+
+
+def _tb(limit: int = 8) -> str:
+    return traceback.format_exc(limit=-limit)
 
 
 def _exc_text(exc: BaseException) -> str:
@@ -436,24 +453,27 @@ def _exc_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[:160]}"
 
 
-def _run_cli(argv: list[str]) -> tuple[int | str, str, str]:
+def _run_cli(argv: list[str]) -> tuple[int | None, str, str, Bug | None]:
+    """cli.main in-process: (exit status, stdout, stderr, the exception that escaped main or None)."""
     out_b, err_b = io.BytesIO(), io.BytesIO()
     out = io.TextIOWrapper(out_b, encoding="utf-8", errors="strict", write_through=True)
     err = io.TextIOWrapper(err_b, encoding="utf-8", errors="backslashreplace", write_through=True)
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
+    escaped = None
+    status: int | None = None
     try:
-        status: int | str = cli.main(argv)
+        status = cli.main(argv)
     except InputTimeout:
         raise
     except BaseException as exc:  # noqa: BLE001 - anything escaping main is a bug
-        status = f"escaped: {_exc_text(exc)} @ {_where(exc)}"
+        escaped = Bug("cli-escaped", _exc_text(exc), _where(exc), _tb())
     finally:
         sys.stdout, sys.stderr = saved
-    return status, out_b.getvalue().decode("utf-8", "replace"), err_b.getvalue().decode("utf-8", "replace")
+    return status, out_b.getvalue().decode("utf-8", "replace"), err_b.getvalue().decode("utf-8", "replace"), escaped
 
 
-def _check_diagnostics(diags, text_len_of) -> list[Bug]:
+def _check_diagnostics(diags) -> list[Bug]:
     bugs = []
     for d in diags:
         if d.code not in CODES:
@@ -470,57 +490,76 @@ def _check_diagnostics(diags, text_len_of) -> list[Bug]:
         render_all(diags)
         to_json(diags)
     except Exception as exc:  # noqa: BLE001
-        bugs.append(Bug("diagnostic", _exc_text(exc), _where(exc), traceback.format_exc()))
+        bugs.append(Bug("diagnostic", _exc_text(exc), _where(exc), _tb()))
     return bugs
 
 
-def check_input(path: Path, data: bytes, json_flag: bool) -> tuple[int | str, list[Bug]]:
+ALL_STAGES = frozenset({"cli", "lower", "fmt"})
+STAGES_FOR = {"cli-internal-error": {"cli"}, "cli-escaped": {"cli"}, "lower_file": {"lower"}, "parse": {"fmt"},
+              "fmt": {"fmt"}, "diagnostic": {"lower", "fmt"}, "timeout": ALL_STAGES}
+
+
+def check_input(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tuple[int | str, list[Bug]]:
     path.write_bytes(data)
     bugs: list[Bug] = []
-    # 1. the CLI, in-process
+    status: int | str = "-"
+    if "cli" in stages:
+        status = _cli_stage(path, json_flag, bugs)
+    if "lower" in stages:
+        _lower_stage(path, bugs)
+    if "fmt" in stages:
+        _fmt_stage(data, bugs)
+    return status, bugs
+
+
+def _cli_stage(path: Path, json_flag: bool, bugs: list[Bug]) -> int | str:
+    """1. the CLI, in-process"""
     argv = ["check", "--json", str(path)] if json_flag else ["check", str(path)]
-    status, out, err = _run_cli(argv)
-    if isinstance(status, str):
-        bugs.append(Bug("cli-escaped", status.split(" @ ")[0], status.split(" @ ")[-1]))
-        status = "exception"
-    elif "internal error" in err:
+    status, _out, err, escaped = _run_cli(argv)
+    if escaped is not None:
+        bugs.append(escaped)
+        return "exception"
+    if "internal error" in err:
         line = next(ln for ln in err.splitlines() if "internal error" in ln)
+        # Run again with RECIPEC_DEBUG=1, which makes the CLI re-raise, to learn where it failed.
         os.environ["RECIPEC_DEBUG"] = "1"
         try:
-            _, _, _ = _run_cli(argv)
-            where, tb = "?", ""
-        except InputTimeout:
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            where, tb = _where(exc), traceback.format_exc()
+            _, _, _, again = _run_cli(argv)
         finally:
             os.environ.pop("RECIPEC_DEBUG", None)
+        where, tb = (again.where, again.tb) if again else ("?", "")
         bugs.append(Bug("cli-internal-error", line.split("internal error: ", 1)[-1], where, tb))
-    # 2. lower_file directly
+    return status
+
+
+def _lower_stage(path: Path, bugs: list[Bug]) -> None:
+    """2. lower_file directly"""
     try:
         program_ = lower_file(path)
-        bugs += _check_diagnostics(program_.diagnostics, None)
+        bugs += _check_diagnostics(program_.diagnostics)
     except RecipeError as err_:
-        bugs += _check_diagnostics(err_.diagnostics, None)
+        bugs += _check_diagnostics(err_.diagnostics)
     except InputTimeout:
         raise
     except Exception as exc:  # noqa: BLE001
-        bugs.append(Bug("lower_file", _exc_text(exc), _where(exc), traceback.format_exc()))
-    # 3. the formatter, when the text parses
+        bugs.append(Bug("lower_file", _exc_text(exc), _where(exc), _tb()))
+
+
+def _fmt_stage(data: bytes, bugs: list[Bug]) -> None:
+    """3. parse, and the formatter when the text parses"""
     text = data.decode("utf-8", errors="replace")
     try:
         recipe = parse(text)
     except RecipeError as err_:
-        bugs += _check_diagnostics(err_.diagnostics, None)
+        bugs += _check_diagnostics(err_.diagnostics)
         recipe = None
     except InputTimeout:
         raise
     except Exception as exc:  # noqa: BLE001
-        bugs.append(Bug("parse", _exc_text(exc), _where(exc), traceback.format_exc()))
+        bugs.append(Bug("parse", _exc_text(exc), _where(exc), _tb()))
         recipe = None
     if recipe is not None:
         bugs += _check_format(text, recipe)
-    return status, bugs
 
 
 def _check_format(text: str, recipe) -> list[Bug]:
@@ -533,7 +572,7 @@ def _check_format(text: str, recipe) -> list[Bug]:
     except RecipeError as exc:
         return [Bug("fmt", "formatted text does not parse: " + str(exc)[:100].replace("\n", " "), "fmt-reparse")]
     except Exception as exc:  # noqa: BLE001
-        return [Bug("fmt", _exc_text(exc), _where(exc), traceback.format_exc())]
+        return [Bug("fmt", _exc_text(exc), _where(exc), _tb())]
     bugs = []
     if again_ast != recipe:
         bugs.append(Bug("fmt", "format changed the AST", "fmt-ast"))
@@ -546,11 +585,11 @@ def _check_format(text: str, recipe) -> list[Bug]:
     return bugs
 
 
-def run_one(path: Path, data: bytes, json_flag: bool) -> tuple[int | str, list[Bug], float]:
+def run_one(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tuple[int | str, list[Bug], float]:
     t0 = time.perf_counter()
     signal.alarm(PER_INPUT_TIMEOUT_S)
     try:
-        status, bugs = check_input(path, data, json_flag)
+        status, bugs = check_input(path, data, json_flag, stages)
     except InputTimeout:
         status, bugs = "timeout", [Bug("timeout", f"no result in {PER_INPUT_TIMEOUT_S} s", "timeout")]
     finally:
@@ -561,13 +600,14 @@ def run_one(path: Path, data: bytes, json_flag: bool) -> tuple[int | str, list[B
 # --- shrinking -----------------------------------------------------------------------------------------
 
 
-def minimize(path: Path, data: bytes, key, json_flag: bool, budget_s: float = 20.0) -> bytes:
-    """Greedy delta debugging over characters: the shortest input found that keeps the same bug."""
+def minimize(path: Path, data: bytes, key, json_flag: bool, budget_s: float = 8.0) -> bytes:
+    """Greedy delta debugging over lines, then characters: the shortest input found that keeps the same bug."""
     text = data.decode("utf-8", errors="surrogatepass")
     deadline = time.perf_counter() + budget_s
+    stages = frozenset(STAGES_FOR.get(key[0], ALL_STAGES))
 
     def still_fails(candidate: str) -> bool:
-        _, bugs, _ = run_one(path, candidate.encode("utf-8", errors="surrogatepass"), json_flag)
+        _, bugs, _ = run_one(path, candidate.encode("utf-8", errors="surrogatepass"), json_flag, stages)
         return any(b.key == key for b in bugs)
 
     # lines first, then runs of characters of shrinking length
@@ -596,66 +636,102 @@ def minimize(path: Path, data: bytes, key, json_flag: bool, budget_s: float = 20
 
 # --- main -----------------------------------------------------------------------------------------------
 
+_WORKER_PATH: Path | None = None
+
+
+def _worker_init() -> None:
+    global _WORKER_PATH
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _WORKER_PATH = make_workspace(_SCRATCH / f"ws-{os.getpid()}")
+
+
+def _worker_run(batch: list[tuple[int, str, bytes, bool]]) -> list[tuple[int, int | str, list[Bug], float]]:
+    assert _WORKER_PATH is not None
+    out = []
+    for index, _kind, data, json_flag in batch:
+        status, bugs, dt = run_one(_WORKER_PATH, data, json_flag)
+        out.append((index, status, bugs, dt))
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=10_000, help="inputs to run (default 10000)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    ap.add_argument("--show", type=int, default=5, help="failing inputs to show per bug bucket (default 5)")
-    ap.add_argument("--minimize", type=int, default=8, help="bug buckets to shrink (default 8; 0 skips)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
+    ap.add_argument("--show", type=int, default=3, help="failing inputs to show per bug (default 3)")
+    ap.add_argument("--minimize", type=int, default=10, help="bugs to shrink to a small input (default 10; 0 skips)")
     ap.add_argument("--json-every", type=int, default=4,
-                    help="run every Nth input as `check --json` as well as plain (default 4; 0 never)")
+                    help="run every Nth input as `check --json` instead of plain `check` (default 4; 0 never)")
     args = ap.parse_args(argv)
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000))
     signal.signal(signal.SIGALRM, _on_alarm)
+    atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
+    # Inputs depend only on --seed and --n, never on --jobs.
     rng = random.Random(args.seed)
-    path = make_workspace(_SCRATCH / "ws")
     seed_texts = seeds()
-    statuses: collections.Counter = collections.Counter()
-    kinds: collections.Counter = collections.Counter()
-    buckets: dict[tuple, list[tuple[bytes, Bug, bool]]] = {}
-    n_bad_inputs = 0
-    slow: list[tuple[float, str, bytes]] = []
-    t0 = time.perf_counter()
+    cases = []
     for i in range(args.n):
         case = generate(rng, seed_texts)
-        kinds[case.kind] += 1
         json_flag = bool(args.json_every) and i % args.json_every == args.json_every - 1
-        status, bugs, dt = run_one(path, case.data, json_flag)
-        statuses[status] += 1
-        if dt > SLOW_S:
-            slow.append((dt, case.kind, case.data))
-        if bugs:
-            n_bad_inputs += 1
-        for bug in bugs:
-            buckets.setdefault(bug.key, []).append((case.data, bug, json_flag))
+        cases.append((i, case.kind, case.data, json_flag))
+    batches = [cases[i:i + 25] for i in range(0, len(cases), 25)]
+
+    t0 = time.perf_counter()
+    results = []
+    if args.jobs > 1:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(args.jobs, initializer=_worker_init) as pool:
+            for chunk in pool.imap_unordered(_worker_run, batches):
+                results.extend(chunk)
+    else:
+        _worker_init()
+        for batch in batches:
+            results.extend(_worker_run(batch))
     elapsed = time.perf_counter() - t0
 
-    tracebacks = sum(len(v) for k, v in buckets.items() if k[0] in ("lower_file", "cli-internal-error",
-                                                                    "cli-escaped", "parse"))
-    others = sum(len(v) for k, v in buckets.items()) - tracebacks
-    print(f"inputs run: {args.n} (seed {args.seed}) in {elapsed:.1f} s ({args.n / elapsed:.0f}/s)")
+    statuses: collections.Counter = collections.Counter()
+    kinds: collections.Counter = collections.Counter(c[1] for c in cases)
+    buckets: dict[tuple, list[tuple[bytes, Bug, bool]]] = {}
+    slow: list[tuple[float, str, bytes]] = []
+    n_bad_inputs = 0
+    for index, status, bugs, dt in sorted(results, key=lambda r: r[0]):
+        _, kind, data, json_flag = cases[index]
+        statuses[status] += 1
+        if dt > SLOW_S:
+            slow.append((dt, kind, data))
+        n_bad_inputs += bool(bugs)
+        for bug in bugs:
+            buckets.setdefault(bug.key, []).append((data, bug, json_flag))
+
+    crash_kinds = ("lower_file", "cli-internal-error", "cli-escaped", "parse")
+    tracebacks = sum(len(v) for k, v in buckets.items() if k[0] in crash_kinds)
+    others = sum(len(v) for v in buckets.values()) - tracebacks
+    print(f"inputs run: {args.n} (seed {args.seed}, {args.jobs} jobs) in {elapsed:.1f} s "
+          f"({args.n / elapsed:.0f} inputs/s)")
     print("input kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     print("cli exit statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
-    print(f"tracebacks: {tracebacks}  (internal errors / exceptions from lower_file, parse or the CLI)")
+    print(f"tracebacks: {tracebacks}  (exceptions other than RecipeError from lower_file/parse, "
+          f"`internal error` from the CLI, exceptions escaping cli.main)")
     print(f"other violations: {others}  (diagnostic checks, fmt idempotence/AST/UTF-8, timeouts)")
     print(f"inputs with any bug: {n_bad_inputs}; distinct bugs: {len(buckets)}")
     if slow:
-        slow.sort(reverse=True)
-        print(f"slow inputs (> {SLOW_S:.0f} s): {len(slow)}; slowest: "
-              + ", ".join(f"{dt:.1f}s {kind} {ascii(data[:60])}" for dt, kind, data in slow[:3]))
-    for n, (key, hits) in enumerate(sorted(buckets.items(), key=lambda kv: -len(kv[1]))):
+        slow.sort(key=lambda s: -s[0])
+        print(f"slow inputs (> {SLOW_S:.0f} s each, under --jobs {args.jobs}): {len(slow)}; slowest: "
+              + "; ".join(f"{dt:.1f}s {kind} {ascii(data[:50])}" for dt, kind, data in slow[:3]))
+    path = make_workspace(_SCRATCH / "ws-main") if buckets else None
+    for n, (key, hits) in enumerate(sorted(buckets.items(), key=lambda kv: (kv[0][0] not in crash_kinds,
+                                                                             -len(kv[1])))):
         hits.sort(key=lambda h: len(h[0]))
         data, bug, json_flag = hits[0]
         print(f"\n=== bug {n + 1}: [{key[0]}] {bug.exc}\n    at {bug.where}   ({len(hits)} inputs)")
         for d, _, _ in hits[:args.show]:
-            print(f"    input: {ascii(d.decode('utf-8', 'surrogatepass'))[:300]}")
-        if n < args.minimize:
+            print(f"    input: {ascii(d.decode('utf-8', 'surrogatepass'))[:240]}")
+        if n < args.minimize and path is not None:
             small = minimize(path, data, key, json_flag)
-            print(f"    minimized: {ascii(small.decode('utf-8', 'surrogatepass'))[:300]}")
+            print(f"    minimized: {ascii(small.decode('utf-8', 'surrogatepass'))[:240]}")
         if bug.tb:
-            tail = [ln for ln in bug.tb.rstrip().splitlines()][-8:]
+            tail = bug.tb.rstrip().splitlines()[-6:]
             print("    traceback (tail):\n      " + "\n      ".join(tail))
     return 1 if buckets else 0
 

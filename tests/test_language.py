@@ -49,8 +49,8 @@ def test_design_card_arithmetic_type_checks_with_hub_references(tmp_path):
     (node,) = combine_nodes(program)
     assert node.type.kind is Kind.MODEL and node.type.signature is None  # unknown until locked
     assert [i.op for i in node.inputs] == ["hf", "hf", "hf"]
-    assert dict(node.inputs[0].params)["id"] == "llama2_cp"
-    assert node.param_dict["coefficients"] == (1, 0.8, -0.8)
+    assert node.inputs[0].params["id"] == "llama2_cp"
+    assert node.params["coefficients"] == [1, 0.8, -0.8]
 
 
 def test_affine_normalization_folds_every_form_to_one_combination(tmp_path):
@@ -66,8 +66,8 @@ def test_affine_normalization_folds_every_form_to_one_combination(tmp_path):
         'export m1 to "o1"', 'export m2 to "o2"', 'export avg to "o3"']))
     chat_vector, average = combine_nodes(program)
     assert chat_vector.names == ["m1", "m2"]  # identical combinations are one node
-    assert chat_vector.param_dict["coefficients"] == (1, 0.5, -0.5)
-    assert average.names == ["avg"] and average.param_dict["coefficients"] == pytest.approx((1 / 3,) * 3)
+    assert chat_vector.params["coefficients"] == [1, 0.5, -0.5]
+    assert average.names == ["avg"] and average.params["coefficients"] == pytest.approx((1 / 3,) * 3)
 
 
 def test_identical_subexpressions_are_one_node(tmp_path):
@@ -97,7 +97,7 @@ def test_use_shares_definitions_and_paths_resolve_against_each_recipe(tmp_path, 
     (export,) = program.graph.exports
     assert export.path == (tmp_path / "recipes" / "out" / "avg").resolve()
     load = next(n for n in program.graph.nodes if n.op == "load")
-    assert load.param_dict["path"] == str((tmp_path / "lib" / "models" / "base").resolve())
+    assert load.params["path"] == str((tmp_path / "lib" / "models" / "base").resolve())
 
 
 def test_string_reference_prefers_an_existing_local_directory(tmp_path):

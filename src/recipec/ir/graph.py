@@ -18,17 +18,17 @@ from ..source import Span
 from .types import Type
 
 
-def canonical(value: Any) -> Any:
-    """A hashable, JSON-friendly form of a parameter value: tuples for lists, floats for fractions."""
+def canonical_json(value: Any) -> str:
+    """Canonical JSON of parameter values (sorted keys, no whitespace): what identity and cache keys hash."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
+
+
+def _plain(value: Any) -> Any:
     if isinstance(value, Fraction):
         return int(value) if value.denominator == 1 else float(value)
-    if isinstance(value, (list, tuple)):
-        return tuple(canonical(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, canonical(v)) for k, v in value.items()))
     if isinstance(value, Path):
         return str(value)
-    return value
+    raise TypeError(f"parameter value {value!r} is not plain data")
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,14 +36,10 @@ class Node:
     id: int
     op: str
     inputs: tuple[Node, ...]
-    params: tuple[tuple[str, Any], ...]
+    params: dict[str, Any]
     type: Type
     spans: list[Span] = field(default_factory=list, repr=False)
     names: list[str] = field(default_factory=list)
-
-    @property
-    def param_dict(self) -> dict[str, Any]:
-        return dict(self.params)
 
     @property
     def label(self) -> str:
@@ -72,11 +68,10 @@ class Graph:
     def add(self, op: str, inputs: tuple[Node, ...], params: dict[str, Any], type_: Type,
             span: Span | None = None) -> Node:
         """The node for (op, inputs, params), created on first use."""
-        canon = tuple(sorted((k, canonical(v)) for k, v in params.items()))
-        key = (op, tuple(n.id for n in inputs), canon)
+        key = (op, tuple(n.id for n in inputs), canonical_json(params))
         node = self._index.get(key)
         if node is None:
-            node = Node(len(self.nodes), op, inputs, canon, type_)
+            node = Node(len(self.nodes), op, inputs, dict(params), type_)
             self.nodes.append(node)
             self._index[key] = node
         if span is not None:
@@ -93,8 +88,3 @@ class Graph:
                 seen.add(node.id)
                 stack.extend(node.inputs)
         return [self.nodes[i] for i in sorted(seen)]
-
-
-def params_json(node: Node) -> str:
-    """Canonical JSON of a node's parameters (sorted keys, no whitespace): what cache keys hash."""
-    return json.dumps(dict(node.params), sort_keys=True, separators=(",", ":"), default=str)

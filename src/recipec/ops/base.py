@@ -10,7 +10,6 @@ and reports every problem as a located diagnostic; the planner asks `cost`; back
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,8 +17,8 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..diagnostics import Diagnostics, Note
-from ..ir.graph import Node
-from ..ir.types import Kind, Signature, Type
+from ..ir.graph import Node, canonical_json
+from ..ir.types import Kind, Type
 from ..source import Span
 
 
@@ -79,6 +78,7 @@ class Op:
     inputs: ClassVar[tuple[Input, ...]] = ()
     positional: ClassVar[tuple[str, ...]] = ()  # parameters that may also be given by position
     builds: ClassVar[bool] = True  # False for inputs that exist already (load, hf)
+    toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
     Params: ClassVar[type[Params]] = Params
 
     @classmethod
@@ -111,14 +111,13 @@ def register(op: type[Op]) -> type[Op]:
     return op
 
 
-def cache_key(node: Node, input_keys: list[str], toolchain: dict[str, str]) -> str:
-    """sha256 over canonical JSON of op, op version, parameters, input keys and toolchain versions."""
+COMPUTE_DTYPE = "float32"  # every backend accumulates in fp32; part of every key
+
+
+def cache_key(node: Node, input_digests: list[str], versions: dict[str, str]) -> str:
+    """sha256 over canonical JSON of op, op version, parameters, input content digests, compute dtype
+    and the versions of the packages that can change this op's bytes."""
     op = REGISTRY[node.op]
-    doc = {"op": node.op, "version": op.version, "params": dict(node.params), "inputs": input_keys,
-           "toolchain": toolchain}
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def model_signature(node: Node) -> Signature | None:
-    return node.type.signature
+    doc = {"op": node.op, "version": op.version, "params": node.params, "inputs": input_digests,
+           "compute_dtype": COMPUTE_DTYPE, "toolchain": {k: versions[k] for k in ("recipec",) + op.toolchain}}
+    return hashlib.sha256(canonical_json(doc).encode()).hexdigest()

@@ -112,6 +112,7 @@ class Init(Op):
 
     name = "init"
     positional = ("arch",)
+    toolchain = ("torch", "transformers")
 
     class Params(Params):
         arch: str = Field(description="the architecture family: " + ", ".join(archs.ARCHS))

@@ -65,7 +65,7 @@ def make_plan(graph: Graph, recipe: str, is_cached: Callable[[Node], bool] = lam
     steps = []
     for node in graph.reachable():
         op = REGISTRY[node.op]
-        params = op.Params.model_construct(**node.param_dict)
+        params = op.Params.model_construct(**node.params)
         if not op.builds:
             status = INPUT
         elif is_cached(node):

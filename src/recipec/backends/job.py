@@ -1,0 +1,38 @@
+"""What a backend rule is given and what it may raise."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..ir.graph import Node
+from ..store.model_dir import ModelFiles
+
+
+class RunFailure(Exception):
+    """A run-time failure with a diagnostic code and a hint; reported at the failing op's span."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.hint = code, message, hint
+
+
+@dataclass
+class Artifact:
+    """A built or given model: a directory on disk, its tensor table and its content digest."""
+
+    path: Path
+    files: ModelFiles
+    digest: str
+
+
+@dataclass
+class Job:
+    node: Node
+    inputs: list[Artifact]
+    out: Path
+    threads: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: Callable[[int], None] = lambda nbytes: None  # called with bytes written as work advances

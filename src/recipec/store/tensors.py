@@ -1,0 +1,197 @@
+"""Tensor I/O for the streaming engine: memory-mapped safetensors in, pre-laid-out safetensors out.
+
+Reading maps each file once and hands out zero-copy torch views, so a model is never loaded whole.
+Writing knows every output tensor's name, dtype and shape before any is computed (the plan has them),
+so each shard's header is written first, its space reserved with `posix_fallocate` (a full disk fails
+here, cleanly, instead of as a SIGBUS mid-write) and each tensor is computed straight into its place in
+a writable mapping. Headers are canonical — sorted names, 8-byte aligned, metadata exactly
+`{"format": "pt"}` — so the same tensors always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .model_dir import INDEX_FILE, SINGLE_FILE, ModelFiles
+from .safetensors_header import DTYPE_BYTES
+
+TORCH_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class ModelReader:
+    """Zero-copy access to the tensors of a local model directory."""
+
+    def __init__(self, files: ModelFiles):
+        self.files = files
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[path]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A read-only view of one tensor, in its stored dtype and shape."""
+        entry = self.files.tensors[name]
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+        buffer = self._map(self.files.shard_of[name])
+        with warnings.catch_warnings():
+            # The mapping is read-only on purpose; torch warns because it cannot prove we never write.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[entry.dtype], count=entry.numel, offset=entry.begin)
+        return flat.view(entry.shape)
+
+    def raw(self, name: str) -> memoryview:
+        """The stored bytes of one tensor."""
+        entry = self.files.tensors[name]
+        return memoryview(self._map(self.files.shard_of[name]))[entry.begin:entry.end]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+                pass
+        self._maps.clear()
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
+
+
+def shard_layout(tensors: list[OutTensor], shard_size: int) -> list[list[OutTensor]]:
+    """Tensors in name order, cut into shards of at most `shard_size` bytes (a bigger tensor stands alone)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def header_bytes(tensors: list[OutTensor]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The canonical safetensors header for tensors laid out in the given order, and their data offsets."""
+    doc: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets, cursor = {}, 0
+    for t in tensors:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [cursor, cursor + t.nbytes]}
+        offsets[t.name] = (cursor, cursor + t.nbytes)
+        cursor += t.nbytes
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-(len(blob) + 8) % 8)  # data starts 8-byte aligned, as safetensors itself pads
+    return struct.pack("<Q", len(blob)) + blob, offsets
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ModelWriter:
+    """Writes a model's safetensors files into `directory`, tensor by tensor, into pre-allocated space."""
+
+    def __init__(self, directory: Path, tensors: list[OutTensor], shard_size: int):
+        self.directory = directory
+        self.layout = shard_layout(tensors, shard_size)
+        self.files = shard_names(len(self.layout))
+        self._maps: list[mmap.mmap] = []
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int, OutTensor]] = {}
+        for k, (shard, file) in enumerate(zip(self.layout, self.files)):
+            header, offsets = header_bytes(shard)
+            size = len(header) + sum(t.nbytes for t in shard)
+            fd = os.open(directory / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            if size:
+                os.posix_fallocate(fd, 0, size)
+            os.pwrite(fd, header, 0)
+            self._maps.append(mmap.mmap(fd, size, access=mmap.ACCESS_WRITE) if size > len(header) else None)
+            for t in shard:
+                begin, end = offsets[t.name]
+                self._where[t.name] = (k, len(header) + begin, t)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The writable place of one output tensor, in its output dtype and shape."""
+        k, begin, t = self._where[name]
+        numel = math.prod(t.shape)
+        if numel == 0:
+            return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
+        return torch.frombuffer(self._maps[k], dtype=TORCH_DTYPES[t.dtype], count=numel, offset=begin).view(t.shape)
+
+    def raw(self, name: str) -> memoryview:
+        k, begin, t = self._where[name]
+        return memoryview(self._maps[k])[begin:begin + t.nbytes]
+
+    def finish(self) -> None:
+        """Flush and fsync every shard, write the index when sharded, and close."""
+        for m, fd in zip(self._maps, self._fds):
+            if m is not None:
+                m.flush()
+            os.fsync(fd)
+        self.close()
+        if len(self.files) > 1:
+            weight_map = {t.name: file for shard, file in zip(self.layout, self.files) for t in shard}
+            total = sum(t.nbytes for shard in self.layout for t in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            write_json(self.directory / INDEX_FILE, index)
+
+    def close(self) -> None:
+        for m in self._maps:
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass
+        for fd in self._fds:
+            os.close(fd)
+        self._maps, self._fds = [], []
+
+
+def write_json(path: Path, data: object) -> None:
+    """Canonical JSON (sorted keys, two-space indent, trailing newline), fsynced."""
+    blob = (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, blob)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> tuple:
+    """One tensor's entry in a model digest."""
+    return (name, dtype, list(shape), hashlib.sha256(data).hexdigest())
+
+
+def model_digest(entries: list[tuple]) -> str:
+    """A model's content digest: sha256 over sorted (name, dtype, shape, sha256 of bytes), so it does
+    not depend on how the model is sharded."""
+    blob = json.dumps(sorted(entries), separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()

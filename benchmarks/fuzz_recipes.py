@@ -416,6 +416,9 @@ def _on_alarm(signum, frame):
     raise InputTimeout()
 
 
+CRASH_KINDS = ("lower_file", "cli-internal-error", "cli-escaped", "parse")
+
+
 @dataclass
 class Bug:
     kind: str  # "lower_file", "cli-internal-error", "cli-escaped", "diagnostic", "fmt", "timeout"
@@ -425,7 +428,9 @@ class Bug:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.kind, self.exc.split(":")[0], self.where)
+        # One crash, whichever way it showed (CLI internal error, lower_file, parse), is one bug.
+        group = "crash" if self.kind in CRASH_KINDS else self.kind
+        return (group, self.exc.split(":")[0], self.where)
 
 
 def _where(exc: BaseException) -> str:
@@ -449,6 +454,10 @@ def _tb(limit: int = 8) -> str:
 
 
 def _exc_text(exc: BaseException) -> str:
+    inner = getattr(exc, "orig_exc", None)  # lark wraps exceptions from transformer callbacks in VisitError
+    if isinstance(inner, BaseException):
+        return f"{type(inner).__name__}: {str(inner).splitlines()[0][:160] if str(inner) else ''} " \
+               f"(wrapped in {type(exc).__name__})"
     msg = str(exc).replace("\n", " ")
     return f"{type(exc).__name__}: {msg[:160]}"
 
@@ -495,8 +504,7 @@ def _check_diagnostics(diags) -> list[Bug]:
 
 
 ALL_STAGES = frozenset({"cli", "lower", "fmt"})
-STAGES_FOR = {"cli-internal-error": {"cli"}, "cli-escaped": {"cli"}, "lower_file": {"lower"}, "parse": {"fmt"},
-              "fmt": {"fmt"}, "diagnostic": {"lower", "fmt"}, "timeout": ALL_STAGES}
+STAGES_FOR = {"crash": {"lower", "fmt"}, "fmt": {"fmt"}, "diagnostic": {"lower", "fmt"}, "timeout": ALL_STAGES}
 
 
 def check_input(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tuple[int | str, list[Bug]]:
@@ -527,8 +535,10 @@ def _cli_stage(path: Path, json_flag: bool, bugs: list[Bug]) -> int | str:
             _, _, _, again = _run_cli(argv)
         finally:
             os.environ.pop("RECIPEC_DEBUG", None)
-        where, tb = (again.where, again.tb) if again else ("?", "")
-        bugs.append(Bug("cli-internal-error", line.split("internal error: ", 1)[-1], where, tb))
+        if again is not None:
+            bugs.append(Bug("cli-internal-error", again.exc, again.where, again.tb))
+        else:
+            bugs.append(Bug("cli-internal-error", line.split("internal error: ", 1)[-1], "?"))
     return status
 
 
@@ -605,6 +615,8 @@ def minimize(path: Path, data: bytes, key, json_flag: bool, budget_s: float = 8.
     text = data.decode("utf-8", errors="surrogatepass")
     deadline = time.perf_counter() + budget_s
     stages = frozenset(STAGES_FOR.get(key[0], ALL_STAGES))
+    if key[0] == "crash" and key[2].startswith(("?", "recipec/cli")):
+        stages = ALL_STAGES
 
     def still_fails(candidate: str) -> bool:
         _, bugs, _ = run_one(path, candidate.encode("utf-8", errors="surrogatepass"), json_flag, stages)
@@ -695,43 +707,46 @@ def main(argv: list[str] | None = None) -> int:
     buckets: dict[tuple, list[tuple[bytes, Bug, bool]]] = {}
     slow: list[tuple[float, str, bytes]] = []
     n_bad_inputs = 0
+    all_bugs: list[Bug] = []
     for index, status, bugs, dt in sorted(results, key=lambda r: r[0]):
         _, kind, data, json_flag = cases[index]
         statuses[status] += 1
         if dt > SLOW_S:
             slow.append((dt, kind, data))
         n_bad_inputs += bool(bugs)
+        all_bugs += bugs
         for bug in bugs:
             buckets.setdefault(bug.key, []).append((data, bug, json_flag))
 
-    crash_kinds = ("lower_file", "cli-internal-error", "cli-escaped", "parse")
-    tracebacks = sum(len(v) for k, v in buckets.items() if k[0] in crash_kinds)
-    others = sum(len(v) for v in buckets.values()) - tracebacks
+    tracebacks = sum(1 for b in all_bugs if b.kind in CRASH_KINDS)
+    by_kind = collections.Counter(b.kind for b in all_bugs)
     print(f"inputs run: {args.n} (seed {args.seed}, {args.jobs} jobs) in {elapsed:.1f} s "
           f"({args.n / elapsed:.0f} inputs/s)")
     print("input kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     print("cli exit statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
-    print(f"tracebacks: {tracebacks}  (exceptions other than RecipeError from lower_file/parse, "
-          f"`internal error` from the CLI, exceptions escaping cli.main)")
-    print(f"other violations: {others}  (diagnostic checks, fmt idempotence/AST/UTF-8, timeouts)")
+    print(f"tracebacks: {tracebacks}  (" + ", ".join(f"{k} {by_kind[k]}" for k in CRASH_KINDS) + ")")
+    print("other violations: " + ", ".join(f"{k} {by_kind[k]}" for k in ("diagnostic", "fmt", "timeout")))
     print(f"inputs with any bug: {n_bad_inputs}; distinct bugs: {len(buckets)}")
     if slow:
         slow.sort(key=lambda s: -s[0])
         print(f"slow inputs (> {SLOW_S:.0f} s each, under --jobs {args.jobs}): {len(slow)}; slowest: "
               + "; ".join(f"{dt:.1f}s {kind} {ascii(data[:50])}" for dt, kind, data in slow[:3]))
     path = make_workspace(_SCRATCH / "ws-main") if buckets else None
-    for n, (key, hits) in enumerate(sorted(buckets.items(), key=lambda kv: (kv[0][0] not in crash_kinds,
-                                                                             -len(kv[1])))):
+    for n, (key, hits) in enumerate(sorted(buckets.items(), key=lambda kv: (kv[0][0] != "crash", -len(kv[1])))):
         hits.sort(key=lambda h: len(h[0]))
         data, bug, json_flag = hits[0]
-        print(f"\n=== bug {n + 1}: [{key[0]}] {bug.exc}\n    at {bug.where}   ({len(hits)} inputs)")
-        for d, _, _ in hits[:args.show]:
+        seen_as = collections.Counter(b.kind for _, b, _ in hits)
+        inputs = len({d for d, _, _ in hits})
+        print(f"\n=== bug {n + 1}: [{key[0]}] {bug.exc}\n    at {bug.where}\n    {inputs} inputs; seen as "
+              + ", ".join(f"{k} {v}" for k, v in seen_as.items()))
+        for d in list(dict.fromkeys(d for d, _, _ in hits))[:args.show]:
             print(f"    input: {ascii(d.decode('utf-8', 'surrogatepass'))[:240]}")
         if n < args.minimize and path is not None:
             small = minimize(path, data, key, json_flag)
             print(f"    minimized: {ascii(small.decode('utf-8', 'surrogatepass'))[:240]}")
-        if bug.tb:
-            tail = bug.tb.rstrip().splitlines()[-6:]
+        tb = next((b.tb for _, b, _ in hits if b.tb), "")
+        if tb:
+            tail = tb.rstrip().splitlines()[-6:]
             print("    traceback (tail):\n      " + "\n      ".join(tail))
     return 1 if buckets else 0
 

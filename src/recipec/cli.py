@@ -45,8 +45,12 @@ def cmd_plan(args) -> int:
     from .plan import make_plan
     from .plan.render import render_json, render_text
 
+    from .plan.cache_status import cached_nodes
+    from .store.cache import Cache, default_cache_dir
+
     program = _lower(args.file)
-    plan = make_plan(program.graph, args.file)
+    cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
+    plan = make_plan(program.graph, args.file, lambda node: node.id in cached)
     if args.json:
         sys.stdout.write(render_json(plan))
     else:
@@ -104,6 +108,114 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def _run_options(args, **overrides):
+    from .engine import RunOptions
+    from .store.cache import default_cache_dir
+
+    options = RunOptions(cache_dir=default_cache_dir(Path(args.file), args.cache), offline=args.offline)
+    if args.threads:
+        options.threads = args.threads
+    for key, value in overrides.items():
+        setattr(options, key, value)
+    return options
+
+
+def _progress(args):
+    """A rich progress bar on a terminal; nothing otherwise."""
+    if args.json or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
+                        console=__import__("rich.console").console.Console(stderr=True))
+    return progress, progress.add_task("building", total=None)
+
+
+def cmd_run(args) -> int:
+    import json
+
+    from .engine import Engine
+    from .store.lockfile import lock_path, write_lock
+
+    recipe = Path(args.file)
+    program = _lower(args.file)
+    _report(program.diagnostics, args)
+    progress, task = _progress(args)
+    options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None)
+    engine = Engine(program, recipe, options)
+    if args.locked:
+        from .verify import check_locked
+
+        check_locked(engine)
+    if progress:
+        with progress:
+            result = engine.run()
+    else:
+        result = engine.run()
+    write_lock(lock_path(recipe), result.lock)
+    built = sum(r.status == "built" for r in result.results)
+    cached = sum(r.status == "cached" for r in result.results)
+    if args.json:
+        sys.stdout.write(json.dumps({
+            "format_version": 1, "seconds": round(result.seconds, 3), "built": built, "cached": cached,
+            "nodes": [{"label": r.node.label, "op": r.node.op, "status": r.status, "key": r.key,
+                       "digest": r.artifact.digest if r.artifact else None, "seconds": round(r.seconds, 3)}
+                      for r in result.results],
+            "exports": [{"path": e["path"], "digest": e["digest"]} for e in result.exports],
+        }, indent=2) + "\n")
+    else:
+        for e in result.exports:
+            sys.stdout.write(f"{e['resolved']}\n")
+        sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
+                         f"{result.seconds:.1f} s; lock: {lock_path(recipe)}\n")
+    return 0
+
+
+def cmd_lock(args) -> int:
+    from .engine import Engine
+    from .store.lockfile import lock_path, write_lock
+
+    recipe = Path(args.file)
+    program = _lower(args.file)
+    engine = Engine(program, recipe, _run_options(args, write_exports=False, hash_input_files=True))
+    result = engine.run()
+    write_lock(lock_path(recipe), result.lock)
+    sys.stderr.write(f"wrote {lock_path(recipe)}\n")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify
+
+    return verify(Path(args.file), _lower(args.file), _run_options(args))
+
+
+def cmd_cache(args) -> int:
+    from .plan.render import human_bytes
+    from .store.cache import Cache, default_cache_dir
+
+    cache = Cache(default_cache_dir(Path(args.file), args.cache))
+    entries = cache.entries()
+    if args.action == "ls":
+        for entry in entries:
+            size = sum(p.stat().st_size for p in entry.path.iterdir())
+            sys.stdout.write(f"{entry.key[:16]}  {entry.meta.get('op', '?'):<8} {human_bytes(size):>10}  "
+                             f"{entry.digest}\n")
+        return 0
+    # gc: keep what the recipe needs now, remove the rest
+    from .engine import Engine
+
+    engine = Engine(_lower(args.file), Path(args.file), _run_options(args, write_exports=False))
+    keep = {r.key for r in engine.run().results if r.key}
+    removed = [e for e in entries if e.key not in keep]
+    with cache.locked():
+        for entry in removed:
+            cache.remove(entry.key)
+    sys.stderr.write(f"removed {len(removed)} of {len(entries)} cache entries\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recipec", description="Compile model recipes into weights.")
     parser.add_argument("--version", action="version", version=f"recipec {__version__}")
@@ -117,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     verb("check", cmd_check, "parse and type-check a recipe").add_argument("file")
-    verb("plan", cmd_plan, "show what a run would build and what it costs, reading no weight").add_argument("file")
+    p = verb("plan", cmd_plan, "show what a run would build and what it costs, reading no weight")
+    p.add_argument("file")
+    p.add_argument("--cache", help="cache directory to look up (default: as `run`)")
     p = verb("graph", cmd_graph, "print the op graph", json_flag=False)
     p.add_argument("file")
     p.add_argument("--format", choices=("dot", "mermaid"), default="dot")
@@ -126,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
     p.add_argument("--stdout", action="store_true", help="print the formatted recipe instead of rewriting it")
     verb("explain", cmd_explain, "explain a diagnostic code (or `ops`)", json_flag=False).add_argument("code")
+
+    def running(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("file")
+        p.add_argument("--cache", help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
+        p.add_argument("--offline", action="store_true", help="never touch the network; hub inputs must be cached")
+        p.add_argument("--threads", type=int, default=0, help="worker threads (default: all cores)")
+        return p
+
+    p = running(verb("run", cmd_run, "build the recipe's exports, through the cache, and update the lockfile"))
+    p.add_argument("--locked", action="store_true", help="refuse to run if anything pinned in the lockfile drifted")
+    running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
+    running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
+                 json_flag=False))
+    p = running(verb("cache", cmd_cache, "list the cache, or remove what the recipe no longer needs", json_flag=False))
+    p.add_argument("action", choices=("ls", "gc"))
     return parser
 
 

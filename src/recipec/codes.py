@@ -120,6 +120,39 @@ _ENTRIES = [
          "knows. The message lists the known ones."),
 ]
 
+_ENTRIES += [
+    # Running: E5xx
+    Code("E501", "hub model unavailable", MISSING,
+         "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline is set, the\n"
+         "network is unreachable, the id or revision does not exist, or it needs an access token.\n"
+         "`recipec lock` (without --offline) resolves and downloads inputs once; later runs are offline."),
+    Code("E502", "inputs changed under the plan", RECIPE,
+         "At run time a tensor is missing, or has another shape or dtype, than the headers said when the\n"
+         "recipe was checked: an input changed in between. Check the recipe again."),
+    Code("E503", "vocabularies disagree", RECIPE,
+         "embeddings=\"overlap\" combines the rows the models share, which only means something when row i\n"
+         "is the same token in every model. The tokenizers say otherwise for the row named."),
+    Code("E504", "cannot write output", RUNTIME,
+         "Writing a result failed: the disk is full, a file-size limit was hit, or permission was denied.\n"
+         "Nothing partial was left where the output goes; the previous output, if any, is intact. Free\n"
+         "space (the cache can be pruned with `recipec cache gc`) and run again: finished steps are cached."),
+    Code("E505", "corrupt input data", RECIPE,
+         "An input's tensor data could not be read (a truncated file, an I/O error). Fetch it again."),
+    Code("E506", "lockfile drift", RECIPE,
+         "`run --locked` found that something the lockfile pins changed: the recipe text, an input's\n"
+         "files or content, or the toolchain versions. Run `recipec lock` to accept the change, or restore\n"
+         "what drifted."),
+    Code("E507", "verification failed", RUNTIME,
+         "`recipec verify` rebuilt the recipe and the result differs from the lockfile or the existing\n"
+         "output. The message names the first differing file and tensor."),
+    Code("E508", "no lockfile", MISSING,
+         "`--locked` and `verify` need the lockfile (`FILE.lock`); create it with `recipec lock FILE`."),
+    Code("E509", "pickled checkpoint", RECIPE,
+         "The model has only pickled weights (`pytorch_model.bin`). Loading pickles can run code, so\n"
+         "recipec refuses them unless the recipe says `load(path, allow_pickle=true)`, and then reads them\n"
+         "only with `torch.load(weights_only=True)`."),
+]
+
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}
 
 

@@ -580,6 +580,8 @@ def _report_param_error(op: type[Op], problem: dict, raw: dict[str, Any], ctx: C
         ctx.error("E204", f"`{op.name}` needs `{name}`", hint=hint)
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         ctx.error("E203", f"`{name}` must be {_range_of(op, name)}, got {value!r}", name, hint)
+    elif kind == "value_error":
+        ctx.error("E203", f"`{name}`: {problem['msg'].removeprefix('Value error, ')}", name, hint)
     elif kind == "literal_error":
         ctx.error("E203", f"`{name}` must be {problem['ctx']['expected']}, got {value!r}", name, hint)
     else:

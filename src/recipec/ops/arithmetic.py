@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..diagnostics import Note
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
@@ -42,6 +42,23 @@ class Combine(Op):
             "chat", description="where special-token embedding rows come from when vocabularies differ")
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
             "auto", description="output dtype; auto keeps the first model's")
+        overrides: list[str] = Field(
+            [], description='per-tensor factors on the delta part, as "pattern=factor" (fnmatch patterns, '
+                            'first match wins; 0 keeps the first model\'s tensor), e.g. ["lm_head.*=0.5"]')
+        shard_size: int = Field(5 * 10**9, gt=0, description="the largest shard in bytes, e.g. 2G")
+
+        @field_validator("overrides")
+        @classmethod
+        def _overrides_parse(cls, value: list[str]) -> list[str]:
+            for item in value:
+                pattern, sep, factor = item.rpartition("=")
+                try:
+                    float(factor)
+                except ValueError:
+                    sep = ""
+                if not sep or not pattern:
+                    raise ValueError(f'{item!r} is not "pattern=factor"')
+            return value
 
     internal = frozenset({"coefficients"})
 
@@ -70,7 +87,7 @@ class Combine(Op):
             return ctx.error("E303", f"`{first.label}` and `{other.label}` have different architectures: "
                                      f"{diff.first()}{more}", "expr",
                              "combine only models of one architecture, e.g. a fine-tune and its base", notes)
-        return Type(kind, _output_signature(first.type.signature, params.dtype))
+        return Type(kind, output_signature(first.type.signature, params.dtype))
 
     @classmethod
     def cost(cls, inputs, params, out):
@@ -84,7 +101,7 @@ class Combine(Op):
                     flops=2 * len(inputs) * sig.params)
 
 
-def _output_signature(sig: Signature, dtype: str) -> Signature:
+def output_signature(sig: Signature, dtype: str) -> Signature:
     if dtype == "auto":
         return sig
     code = DTYPE_CODES[dtype]

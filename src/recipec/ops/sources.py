@@ -16,12 +16,16 @@ from pydantic import Field
 from .. import arch as archs
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type
 from ..store import hub
-from ..store.model_dir import ModelDirError, read_config, read_model_dir
+from ..store.model_dir import ModelDirError, ModelFiles, read_config, read_model_dir
 from .base import Context, Cost, Op, Params, register
 
 def signature_of_dir(root: Path) -> Signature:
     """The signature of a local model directory, from config.json and safetensors headers."""
-    files = read_model_dir(root)
+    return signature_of_files(read_model_dir(root))
+
+
+def signature_of_files(files: ModelFiles) -> Signature:
+    """The signature of a model directory already read."""
     tensors = {name: (t.dtype, t.shape) for name, t in files.tensors.items()}
     config = files.config
     tied = "lm_head.weight" not in tensors and bool(config.get("tie_word_embeddings", True))

@@ -1,0 +1,207 @@
+"""The streaming rule for `combine`: Σ c_i·m_i, tensor by tensor, chunk by chunk, in fp32.
+
+Each output tensor is computed in chunks of `STREAM_CHUNK_ELEMENTS` straight from the memory-mapped
+inputs into its place in the output mapping: the first input is copied into a preallocated fp32
+buffer and scaled, every other input is added with its coefficient (fp32 accumulation), and the sum
+is cast to the output dtype on the way out. Chunks are fixed by the tensor's size alone and every
+torch op here is elementwise on one thread, so the bytes never depend on how many threads ran.
+
+Per-tensor policies: `norms="keep"` keeps the first model's norm weights; `embeddings` decides the
+vocabulary tensors when vocabularies differ ("keep" the first model's rows, or "overlap": combine the
+rows all models share, keep the first model's extra rows); `special_tokens="chat"` then takes the
+special tokens' rows from the chat model (the leaf with the largest positive coefficient after the
+first), as the chat-vector method intends. A tied model's output projection is its input embedding;
+the output ties, or not, as the first model does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .. import arch
+from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature
+from ..ops.sources import signature_of_files
+from ..store.tensors import ModelReader, ModelWriter, OutTensor, model_digest, tensor_digest
+from . import rule
+from .job import Job, RunFailure
+from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
+
+_TIED_SOURCES = ("model.embed_tokens.weight", "transformer.wte.weight")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made: which inputs, which coefficients, which rows."""
+
+    name: str
+    sources: tuple[str | None, ...]  # per input, the tensor name to read (None: input lacks it)
+    coefficients: tuple[float, ...]
+    rows: int | None = None  # combine only the first `rows` rows; the rest come from the first model
+    row_overrides: tuple[tuple[int, int], ...] = ()  # (row, input index) copied verbatim
+
+
+def _source_name(files, name: str) -> str | None:
+    if name in files.tensors:
+        return name
+    if name == "lm_head.weight":  # a tied model's output projection is its input embedding
+        return next((t for t in _TIED_SOURCES if t in files.tensors), None)
+    return None
+
+
+def _override_factor(name: str, overrides: list[str]) -> float | None:
+    for item in overrides:
+        pattern, _, value = item.rpartition("=")
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(value)
+    return None
+
+
+def tensor_plans(job: Job, out: list[OutTensor]) -> list[TensorPlan]:
+    """Decide, for every output tensor, where its values come from; raises RunFailure on misfit inputs."""
+    params = job.node.params
+    coefficients = list(params["coefficients"])
+    inputs = [a.files for a in job.inputs]
+    first = inputs[0]
+    vocab_names = set(arch_vocab_tensors(first.config))
+    chat = chat_leaf(job)
+    special_rows = sorted(tokenizer_rows(job.inputs[chat].path, special=True)) if chat is not None else []
+    plans, tokens_checked = [], False
+    for t in out:
+        sources = tuple(_source_name(f, t.name) for f in inputs)
+        missing = [job.inputs[i].path for i, s in enumerate(sources) if s is None]
+        if missing:
+            raise RunFailure("E502", f"`{t.name}` is missing from {missing[0]}",
+                             "the inputs' weights no longer match what the plan read; re-run `recipec check`")
+        shapes = [f.tensors[s].shape for f, s in zip(inputs, sources)]
+        keep_first = ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
+                      or (params["embeddings"] == "keep" and t.name in vocab_names and len(set(shapes)) > 1))
+        coeffs = tuple(coefficients)
+        factor = _override_factor(t.name, params.get("overrides", []))
+        if factor is not None:
+            coeffs = (coeffs[0] + (1 - factor) * sum(coeffs[1:]),) + tuple(c * factor for c in coeffs[1:])
+        if keep_first:
+            plans.append(TensorPlan(t.name, sources, (1.0,) + (0.0,) * (len(inputs) - 1)))
+            continue
+        rows = None
+        if len(set(shapes)) > 1:
+            if not (params["embeddings"] == "overlap" and t.name in vocab_names
+                    and len({s[1:] for s in shapes}) == 1):
+                raise RunFailure("E502", f"`{t.name}` has shapes {[list(s) for s in shapes]} across the inputs",
+                                 "the inputs changed since the plan was checked; re-run `recipec check`")
+            rows = min(s[0] for s in shapes)
+            if not tokens_checked:
+                mismatch = check_shared_tokens(job, rows)
+                if mismatch:
+                    raise RunFailure("E503", f"the vocabularies disagree on shared rows: {mismatch}",
+                                     'embeddings="overlap" needs the first rows to be the same tokens in every '
+                                     'model; use embeddings="keep", or align the tokenizers first')
+                tokens_checked = True
+        overrides = ()
+        if rows is not None and params["special_tokens"] == "chat" and chat is not None:
+            overrides = tuple((r, chat) for r in special_rows if r < rows)
+        plans.append(TensorPlan(t.name, sources, coeffs, rows, overrides))
+    return plans
+
+
+def arch_vocab_tensors(config: dict) -> tuple[str, ...]:
+    try:
+        return arch.vocab_tensors(config)
+    except ValueError:  # an architecture recipec has no table for: vocabulary tensors by name
+        return ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
+
+
+class _Kernel:
+    """Per-thread fp32 buffers, reused for every chunk: the fast path on this CPU (FACTS.md)."""
+
+    def __init__(self) -> None:
+        self.acc = torch.empty(STREAM_CHUNK_ELEMENTS, dtype=torch.float32)
+        self.tmp = torch.empty(STREAM_CHUNK_ELEMENTS, dtype=torch.float32)
+
+    def combine(self, out: torch.Tensor, parts: list[torch.Tensor], coefficients: tuple[float, ...]) -> None:
+        """out = Σ c_i·parts_i over flat tensors, chunk by chunk, accumulating in fp32."""
+        n = out.numel()
+        live = [(p, c) for p, c in zip(parts, coefficients) if c != 0.0] or [(parts[0], 0.0)]
+        for start in range(0, n, STREAM_CHUNK_ELEMENTS):
+            end = min(n, start + STREAM_CHUNK_ELEMENTS)
+            acc, tmp = self.acc[: end - start], self.tmp[: end - start]
+            (first, c0), rest = live[0], live[1:]
+            acc.copy_(first[start:end])
+            if c0 != 1.0:
+                acc.mul_(c0)
+            for part, c in rest:
+                tmp.copy_(part[start:end])
+                acc.add_(tmp, alpha=c)
+            out[start:end].copy_(acc)
+
+
+def _compute(plan: TensorPlan, readers: list[ModelReader], writer: ModelWriter, kernel: _Kernel) -> None:
+    out = writer.tensor(plan.name)
+    parts = [r.tensor(s) for r, s in zip(readers, plan.sources)]
+    if plan.rows is None:
+        kernel.combine(out.reshape(-1), [p.reshape(-1) for p in parts], plan.coefficients)
+    else:
+        shared = [p[: plan.rows].reshape(-1) for p in parts]
+        kernel.combine(out[: plan.rows].reshape(-1), shared, plan.coefficients)
+        if out.shape[0] > plan.rows:
+            out[plan.rows:].copy_(parts[0][plan.rows:])
+    for row, source in plan.row_overrides:
+        out[row].copy_(parts[source][row])
+
+
+def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], compute, shard_size: int) -> str:
+    """Run `compute(plan, readers, writer, kernel)` for every tensor on the job's threads; returns the digest."""
+    readers = [ModelReader(a.files) for a in job.inputs]
+    writer = ModelWriter(job.out, out, shard_size)
+    local = threading.local()
+    entries: dict[str, tuple] = {}
+    dtypes = {t.name: t for t in out}
+
+    def one(plan: TensorPlan) -> None:
+        if job.cancelled.is_set():
+            return
+        if not hasattr(local, "kernel"):
+            local.kernel = _Kernel()
+        compute(plan, readers, writer, local.kernel)
+        t = dtypes[plan.name]
+        entries[plan.name] = tensor_digest(t.name, t.dtype, t.shape, writer.raw(t.name))
+        job.progress(t.nbytes)
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
+    try:
+        # Largest tensors first, so the last ones to finish are small and the threads end together.
+        order = sorted(plans, key=lambda p: -dtypes[p.name].nbytes)
+        with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
+            for future in [pool.submit(one, p) for p in order]:
+                future.result()
+        if job.cancelled.is_set():
+            raise KeyboardInterrupt
+        writer.finish()
+    finally:
+        torch.set_num_threads(previous_threads)
+        writer.close()
+        for r in readers:
+            r.close()
+    return model_digest(list(entries.values()))
+
+
+def output_tensors(job: Job) -> list[OutTensor]:
+    """The output's tensors: the node's signature (the first model's names and shapes, output dtype)."""
+    sig = job.node.type.signature
+    if sig is None:  # a hub input resolved only now: the first model decides, as check would have
+        sig = output_signature(signature_of_files(job.inputs[0].files), job.node.params["dtype"])
+    return [OutTensor(t.name, t.dtype, t.shape) for t in sig.tensors]
+
+
+@rule("combine")
+def build_combine(job: Job) -> str:
+    out = output_tensors(job)
+    plans = tensor_plans(job, out)
+    digest = stream_tensors(job, out, plans, _compute, shard_size=job.node.params["shard_size"])
+    copy_model_files(job, out)
+    return digest

@@ -1,0 +1,132 @@
+"""Everything in a model directory besides the weights: config, generation config, tokenizer, chat template.
+
+Default rules for a combination: the first model's config (its dtype updated to the output's) and
+tokenizer; when a chat model takes part (the leaf with the largest positive coefficient after the
+first), its chat template and its end-of-sequence tokens, because that is the behaviour the chat
+vector carries. Only data files are copied: never Python files, so no remote code can travel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..store.tensors import OutTensor, write_json
+from .job import Job
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+_TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _chat_leaf(coefficients: list[float]) -> int | None:
+    best = max(range(1, len(coefficients)), key=lambda i: coefficients[i], default=None)
+    return best if best is not None and coefficients[best] > 0 else None
+
+
+def chat_leaf(job: Job) -> int | None:
+    """Which input is the chat model of a chat-vector combination, if any."""
+    coefficients = job.node.params.get("coefficients")
+    return _chat_leaf(list(coefficients)) if coefficients else None
+
+
+def copy_model_files(job: Job, out: list[OutTensor]) -> None:
+    """Config, generation config, tokenizer and chat template for a combined model."""
+    first = job.inputs[0].path
+    config = dict(job.inputs[0].files.config)
+    dtypes = {t.dtype for t in out}
+    dominant = max(dtypes, key=lambda d: sum(t.nbytes for t in out if t.dtype == d)) if dtypes else None
+    if dominant in _TORCH_DTYPE_NAMES:
+        config["dtype"] = _TORCH_DTYPE_NAMES[dominant]
+        config.pop("torch_dtype", None)
+    write_json(job.out / "config.json", config)
+    for name in TOKENIZER_FILES:
+        if (first / name).is_file():
+            shutil.copyfile(first / name, job.out / name)
+    generation = _read_json(first / "generation_config.json")
+    chat = chat_leaf(job)
+    if chat is not None:
+        _carry_chat_behaviour(job.inputs[chat].path, job.out, generation)
+    elif generation is not None:
+        write_json(job.out / "generation_config.json", generation)
+
+
+def _carry_chat_behaviour(chat_dir: Path, out: Path, generation: dict | None) -> None:
+    chat_generation = _read_json(chat_dir / "generation_config.json")
+    if chat_generation is not None:
+        generation = dict(generation or {})
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if key in chat_generation:
+                generation[key] = chat_generation[key]
+    if generation is not None:
+        write_json(out / "generation_config.json", generation)
+    if (chat_dir / "chat_template.jinja").is_file():
+        shutil.copyfile(chat_dir / "chat_template.jinja", out / "chat_template.jinja")
+    chat_config = _read_json(chat_dir / "tokenizer_config.json") or {}
+    ours = _read_json(out / "tokenizer_config.json")
+    if ours is not None:
+        for key in ("chat_template", "eos_token"):
+            if key in chat_config:
+                ours[key] = chat_config[key]
+        write_json(out / "tokenizer_config.json", ours)
+
+
+def tokenizer_vocab(model_dir: Path) -> dict[int, str] | None:
+    """id -> token string from tokenizer.json (model vocabulary plus added tokens), or None."""
+    data = _read_json(model_dir / "tokenizer.json")
+    if data is None:
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    table: dict[int, str] = {}
+    if isinstance(vocab, dict):
+        table.update({i: tok for tok, i in vocab.items() if isinstance(i, int)})
+    elif isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        table.update({i: entry[0] for i, entry in enumerate(vocab) if isinstance(entry, list) and entry})
+    for added in data.get("added_tokens") or []:
+        if isinstance(added, dict) and isinstance(added.get("id"), int):
+            table[added["id"]] = added.get("content", "")
+    return table
+
+
+def tokenizer_rows(model_dir: Path, special: bool) -> set[int]:
+    """Ids of a tokenizer's special tokens (added tokens marked special, and bos/eos/unk/pad)."""
+    data = _read_json(model_dir / "tokenizer.json") or {}
+    rows = {a["id"] for a in data.get("added_tokens") or []
+            if isinstance(a, dict) and isinstance(a.get("id"), int) and (a.get("special") or not special)}
+    vocab = {tok: i for i, tok in (tokenizer_vocab(model_dir) or {}).items()}
+    config = _read_json(model_dir / "tokenizer_config.json") or {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str) and token in vocab:
+            rows.add(vocab[token])
+    return rows
+
+
+def check_shared_tokens(job: Job, rows: int) -> str | None:
+    """None when every input's tokenizer gives the same token for each shared row; else what differs.
+
+    Equal shapes do not prove equal vocabularies: a row must mean the same token in every model for
+    arithmetic on it to mean anything. Inputs without tokenizer.json cannot be checked and are skipped.
+    """
+    tables = [(a.path, tokenizer_vocab(a.path)) for a in job.inputs]
+    tables = [(p, t) for p, t in tables if t is not None]
+    if len(tables) < 2:
+        return None
+    (first_path, first), rest = tables[0], tables[1:]
+    for path, table in rest:
+        for row in range(rows):
+            if first.get(row) != table.get(row):
+                return (f"row {row} is token {first.get(row)!r} in {first_path.name} "
+                        f"but {table.get(row)!r} in {path.name}")
+    return None

@@ -1,0 +1,89 @@
+"""Source rules: `init` builds seeded random weights; `load` and `hf` resolve to directories on disk.
+
+`init` builds the model with transformers' own initialization (the same weights a user would get from
+`from_config` under `torch.manual_seed(seed)`), then writes exactly the tensors `save_pretrained` would,
+through the canonical writer. Random initialization draws from one generator in a fixed order, so the
+weights do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import arch
+from ..ir.types import DTYPE_CODES
+from ..store import hub
+from ..store.tensors import ModelWriter, OutTensor, model_digest, tensor_digest, write_json
+from . import rule
+from .job import Job, RunFailure
+
+_AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
+
+
+def init_config(params: dict) -> dict:
+    """The config an `init` node builds, with its dtype."""
+    config = dict(params["config"]) if params.get("config") else arch.preset_config(params["arch"], params["size"])
+    config["dtype"] = params["dtype"]
+    return config
+
+
+@rule("init")
+def build_init(job: Job) -> str:
+    import transformers
+
+    params = job.node.params
+    config = init_config(params)
+    hf_config = transformers.AutoConfig.for_model(**config)
+    auto = getattr(transformers, _AUTO_CLASS[config["model_type"]])
+    torch.manual_seed(params["seed"])
+    model = auto.from_config(hf_config, dtype=torch.float32)
+    state = model.state_dict()
+    dtype = DTYPE_CODES[params["dtype"]]
+    shapes = arch.tensor_shapes(config)
+    writer = ModelWriter(job.out, [OutTensor(n, dtype, s) for n, s in shapes.items()], shard_size=5 * 10**9)
+    try:
+        entries = []
+        for name in shapes:
+            writer.tensor(name).copy_(state[name])
+            entries.append(tensor_digest(name, dtype, shapes[name], writer.raw(name)))
+            job.progress(writer.raw(name).nbytes)
+        writer.finish()
+    finally:
+        writer.close()
+    write_json(job.out / "config.json", config)
+    return model_digest(entries)
+
+
+def resolve_hub(repo_id: str, revision: str | None, offline: bool) -> tuple[Path, str]:
+    """(snapshot directory, commit) of a hub model: from the local cache, or downloaded unless offline."""
+    cached = hub.cached_snapshot(repo_id, revision)
+    if cached is not None:
+        return cached
+    if offline:
+        raise RunFailure("E501", f"{repo_id}@{revision or 'main'} is not in the local hub cache and --offline is set",
+                         "run `recipec lock` without --offline once, or download it with `hf download`")
+    import huggingface_hub
+
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"])
+    except Exception as err:  # network, auth, missing repo: all are a failed input, said plainly
+        raise RunFailure("E501", f"cannot fetch {repo_id}@{revision or 'main'}: {err}",
+                         "check the id, the revision and your access to the hub") from None
+    snapshot = Path(path)
+    return snapshot, snapshot.name
+
+
+def write_config(directory: Path, config: dict) -> None:
+    write_json(directory / "config.json", config)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None

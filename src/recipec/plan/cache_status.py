@@ -1,0 +1,53 @@
+"""Which nodes the cache already holds, decided without reading a weight or importing torch.
+
+A node's key needs its inputs' content digests: a built input's digest is in its cache object's
+metadata; a model directory's digest is remembered by file identity from an earlier run. Where a digest
+is not known, nothing downstream can be known to be cached, and the plan says "build".
+"""
+
+from __future__ import annotations
+
+from ..ir.graph import Graph, Node
+from ..ops import REGISTRY
+from ..ops.base import cache_key
+from ..store.cache import Cache, file_identity
+from ..store.hub import cached_snapshot
+from ..store.model_dir import ModelDirError, read_model_dir
+from ..toolchain import toolchain_versions
+from pathlib import Path
+
+
+def _input_dir(node: Node) -> Path | None:
+    if node.op == "load":
+        return Path(node.params["path"])
+    if node.op == "hf":
+        found = cached_snapshot(node.params["id"], node.params.get("revision"))
+        return found[0] if found else None
+    return None
+
+
+def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
+    """Ids of the nodes whose results are in the cache."""
+    versions = toolchain_versions()
+    known = cache.known_digests()
+    digests: dict[int, str] = {}
+    cached: set[int] = set()
+    for node in graph.reachable():
+        if not REGISTRY[node.op].builds:
+            root = _input_dir(node)
+            try:
+                files = read_model_dir(root) if root else None
+            except ModelDirError:
+                files = None
+            if files is not None:
+                digest = known.get("|".join(file_identity(p) for p in files.files))
+                if digest:
+                    digests[node.id] = digest
+            continue
+        if not all(i.id in digests for i in node.inputs):
+            continue
+        entry = cache.lookup(cache_key(node, [digests[i.id] for i in node.inputs], versions))
+        if entry is not None:
+            digests[node.id] = entry.digest
+            cached.add(node.id)
+    return cached

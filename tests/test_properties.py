@@ -1,0 +1,445 @@
+"""Property tests for the front end: the compiler answers any input with diagnostics, never a traceback,
+and `recipec fmt` is idempotent and keeps the AST.
+
+* Random text, random bytes, token soups and mutated valid recipes go through `syntax.parse` and
+  `ir.lower.lower_file`: only RecipeError may come out, every diagnostic has a registered code and a
+  span inside its text, and renders as text and as JSON.
+* Well-formed programs over the real ops (names bound before use) go through `lower_file` the same way.
+* Valid recipes from a small grammar strategy (calls, kwargs, lists, arithmetic with parentheses,
+  numbers with suffixes, strings with escapes and unicode, comments on their own lines, trailing and
+  inside multi-line brackets, blank lines, CRLF) check `format_recipe`: parse(fmt(x)) == parse(x),
+  fmt(fmt(x)) == fmt(x), every comment kept, and the output is text a file can hold (UTF-8).
+* Known crashers, as concrete regression inputs.
+
+`benchmarks/fuzz_recipes.py` runs the same checks over many more inputs, through the CLI as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recipec.codes import CODES
+from recipec.diagnostics import RecipeError, render_all, to_json
+from recipec.ir.lower import lower_file
+from recipec.syntax import parse
+from recipec.syntax.format import format_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = (ROOT / "examples" / "quickstart.rcp").read_text(encoding="utf-8")
+
+def fast(max_examples: int) -> settings:
+    """Small example counts and no deadline: the whole file runs in seconds, and timing noise never fails it."""
+    return settings(max_examples=max_examples, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+SEEDS = [
+    QUICKSTART,
+    'recipec 1\n'
+    'use "lib.rcp"   # brings `shared` into scope\n'
+    '\n'
+    '# two toy models\n'
+    'base = init("llama", size="tiny", seed=1)\n'
+    'chat = init("llama", size="tiny", seed=2)\n'
+    'delta = chat - base\n'
+    'model = combine(\n'
+    '    base + 0.5*delta,   # half the chat vector\n'
+    '    embeddings="overlap",\n'
+    '    norms="keep",\n'
+    ')\n'
+    'corpus = text("data/*.txt", field="text")\n'
+    'export model to "out/m"  # trailing\n'
+    'export shared to "out/shared" as hf\n',
+    'recipec 1  # ヘッダー\n'
+    '# λ — “quotes” 🦙\n'
+    'a = init("gpt2", size="tiny", seed=1_000)\n'
+    'b = init("gpt2", size="tiny", seed=2, dtype="bfloat16")\n'
+    'm = 0.25*a + .75*b\n'
+    'n = (a + b)/2\n'
+    'k = [1, 2.5, 1e9, 100M, 2B, 1.5T, 500K, 1e-5, -3, +4,]\n'
+    's = ["caf\\u00e9", "tab\\there", "quote\\"q", "back\\\\slash", "λ中🦙"]\n'
+    'export m to "out/\\u00e9"\n'
+    'export n to "out/n"\n',
+    'recipec 1\n'
+    'x = load("models/none")\n'
+    'h = hf("org/name", revision="main")\n'
+    'z = combine(x - "org/name" + (x), dtype="float16")\n'
+    'w = -(-x) + 2*(x - x/1) - 0*x\n'
+    'deep = [[1, [2, [3]]], [], ["a", true, false]]\n'
+    'export z to "out/z"\n'
+    'export w to "out/w.onnx"\n',
+]
+
+KEYWORDS = {"recipec", "export", "to", "as", "use", "true", "false"}
+TOKENS = sorted(KEYWORDS) + [
+    "a", "b", "x", "_", "init", "combine", "load", "hf", "text", "chat", "size", "seed", "dtype", "embeddings",
+    "0", "1", "0.8", ".5", "1e9", "1E-5", "100M", "2B", "1.5T", "1_000", "1e400", "00",
+    '"llama"', '"tiny"', '"out/m"', '"lib.rcp"', '""', '"\\u00e9"', '"\\q"', '"a\\"b"', '"λ🦙"',
+    "(", ")", "[", "]", ",", "=", "+", "-", "*", "/", "#", '"', "\n", " ", "\t", "\r\n", ".", "recipec 1",
+]
+ODD = ["\x00", "\ufeff", "\u200b", "\u2028", "\u0085", "\u202e", "\xa0", "\x0b", "\x0c", "\x7f", "\ufffd", "\u0301",
+       "é", "λ", "中", "🦙", "\u0661", "\uff11", "\r"]
+TOKEN_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?[KMGBT]?|\.\d+|[A-Za-z_]\w*'
+                      r'|\r?\n|[ \t]+|.', re.S)
+
+
+# --- the compiler, and what its answers must look like ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    """A scratch directory (on a tmpfs when there is one) with files recipes can `use` and glob."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="recipec-props-", dir=base))
+    (root / "data").mkdir()
+    (root / "data" / "a.txt").write_text("hello\n")
+    (root / "lib.rcp").write_text('recipec 1\nshared = init("llama", size="tiny", seed=7)\n')
+    (root / "bad.rcp").write_text("recipec 1\nx = (\n")
+    saved = os.environ.get("HF_HUB_CACHE")
+    os.environ["HF_HUB_CACHE"] = str(root / "hub-cache")  # never the machine's real cache
+    yield root
+    if saved is None:
+        os.environ.pop("HF_HUB_CACHE", None)
+    else:
+        os.environ["HF_HUB_CACHE"] = saved
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def check_diagnostics(diagnostics) -> None:
+    for d in diagnostics:
+        assert d.code in CODES, d
+        for span in [d.span] + [n.span for n in d.notes]:
+            if span is not None:
+                assert 0 <= span.start <= span.end <= len(span.source.text), (d.code, d.message, span.start, span.end)
+    render_all(diagnostics)
+    render_all(diagnostics, color=True)
+    json.loads(to_json(diagnostics))
+
+
+def compile_only_recipe_errors(data: str | bytes, workdir: Path) -> None:
+    """Parse and lower `data`: success or RecipeError with well-formed diagnostics, nothing else."""
+    raw = data.encode("utf-8", errors="surrogatepass") if isinstance(data, str) else data
+    text = raw.decode("utf-8", errors="replace")  # what parse_file reads from the file
+    try:
+        parse(text)
+    except RecipeError as err:
+        assert err.diagnostics
+        check_diagnostics(err.diagnostics)
+    path = workdir / "prop.rcp"
+    path.write_bytes(raw)
+    try:
+        program = lower_file(path)
+    except RecipeError as err:
+        assert err.diagnostics
+        check_diagnostics(err.diagnostics)
+    else:
+        check_diagnostics(program.diagnostics)
+
+
+# --- junk in: diagnostics out ------------------------------------------------------------------------------
+
+junk_chars = st.one_of(
+    st.sampled_from(list('abxyz_019 =+-*/()[],."#\n\t\\eEMKB')),
+    st.sampled_from(ODD),
+    st.characters(codec="utf-8"),
+)
+maybe_header = st.sampled_from(["", "recipec 1\n", "recipec 1\n"])
+
+
+@fast(150)
+@given(maybe_header, st.text(junk_chars, max_size=120))
+def test_random_text_only_raises_recipe_errors(workdir, header, body):
+    compile_only_recipe_errors(header + body, workdir)
+
+
+@fast(80)
+@given(st.sampled_from([b"", b"recipec 1\n"]), st.binary(max_size=120))
+def test_random_bytes_only_raise_recipe_errors(workdir, header, body):
+    compile_only_recipe_errors(header + body, workdir)
+
+
+@fast(150)
+@given(maybe_header, st.lists(st.sampled_from(TOKENS), max_size=40), st.sampled_from(["", " "]))
+def test_token_soup_only_raises_recipe_errors(workdir, header, tokens, sep):
+    compile_only_recipe_errors(header + sep.join(tokens), workdir)
+
+
+@st.composite
+def mutated_recipes(draw) -> str:
+    seed = draw(st.sampled_from(SEEDS))
+    by_tokens = draw(st.booleans())
+    units = TOKEN_RE.findall(seed) if by_tokens else list(seed)
+    pool = st.sampled_from(TOKENS) if by_tokens else st.one_of(st.sampled_from(list('()[],=+-*/#"\n .e_1a')),
+                                                               st.sampled_from(ODD))
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(st.sampled_from(["insert", "delete", "replace", "duplicate", "swap"]))
+        i = draw(st.integers(0, len(units)))
+        if op == "insert" or not units:
+            units.insert(i, draw(pool))
+        elif op == "delete":
+            del units[i:i + draw(st.integers(1, 4))]
+        elif op == "replace":
+            units[min(i, len(units) - 1)] = draw(pool)
+        elif op == "duplicate":
+            j = draw(st.integers(i, min(len(units), i + 20)))
+            units[i:i] = units[i:j]
+        else:
+            j = draw(st.integers(0, len(units) - 1))
+            k = min(i, len(units) - 1)
+            units[j], units[k] = units[k], units[j]
+    text = "".join(units)
+    if draw(st.integers(0, 9)) == 0:
+        text = text.replace("\n", "\r\n")
+    return text
+
+
+@fast(200)
+@given(mutated_recipes())
+def test_mutated_recipes_only_raise_recipe_errors(workdir, text):
+    compile_only_recipe_errors(text, workdir)
+
+
+# --- well-formed programs over the real ops: past the parser, into lowering ----------------------------------
+
+PROGRAM_NUMBERS = ["0", "1", "2", "0.5", ".25", "1e9", "100M", "1.5T", "1_000", "1e-5", "1e400", "1e-400", "1/3"]
+PROGRAM_STRINGS = ['"llama"', '"gpt2"', '"bert"', '"tiny"', '"small"', '"huge"', '"float16"', '"bfloat16"',
+                   '"overlap"', '"keep"', '"add"', '"org/name"', '"data/*.txt"', '"lib.rcp"', '"out/m"', '""',
+                   '"."', '"\\u00e9"', '"\\u0000"', '"\\ud800"', '"λ"']
+OP_PARAMS = {
+    "init": ["size", "seed", "dtype", "config"],
+    "load": ["path"],
+    "hf": ["revision"],
+    "text": ["field"],
+    "chat": [],
+    "combine": ["embeddings", "norms", "special_tokens", "dtype"],
+    "nope": ["x"],
+}
+
+
+@st.composite
+def program_exprs(draw, names: tuple[str, ...], depth: int = 0) -> str:
+    kinds = ["atom", "atom", "call", "bin", "neg", "list"] if depth < 3 else ["atom"]
+    kind = draw(st.sampled_from(kinds))
+    if kind == "atom":
+        return draw(st.sampled_from(list(names) + PROGRAM_NUMBERS + PROGRAM_STRINGS + ["true", "false"]))
+    if kind == "bin":
+        op = draw(st.sampled_from("+-*/"))
+        return f"({draw(program_exprs(names, depth + 1))} {op} {draw(program_exprs(names, depth + 1))})"
+    if kind == "neg":
+        return f"-({draw(program_exprs(names, depth + 1))})"
+    if kind == "list":
+        return "[" + ", ".join(draw(st.lists(program_exprs(names, depth + 1), max_size=3))) + "]"
+    op = draw(st.sampled_from(sorted(OP_PARAMS)))
+    args = draw(st.lists(program_exprs(names, depth + 1), max_size=2))
+    keys = draw(st.lists(st.sampled_from(OP_PARAMS[op] + ["bogus"]), max_size=3, unique=True))
+    args += [f"{k}={draw(program_exprs(names, depth + 1))}" for k in keys]
+    return f"{op}({', '.join(args)})"
+
+
+@st.composite
+def programs(draw) -> str:
+    lines, names = ["recipec 1"], []
+    if draw(st.booleans()):
+        lines.append('use "lib.rcp"')
+        names.append("shared")
+    for i in range(draw(st.integers(1, 4))):
+        if draw(st.booleans()):  # a model, most of the time a good one
+            arch = draw(st.sampled_from(['"llama"', '"gpt2"', '"bert"']))
+            value = f"init({arch}, size=\"tiny\", seed={i})"
+        else:
+            value = draw(program_exprs(tuple(names)))
+        lines.append(f"v{i} = {value}")
+        names.append(f"v{i}")
+    for _ in range(draw(st.integers(0, 2))):
+        target = draw(st.sampled_from(PROGRAM_STRINGS))
+        fmt = draw(st.sampled_from(["", "", " as hf", " as onnx"]))
+        lines.append(f"export {draw(program_exprs(tuple(names)))} to {target}{fmt}")
+    return "\n".join(lines) + "\n"
+
+
+@fast(150)
+@given(programs())
+def test_programs_only_raise_recipe_errors(workdir, text):
+    compile_only_recipe_errors(text, workdir)
+
+
+# --- valid recipes: the formatter -----------------------------------------------------------------------------
+
+names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True).filter(lambda n: n not in KEYWORDS)
+comment_texts = st.text(st.characters(codec="utf-8", exclude_characters="\n"), max_size=12).map(lambda t: "#" + t)
+
+
+@st.composite
+def numbers(draw) -> str:
+    digits = st.text(st.sampled_from("0123456789"), min_size=1, max_size=4)
+    if draw(st.integers(0, 5)) == 0:
+        text = "." + draw(digits)
+    else:
+        text = draw(digits) + draw(st.text(st.sampled_from("0123456789_"), max_size=3))
+        if draw(st.booleans()):
+            text += "." + draw(st.text(st.sampled_from("0123456789"), max_size=3))
+    if draw(st.integers(0, 3)) == 0:
+        text += draw(st.sampled_from("eE")) + draw(st.sampled_from(["", "+", "-"])) + draw(digits)
+    if draw(st.integers(0, 3)) == 0:
+        text += draw(st.sampled_from("KMGBT"))
+    return text
+
+
+@st.composite
+def strings(draw, lone_surrogates: bool = False) -> str:
+    out = []
+    for ch in draw(st.text(st.characters(codec="utf-8"), max_size=8)):
+        how = draw(st.sampled_from(["raw", "raw", "raw", "escape"]))
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "\b\f\n\r\t" and how == "raw":
+            out.append(json.dumps(ch)[1:-1])
+        elif ord(ch) < 0x20 or how == "escape":
+            if ord(ch) > 0xFFFF:  # a surrogate pair
+                hi, lo = divmod(ord(ch) - 0x10000, 0x400)
+                out.append(f"\\u{0xD800 + hi:04x}\\u{0xDC00 + lo:04X}")
+            else:
+                out.append(f"\\u{ord(ch):04x}" if draw(st.booleans()) else f"\\u{ord(ch):04X}")
+        elif ch == "/" and draw(st.booleans()):
+            out.append("\\/")
+        else:
+            out.append(ch)
+    if lone_surrogates and draw(st.booleans()):
+        out.insert(draw(st.integers(0, len(out))), f"\\u{draw(st.integers(0xD800, 0xDFFF)):04x}")
+    return '"' + "".join(out) + '"'
+
+
+def _gap(draw, multiline: bool) -> str:
+    """Whitespace between two tokens; inside brackets it may end a line, after a comment."""
+    if multiline and draw(st.integers(0, 4)) == 0:
+        comment = draw(st.sampled_from(["", " "])) + draw(comment_texts) if draw(st.booleans()) else ""
+        return comment + "\n" + draw(st.sampled_from(["", "  ", "    ", "\t"]))
+    return draw(st.sampled_from(["", " ", " ", "  ", "\t"]))
+
+
+@st.composite
+def exprs(draw, depth: int = 0, multiline: bool = False, lone_surrogates: bool = False) -> tuple[str, int]:
+    """(text, precedence): 4 atom, 3 unary, 2 product, 1 sum."""
+    kinds = ["atom", "atom", "bin", "unary", "paren", "call", "list"] if depth < 4 else ["atom"]
+    kind = draw(st.sampled_from(kinds))
+    sub = lambda ml: exprs(depth + 1, ml, lone_surrogates)  # noqa: E731
+    if kind == "atom":
+        atom = draw(st.one_of(numbers(), strings(lone_surrogates), names, st.sampled_from(["true", "false"])))
+        return atom, 4
+    if kind == "unary":
+        operand, prec = draw(sub(multiline))
+        operand = f"({operand})" if prec < 3 else operand
+        return draw(st.sampled_from(["-", "-", "+"])) + draw(st.sampled_from(["", " "])) + operand, 3
+    if kind == "bin":
+        op = draw(st.sampled_from("+-*/"))
+        p = 1 if op in "+-" else 2
+        (left, lp), (right, rp) = draw(sub(multiline)), draw(sub(multiline))
+        left = f"({left})" if lp < p else left
+        right = f"({right})" if rp <= p else right
+        return left + _gap(draw, multiline) + op + _gap(draw, multiline) + right, p
+    if kind == "paren":
+        inner, _ = draw(sub(True))
+        return "(" + _gap(draw, True) + inner + _gap(draw, True) + ")", 4
+    items = [draw(sub(True))[0] for _ in range(draw(st.integers(0, 3)))]
+    if kind == "call":
+        for _ in range(draw(st.integers(0, 2))):
+            pos = draw(st.integers(0, len(items)))  # keywords may come before positionals: the AST sorts them
+            items.insert(pos, draw(names) + draw(st.sampled_from(["=", " = "])) + draw(sub(True))[0])
+    sep = [draw(st.sampled_from([",", ", ", " , "])) + _gap(draw, True) for _ in items]
+    body = "".join(item + s for item, s in zip(items, sep))
+    if items and draw(st.booleans()):  # no trailing comma
+        body = body[: len(body) - len(sep[-1])]
+    opener, closer = ("(", ")") if kind == "call" else ("[", "]")
+    head = draw(names) if kind == "call" else ""
+    return head + opener + _gap(draw, True) + body + _gap(draw, True) + closer, 4
+
+
+@st.composite
+def valid_recipes(draw, lone_surrogates: bool = False) -> str:
+    expr = exprs(lone_surrogates=lone_surrogates).map(lambda e: e[0])
+    line_comment = st.sampled_from(["", " ", "  ", "\t"]).flatmap(lambda ws: comment_texts.map(lambda c: ws + c))
+    lines = []
+    for _ in range(draw(st.integers(0, 2))):  # before the header
+        lines.append(draw(st.sampled_from(["", "  "])) if draw(st.booleans()) else draw(comment_texts))
+    header = draw(st.sampled_from(["", " "])) + "recipec" + draw(st.sampled_from([" ", "  ", "\t"])) + "1"
+    lines.append(header + (draw(line_comment) if draw(st.integers(0, 3)) == 0 else ""))
+    for _ in range(draw(st.integers(0, 6))):
+        for _ in range(draw(st.integers(0, 2))):  # blank lines and comment lines between statements
+            lines.append(draw(st.sampled_from(["", " ", "\t"])) if draw(st.booleans())
+                         else draw(st.sampled_from(["", "  "])) + draw(comment_texts))
+        kind = draw(st.sampled_from(["assign", "assign", "assign", "export", "use"]))
+        indent = draw(st.sampled_from(["", "", " ", "\t"]))
+        if kind == "assign":
+            stmt = draw(names) + draw(st.sampled_from([" = ", "=", "  =  "])) + draw(expr)
+        elif kind == "export":
+            stmt = f"export {draw(expr)} to {draw(strings(lone_surrogates))}"
+            if draw(st.booleans()):
+                stmt += f" as {draw(names)}"
+        else:
+            stmt = f"use {draw(strings(lone_surrogates))}"
+        if draw(st.integers(0, 3)) == 0:
+            stmt += draw(line_comment)
+        lines.append(indent + stmt)
+    for _ in range(draw(st.integers(0, 2))):  # after the last statement
+        lines.append(draw(st.sampled_from(["", "# end", "  # end"])))
+    newline = draw(st.sampled_from(["\n", "\n", "\n", "\r\n"]))
+    return newline.join(lines) + draw(st.sampled_from([newline, newline, ""]))
+
+
+def comment_texts_of(recipe) -> list[str]:
+    return sorted(c.text for c in recipe.comments)
+
+
+@fast(250)
+@given(valid_recipes())
+def test_format_is_idempotent_and_keeps_the_ast(text):
+    recipe = parse(text)  # the strategy only makes valid recipes: a RecipeError here is a bug in one of us
+    once = format_recipe(recipe)
+    reparsed = parse(once)
+    assert reparsed == recipe, once
+    assert format_recipe(reparsed) == once
+    assert comment_texts_of(reparsed) == comment_texts_of(recipe), once
+
+
+@fast(100)
+@given(valid_recipes(lone_surrogates=True))
+def test_format_output_is_utf8_text(text):
+    # `recipec fmt` writes its output to a UTF-8 file: a `"\ud800"` escape must not become a raw surrogate.
+    format_recipe(parse(text)).encode("utf-8")
+
+
+# --- known crashers ----------------------------------------------------------------------------------------
+
+TWO_MODELS = 'a = init("llama", size="tiny", seed=1)\nb = init("llama", size="tiny", seed=2)\n'
+CRASHERS = {
+    # a non-integer number too big for a float, passed as a parameter (lower.py `_python`)
+    "float-overflow-param": 'recipec 1\nx = init("llama", size="tiny", seed=1e400+0.5)\n',
+    # ...or as a coefficient of a combination whose weights do sum to 1 (lower.py `combine`)
+    "float-overflow-coefficient": f'recipec 1\n{TWO_MODELS}export 1e400*a + (1 - 1e400)*b to "out"\n',
+    # export paths are resolved without checking they are paths (lower.py `_export`)
+    "nul-in-export-path": f'recipec 1\n{TWO_MODELS}export a to "\\u0000"\n',
+    "surrogate-in-export-path": f'recipec 1\n{TWO_MODELS}export a to "\\ud800"\n',
+    # hub revisions become file names unchecked (store/hub.py `cached_snapshot`)
+    "nul-in-hf-revision": 'recipec 1\nx = hf("org/name", revision="\\u0000")\nexport x to "out"\n',
+    # nesting a few hundred deep overflows the Python stack in the AST builder (parser.py `_parse_statement`)
+    "300-deep-list": "recipec 1\nx = " + "[" * 300 + "1" + "]" * 300 + "\n",
+    "500-term-sum": "recipec 1\nx = " + " + ".join(["1"] * 500) + "\n",
+    "500-deep-parens": "recipec 1\nx = " + "(" * 500 + "1" + ")" * 500 + "\n",
+}
+
+
+@pytest.mark.parametrize("text", list(CRASHERS.values()), ids=list(CRASHERS))
+def test_known_crashers_only_raise_recipe_errors(workdir, text):
+    compile_only_recipe_errors(text, workdir)
+
+
+def test_format_keeps_escaped_lone_surrogates_writable():
+    format_recipe(parse('recipec 1\nx = "\\ud800"\n')).encode("utf-8")

@@ -32,7 +32,7 @@ import hashlib
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -118,7 +118,7 @@ def task_arithmetic(
     weights scale the task vectors, λ is folded into them). A chat vector is the one-model case.
     """
     _check(name, models, weights, base, base_rule="required", method="task_arithmetic")
-    delta = _weighted_sum([m - base for m in models], weights)
+    delta = _weighted_sum((m - base for m in models), weights)
     if normalize:
         delta.div_(_weight_total(weights, name, "task_arithmetic"))
     return delta.add_(base)
@@ -155,7 +155,7 @@ def ties(
 
     # w_i·τ̂_i for each model; the election and the merge both work on these weighted, trimmed vectors.
     scaled = [_trim_to_top_k(m - base, keep).mul_(w) for m, w in zip(models, weights)]
-    positive = _weighted_sum(scaled, [1.0] * len(scaled)) >= 0
+    positive = _sum(scaled) >= 0
 
     merged = torch.zeros_like(base)
     agreeing_weight = torch.zeros_like(base) if normalize else None
@@ -198,13 +198,7 @@ def dare(
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"tensor {name!r}: dare seed must be an integer, got {seed!r}")
 
-    deltas = []
-    for index, m in enumerate(models):
-        tau = m - base
-        if drop_rate > 0:
-            kept = _dare_keep_mask(seed, name, index, tau.shape, drop_rate)
-            tau = torch.where(kept, tau.div_(1.0 - drop_rate), 0.0)
-        deltas.append(tau)
+    deltas = (_dropped_task_vector(m - base, seed, name, i, drop_rate) for i, m in enumerate(models))
     delta = _weighted_sum(deltas, weights)
     if normalize:
         delta.div_(_weight_total(weights, name, "dare"))
@@ -268,15 +262,26 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 # ------------------------------------------------------------------------------------- shared arithmetic
 
 
-def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ_i w_i·x_i as a new tensor, accumulated elementwise in list order (so thread-count independent).
+def _weighted_sum(tensors: Iterable[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ_i w_i·x_i as a new tensor, accumulated elementwise in order (so thread-count independent).
 
-    Each product is rounded before it is added; `add(alpha=w)` is avoided because whether it fuses the
-    multiply-add is an implementation detail of each kernel path.
+    `tensors` may be a generator, so that only one temporary task vector is alive at a time. Each product
+    is rounded before it is added: `add(alpha=w)` is avoided because whether it fuses the multiply-add is
+    an implementation detail of each kernel path.
     """
-    total = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:]):
-        total.add_(x * w)
+    total: torch.Tensor | None = None
+    for x, w in zip(tensors, weights):
+        term = x * w
+        total = term if total is None else total.add_(term)
+    assert total is not None, "callers check that there is at least one model"
+    return total
+
+
+def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i x_i as a new tensor, accumulated elementwise in list order."""
+    total = tensors[0].clone()
+    for x in tensors[1:]:
+        total.add_(x)
     return total
 
 
@@ -334,6 +339,14 @@ def _dare_generator(seed: int, name: str, index: int) -> torch.Generator:
     """
     key = json.dumps([seed, name, index]).encode()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:4], "little"))
+
+
+def _dropped_task_vector(tau: torch.Tensor, seed: int, name: str, index: int, drop_rate: float) -> torch.Tensor:
+    """τ' = M ⊙ τ / (1 − p) for model `index`, reusing `tau` (a fresh temporary) for the rescale."""
+    if drop_rate == 0:
+        return tau
+    kept = _dare_keep_mask(seed, name, index, tau.shape, drop_rate)
+    return torch.where(kept, tau.div_(1.0 - drop_rate), 0.0)
 
 
 def _dare_keep_mask(seed: int, name: str, index: int, shape: torch.Size, drop_rate: float) -> torch.Tensor:

@@ -235,6 +235,13 @@ class _AstBuilder(lark.Transformer):
         except json.JSONDecodeError:
             raise _BadLiteral("invalid escape in string", tok.start_pos, tok.end_pos,
                               'strings take JSON escapes (\\" \\\\ \\n \\t \\uXXXX); write paths with `/`')
+        if "\x00" in value:  # never meaningful, and no path may contain it
+            raise _BadLiteral("a string cannot contain a NUL character", tok.start_pos, tok.end_pos)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _BadLiteral("a string cannot contain a lone surrogate (\\ud800-\\udfff)", tok.start_pos,
+                              tok.end_pos, "write the character itself, or a surrogate pair")
         return ast.String(value, self._span(tok))
 
     def string(self, children):

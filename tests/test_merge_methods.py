@@ -363,7 +363,8 @@ for threads in (1, 2):
         "task_arithmetic": merge_tensor("task_arithmetic", "t", [a, b], base, [0.6, 0.4], normalize=True),
     }
     control = (a * b).sum()
-    report[threads] = {"threads": torch.get_num_threads(), "control": digest(control), **{k: digest(v) for k, v in runs.items()}}
+    report[threads] = {"threads": torch.get_num_threads(), "control": digest(control)}
+    report[threads].update({k: digest(v) for k, v in runs.items()})
 print(json.dumps(report))
 """
 

@@ -99,8 +99,10 @@ def mark(key):
     T[key] = (t - t0) * 1000
     t0 = t
 import recipec.cli; mark("import recipec.cli")
-import pydantic; mark("import pydantic")
-import lark; mark("import lark")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError; mark("import pydantic (BaseModel, Field)")
+from pydantic.plugin._loader import get_plugins
+get_plugins(); mark("pydantic plugin discovery (entry points)")
+import lark; mark("import lark (+ regex if installed)")
 import recipec.ops; mark("import recipec.ops (op classes, pydantic models)")
 import recipec.plan, recipec.plan.render; mark("import recipec.plan")
 import recipec.ir.lower; mark("import recipec.ir.lower (+ syntax)")
@@ -338,7 +340,7 @@ def profile(python: str, recipe: Path, workdir: Path, top: int) -> None:
 
     print("\n=== phases, no profiler (ms; one fresh process per row) ===")
     rows = []
-    for _ in range(3):
+    for _ in range(5):
         proc = subprocess.run([python, "-c", PHASES, str(recipe)], cwd=recipe.parent, env=child_env(),
                               capture_output=True, text=True)
         if proc.returncode:
@@ -346,7 +348,7 @@ def profile(python: str, recipe: Path, workdir: Path, top: int) -> None:
             return
         rows.append(json.loads(proc.stdout))
     for key in rows[0]:
-        print(f"{key:<44}" + "".join(f"{r[key]:9.1f}" for r in rows))
+        print(f"{key:<48}" + "".join(f"{r[key]:8.1f}" for r in rows))
 
 
 # --- main ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from . import __version__
 
 def toolchain_versions() -> dict[str, str]:
     versions = {"recipec": __version__, "python": ".".join(map(str, sys.version_info[:2]))}
-    for package in ("torch", "transformers", "safetensors"):
+    for package in ("torch", "transformers", "safetensors", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -21,7 +21,7 @@ def rule(op: str):
 
 
 def load_rules() -> dict:
-    from . import arithmetic, sources  # noqa: F401  (registration on import)
+    from . import arithmetic, merge, sources  # noqa: F401  (registration on import)
 
     return RULES
 

@@ -45,7 +45,7 @@ class TensorPlan:
     row_overrides: tuple[tuple[int, int], ...] = ()  # (row, input index) copied verbatim
 
 
-def _source_name(files, name: str) -> str | None:
+def source_name(files, name: str) -> str | None:
     if name in files.tensors:
         return name
     if name == "lm_head.weight":  # a tied model's output projection is its input embedding
@@ -72,7 +72,7 @@ def tensor_plans(job: Job, out: list[OutTensor]) -> list[TensorPlan]:
     special_rows = sorted(tokenizer_rows(job.inputs[chat].path, special=True)) if chat is not None else []
     plans, tokens_checked = [], False
     for t in out:
-        sources = tuple(_source_name(f, t.name) for f in inputs)
+        sources = tuple(source_name(f, t.name) for f in inputs)
         missing = [job.inputs[i].path for i, s in enumerate(sources) if s is None]
         if missing:
             raise RunFailure("E502", f"`{t.name}` is missing from {missing[0]}",

@@ -12,12 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+from ..ops.sources import TOKENIZER_FILES
 from ..store.tensors import OutTensor, write_json
 from .job import Job
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
@@ -51,7 +49,7 @@ def copy_model_files(job: Job, out: list[OutTensor]) -> None:
         config.pop("torch_dtype", None)
     write_json(job.out / "config.json", config)
     for name in TOKENIZER_FILES:
-        if (first / name).is_file():
+        if name != "generation_config.json" and (first / name).is_file():
             shutil.copyfile(first / name, job.out / name)
     generation = _read_json(first / "generation_config.json")
     chat = chat_leaf(job)

@@ -8,6 +8,7 @@ weights do not depend on the thread count.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def build_init(job: Job) -> str:
     finally:
         writer.close()
     write_json(job.out / "config.json", config)
+    if params.get("tokenizer"):
+        source = Path(params["tokenizer"]["path"])
+        for name, digest in params["tokenizer"]["files"].items():
+            data = (source / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
+            (job.out / name).write_bytes(data)
     return model_digest(entries)
 
 
@@ -76,14 +84,3 @@ def resolve_hub(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
                          "check the id, the revision and your access to the hub") from None
     snapshot = Path(path)
     return snapshot, snapshot.name
-
-
-def write_config(directory: Path, config: dict) -> None:
-    write_json(directory / "config.json", config)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -356,6 +356,9 @@ class Lowerer:
         ok = True
         for inp in op.inputs:
             arg = bound.pop(inp.name, None)
+            ctx.given[inp.name] = arg is not None
+            if arg is None and inp.optional:
+                continue
             if arg is None:
                 self.diags.error("E204", f"`{name}` needs `{inp.name}`", e.span, f"pass {inp.doc or inp.name}")
                 ok = False

@@ -66,28 +66,8 @@ class Combine(Op):
     def output_type(cls, ctx: Context, inputs, params):
         total = sum(c for c, n in zip(params.coefficients, inputs) if n.type.kind is Kind.MODEL)
         kind = Kind.MODEL if abs(total - 1) < 1e-9 else Kind.DELTA
-        known = [n for n in inputs if n.type.signature is not None]
-        if not known:
-            return Type(kind, None)
-        first = known[0]
-        for other in known[1:]:
-            diff = compare(first.type.signature, other.type.signature)
-            if diff is None:
-                continue
-            notes = tuple(Note(f"`{n.label}` is defined here", n.spans[0]) for n in (first, other) if n.spans)
-            if diff.vocab_only:
-                if params.embeddings in ("keep", "overlap"):
-                    continue
-                names = ", ".join(f"`{n}`" for n, _, _ in diff.changed)
-                return ctx.error(
-                    "E304", f"vocabularies differ: `{first.label}` has {first.type.signature.vocab_size} tokens, "
-                            f"`{other.label}` has {other.type.signature.vocab_size} ({names})",
-                    "expr", POLICY_HINT, notes)
-            more = f" (and {diff.count - 1} more)" if diff.count > 1 else ""
-            return ctx.error("E303", f"`{first.label}` and `{other.label}` have different architectures: "
-                                     f"{diff.first()}{more}", "expr",
-                             "combine only models of one architecture, e.g. a fine-tune and its base", notes)
-        return Type(kind, output_signature(first.type.signature, params.dtype))
+        vocab_policy = params.embeddings in ("keep", "overlap")
+        return check_same_architecture(ctx, inputs, kind, params.dtype, "expr", vocab_policy)
 
     @classmethod
     def cost(cls, inputs, params, out):
@@ -99,6 +79,31 @@ class Combine(Op):
         chunk = min(STREAM_CHUNK_ELEMENTS, largest) * 4 * (len(inputs) + 1)
         return Cost(bytes_read=read, bytes_written=sig.nbytes, peak_bytes=STREAM_THREADS * chunk,
                     flops=2 * len(inputs) * sig.params)
+
+
+def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: str = "models",
+                            vocab_policy: bool = False) -> Type:
+    """The output type of an op over models that must share a signature (the first model's), or an error
+    naming the first differing tensors; vocabulary-only differences pass when a policy handles them."""
+    known = [n for n in inputs if n.type.signature is not None]
+    if not known:
+        return Type(kind, None)
+    first = known[0]
+    for other in known[1:]:
+        diff = compare(first.type.signature, other.type.signature)
+        if diff is None or (diff.vocab_only and vocab_policy):
+            continue
+        notes = tuple(Note(f"`{n.label}` is defined here", n.spans[0]) for n in (first, other) if n.spans)
+        if diff.vocab_only:
+            names = ", ".join(f"`{n}`" for n, _, _ in diff.changed)
+            return ctx.error(
+                "E304", f"vocabularies differ: `{first.label}` has {first.type.signature.vocab_size} tokens, "
+                        f"`{other.label}` has {other.type.signature.vocab_size} ({names})", arg, POLICY_HINT, notes)
+        more = f" (and {diff.count - 1} more)" if diff.count > 1 else ""
+        return ctx.error("E303", f"`{first.label}` and `{other.label}` have different architectures: "
+                                 f"{diff.first()}{more}", arg,
+                         "combine only models of one architecture, e.g. a fine-tune and its base", notes)
+    return Type(kind, output_signature(first.type.signature, dtype))
 
 
 def output_signature(sig: Signature, dtype: str) -> Signature:

@@ -35,6 +35,7 @@ class Input:
     name: str
     kind: Kind | str  # Kind, or "Linear" for an affine expression taken unevaluated
     variadic: bool = False
+    optional: bool = False  # an optional input comes last and is appended to the node's inputs
     doc: str = ""
 
 
@@ -59,6 +60,7 @@ class Context:
     diags: Diagnostics
     span: Span
     arg_spans: dict[str, Span] = field(default_factory=dict)
+    given: dict[str, bool] = field(default_factory=dict)  # which optional inputs the call gave
 
     def error(self, code: str, message: str, arg: str | None = None, hint: str | None = None,
               notes: tuple[Note, ...] = ()) -> Type:

@@ -8,6 +8,7 @@ never read a weight or touch the network. A string where a model is expected goe
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -124,6 +125,7 @@ class Init(Op):
         config: str | None = Field(None, description="a config.json to build instead of a preset")
         seed: int = Field(0, ge=0, description="the random seed; the same seed gives the same weights")
         dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype")
+        tokenizer: str | None = Field(None, description="a directory whose tokenizer files the model ships with")
 
     @classmethod
     def config_for(cls, ctx: Context, params: Params) -> dict | None:
@@ -155,6 +157,9 @@ class Init(Op):
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
+        if params.tokenizer is not None and not tokenizer_digests(ctx.recipe_dir / params.tokenizer):
+            return ctx.error("E401", f"no tokenizer files in {params.tokenizer!r} (relative to {ctx.recipe_dir})",
+                             "tokenizer", "a tokenizer directory holds tokenizer.json or tokenizer_config.json")
         config = cls.config_for(ctx, params)
         if config is None:
             return Type(Kind.LIST)
@@ -169,6 +174,10 @@ class Init(Op):
         if params.config is not None:
             # The config's content, not its path, decides the weights.
             data["config"] = cls.config_for(ctx, params)
+        if params.tokenizer is not None:
+            # Likewise the tokenizer files' content: their path goes along only to copy them from.
+            root = (ctx.recipe_dir / params.tokenizer).resolve()
+            data["tokenizer"] = {"path": str(root), "files": tokenizer_digests(root)}
         return data
 
     @classmethod
@@ -176,6 +185,17 @@ class Init(Op):
         sig = out.signature
         # transformers materializes the whole fp32 model before it is saved.
         return Cost(bytes_written=sig.nbytes, peak_bytes=sig.params * 4 + sig.nbytes, flops=sig.params * 8)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+
+def tokenizer_digests(root: Path) -> dict[str, str]:
+    """sha256 of each tokenizer file in a directory (small files: reading them is cheap)."""
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest()
+            for name in TOKENIZER_FILES if (root / name).is_file()}
 
 
 def _data_files(ctx: Context, pattern: str) -> list[Path] | None:

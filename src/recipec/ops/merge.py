@@ -1,0 +1,77 @@
+"""`merge`: combine fine-tunes of one base by a named method (linear, task arithmetic, TIES, DARE, SLERP)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..ir.types import Kind, Type
+from .arithmetic import check_same_architecture
+from .base import Context, Cost, Input, Op, Params, register
+
+NEEDS_BASE = {"task_arithmetic", "ties", "dare"}
+
+
+@register
+class Merge(Op):
+    """Merge models by a named method. Example: `merge(chat, code, base=llama, method="ties", density=0.5)`
+
+    Methods: `linear` (Σ w_i m_i), `task_arithmetic` (base + Σ w_i (m_i − base)), `ties` (trim each task
+    vector to its top `density`, elect signs, disjoint mean), `dare` (drop `drop_rate` of each task vector
+    at random, rescale, add), `slerp` (spherical interpolation of two models at `t`).
+    """
+
+    name = "merge"
+    version = 1
+    inputs = (Input("models", Kind.MODEL, variadic=True, doc="the models to merge"),
+              Input("base", Kind.MODEL, optional=True, doc="the common base (task_arithmetic, ties, dare)"))
+    toolchain = ("torch", "numpy")
+
+    class Params(Params):
+        method: Literal["linear", "task_arithmetic", "ties", "dare", "slerp"] = Field(
+            description="the merge method")
+        weights: list[float] | None = Field(None, description="one weight per model (default: 1/n for linear, 1 otherwise)")
+        density: float = Field(1.0, gt=0, le=1, description="the fraction of each task vector TIES keeps")
+        drop_rate: float = Field(0.0, ge=0, lt=1, description="the fraction of each task vector DARE drops")
+        t: float = Field(0.5, ge=0, le=1, description="the SLERP interpolation point, 0 = first model")
+        seed: int = Field(0, ge=0, description="DARE's random seed (mixed with each tensor's name)")
+        normalize: bool = Field(False, description="divide by the sum of the weights")
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="output dtype")
+        shard_size: int = Field(5 * 10**9, gt=0, description="the largest shard in bytes")
+
+    internal = frozenset({"with_base"})
+
+    @classmethod
+    def output_type(cls, ctx: Context, inputs, params):
+        with_base = bool(ctx.given.get("base"))
+        models = inputs[:-1] if with_base else inputs
+        method = params.method
+        if method in NEEDS_BASE and not with_base:
+            return ctx.error("E204", f"method `{method}` needs `base=`", "method",
+                             f"name the model the others were fine-tuned from: merge(a, b, base=..., method=\"{method}\")")
+        if method not in NEEDS_BASE and with_base:
+            return ctx.error("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
+        if method == "slerp" and len(models) != 2:
+            return ctx.error("E205", f"slerp interpolates exactly 2 models, got {len(models)}", "models")
+        if params.weights is not None and len(params.weights) != len(models):
+            return ctx.error("E203", f"`weights` has {len(params.weights)} entries for {len(models)} models", "weights",
+                             "give one weight per model, in order")
+        return check_same_architecture(ctx, list(inputs), Kind.MODEL, params.dtype)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        data = params.model_dump(mode="json")
+        data["with_base"] = bool(ctx.given.get("base"))
+        return data
+
+    @classmethod
+    def cost(cls, inputs, params, out):
+        sig = out.signature
+        if sig is None:
+            return Cost()
+        read = sum(n.type.signature.nbytes if n.type.signature else sig.nbytes for n in inputs)
+        largest = sig.largest_tensor.numel if sig.tensors else 0
+        # Methods that select or normalize need each tensor whole, in fp32, for every input.
+        return Cost(bytes_read=read, bytes_written=sig.nbytes, peak_bytes=(len(inputs) + 3) * largest * 4,
+                    flops=8 * len(inputs) * sig.params)

@@ -234,6 +234,7 @@ def _expr(rng: random.Random, names: list[str], depth: int = 0) -> str:
 SIZES = ['"tiny"', '"small"', '"1b"', '"huge"', "1"]
 DTYPES = ['"float16"', '"bfloat16"', '"int8"', "1e400+0.5"]
 USES = ['"lib.rcp"', '"bad.rcp"', '"cyc_a.rcp"', '"fuzz.rcp"']
+CONFIGS = ['"models/tiny"', '"models/badcfg"', '"models/arch_int"', '"models/arch_int/config.json"', '"data/a.txt"']
 
 
 def _call(rng: random.Random, names: list[str], depth: int) -> str:
@@ -245,7 +246,7 @@ def _call(rng: random.Random, names: list[str], depth: int) -> str:
         if rng.random() < 0.3:
             args.append("dtype=" + rng.choice(DTYPES))
         if rng.random() < 0.2:
-            args.append(f"config={rng.choice(STRINGS)}")
+            args.append(f"config={rng.choice(STRINGS + CONFIGS * 3)}")
     elif op in ("load", "hf", "text", "chat"):
         args.append(rng.choice(STRINGS))
         if rng.random() < 0.3:
@@ -265,9 +266,26 @@ def program(rng: random.Random) -> str:
     if rng.random() < 0.2:
         lines.append("use " + rng.choice(USES))
         names.append("shared")
+    models: list[str] = []
     for i in range(rng.randrange(1, 6)):
         name = f"v{i}"
-        lines.append(f"{name} = {_call(rng, names, 0) if rng.random() < 0.5 or not names else _expr(rng, names)}")
+        r = rng.random()
+        if r < 0.3:  # a good model, or nearly
+            arch = rng.choice(['"llama"', '"llama"', '"gpt2"', '"bert"'])
+            value = f"init({arch}, size=\"tiny\", seed={rng.choice(NUMBERS + ['(1e400 + 0.5)', '-1'])})"
+            if rng.random() < 0.2:
+                value = f"init({arch}, config={rng.choice(CONFIGS)})"
+            models.append(name)
+        elif r < 0.5 and len(models) >= 2:  # weights summing to 1 whatever the number
+            c = rng.choice(NUMBERS + ["(1e400 + 0.5)", "1/3"])
+            value = f"{c}*{rng.choice(models)} + (1 - {c})*{rng.choice(models)}"
+            if rng.random() < 0.3:
+                value = f"combine({value}, {rng.choice(['embeddings', 'norms', 'dtype'])}={_expr(rng, [])})"
+        elif r < 0.75 or not names:
+            value = _call(rng, names, 0)
+        else:
+            value = _expr(rng, names)
+        lines.append(f"{name} = {value}")
         names.append(name)
     for _ in range(rng.randrange(0, 3)):
         fmt = rng.choice(["", "", " as hf", " as onnx", " as zzz"])

@@ -362,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=str(DEFAULT_PYTHON if DEFAULT_PYTHON.exists() else sys.executable))
     ap.add_argument("--shard-bytes", type=int, default=SHARD_BYTES)
     ap.add_argument("--profile", action="store_true", help="also print cProfile and -X importtime reports")
-    ap.add_argument("--profile-always", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--top", type=int, default=25, help="rows per profile table")
     args = ap.parse_args(argv)
 
@@ -449,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL: {p}")
         ok = time_ok and rss_ok and not failures and not problems
         print(f"\n{'PASS' if ok else 'FAIL'}")
-        if args.profile or args.profile_always or not (time_ok and rss_ok):
+        if args.profile or not (time_ok and rss_ok):
             profile(args.python, recipe, root, args.top)
         return 0 if ok else 1
     finally:

@@ -260,22 +260,33 @@ def program_exprs(draw, names: tuple[str, ...], depth: int = 0) -> str:
 
 @st.composite
 def programs(draw) -> str:
-    lines, names = ["recipec 1"], []
+    lines, names_, models = ["recipec 1"], [], []
     if draw(st.booleans()):
         lines.append('use "lib.rcp"')
-        names.append("shared")
+        names_.append("shared")
+        models.append("shared")
+    number = st.sampled_from(PROGRAM_NUMBERS)
     for i in range(draw(st.integers(1, 4))):
-        if draw(st.booleans()):  # a model, most of the time a good one
-            arch = draw(st.sampled_from(['"llama"', '"gpt2"', '"bert"']))
-            value = f"init({arch}, size=\"tiny\", seed={i})"
+        form = draw(st.sampled_from(["init", "init", "affine", "expr"]))
+        if form == "init":  # a model, most of the time a good one
+            arch = draw(st.sampled_from(['"llama"', '"llama"', '"gpt2"', '"bert"', '"nope"']))
+            size = draw(st.sampled_from(['"tiny"', '"tiny"', '"small"', '"huge"', "1"]))
+            value = f"init({arch}, size={size}, seed={draw(number)})"
+            models.append(f"v{i}")
+        elif form == "affine" and len(models) >= 2:  # weights that sum to 1, whatever the number
+            a, b = draw(st.sampled_from(models)), draw(st.sampled_from(models))
+            c = draw(number)
+            value = f"{c}*{a} + (1 - {c})*{b}"
+            if draw(st.booleans()):
+                value = f"combine({value}, {draw(st.sampled_from(OP_PARAMS['combine']))}={draw(program_exprs(()))})"
         else:
-            value = draw(program_exprs(tuple(names)))
+            value = draw(program_exprs(tuple(names_)))
         lines.append(f"v{i} = {value}")
-        names.append(f"v{i}")
+        names_.append(f"v{i}")
     for _ in range(draw(st.integers(0, 2))):
         target = draw(st.sampled_from(PROGRAM_STRINGS))
         fmt = draw(st.sampled_from(["", "", " as hf", " as onnx"]))
-        lines.append(f"export {draw(program_exprs(tuple(names)))} to {target}{fmt}")
+        lines.append(f"export {draw(program_exprs(tuple(names_)))} to {target}{fmt}")
     return "\n".join(lines) + "\n"
 
 

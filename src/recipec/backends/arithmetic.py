@@ -177,10 +177,15 @@ def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], comp
         # Largest tensors first, so the last ones to finish are small and the threads end together.
         order = sorted(plans, key=lambda p: -dtypes[p.name].nbytes)
         with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
-            for future in [pool.submit(one, p) for p in order]:
-                future.result()
-        if job.cancelled.is_set():
-            raise KeyboardInterrupt
+            futures = [pool.submit(one, p) for p in order]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:  # an error or Ctrl-C: stop the other threads at their next tensor
+                job.cancelled.set()
+                for future in futures:
+                    future.cancel()
+                raise
         writer.finish()
     finally:
         torch.set_num_threads(previous_threads)

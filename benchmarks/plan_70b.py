@@ -70,7 +70,7 @@ TARGET_RSS_MB = 150.0
 # i.e. after the interpreter (and site) have started.
 CHILD = r"""
 import time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import contextlib, io, json, resource, sys
 recipe, out = sys.argv[1], sys.argv[2]
 from recipec.cli import main
@@ -78,9 +78,9 @@ t_import = time.perf_counter()
 buf, err = io.StringIO(), io.StringIO()
 with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
     rc = main(["plan", recipe])
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 with open(out, "w") as f:
-    json.dump({"seconds": t1 - t0, "import_seconds": t_import - t0, "rc": rc,
+    json.dump({"seconds": t1 - t0, "cpu_seconds": c1 - c0, "import_seconds": t_import - t0, "rc": rc,
                "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                "stdout": buf.getvalue(), "stderr": err.getvalue()}, f)
 """
@@ -113,7 +113,19 @@ for name in ("base", "chat", "cp"):
     read_model_dir(recipe.parent / name)
 mark("read_model_dir x3 (all headers)")
 program = recipec.ir.lower.lower_file(recipe); mark("lower_file (parse, type, headers again)")
-plan = recipec.plan.make_plan(program.graph, str(recipe)); mark("make_plan")
+is_cached = lambda node: False
+try:  # newer cmd_plan asks the cache which nodes are built already
+    from recipec.plan.cache_status import cached_nodes
+    from recipec.store.cache import Cache, default_cache_dir
+    mark("import cache_status, store.cache")
+    from recipec.toolchain import toolchain_versions
+    toolchain_versions(); mark("  toolchain_versions() (importlib.metadata)")
+    cached = cached_nodes(program.graph, Cache(default_cache_dir(recipe)))
+    mark("cached_nodes (incl. toolchain_versions again)")
+    is_cached = lambda node: node.id in cached
+except ImportError:
+    pass
+plan = recipec.plan.make_plan(program.graph, str(recipe), is_cached); mark("make_plan")
 recipec.plan.render.render_text(plan); mark("render_text")
 T["peak RSS (MB)"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(T))
@@ -249,6 +261,7 @@ def make_checkpoint(model_dir: Path, shard_bytes: int) -> dict:
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PYTHONPROFILEIMPORTTIME", None)
+    env.pop("RECIPEC_CACHE", None)  # the plan's cache is .recipec/cache beside the recipe: empty
     env["NO_COLOR"] = "1"
     return env
 
@@ -384,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = root / "recipe.rcp"
         recipe.write_text(RECIPE)
         apparent, allocated = disk_usage(root)
+        load = os.getloadavg()[0]
         du = subprocess.run(["du", "-sh", str(root)], capture_output=True, text=True).stdout.split()
         du_apparent = subprocess.run(["du", "-sh", "--apparent-size", str(root)],
                                      capture_output=True, text=True).stdout.split()
@@ -395,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         if allocated > 64 << 20:
             print("FAIL: the shards are not sparse")
             return 1
-        print(f"python: {args.python}")
+        print(f"python: {args.python} · load average {load:.2f} on {os.cpu_count()} CPUs"
+              + (" (busy machine: timings are inflated)" if load > 0.5 * (os.cpu_count() or 1) else ""))
 
         for _ in range(args.warmup):
             run_wrapped(args.python, recipe, root / "child.json")
@@ -430,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         t_proc = [r["seconds"] for r in plain]
         t_after = [r["seconds"] for r in wrapped]
         t_import = [r["import_seconds"] for r in wrapped]
+        t_cpu = [r["cpu_seconds"] for r in wrapped]
         rss = [r["maxrss_kb"] / 1024 for r in plain] + [r["maxrss_kb"] / 1024 for r in wrapped]
         print("\nplan output (last run):")
         print("  " + "\n  ".join(stdout.rstrip().splitlines()))
@@ -438,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n(a) whole process         {fmt_stats(t_proc, 's')}")
         print(f"(b) after start-up        {fmt_stats(t_after, 's')}")
         print(f"    of which import cli   {fmt_stats(t_import, 's')}")
+        print(f"    CPU time (user+sys)   {fmt_stats(t_cpu, 's')}")
         print(f"(c) peak RSS (ru_maxrss)  {fmt_stats(rss, 'MB', 1)}")
         time_ok = statistics.median(t_after) < TARGET_SECONDS
         rss_ok = max(rss) < TARGET_RSS_MB

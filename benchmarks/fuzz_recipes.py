@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import functools
 import io
 import json
 import multiprocessing
@@ -57,6 +58,10 @@ from recipec.syntax import parse  # noqa: E402
 from recipec.syntax.format import format_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# cli.main builds its argparse parser on every call, ~20% of the time per input here (argparse looks up
+# gettext catalogues on disk). A parser is reusable, so build it once: main itself runs unchanged.
+cli.build_parser = functools.lru_cache(maxsize=1)(cli.build_parser)
 PER_INPUT_TIMEOUT_S = 10
 SLOW_S = 1.0
 
@@ -101,6 +106,19 @@ HAND_WRITTEN = [
     'deep = [[1, [2, [3]]], [], ["a", true, false]]\n'
     'export z to "out/z"\n'
     'export w to "out/w.onnx"\n',
+    # merges, and comments inside a multi-line call
+    'recipec 1\n'
+    'base = init("llama", size="tiny", seed=1)\n'
+    'math = init("llama", size="tiny", seed=2)\n'
+    'code = init("llama", size="tiny", seed=3)\n'
+    'm = merge(\n'
+    '    math, code,      # the fine-tunes\n'
+    '    base=base,       # their base\n'
+    '    method="ties",\n'
+    '    weights=[0.5, 0.5], density=0.3, normalize=true,\n'
+    ')  # trailing\n'
+    'export m to "out/m"\n'
+    'export combine(0.5*math + 0.5*code, dtype="bfloat16") to "out/avg"\n',
     # errors on purpose: the compiler must still just report them
     'recipec 1\n'
     'a = init("llama", size="huge")\n'
@@ -117,10 +135,12 @@ HAND_WRITTEN = [
 LIB = 'recipec 1\nshared = init("llama", size="tiny", seed=7)\nother = shared\n'
 
 KEYWORDS = ["recipec", "export", "to", "as", "use", "true", "false"]
-NAMES = ["a", "b", "base", "chat", "cp", "model", "x", "_", "shared", "delta", "init", "combine", "load",
+NAMES = ["a", "b", "base", "chat", "cp", "model", "x", "_", "shared", "delta", "init", "combine", "load", "merge",
+         "method", "weights", "density", "drop_rate", "t", "normalize",
          "hf", "text", "size", "seed", "dtype", "embeddings", "norms", "field", "revision", "config", "arch"]
 NUMBERS = ["0", "1", "2", "0.8", ".5", "1.", "1e9", "1E-5", "1e+3", "100M", "2B", "1.5T", "500K", "7G",
-           "1_000", "1__", "0.0", "1e400", "1e-400", "3.14159", "99999999999999999999", "1e308", "00", "0_0"]
+           "1_000", "1__", "0.0", "1e400", "1e-400", "3.14159", "99999999999999999999", "1e308", "00", "0_0",
+           "(1e400 + 0.5)"]
 STRINGS = ['"llama"', '"gpt2"', '"bert"', '"tiny"', '"small"', '"1b"', '"out/m"', '"lib.rcp"', '"bad.rcp"',
            '"cyc_a.rcp"', '"models/tiny"', '"models/badcfg"', '"models/arch_int"', '"models/trunc"',
            '"models/badindex"', '"models/nocfg"', '"data/*.txt"', '"data/*.jsonl"', '"org/name"', '"overlap"',
@@ -233,13 +253,24 @@ def _expr(rng: random.Random, names: list[str], depth: int = 0) -> str:
 
 SIZES = ['"tiny"', '"small"', '"1b"', '"huge"', "1"]
 DTYPES = ['"float16"', '"bfloat16"', '"int8"', "1e400+0.5"]
+MERGE_KEYS = ["weights", "density", "drop_rate", "t", "seed", "normalize", "dtype", "shard_size", "bogus"]
 USES = ['"lib.rcp"', '"bad.rcp"', '"cyc_a.rcp"', '"fuzz.rcp"']
 CONFIGS = ['"models/tiny"', '"models/badcfg"', '"models/arch_int"', '"models/arch_int/config.json"', '"data/a.txt"']
 
 
 def _call(rng: random.Random, names: list[str], depth: int) -> str:
-    op = rng.choice(["init", "init", "load", "hf", "text", "chat", "combine", "nope"])
+    op = rng.choice(["init", "init", "load", "hf", "text", "chat", "combine", "merge", "merge", "nope"])
     args: list[str] = []
+    if op == "merge":
+        models = [n for n in names if n.startswith("v")] or ['init("llama", size="tiny")']
+        args += [rng.choice(models) for _ in range(rng.choice([0, 1, 2, 2, 3]))]
+        if rng.random() < 0.5:
+            args.append(f"base={rng.choice(models)}")
+        args.append("method=" + rng.choice(['"linear"', '"task_arithmetic"', '"ties"', '"dare"', '"slerp"', '"nope"']))
+        for key in rng.sample(MERGE_KEYS, rng.choice([0, 1, 2])):
+            value = rng.choice(NUMBERS + ["(1e400 + 0.5)", "[1, 2]", "[0.5, (1e400 + 0.5)]", "[]", "true", '"x"'])
+            args.append(f"{key}={value}")
+        return f"merge({', '.join(args)})"
     if op == "init":
         args.append(rng.choice(['"llama"', '"gpt2"', '"bert"', '"nope"', "1", '"\\u0000"']))
         args += ["size=" + rng.choice(SIZES), "seed=" + rng.choice(NUMBERS + ["-1", "1e400 + 0.5", "1/3"])]
@@ -269,14 +300,14 @@ def program(rng: random.Random) -> str:
     models: list[str] = []
     for i in range(rng.randrange(1, 6)):
         name = f"v{i}"
-        r = rng.random()
+        r = 0.0 if i < 2 and rng.random() < 0.6 else rng.random()  # often start with two models
         if r < 0.3:  # a good model, or nearly
             arch = rng.choice(['"llama"', '"llama"', '"gpt2"', '"bert"'])
             value = f"init({arch}, size=\"tiny\", seed={rng.choice(NUMBERS + ['(1e400 + 0.5)', '-1'])})"
             if rng.random() < 0.2:
                 value = f"init({arch}, config={rng.choice(CONFIGS)})"
             models.append(name)
-        elif r < 0.5 and len(models) >= 2:  # weights summing to 1 whatever the number
+        elif r < 0.55 and len(models) >= 2:  # weights summing to 1 whatever the number
             c = rng.choice(NUMBERS + ["(1e400 + 0.5)", "1/3"])
             value = f"{c}*{rng.choice(models)} + (1 - {c})*{rng.choice(models)}"
             if rng.random() < 0.3:
@@ -289,7 +320,8 @@ def program(rng: random.Random) -> str:
         names.append(name)
     for _ in range(rng.randrange(0, 3)):
         fmt = rng.choice(["", "", " as hf", " as onnx", " as zzz"])
-        lines.append(f"export {_expr(rng, names)} to {rng.choice(STRINGS)}{fmt}")
+        value = rng.choice(names) if names and rng.random() < 0.5 else _expr(rng, names)
+        lines.append(f"export {value} to {rng.choice(STRINGS)}{fmt}")
     return "\n".join(lines) + "\n"
 
 
@@ -606,6 +638,8 @@ def _check_format(text: str, recipe) -> list[Bug]:
         bugs.append(Bug("fmt", "format changed the AST", "fmt-ast"))
     if twice != once:
         bugs.append(Bug("fmt", "format is not idempotent", "fmt-idempotence"))
+    if sorted(c.text for c in again_ast.comments) != sorted(c.text for c in recipe.comments):
+        bugs.append(Bug("fmt", "format lost or changed a comment", "fmt-comments"))
     try:
         once.encode("utf-8")
     except UnicodeEncodeError as exc:

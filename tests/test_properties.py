@@ -82,7 +82,7 @@ SEEDS = [
 
 KEYWORDS = {"recipec", "export", "to", "as", "use", "true", "false"}
 TOKENS = sorted(KEYWORDS) + [
-    "a", "b", "x", "_", "init", "combine", "load", "hf", "text", "chat", "size", "seed", "dtype", "embeddings",
+    "a", "b", "x", "_", "init", "combine", "load", "hf", "text", "chat", "merge", "method", "size", "seed", "dtype", "embeddings",
     "0", "1", "0.8", ".5", "1e9", "1E-5", "100M", "2B", "1.5T", "1_000", "1e400", "00",
     '"llama"', '"tiny"', '"out/m"', '"lib.rcp"', '""', '"\\u00e9"', '"\\q"', '"a\\"b"', '"λ🦙"',
     "(", ")", "[", "]", ",", "=", "+", "-", "*", "/", "#", '"', "\n", " ", "\t", "\r\n", ".", "recipec 1",
@@ -234,6 +234,7 @@ OP_PARAMS = {
     "text": ["field"],
     "chat": [],
     "combine": ["embeddings", "norms", "special_tokens", "dtype"],
+    "merge": ["base", "method", "weights", "density", "drop_rate", "t", "seed", "normalize", "dtype", "shard_size"],
     "nope": ["x"],
 }
 
@@ -267,12 +268,18 @@ def programs(draw) -> str:
         models.append("shared")
     number = st.sampled_from(PROGRAM_NUMBERS)
     for i in range(draw(st.integers(1, 4))):
-        form = draw(st.sampled_from(["init", "init", "affine", "expr"]))
+        form = draw(st.sampled_from(["init", "init", "affine", "merge", "expr"]))
         if form == "init":  # a model, most of the time a good one
             arch = draw(st.sampled_from(['"llama"', '"llama"', '"gpt2"', '"bert"', '"nope"']))
             size = draw(st.sampled_from(['"tiny"', '"tiny"', '"small"', '"huge"', "1"]))
             value = f"init({arch}, size={size}, seed={draw(number)})"
             models.append(f"v{i}")
+        elif form == "merge" and models:
+            method = draw(st.sampled_from(['"linear"', '"task_arithmetic"', '"ties"', '"dare"', '"slerp"']))
+            args = draw(st.lists(st.sampled_from(models), min_size=1, max_size=3))
+            keys = draw(st.lists(st.sampled_from(OP_PARAMS["merge"][1:]), max_size=2, unique=True))
+            args += [f"{k}={draw(program_exprs(tuple(names_)))}" for k in keys]
+            value = f"merge({', '.join(args)}, method={method})"
         elif form == "affine" and len(models) >= 2:  # weights that sum to 1, whatever the number
             a, b = draw(st.sampled_from(models)), draw(st.sampled_from(models))
             c = draw(number)
@@ -286,7 +293,8 @@ def programs(draw) -> str:
     for _ in range(draw(st.integers(0, 2))):
         target = draw(st.sampled_from(PROGRAM_STRINGS))
         fmt = draw(st.sampled_from(["", "", " as hf", " as onnx"]))
-        lines.append(f"export {draw(program_exprs(tuple(names_)))} to {target}{fmt}")
+        value = draw(st.sampled_from(names_) if names_ and draw(st.booleans()) else program_exprs(tuple(names_)))
+        lines.append(f"export {value} to {target}{fmt}")
     return "\n".join(lines) + "\n"
 
 

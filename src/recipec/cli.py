@@ -136,7 +136,7 @@ def cmd_run(args) -> int:
     import json
 
     from .engine import Engine
-    from .store.lockfile import lock_path, write_lock
+    from .store.lockfile import carry_file_hashes, lock_path, read_lock, write_lock
 
     recipe = Path(args.file)
     program = _lower(args.file)
@@ -153,7 +153,8 @@ def cmd_run(args) -> int:
             result = engine.run()
     else:
         result = engine.run()
-    write_lock(lock_path(recipe), result.lock)
+    previous = read_lock(lock_path(recipe)) if lock_path(recipe).exists() else None
+    write_lock(lock_path(recipe), carry_file_hashes(previous, result.lock))
     built = sum(r.status == "built" for r in result.results)
     cached = sum(r.status == "cached" for r in result.results)
     if args.json:

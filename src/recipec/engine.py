@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import Artifact, Job, RunFailure, load_rules
-from .backends.sources import resolve_hub
+from .backends.sources import convert_pickle, resolve_hub
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .ir.lower import Program
@@ -29,7 +29,7 @@ from .ops.base import cache_key
 from .store.cache import Cache, file_identity
 from .store.digests import hash_files, hash_model
 from .store.lockfile import lock_digest
-from .store.model_dir import ModelDirError, read_model_dir
+from .store.model_dir import ModelDirError, pickled_weights, read_model_dir
 from .store.release import Card, write_release
 from .toolchain import toolchain_versions
 
@@ -125,6 +125,9 @@ class Engine:
             resolved.update(id=params["id"], revision=params.get("revision") or "main", commit=commit)
         else:  # data sources have no artifact until an op reads them
             return NodeResult(node, None)
+        if params.get("allow_pickle") and pickled_weights(path) and not (path / "model.safetensors").exists():
+            path = self._converted_pickle(node, path)
+            resolved["converted_from_pickle"] = True
         try:
             files = read_model_dir(path)
         except ModelDirError as err:
@@ -134,6 +137,20 @@ class Engine:
             sums = hash_files(list(files.files) + [path / "config.json"], self.options.threads)
             resolved["files"] = [{"name": p.name, "size": p.stat().st_size, "sha256": h} for p, h in sorted(sums.items())]
         return NodeResult(node, Artifact(path, files, digest), status="input", resolved=resolved)
+
+    def _converted_pickle(self, node: Node, root: Path) -> Path:
+        """Pickled weights converted once into a cache object, keyed by the pickle files' hashes."""
+        pickles = pickled_weights(root)
+        sums = hash_files(pickles + [root / "config.json"], self.options.threads)
+        key = hashlib.sha256(("pickle:" + ",".join(sums[p] for p in pickles + [root / "config.json"])).encode()).hexdigest()
+        if self.cache.lookup(key) is None:
+            try:
+                with self.cache.new_object(key) as tmp:
+                    digest = convert_pickle(pickles, root, tmp)
+                    self.cache.commit_meta(tmp, key, "load", digest)
+            except RunFailure as err:
+                raise _failure(node, err.code, err.message, err.hint) from None
+        return self.cache.lookup(key).path
 
     def _input_digest(self, files) -> str:
         identity = "|".join(file_identity(p) for p in files.files)

@@ -17,7 +17,8 @@ import torch
 from .. import arch
 from ..ir.types import DTYPE_CODES
 from ..store import hub
-from ..store.tensors import ModelWriter, OutTensor, model_digest, tensor_digest, write_json
+from ..ops.sources import TOKENIZER_FILES
+from ..store.tensors import TORCH_DTYPES, ModelWriter, OutTensor, model_digest, tensor_digest, write_json
 from . import rule
 from .job import Job, RunFailure
 
@@ -84,3 +85,30 @@ def resolve_hub(repo_id: str, revision: str | None, offline: bool) -> tuple[Path
                          "check the id, the revision and your access to the hub") from None
     snapshot = Path(path)
     return snapshot, snapshot.name
+
+
+def convert_pickle(files: list[Path], config_dir: Path, out: Path) -> str:
+    """Write pickled weights as canonical safetensors (read with weights_only=True: no code runs)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # an unpicklable or hostile file: refused, said plainly
+            raise RunFailure("E505", f"cannot read {file.name} as weights: {err}",
+                             "only plain tensors can be loaded from a pickle") from None
+        state.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
+    codes = {v: k for k, v in TORCH_DTYPES.items()}
+    layout = [OutTensor(n, codes[t.dtype], tuple(t.shape)) for n, t in sorted(state.items())]
+    writer = ModelWriter(out, layout, shard_size=5 * 10**9)
+    try:
+        entries = []
+        for t in layout:
+            writer.tensor(t.name).copy_(state[t.name])
+            entries.append(tensor_digest(t.name, t.dtype, t.shape, writer.raw(t.name)))
+        writer.finish()
+    finally:
+        writer.close()
+    for name in ("config.json",) + TOKENIZER_FILES:
+        if (config_dir / name).is_file():
+            (out / name).write_bytes((config_dir / name).read_bytes())
+    return model_digest(entries)

@@ -17,7 +17,7 @@ from pydantic import Field
 from .. import arch as archs
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type
 from ..store import hub
-from ..store.model_dir import ModelDirError, ModelFiles, read_config, read_model_dir
+from ..store.model_dir import ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
 from .base import Context, Cost, Op, Params, register
 
 def signature_of_dir(root: Path) -> Signature:
@@ -63,14 +63,22 @@ class Load(Op):
 
     class Params(Params):
         path: str = Field(description="a model directory, relative to the recipe")
+        allow_pickle: bool = Field(False, description="whether pickled weights may be read (weights_only=True)")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
-        return _dir_type(ctx, ctx.recipe_dir / params.path, "path")
+        root = ctx.recipe_dir / params.path
+        if params.allow_pickle and root.is_dir() and pickled_weights(root) and not (root / "model.safetensors").exists():
+            try:
+                read_config(root)
+            except ModelDirError as err:
+                return ctx.error(err.code, err.message, "path", err.hint)
+            return Type(Kind.MODEL, None)  # a pickle has no header: its signature is known once converted
+        return _dir_type(ctx, root, "path")
 
     @classmethod
     def node_params(cls, params, ctx):
-        return {"path": str((ctx.recipe_dir / params.path).resolve())}
+        return {"path": str((ctx.recipe_dir / params.path).resolve()), "allow_pickle": params.allow_pickle}
 
 
 @register

@@ -50,3 +50,13 @@ def read_lock(path: Path) -> dict | None:
         return None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not a valid lockfile: {err}") from None
+
+
+def carry_file_hashes(previous: dict | None, current: dict) -> dict:
+    """`run` does not re-hash input files; where an input's content digest is unchanged, the file hashes
+    an earlier `lock` recorded still hold, so they carry over instead of vanishing from the lock."""
+    for label, entry in current.get("inputs", {}).items():
+        old = ((previous or {}).get("inputs") or {}).get(label) or {}
+        if "files" not in entry and old.get("digest") == entry.get("digest") and "files" in old:
+            entry["files"] = old["files"]
+    return current

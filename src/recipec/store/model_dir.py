@@ -66,10 +66,12 @@ def read_model_dir(root: Path) -> ModelFiles:
     elif (root / SINGLE_FILE).is_file():
         shard_of = None
     else:
-        pickled = [p for p in PICKLE_FILES if (root / p).exists()]
-        hint = ("this model has only pickled weights; convert them to safetensors" if pickled
-                else f"expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
-        raise ModelDirError("E401", f"no safetensors weights in {root}", root, hint)
+        if pickled_weights(root):
+            raise ModelDirError("E509", f"{root} has only pickled weights ({PICKLE_FILES[0]})", root,
+                                "loading a pickle can run code: convert it to safetensors, or allow it "
+                                "explicitly with load(path, allow_pickle=true)")
+        raise ModelDirError("E401", f"no safetensors weights in {root}", root,
+                            f"expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
     files = sorted(set(shard_of.values())) if shard_of else [root / SINGLE_FILE]
     tensors: dict[str, TensorEntry] = {}
     holder: dict[str, Path] = {}
@@ -94,6 +96,18 @@ def read_model_dir(root: Path) -> ModelFiles:
             raise ModelDirError("E406", f"{INDEX_FILE} lists `{missing[0]}` but {shard_of[missing[0]].name} "
                                 f"does not contain it ({len(missing)} missing)", root / INDEX_FILE)
     return ModelFiles(root, config, tensors, holder, tuple(files))
+
+
+def pickled_weights(root: Path) -> list[Path]:
+    """The pickled weight files of a directory without safetensors: one file, or the shards of an index."""
+    if (root / PICKLE_FILES[0]).is_file():
+        return [root / PICKLE_FILES[0]]
+    index = root / PICKLE_FILES[1]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [root / s for s in shards if _is_plain_file_name(s)]
 
 
 def _read_index(root: Path) -> dict[str, Path]:

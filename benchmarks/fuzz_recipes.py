@@ -140,7 +140,7 @@ NAMES = ["a", "b", "base", "chat", "cp", "model", "x", "_", "shared", "delta", "
          "hf", "text", "size", "seed", "dtype", "embeddings", "norms", "field", "revision", "config", "arch"]
 NUMBERS = ["0", "1", "2", "0.8", ".5", "1.", "1e9", "1E-5", "1e+3", "100M", "2B", "1.5T", "500K", "7G",
            "1_000", "1__", "0.0", "1e400", "1e-400", "3.14159", "99999999999999999999", "1e308", "00", "0_0",
-           "(1e400 + 0.5)"]
+           "(1e400 + 0.5)", "1e300", "1e-300", "(1e300*1e300 + 0.5)", "(1e-300*1e-300)"]
 STRINGS = ['"llama"', '"gpt2"', '"bert"', '"tiny"', '"small"', '"1b"', '"out/m"', '"lib.rcp"', '"bad.rcp"',
            '"cyc_a.rcp"', '"models/tiny"', '"models/badcfg"', '"models/arch_int"', '"models/trunc"',
            '"models/badindex"', '"models/nocfg"', '"data/*.txt"', '"data/*.jsonl"', '"org/name"', '"overlap"',
@@ -268,7 +268,7 @@ def _call(rng: random.Random, names: list[str], depth: int) -> str:
             args.append(f"base={rng.choice(models)}")
         args.append("method=" + rng.choice(['"linear"', '"task_arithmetic"', '"ties"', '"dare"', '"slerp"', '"nope"']))
         for key in rng.sample(MERGE_KEYS, rng.choice([0, 1, 2])):
-            value = rng.choice(NUMBERS + ["(1e400 + 0.5)", "[1, 2]", "[0.5, (1e400 + 0.5)]", "[]", "true", '"x"'])
+            value = rng.choice(NUMBERS + ["[1, 2]", "[0.5, (1e300*1e300 + 0.5)]", "[]", "true", '"x"'])
             args.append(f"{key}={value}")
         return f"merge({', '.join(args)})"
     if op == "init":
@@ -303,12 +303,12 @@ def program(rng: random.Random) -> str:
         r = 0.0 if i < 2 and rng.random() < 0.6 else rng.random()  # often start with two models
         if r < 0.3:  # a good model, or nearly
             arch = rng.choice(['"llama"', '"llama"', '"gpt2"', '"bert"'])
-            value = f"init({arch}, size=\"tiny\", seed={rng.choice(NUMBERS + ['(1e400 + 0.5)', '-1'])})"
+            value = f"init({arch}, size=\"tiny\", seed={rng.choice(['1', '2', '3', '-1'] + NUMBERS)})"
             if rng.random() < 0.2:
                 value = f"init({arch}, config={rng.choice(CONFIGS)})"
             models.append(name)
         elif r < 0.55 and len(models) >= 2:  # weights summing to 1 whatever the number
-            c = rng.choice(NUMBERS + ["(1e400 + 0.5)", "1/3"])
+            c = rng.choice(NUMBERS + ["(1e300*1e300 + 0.5)", "1/3"])
             value = f"{c}*{rng.choice(models)} + (1 - {c})*{rng.choice(models)}"
             if rng.random() < 0.3:
                 value = f"combine({value}, {rng.choice(['embeddings', 'norms', 'dtype'])}={_expr(rng, [])})"
@@ -320,7 +320,8 @@ def program(rng: random.Random) -> str:
         names.append(name)
     for _ in range(rng.randrange(0, 3)):
         fmt = rng.choice(["", "", " as hf", " as onnx", " as zzz"])
-        value = rng.choice(names) if names and rng.random() < 0.5 else _expr(rng, names)
+        r = rng.random()
+        value = names[-1] if names and r < 0.3 else rng.choice(names) if names and r < 0.6 else _expr(rng, names)
         lines.append(f"export {value} to {rng.choice(STRINGS)}{fmt}")
     return "\n".join(lines) + "\n"
 
@@ -347,7 +348,11 @@ def deep_nesting(rng: random.Random) -> str:
 
 def long_line(rng: random.Random) -> str:
     n = rng.choice([1_000, 3_000, 10_000])
-    kind = rng.randrange(4)
+    kind = rng.randrange(6)
+    if kind == 4:  # numbers that are expensive to build exactly: a huge exponent, a huge mantissa
+        return "recipec 1\nx = " + rng.choice(["1e9999999", "1e-9999999", "9" * n, "0." + "0" * n + "1e" + "9" * 7]) + "\n"
+    if kind == 5:
+        return "recipec 1\nx = f(" + ", ".join(f"k{i}={i}" for i in range(n // 8)) + ")\n"
     if kind == 0:
         return "recipec 1\nx = " + "a" * n + "\n"
     if kind == 1:

@@ -106,7 +106,8 @@ def measure_process(cmd: list[str], env: dict[str, str] | None = None, cwd: str 
     Keys: ``seconds`` (wall), ``peak_anon_bytes`` (largest sampled sum of
     RssAnon over the tree), ``peak_rss_bytes`` (same for VmRSS),
     ``vmhwm_bytes`` (sum of each process's kernel-tracked VmHWM),
-    ``ru_maxrss_bytes`` (wait4's peak RSS of the child), ``samples``,
+    ``ru_maxrss_bytes`` (wait4's peak RSS of the child), ``cpu_seconds``
+    (user + system time of the child and the descendants it waited for), ``samples``,
     ``returncode`` and ``output_tail`` (last 4000 characters of stdout+stderr).
     """
     with tempfile.TemporaryFile(mode="w+b") as log:
@@ -129,6 +130,8 @@ def measure_process(cmd: list[str], env: dict[str, str] | None = None, cwd: str 
         "peak_rss_bytes": peaks.rss,
         "vmhwm_bytes": sum(peaks.hwm.values()),
         "ru_maxrss_bytes": rusage.ru_maxrss * 1024,  # Linux reports kB
+        # CPU time barely moves when other work shares the cores; wall time does.
+        "cpu_seconds": rusage.ru_utime + rusage.ru_stime,
         "samples": peaks.samples,
         "returncode": proc.returncode,
         "output_tail": tail,

@@ -204,7 +204,8 @@ def _settings(config: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
                          f"{', '.join(sorted(_DEFAULTS))}")
     architectures = config.get("architectures")
-    if architectures is not None and list(architectures) != [_HEAD_CLASS[model_type]]:
+    if architectures is not None and (not isinstance(architectures, list)
+                                      or architectures != [_HEAD_CLASS[model_type]]):
         raise ValueError(f"{model_type} config names architectures {architectures!r}; recipec knows the "
                          f"tensors of {_HEAD_CLASS[model_type]} only")
     if config.get("quantization_config") is not None:

@@ -24,6 +24,7 @@ from ..ops.base import LINEAR, Context, Input, Op
 from ..ops.sources import model_reference
 from ..source import Span
 from ..syntax import ast, parse_file
+from ..syntax.parser import MAX_MAGNITUDE
 from .graph import ExportSpec, Graph, Node
 from .types import Kind, Type
 
@@ -189,7 +190,12 @@ class Lowerer:
                              "break the cycle", [Note("defined here", assign.name.span)])
             return POISON
         self.evaluating.add(key)
-        value = self.expr(owner, assign.value)
+        try:
+            value = self.expr(owner, assign.value)
+        except RecursionError:
+            self.diags.error("E001", "expression nested too deeply", assign.value.span,
+                             "split it into named parts: `part = ...`")
+            value = POISON
         self.evaluating.discard(key)
         if isinstance(value, Graphed) and name.id not in value.node.names:
             value.node.names.append(name.id)
@@ -210,7 +216,7 @@ class Lowerer:
         if isinstance(e, ast.List):
             return Items(tuple(self.expr(module, item) for item in e.items))
         if isinstance(e, ast.Neg):
-            return self._scale(module, self.expr(module, e.operand), Fraction(-1), e.operand, e)
+            return self._scale(module, self.expr(module, e.operand), Fraction(-1), e.operand, e)  # |x| unchanged
         if isinstance(e, ast.BinOp):
             return self._binop(module, e)
         if isinstance(e, ast.Call):
@@ -231,6 +237,19 @@ class Lowerer:
         return None
 
     def _binop(self, module: Module, e: ast.BinOp) -> Value:
+        return self._bounded(self._fold(module, e), e)
+
+    def _bounded(self, value: Value, e: ast.Expr) -> Value:
+        """Numbers and coefficients must stay representable as floats."""
+        numbers = [value.value] if isinstance(value, Scalar) else [c for _, c in value.terms] if isinstance(
+            value, Linear) else []
+        if any(abs(q) > MAX_MAGNITUDE or (q and abs(q) < 1 / MAX_MAGNITUDE) for q in numbers):
+            self.diags.error("E302", "a number in this expression is out of range", e.span,
+                             "keep numbers between 1e-300 and 1e300 in magnitude")
+            return POISON
+        return value
+
+    def _fold(self, module: Module, e: ast.BinOp) -> Value:
         left, right = self.expr(module, e.left), self.expr(module, e.right)
         if isinstance(left, Poison) or isinstance(right, Poison):
             return POISON

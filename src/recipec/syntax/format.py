@@ -88,7 +88,8 @@ def format_recipe(recipe: ast.Recipe) -> str:
         if owner is None:
             nxt = next((i for i, start in enumerate(starts) if start > c.span.start), None)
             (footer if nxt is None else leading[nxt]).append(c)
-        elif c.trailing and _same_line(text, recipe.statements[owner].span.end, c.span.start):
+        elif (c.trailing and c.span.start >= recipe.statements[owner].span.end
+              and _same_line(text, recipe.statements[owner].span.end, c.span.start)):
             trailing[owner] = c.text
         else:
             leading[owner].append(c)

@@ -111,6 +111,10 @@ def _parse_statement(masked: str, chunk, source: Source, diags: Diagnostics) -> 
     builder = _AstBuilder(source, chunk.start)
     try:
         return builder.transform(tree)
+    except RecursionError:
+        diags.error("E001", "expression nested too deeply", Span(source, chunk.start, chunk.end),
+                    "split it into named parts: `part = ...`")
+        return None
     except lark.exceptions.VisitError as err:
         if isinstance(err.orig_exc, _BadLiteral):
             bad = err.orig_exc
@@ -176,13 +180,27 @@ class _BadLiteral(Exception):
         self.message, self.start, self.end, self.hint = message, start, end, hint
 
 
+# Numbers must stay representable as floats, the form ops and backends receive them in.
+MAX_MAGNITUDE = Fraction(10) ** 300
+
+
 def _number(text: str) -> Fraction:
     digits = text.replace("_", "")
     scale = 1
     if digits[-1] in _SUFFIX:
         scale = _SUFFIX[digits[-1]]
         digits = digits[:-1]
-    return Fraction(digits) * scale
+    mantissa, _, exponent = digits.lower().partition("e")
+    if exponent and abs(int(exponent)) > 400:  # decide before Fraction builds a 10**huge integer
+        raise _OutOfRange
+    value = Fraction(digits) * scale
+    if abs(value) > MAX_MAGNITUDE or (value and abs(value) < 1 / MAX_MAGNITUDE):
+        raise _OutOfRange
+    return value
+
+
+class _OutOfRange(ValueError):
+    pass
 
 
 class _AstBuilder(lark.Transformer):
@@ -225,6 +243,9 @@ class _AstBuilder(lark.Transformer):
         tok = children[0]
         try:
             value = _number(str(tok))
+        except _OutOfRange:
+            raise _BadLiteral(f"number `{tok}` is out of range", tok.start_pos, tok.end_pos,
+                              "keep numbers between 1e-300 and 1e300 in magnitude")
         except (ValueError, ZeroDivisionError):
             raise _BadLiteral(f"malformed number `{tok}`", tok.start_pos, tok.end_pos, _NUMBER_HINT)
         return ast.Number(value, str(tok), self._span(tok))

@@ -1,9 +1,9 @@
 """The streaming rule for `combine`: Σ c_i·m_i, tensor by tensor, chunk by chunk, in fp32.
 
 Each output tensor is computed in chunks of `STREAM_CHUNK_ELEMENTS` straight from the memory-mapped
-inputs into its place in the output mapping: the first input is copied into a preallocated fp32
-buffer and scaled, every other input is added with its coefficient (fp32 accumulation), and the sum
-is cast to the output dtype on the way out. Chunks are fixed by the tensor's size alone and every
+inputs: the first input is copied into a preallocated fp32 buffer and scaled, every other input is
+added with its coefficient (fp32 accumulation), and the sum is cast into a staging buffer of the output
+dtype and written at its place in the output file. Chunks are fixed by the tensor's size alone and every
 torch op here is elementwise on one thread, so the bytes never depend on how many threads ran.
 
 Per-tensor policies: `norms="keep"` keeps the first model's norm weights; `embeddings` decides the
@@ -26,7 +26,7 @@ import torch
 from .. import arch
 from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature
 from ..ops.sources import signature_of_files
-from ..store.tensors import ModelReader, ModelWriter, OutTensor, model_digest, tensor_digest
+from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, OutTensor
 from . import rule
 from .job import Job, RunFailure
 from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
@@ -116,66 +116,86 @@ def arch_vocab_tensors(config: dict) -> tuple[str, ...]:
 
 
 class _Kernel:
-    """Per-thread fp32 buffers, reused for every chunk: the fast path on this CPU (FACTS.md)."""
+    """Per-thread buffers, reused for every chunk: fp32 accumulation and an output-dtype staging area.
+
+    Preallocated, cache-sized buffers are the fast path on this CPU (FACTS.md): elementwise ops that
+    allocate run several times slower than the same math into buffers that already exist.
+    """
 
     def __init__(self) -> None:
         self.acc = torch.empty(STREAM_CHUNK_ELEMENTS, dtype=torch.float32)
-        self.tmp = torch.empty(STREAM_CHUNK_ELEMENTS, dtype=torch.float32)
+        self.out: dict[torch.dtype, torch.Tensor] = {}
 
-    def combine(self, out: torch.Tensor, parts: list[torch.Tensor], coefficients: tuple[float, ...]) -> None:
-        """out = Σ c_i·parts_i over flat tensors, chunk by chunk, accumulating in fp32."""
-        n = out.numel()
+    def staging(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        if dtype not in self.out:
+            self.out[dtype] = torch.empty(STREAM_CHUNK_ELEMENTS, dtype=dtype)
+        return self.out[dtype][:n]
+
+    def combine(self, parts: list[torch.Tensor], coefficients: tuple[float, ...], dtype: torch.dtype,
+                emit) -> None:
+        """Σ c_i·parts_i over flat tensors, chunk by chunk in fp32; `emit(chunk)` receives each result."""
+        n = parts[0].numel()
         live = [(p, c) for p, c in zip(parts, coefficients) if c != 0.0] or [(parts[0], 0.0)]
+        (first, c0), rest = live[0], live[1:]
         for start in range(0, n, STREAM_CHUNK_ELEMENTS):
             end = min(n, start + STREAM_CHUNK_ELEMENTS)
-            acc, tmp = self.acc[: end - start], self.tmp[: end - start]
-            (first, c0), rest = live[0], live[1:]
+            acc = self.acc[: end - start]
             acc.copy_(first[start:end])
             if c0 != 1.0:
                 acc.mul_(c0)
             for part, c in rest:
-                tmp.copy_(part[start:end])
-                acc.add_(tmp, alpha=c)
-            out[start:end].copy_(acc)
+                acc.add_(part[start:end], alpha=c)  # upcast on the fly: fp32 math, no second buffer
+            out = self.staging(dtype, end - start)
+            out.copy_(acc)
+            emit(out)
 
 
-def _compute(plan: TensorPlan, readers: list[ModelReader], writer: ModelWriter, kernel: _Kernel) -> None:
-    out = writer.tensor(plan.name)
+def _compute(plan: TensorPlan, t: OutTensor, readers: list[ModelReader], writer: ModelWriter,
+             kernel: _Kernel) -> None:
+    dtype = TORCH_DTYPES[t.dtype]
     parts = [r.tensor(s) for r, s in zip(readers, plan.sources)]
-    if plan.rows is None:
-        kernel.combine(out.reshape(-1), [p.reshape(-1) for p in parts], plan.coefficients)
-    else:
-        shared = [p[: plan.rows].reshape(-1) for p in parts]
-        kernel.combine(out[: plan.rows].reshape(-1), shared, plan.coefficients)
-        if out.shape[0] > plan.rows:
-            out[plan.rows:].copy_(parts[0][plan.rows:])
+    if plan.rows is None and not plan.row_overrides:
+        kernel.combine([p.reshape(-1) for p in parts], plan.coefficients, dtype,
+                       lambda chunk: writer.write(t.name, chunk))
+        return
+    # Vocabulary tensors under a row policy are assembled whole (in the output dtype), then written.
+    rows = plan.rows if plan.rows is not None else t.shape[0]
+    whole = torch.empty(t.shape, dtype=dtype)
+    flat, cursor = whole[:rows].reshape(-1), [0]
+
+    def place(chunk: torch.Tensor) -> None:
+        flat[cursor[0]: cursor[0] + chunk.numel()].copy_(chunk)
+        cursor[0] += chunk.numel()
+
+    kernel.combine([p[:rows].reshape(-1) for p in parts], plan.coefficients, dtype, place)
+    if t.shape[0] > rows:
+        whole[rows:].copy_(parts[0][rows:])
     for row, source in plan.row_overrides:
-        out[row].copy_(parts[source][row])
+        whole[row].copy_(parts[source][row])
+    writer.write(t.name, whole)
 
 
 def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], compute, shard_size: int) -> str:
-    """Run `compute(plan, readers, writer, kernel)` for every tensor on the job's threads; returns the digest."""
+    """Run `compute(plan, tensor, readers, writer, kernel)` for every tensor on the job's threads; returns
+    the result's content digest."""
     readers = [ModelReader(a.files) for a in job.inputs]
     writer = ModelWriter(job.out, out, shard_size)
     local = threading.local()
-    entries: dict[str, tuple] = {}
-    dtypes = {t.name: t for t in out}
+    by_name = {t.name: t for t in out}
 
     def one(plan: TensorPlan) -> None:
         if job.cancelled.is_set():
             return
         if not hasattr(local, "kernel"):
             local.kernel = _Kernel()
-        compute(plan, readers, writer, local.kernel)
-        t = dtypes[plan.name]
-        entries[plan.name] = tensor_digest(t.name, t.dtype, t.shape, writer.raw(t.name))
-        job.progress(t.nbytes)
+        compute(plan, by_name[plan.name], readers, writer, local.kernel)
+        job.progress(by_name[plan.name].nbytes)
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
     try:
         # Largest tensors first, so the last ones to finish are small and the threads end together.
-        order = sorted(plans, key=lambda p: -dtypes[p.name].nbytes)
+        order = sorted(plans, key=lambda p: -by_name[p.name].nbytes)
         with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
             futures = [pool.submit(one, p) for p in order]
             try:
@@ -186,13 +206,12 @@ def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], comp
                 for future in futures:
                     future.cancel()
                 raise
-        writer.finish()
+        return writer.finish()
     finally:
         torch.set_num_threads(previous_threads)
         writer.close()
         for r in readers:
             r.close()
-    return model_digest(list(entries.values()))
 
 
 def output_tensors(job: Job) -> list[OutTensor]:

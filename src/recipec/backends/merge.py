@@ -11,6 +11,7 @@ import torch
 from . import rule
 from .arithmetic import TensorPlan, output_tensors, source_name, stream_tensors
 from .job import Job, RunFailure
+from ..store.tensors import TORCH_DTYPES
 from .merge_methods import merge_tensor
 from .model_files import copy_model_files
 
@@ -30,7 +31,7 @@ def build_merge(job: Job) -> str:
             raise RunFailure("E502", f"`{t.name}` is missing from {missing}", "re-run `recipec check`")
         plans.append(TensorPlan(t.name, sources, tuple(weights)))
 
-    def compute(plan: TensorPlan, readers, writer, kernel) -> None:
+    def compute(plan: TensorPlan, t, readers, writer, kernel) -> None:
         tensors = [r.tensor(s).to(torch.float32) for r, s in zip(readers, plan.sources)]
         base = tensors.pop() if with_base else None
         try:
@@ -39,7 +40,7 @@ def build_merge(job: Job) -> str:
                                   seed=params["seed"], normalize=params["normalize"])
         except ValueError as err:
             raise RunFailure("E502", str(err)) from None
-        writer.tensor(plan.name).copy_(merged)
+        writer.write(plan.name, merged.to(TORCH_DTYPES[t.dtype]))
 
     digest = stream_tensors(job, out, plans, compute, shard_size=params["shard_size"])
     copy_model_files(job, out)

@@ -18,7 +18,7 @@ from .. import arch
 from ..ir.types import DTYPE_CODES
 from ..store import hub
 from ..ops.sources import TOKENIZER_FILES
-from ..store.tensors import TORCH_DTYPES, ModelWriter, OutTensor, model_digest, tensor_digest, write_json
+from ..store.tensors import TORCH_DTYPES, ModelWriter, OutTensor, write_json
 from . import rule
 from .job import Job, RunFailure
 
@@ -45,14 +45,13 @@ def build_init(job: Job) -> str:
     state = model.state_dict()
     dtype = DTYPE_CODES[params["dtype"]]
     shapes = arch.tensor_shapes(config)
-    writer = ModelWriter(job.out, [OutTensor(n, dtype, s) for n, s in shapes.items()], shard_size=5 * 10**9)
+    layout = [OutTensor(n, dtype, s) for n, s in shapes.items()]
+    writer = ModelWriter(job.out, layout, shard_size=5 * 10**9)
     try:
-        entries = []
-        for name in shapes:
-            writer.tensor(name).copy_(state[name])
-            entries.append(tensor_digest(name, dtype, shapes[name], writer.raw(name)))
-            job.progress(writer.raw(name).nbytes)
-        writer.finish()
+        for t in layout:
+            writer.write(t.name, state[t.name].to(TORCH_DTYPES[dtype]))
+            job.progress(t.nbytes)
+        digest = writer.finish()
     finally:
         writer.close()
     write_json(job.out / "config.json", config)
@@ -63,7 +62,7 @@ def build_init(job: Job) -> str:
             if hashlib.sha256(data).hexdigest() != digest:
                 raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
             (job.out / name).write_bytes(data)
-    return model_digest(entries)
+    return digest
 
 
 def resolve_hub(repo_id: str, revision: str | None, offline: bool) -> tuple[Path, str]:
@@ -101,14 +100,12 @@ def convert_pickle(files: list[Path], config_dir: Path, out: Path) -> str:
     layout = [OutTensor(n, codes[t.dtype], tuple(t.shape)) for n, t in sorted(state.items())]
     writer = ModelWriter(out, layout, shard_size=5 * 10**9)
     try:
-        entries = []
         for t in layout:
-            writer.tensor(t.name).copy_(state[t.name])
-            entries.append(tensor_digest(t.name, t.dtype, t.shape, writer.raw(t.name)))
-        writer.finish()
+            writer.write(t.name, state[t.name])
+        digest = writer.finish()
     finally:
         writer.close()
     for name in ("config.json",) + TOKENIZER_FILES:
         if (config_dir / name).is_file():
             (out / name).write_bytes((config_dir / name).read_bytes())
-    return model_digest(entries)
+    return digest

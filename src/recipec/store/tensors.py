@@ -2,14 +2,15 @@
 
 Reading maps each file once and hands out zero-copy torch views, so a model is never loaded whole.
 Writing knows every output tensor's name, dtype and shape before any is computed (the plan has them),
-so each shard's header is written first, its space reserved with `posix_fallocate` (a full disk fails
-here, cleanly, instead of as a SIGBUS mid-write) and each tensor is computed straight into its place in
-a writable mapping. Headers are canonical — sorted names, 8-byte aligned, metadata exactly
+so each shard's header is written first and its space reserved with `posix_fallocate` (a full disk
+fails there, cleanly), then each tensor's bytes are written at their place as they are computed, with
+`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. Headers are canonical — sorted names, 8-byte aligned, metadata exactly
 `{"format": "pt"}` — so the same tensors always give the same bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -115,45 +116,63 @@ def shard_names(count: int) -> list[str]:
 
 
 class ModelWriter:
-    """Writes a model's safetensors files into `directory`, tensor by tensor, into pre-allocated space."""
+    """Writes a model's safetensors files into `directory`, tensor by tensor, into pre-allocated space.
+
+    Each tensor arrives as one or more contiguous pieces, in order (`write`); the writer hashes the bytes
+    as they pass (the tensor digests for the model's content digest) and, once a tensor is complete,
+    asks the kernel to start writing it back, so the final fsync has little left to do.
+    """
 
     def __init__(self, directory: Path, tensors: list[OutTensor], shard_size: int):
         self.directory = directory
         self.layout = shard_layout(tensors, shard_size)
         self.files = shard_names(len(self.layout))
-        self._maps: list[mmap.mmap] = []
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int, OutTensor]] = {}
+        self._done: dict[str, int] = {}
+        self._hashes: dict[str, hashlib._Hash] = {}
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):
             header, offsets = header_bytes(shard)
             size = len(header) + sum(t.nbytes for t in shard)
             fd = os.open(directory / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             if size:
-                os.posix_fallocate(fd, 0, size)
+                os.posix_fallocate(fd, 0, size)  # a full disk fails here, before any work is done
             os.pwrite(fd, header, 0)
-            self._maps.append(mmap.mmap(fd, size, access=mmap.ACCESS_WRITE) if size > len(header) else None)
             for t in shard:
-                begin, end = offsets[t.name]
+                begin, _ = offsets[t.name]
                 self._where[t.name] = (k, len(header) + begin, t)
+                self._done[t.name] = 0
+                self._hashes[t.name] = hashlib.sha256()
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The writable place of one output tensor, in its output dtype and shape."""
+    def write(self, name: str, piece: torch.Tensor) -> None:
+        """Append the next contiguous piece of tensor `name`, already in its output dtype."""
         k, begin, t = self._where[name]
-        numel = math.prod(t.shape)
-        if numel == 0:
-            return torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
-        return torch.frombuffer(self._maps[k], dtype=TORCH_DTYPES[t.dtype], count=numel, offset=begin).view(t.shape)
+        data = memoryview(piece.contiguous().reshape(-1).view(torch.uint8).numpy())
+        offset = self._done[name]
+        if offset + data.nbytes > t.nbytes:
+            raise ValueError(f"too much data for tensor {name}")
+        self._hashes[name].update(data)
+        written = 0
+        while written < data.nbytes:  # pwrite may write less than asked
+            written += os.pwrite(self._fds[k], data[written:], begin + offset + written)
+        self._done[name] = offset + data.nbytes
+        if self._done[name] == t.nbytes:
+            _start_writeback(self._fds[k], begin, t.nbytes)
 
-    def raw(self, name: str) -> memoryview:
-        k, begin, t = self._where[name]
-        return memoryview(self._maps[k])[begin:begin + t.nbytes]
+    def digests(self) -> list[tuple]:
+        """Every tensor's digest entry; all tensors must be complete."""
+        entries = []
+        for name, (_, _, t) in sorted(self._where.items()):
+            if self._done[name] != t.nbytes:
+                raise ValueError(f"tensor {name} is incomplete ({self._done[name]} of {t.nbytes} bytes)")
+            entries.append((name, t.dtype, list(t.shape), self._hashes[name].hexdigest()))
+        return entries
 
-    def finish(self) -> None:
-        """Flush and fsync every shard, write the index when sharded, and close."""
-        for m, fd in zip(self._maps, self._fds):
-            if m is not None:
-                m.flush()
+    def finish(self) -> str:
+        """Fsync every shard, write the index when sharded, close; returns the model's content digest."""
+        digest = model_digest(self.digests())
+        for fd in self._fds:
             os.fsync(fd)
         self.close()
         if len(self.files) > 1:
@@ -161,17 +180,31 @@ class ModelWriter:
             total = sum(t.nbytes for shard in self.layout for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             write_json(self.directory / INDEX_FILE, index)
+        return digest
 
     def close(self) -> None:
-        for m in self._maps:
-            if m is not None:
-                try:
-                    m.close()
-                except BufferError:
-                    pass
         for fd in self._fds:
             os.close(fd)
-        self._maps, self._fds = [], []
+        self._fds = []
+
+
+def _load_sync_file_range():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return fn
+    except (OSError, AttributeError):  # not Linux: the final fsync does all the work
+        return None
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    if _SYNC_FILE_RANGE is not None and nbytes:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def write_json(path: Path, data: object) -> None:

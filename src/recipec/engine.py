@@ -29,7 +29,7 @@ from .ops.base import cache_key
 from .store.cache import Cache, file_identity
 from .store.digests import hash_files, hash_model
 from .store.lockfile import lock_digest
-from .store.model_dir import ModelDirError, pickled_weights, read_model_dir
+from .store.model_dir import ModelDirError, pickled_weights, read_model_dir, weight_files
 from .store.release import Card, write_release
 from .toolchain import toolchain_versions
 
@@ -153,7 +153,7 @@ class Engine:
         return self.cache.lookup(key).path
 
     def _input_digest(self, files) -> str:
-        identity = "|".join(file_identity(p) for p in files.files)
+        identity = "|".join(file_identity(p) for p in weight_files(files.root))
         known = self.cache.known_digests().get(identity)
         if known and not self.options.hash_input_files:
             return known

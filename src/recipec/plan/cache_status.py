@@ -7,14 +7,15 @@ is not known, nothing downstream can be known to be cached, and the plan says "b
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..ir.graph import Graph, Node
 from ..ops import REGISTRY
 from ..ops.base import cache_key
 from ..store.cache import Cache, file_identity
 from ..store.hub import cached_snapshot
-from ..store.model_dir import ModelDirError, read_model_dir
+from ..store.model_dir import ModelDirError, weight_files
 from ..toolchain import toolchain_versions
-from pathlib import Path
 
 
 def _input_dir(node: Node) -> Path | None:
@@ -28,6 +29,8 @@ def _input_dir(node: Node) -> Path | None:
 
 def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
     """Ids of the nodes whose results are in the cache."""
+    if not cache.objects.is_dir():  # an empty cache holds nothing: skip even looking at the inputs
+        return set()
     versions = toolchain_versions()
     known = cache.known_digests()
     digests: dict[int, str] = {}
@@ -36,13 +39,12 @@ def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
         if not REGISTRY[node.op].builds:
             root = _input_dir(node)
             try:
-                files = read_model_dir(root) if root else None
-            except ModelDirError:
-                files = None
-            if files is not None:
-                digest = known.get("|".join(file_identity(p) for p in files.files))
-                if digest:
-                    digests[node.id] = digest
+                files = weight_files(root) if root else []
+                digest = known.get("|".join(file_identity(p) for p in files)) if files else None
+            except (ModelDirError, OSError):
+                digest = None
+            if digest:
+                digests[node.id] = digest
             continue
         if not all(i.id in digests for i in node.inputs):
             continue

@@ -98,6 +98,13 @@ def read_model_dir(root: Path) -> ModelFiles:
     return ModelFiles(root, config, tensors, holder, tuple(files))
 
 
+def weight_files(root: Path) -> list[Path]:
+    """A model directory's safetensors files, from its index or by name, without reading any header."""
+    if (root / INDEX_FILE).is_file():
+        return sorted(set(_read_index(root).values()))
+    return [root / SINGLE_FILE] if (root / SINGLE_FILE).is_file() else []
+
+
 def pickled_weights(root: Path) -> list[Path]:
     """The pickled weight files of a directory without safetensors: one file, or the shards of an index."""
     if (root / PICKLE_FILES[0]).is_file():

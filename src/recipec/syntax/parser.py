@@ -8,7 +8,9 @@ E001/E002/E003 diagnostics with the offending token underlined.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
@@ -40,8 +42,30 @@ def grammar_text() -> str:
 
 @lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
-    return lark.Lark(grammar_text(), parser="lalr", start=["header", "stmt"], propagate_positions=True,
-                     keep_all_tokens=True, maybe_placeholders=True)
+    grammar = grammar_text()
+    options = dict(parser="lalr", start=["header", "stmt"], propagate_positions=True, keep_all_tokens=True,
+                   maybe_placeholders=True)
+    # Building the LALR tables costs ~40 ms a process; lark can keep them in a file it validates against
+    # the grammar and its own version. The file lives in the user's own cache directory (never a shared
+    # temp directory: it is a pickle), named by the grammar's hash.
+    cache = _table_cache_path(grammar)
+    if cache is not None:
+        try:
+            return lark.Lark(grammar, cache=str(cache), **options)
+        except (OSError, EOFError, ValueError):
+            pass
+    return lark.Lark(grammar, **options)
+
+
+def _table_cache_path(grammar: str) -> Path | None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = Path(base) / "recipec"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    digest = hashlib.sha256(f"{lark.__version__}\n{grammar}".encode()).hexdigest()[:16]
+    return directory / f"grammar-{digest}.lark-tables"
 
 
 def parse_file(path: Path, display: str | None = None) -> ast.Recipe:

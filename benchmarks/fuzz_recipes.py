@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # Keep the hub cache lookups away from the real cache: results must not depend on the machine.
@@ -327,7 +327,7 @@ def program(rng: random.Random) -> str:
 
 
 def deep_nesting(rng: random.Random) -> str:
-    n = rng.choice([10, 50, 100, 200, 300, 500, 1000])
+    n = rng.choice([10, 50, 100, 200, 250, 300, 400, 450, 500, 1000])
     kind = rng.randrange(7)
     if kind == 0:
         e = "(" * n + "1" + ")" * n
@@ -343,6 +343,8 @@ def deep_nesting(rng: random.Random) -> str:
         e = "(" * n + "1"
     else:  # right-nested arithmetic
         e = "1 - (" * n + "1" + ")" * n
+    if rng.random() < 0.5:  # lowered inside an export rather than a binding
+        return f"recipec 1\nexport {e} to \"out/x\"\n"
     return f"recipec 1\nx = {e}\nexport x to \"out/x\"\n"
 
 
@@ -350,7 +352,8 @@ def long_line(rng: random.Random) -> str:
     n = rng.choice([1_000, 3_000, 10_000])
     kind = rng.randrange(6)
     if kind == 4:  # numbers that are expensive to build exactly: a huge exponent, a huge mantissa
-        return "recipec 1\nx = " + rng.choice(["1e9999999", "1e-9999999", "9" * n, "0." + "0" * n + "1e" + "9" * 7]) + "\n"
+        number = rng.choice(["1e9999999", "1e-9999999", "9" * n, "0." + "0" * n + "1e" + "9" * 7])
+        return f"recipec 1\nx = {number}\n"
     if kind == 5:
         return "recipec 1\nx = f(" + ", ".join(f"k{i}={i}" for i in range(n // 8)) + ")\n"
     if kind == 0:
@@ -559,7 +562,8 @@ def _check_diagnostics(diags) -> list[Bug]:
 
 
 ALL_STAGES = frozenset({"cli", "lower", "fmt"})
-STAGES_FOR = {"crash": {"lower", "fmt"}, "fmt": {"fmt"}, "diagnostic": {"lower", "fmt"}, "timeout": ALL_STAGES}
+STAGES_FOR = {"crash": {"lower", "fmt"}, "fmt": {"fmt"}, "diagnostic": {"lower", "fmt"}, "timeout": ALL_STAGES,
+              "harness": ALL_STAGES}
 
 
 def check_input(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tuple[int | str, list[Bug]]:
@@ -611,45 +615,42 @@ def _lower_stage(path: Path, bugs: list[Bug]) -> None:
 
 
 def _fmt_stage(data: bytes, bugs: list[Bug]) -> None:
-    """3. parse, and the formatter when the text parses"""
+    """3. parse, and when the text parses, format it and parse the result: all at one Python stack depth,
+    so a recipe nested close to the recursion limit cannot pass once and fail the second time."""
     text = data.decode("utf-8", errors="replace")
+    recipe = once = reparsed = twice = None
     try:
         recipe = parse(text)
-    except RecipeError as err_:
-        bugs += _check_diagnostics(err_.diagnostics)
-        recipe = None
-    except InputTimeout:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        bugs.append(Bug("parse", _exc_text(exc), _where(exc), _tb()))
-        recipe = None
-    if recipe is not None:
-        bugs += _check_format(text, recipe)
-
-
-def _check_format(text: str, recipe) -> list[Bug]:
-    try:
         once = format_recipe(recipe)
-        again_ast = parse(once)
-        twice = format_recipe(again_ast)
+        reparsed = parse(once)
+        twice = format_recipe(reparsed)
     except InputTimeout:
         raise
-    except RecipeError as exc:
-        return [Bug("fmt", "formatted text does not parse: " + str(exc)[:100].replace("\n", " "), "fmt-reparse")]
+    except RecipeError as err:
+        if recipe is None:  # the input itself was refused: fine, if the diagnostics are
+            bugs += _check_diagnostics(err.diagnostics)
+        else:
+            bugs.append(Bug("fmt", "formatted text does not parse: " + str(err)[:100].replace("\n", " "),
+                            "fmt-reparse"))
+        return
     except Exception as exc:  # noqa: BLE001
-        return [Bug("fmt", _exc_text(exc), _where(exc), _tb())]
-    bugs = []
-    if again_ast != recipe:
+        stage = "parse" if recipe is None else "fmt"
+        bugs.append(Bug(stage, _exc_text(exc), _where(exc), _tb()))
+        return
+    try:
+        changed = reparsed != recipe
+    except RecursionError:  # dataclass __eq__ recurses too: a recipe this deep cannot be compared here
+        changed = False
+    if changed:
         bugs.append(Bug("fmt", "format changed the AST", "fmt-ast"))
     if twice != once:
         bugs.append(Bug("fmt", "format is not idempotent", "fmt-idempotence"))
-    if sorted(c.text for c in again_ast.comments) != sorted(c.text for c in recipe.comments):
+    if sorted(c.text for c in reparsed.comments) != sorted(c.text for c in recipe.comments):
         bugs.append(Bug("fmt", "format lost or changed a comment", "fmt-comments"))
     try:
         once.encode("utf-8")
     except UnicodeEncodeError as exc:
         bugs.append(Bug("fmt", f"formatted text is not UTF-8-encodable: {exc.reason}", "fmt-utf8"))
-    return bugs
 
 
 def run_one(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tuple[int | str, list[Bug], float]:
@@ -659,6 +660,8 @@ def run_one(path: Path, data: bytes, json_flag: bool, stages=ALL_STAGES) -> tupl
         status, bugs = check_input(path, data, json_flag, stages)
     except InputTimeout:
         status, bugs = "timeout", [Bug("timeout", f"no result in {PER_INPUT_TIMEOUT_S} s", "timeout")]
+    except Exception as exc:  # noqa: BLE001 - a bug in this script: report it, keep going
+        status, bugs = "harness-error", [Bug("harness", _exc_text(exc), _where(exc), _tb())]
     finally:
         signal.alarm(0)
     return status, bugs, time.perf_counter() - t0
@@ -782,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     print("input kinds: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     print("cli exit statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items(), key=str)))
     print(f"tracebacks: {tracebacks}  (" + ", ".join(f"{k} {by_kind[k]}" for k in CRASH_KINDS) + ")")
-    print("other violations: " + ", ".join(f"{k} {by_kind[k]}" for k in ("diagnostic", "fmt", "timeout")))
+    print("other violations: " + ", ".join(f"{k} {by_kind[k]}" for k in ("diagnostic", "fmt", "timeout", "harness")))
     print(f"inputs with any bug: {n_bad_inputs}; distinct bugs: {len(buckets)}")
     if slow:
         slow.sort(key=lambda s: -s[0])

@@ -24,7 +24,11 @@ import sys
 import venv
 from pathlib import Path
 
-TORCH_PIN = "torch==2.13.0"
+# The local version label makes the pin unsatisfiable by PyPI (which only has
+# the CUDA build under plain 2.13.0): pip takes the CPU wheel from disk or fails
+# at once, instead of downloading GBs of CUDA torch when the wheel is missing or
+# does not fit this Python (it is cp311).
+TORCH_PIN = "torch==2.13.0+cpu"
 MERGEKIT_PIN = "mergekit==0.1.5"
 # Where this machine keeps the CPU torch wheel; pip's config usually names it
 # already, passing it again keeps this working with a bare pip config.
@@ -66,7 +70,7 @@ def _torch_version(python: Path) -> tuple[str, str | None]:
 def _check_cpu_torch(python: Path) -> str:
     """Refuse a CUDA build: it is GBs larger and not what the benchmark measures."""
     version, cuda = _torch_version(python)
-    if cuda is not None or not version.startswith("2.13.0"):
+    if cuda is not None or version != "2.13.0+cpu":
         raise RuntimeError(f"peer venv got torch {version} (cuda={cuda}); want 2.13.0 CPU build")
     return version
 

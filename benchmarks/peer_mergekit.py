@@ -41,15 +41,18 @@ except ImportError:  # run as a script: benchmarks/ itself is on sys.path
 DEFAULT_SHARD_BYTES = 1 << 30
 
 
+def _yaml_str(path: Path) -> str:
+    """An absolute path as a YAML double-quoted scalar (JSON's escaping is valid YAML)."""
+    return json.dumps(str(Path(path).resolve()))
+
+
 def mergekit_yaml(base: Path, chat: Path, cp: Path, k: float, compute_dtype: str = "bfloat16") -> str:
     """The mergekit config computing cp + k * (chat - base), written out in bf16.
 
     ``compute_dtype`` is mergekit's ``dtype``: the inputs are cast to it and the
     arithmetic runs in it; ``out_dtype`` then casts the result to bf16.
     """
-    # json.dumps gives a double-quoted string, which YAML reads the same way
-    # (safe for paths with spaces or colons).
-    q = lambda p: json.dumps(str(Path(p).resolve()))  # noqa: E731
+    q = _yaml_str
     return (
         "merge_method: task_arithmetic\n"
         f"base_model: {q(base)}\n"

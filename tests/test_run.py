@@ -216,3 +216,25 @@ def test_local_sharded_inputs_and_tied_embeddings(tmp_path, capsys):
     inputs = lock_of(recipe)["inputs"]
     assert sorted(i["path"] for i in inputs.values()) == [str(tmp_path / "tied"), str(tmp_path / "untied")]
     assert all(i["digest"].startswith("sha256:") for i in inputs.values())
+
+
+def test_tokenizer_and_chat_template_overrides(tmp_path, capsys):
+    copy_example(tmp_path, "chat_vector_zh.rcp")
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    recipe = tmp_path / "r.rcp"
+    recipe.write_text('recipec 1\n'
+                      'base = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama")\n'
+                      'chat = init("llama", size="tiny", seed=2, tokenizer="tokenizers/llama-chat")\n'
+                      'export combine(base + 0.5*(chat - base), tokenizer="tokenizers/llama-zh", '
+                      'chat_template="templates/chat.jinja") to "out/m"\n')
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    release = tmp_path / "out" / "m"
+    assert (release / "tokenizer.json").read_bytes() == (tmp_path / "tokenizers/llama-zh/tokenizer.json").read_bytes()
+    template = (tmp_path / "templates" / "chat.jinja").read_text()
+    assert (release / "chat_template.jinja").read_text() == template
+    assert json.loads((release / "tokenizer_config.json").read_text())["chat_template"] == template
+    # The template's content is part of the key: editing it rebuilds the node.
+    (tmp_path / "templates" / "chat.jinja").write_text("{{ messages[0]['content'] }}")
+    status, out, _ = run(["run", "--json", str(recipe)], capsys)
+    assert [n["status"] for n in json.loads(out)["nodes"]] == ["cached", "cached", "built"]

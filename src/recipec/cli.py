@@ -124,16 +124,23 @@ def _run_options(args, **overrides):
     return options
 
 
-def _progress(args):
-    """A rich progress bar on a terminal; nothing otherwise."""
+def _progress(args, program):
+    """A rich progress bar on a terminal (bytes written, rate, ETA over what the plan will build)."""
     if args.json or not sys.stderr.isatty():
         return None, None
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
+    from .plan import make_plan
+    from .plan.cache_status import cached_nodes
+    from .store.cache import Cache, default_cache_dir
+
+    cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
+    plan = make_plan(program.graph, args.file, lambda node: node.id in cached)
+    total = sum(s.cost.bytes_written for s in plan.steps if s.status == "build") or None
     progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True,
-                        console=__import__("rich.console").console.Console(stderr=True))
-    return progress, progress.add_task("building", total=None)
+                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+    return progress, progress.add_task(f"building {plan.to_build} node(s)", total=total)
 
 
 def cmd_run(args) -> int:
@@ -145,7 +152,7 @@ def cmd_run(args) -> int:
     recipe = Path(args.file)
     program = _lower(args.file)
     _report(program.diagnostics, args)
-    progress, task = _progress(args)
+    progress, task = _progress(args, program)
     options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None)
     engine = Engine(program, recipe, options)
     if args.locked:
@@ -208,11 +215,10 @@ def cmd_cache(args) -> int:
             sys.stdout.write(f"{entry.key[:16]}  {entry.meta.get('op', '?'):<8} {human_bytes(size):>10}  "
                              f"{entry.digest}\n")
         return 0
-    # gc: keep what the recipe needs now, remove the rest
-    from .engine import Engine
+    # gc: keep what the recipe's current plan finds in the cache, remove the rest; never build anything
+    from .plan.cache_status import cached_keys
 
-    engine = Engine(_lower(args.file), Path(args.file), _run_options(args, write_exports=False))
-    keep = {r.key for r in engine.run().results if r.key}
+    keep = set(cached_keys(_lower(args.file).graph, cache).values())
     removed = [e for e in entries if e.key not in keep]
     with cache.locked():
         for entry in removed:

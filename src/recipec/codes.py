@@ -96,6 +96,10 @@ _ENTRIES = [
          "(given with `as` or implied by the path's suffix) is not one recipec writes."),
     Code("E306", "two exports to one path", RECIPE,
          "Two `export` statements write the same output path; the second would overwrite the first."),
+    Code("E307", "tensor not carried", RECIPE,
+         "A warning: the output of a combination ties its embeddings because its first model does, so\n"
+         "another input's separate output projection (`lm_head.weight`) has no place in it and is not\n"
+         "used. Put an untied model first to keep a separate output projection."),
     # Inputs: E4xx
     Code("E401", "missing model files", MISSING,
          "A local model reference points at a directory that does not exist, or that lacks config.json\n"

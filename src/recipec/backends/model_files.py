@@ -48,15 +48,30 @@ def copy_model_files(job: Job, out: list[OutTensor]) -> None:
         config["dtype"] = _TORCH_DTYPE_NAMES[dominant]
         config.pop("torch_dtype", None)
     write_json(job.out / "config.json", config)
+    override = job.node.params.get("tokenizer")
+    source = Path(override["path"]) if override else first
     for name in TOKENIZER_FILES:
-        if name != "generation_config.json" and (first / name).is_file():
-            shutil.copyfile(first / name, job.out / name)
+        if name != "generation_config.json" and (source / name).is_file():
+            shutil.copyfile(source / name, job.out / name)
     generation = _read_json(first / "generation_config.json")
     chat = chat_leaf(job)
     if chat is not None:
         _carry_chat_behaviour(job.inputs[chat].path, job.out, generation)
     elif generation is not None:
         write_json(job.out / "generation_config.json", generation)
+    template = job.node.params.get("chat_template")
+    if template:
+        _set_chat_template(job.out, Path(template["path"]).read_text(encoding="utf-8"))
+
+
+def _set_chat_template(out: Path, template: str) -> None:
+    """An explicit chat template wins over every default: in the file transformers 5 reads, and in
+    tokenizer_config.json for older readers."""
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
+    config = _read_json(out / "tokenizer_config.json")
+    if config is not None:
+        config["chat_template"] = template
+        write_json(out / "tokenizer_config.json", config)
 
 
 def _carry_chat_behaviour(chat_dir: Path, out: Path, generation: dict | None) -> None:

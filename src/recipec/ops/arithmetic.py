@@ -8,9 +8,12 @@ language and lives in lowering; this module checks that the leaves fit together.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import Field, field_validator
+
+from .sources import tokenizer_digests
 
 from ..diagnostics import Note
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
@@ -46,6 +49,9 @@ class Combine(Op):
             [], description='per-tensor factors on the delta part, as "pattern=factor" (fnmatch patterns, '
                             'first match wins; 0 keeps the first model\'s tensor), e.g. ["lm_head.*=0.5"]')
         shard_size: int = Field(5 * 10**9, gt=0, description="the largest shard in bytes, e.g. 2G")
+        tokenizer: str | None = Field(None, description="a model directory whose tokenizer files the output "
+                                                        "ships instead of the first model's")
+        chat_template: str | None = Field(None, description="a Jinja file to use as the output's chat template")
 
         @field_validator("overrides")
         @classmethod
@@ -64,10 +70,28 @@ class Combine(Op):
 
     @classmethod
     def output_type(cls, ctx: Context, inputs, params):
+        if params.tokenizer is not None and not tokenizer_digests(ctx.recipe_dir / params.tokenizer):
+            return ctx.error("E401", f"no tokenizer files in {params.tokenizer!r} (relative to {ctx.recipe_dir})",
+                             "tokenizer", "name a model directory with tokenizer.json or tokenizer_config.json")
+        if params.chat_template is not None and not (ctx.recipe_dir / params.chat_template).is_file():
+            return ctx.error("E401", f"no chat template file {params.chat_template!r} (relative to {ctx.recipe_dir})",
+                             "chat_template", "a chat template is a Jinja file, e.g. templates/chat.jinja")
         total = sum(c for c, n in zip(params.coefficients, inputs) if n.type.kind is Kind.MODEL)
         kind = Kind.MODEL if abs(total - 1) < 1e-9 else Kind.DELTA
         vocab_policy = params.embeddings in ("keep", "overlap")
         return check_same_architecture(ctx, inputs, kind, params.dtype, "expr", vocab_policy)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        data = params.model_dump(mode="json")
+        # Files the output copies are keyed by content; their paths go along only to read them from.
+        if params.tokenizer is not None:
+            root = (ctx.recipe_dir / params.tokenizer).resolve()
+            data["tokenizer"] = {"path": str(root), "files": tokenizer_digests(root)}
+        if params.chat_template is not None:
+            path = (ctx.recipe_dir / params.chat_template).resolve()
+            data["chat_template"] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return data
 
     @classmethod
     def cost(cls, inputs, params, out):
@@ -92,6 +116,12 @@ def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: s
     if not known:
         return Type(kind, None)
     first = known[0]
+    if first.type.signature.tied_embeddings:
+        untied = [n for n in known[1:] if "lm_head.weight" in n.type.signature.by_name]
+        for n in untied:
+            ctx.warning("E307", f"`{n.label}` has its own `lm_head.weight`, but the output ties its embeddings "
+                                f"as `{first.label}` (the first model) does: that tensor is not used", arg,
+                        "put an untied model first to keep a separate output projection")
     for other in known[1:]:
         diff = compare(first.type.signature, other.type.signature)
         if diff is None or (diff.vocab_only and vocab_policy):

@@ -62,6 +62,9 @@ class Context:
     arg_spans: dict[str, Span] = field(default_factory=dict)
     given: dict[str, bool] = field(default_factory=dict)  # which optional inputs the call gave
 
+    def warning(self, code: str, message: str, arg: str | None = None, hint: str | None = None) -> None:
+        self.diags.warning(code, message, self.arg_spans.get(arg, self.span) if arg else self.span, hint)
+
     def error(self, code: str, message: str, arg: str | None = None, hint: str | None = None,
               notes: tuple[Note, ...] = ()) -> Type:
         """Report an error at an argument (or the call) and return the poison type."""

@@ -27,14 +27,14 @@ def _input_dir(node: Node) -> Path | None:
     return None
 
 
-def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
-    """Ids of the nodes whose results are in the cache."""
+def cached_keys(graph: Graph, cache: Cache) -> dict[int, str]:
+    """Node id -> cache key, for every built node whose result the cache holds."""
     if not cache.objects.is_dir():  # an empty cache holds nothing: skip even looking at the inputs
-        return set()
+        return {}
     versions = toolchain_versions()
     known = cache.known_digests()
     digests: dict[int, str] = {}
-    cached: set[int] = set()
+    found: dict[int, str] = {}
     for node in graph.reachable():
         if not REGISTRY[node.op].builds:
             root = _input_dir(node)
@@ -48,8 +48,14 @@ def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
             continue
         if not all(i.id in digests for i in node.inputs):
             continue
-        entry = cache.lookup(cache_key(node, [digests[i.id] for i in node.inputs], versions))
+        key = cache_key(node, [digests[i.id] for i in node.inputs], versions)
+        entry = cache.lookup(key)
         if entry is not None:
             digests[node.id] = entry.digest
-            cached.add(node.id)
-    return cached
+            found[node.id] = key
+    return found
+
+
+def cached_nodes(graph: Graph, cache: Cache) -> set[int]:
+    """Ids of the nodes whose results are in the cache."""
+    return set(cached_keys(graph, cache))

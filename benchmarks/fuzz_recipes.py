@@ -1,24 +1,28 @@
 #!/usr/bin/env python
 """Fuzz the recipec front end: every input must end in diagnostics or success, never in a traceback.
 
-    python benchmarks/fuzz_recipes.py [--n 10000] [--seed 0] [--show 5] [--minimize 8]
+    python benchmarks/fuzz_recipes.py [--n 10000] [--seed 0] [--jobs N] [--show 3] [--minimize 10]
 
 Each input (random text and bytes, mutated valid recipes, token soups built from the grammar's
 terminals, well-formed programs over the real ops, deep nesting, very long lines, odd unicode, NUL
 bytes, CRLF, a BOM) is written to a recipe file in a scratch workspace (which also holds a few
 fixture files: a `use`able library, data files, good and broken model directories) and then
 
-  1. run through `recipec.cli.main(["check", path])` in-process, with stdout/stderr captured through
-     real UTF-8 streams (stdout strict, stderr backslashreplace, as a Python process gets them).
-     An "internal error" line, or any exception escaping `main`, is a bug;
+  1. run through `recipec.cli.main(["check", path])` in-process (every 4th as `check --json`), with
+     stdout/stderr captured through real UTF-8 streams (stdout strict, stderr backslashreplace, as a
+     Python process gets them). An "internal error" line, or any exception escaping `main`, is a bug;
+     the input is then rerun with RECIPEC_DEBUG=1 to learn where it failed;
   2. run through `recipec.ir.lower.lower_file(path)` directly: any exception other than RecipeError
      is a bug; every diagnostic of a RecipeError (or every warning of a success) must have a code in
      `recipec.codes.CODES`, a span inside the text, and must render (`render_all`, `to_json`);
-  3. when the text parses, `format_recipe` must be idempotent, keep the AST, and give UTF-8 text.
+  3. parsed with `recipec.syntax.parse`; when it parses, `format_recipe` must be idempotent, keep the
+     AST and every comment, and give text that parses again and encodes as UTF-8.
 
-Bugs are bucketed by exception type and the innermost recipec frame; each bucket shows its shortest
-input, shrunk further by a small delta-debugging pass (`--minimize N` buckets, 0 to skip). Exits 1 if
-any bug was found.
+Inputs depend only on --seed and --n; they run on --jobs worker processes (default: every CPU), each
+with a 10 s limit (a slower input is reported as a timeout). Bugs are bucketed by exception type and
+innermost recipec frame (a RecursionError by where the recursion was entered); each bucket shows its
+shortest inputs, shrunk further by a small delta-debugging pass (`--minimize N` buckets, 0 to skip).
+Exits 1 if any bug was found.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from pathlib import Path
 # Keep the hub cache lookups away from the real cache: results must not depend on the machine.
 # A tmpfs when there is one: each input is written to disk twice per run, and disk writes dominate otherwise.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="recipec-fuzz-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+_OWNER = os.getpid()  # pool workers are forked: only the process that made the directory removes it
+atexit.register(lambda: os.getpid() == _OWNER and shutil.rmtree(_SCRATCH, ignore_errors=True))
 os.environ["HF_HUB_CACHE"] = str(_SCRATCH / "hub-cache")
 os.environ.pop("RECIPEC_DEBUG", None)
 os.environ["NO_COLOR"] = "1"
@@ -492,17 +498,31 @@ class Bug:
 
 
 def _where(exc: BaseException) -> str:
-    """The innermost recipec frame of a traceback, as `recipec/path.py:line (function)`."""
-    tb, found, last = exc.__traceback__, None, None
+    """The innermost recipec frame of a traceback, as `recipec/path.py:line (function)`.
+
+    A RecursionError runs out of stack wherever it happens to, so it is placed instead by where the
+    recursion was entered: the last recipec frame before the first function that repeats.
+    """
+    frames, tb = [], exc.__traceback__
     while tb is not None:  # walk the frames without loading source lines: cheap even for deep recursion
         code = tb.tb_frame.f_code
-        last = (code.co_filename, tb.tb_lineno, code.co_name)
-        if "/recipec/" in code.co_filename and "fuzz_recipes" not in code.co_filename:
-            found = last
+        frames.append((code.co_filename, tb.tb_lineno, code.co_name))
         tb = tb.tb_next
-    f = found or last
-    if f is None:
-        return "?"
+    ours = [f for f in frames if "/recipec/" in f[0] and "fuzz_recipes" not in f[0]]
+    inner = exc.__context__ if isinstance(exc.__context__, RecursionError) else exc
+    inner = getattr(exc, "orig_exc", None) or inner
+    if isinstance(inner, RecursionError) or isinstance(exc, RecursionError):
+        counts = collections.Counter((f[0], f[2]) for f in frames)
+        first = next((i for i, f in enumerate(frames) if counts[(f[0], f[2])] > 1), len(frames))
+        entry = next((f for f in reversed(frames[:first]) if "/recipec/" in f[0] and "fuzz_recipes" not in f[0]),
+                     None)
+        if entry is not None:
+            return _short(entry) + " -> recursion"
+    f = (ours or frames or [None])[-1]
+    return "?" if f is None else _short(f)
+
+
+def _short(f: tuple[str, int, str]) -> str:
     i = f[0].rfind("/recipec/")
     return f"{f[0][i + 1:] if i >= 0 else f[0]}:{f[1]} ({f[2]})"
 
@@ -737,7 +757,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every Nth input as `check --json` instead of plain `check` (default 4; 0 never)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGALRM, _on_alarm)
-    atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
     # Inputs depend only on --seed and --n, never on --jobs.
     rng = random.Random(args.seed)

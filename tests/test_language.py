@@ -134,3 +134,24 @@ def test_check_works_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["check", str(quickstart)]) == 0
     assert os.listdir(tmp_path) == []  # check writes nothing
+
+
+@pytest.mark.parametrize("text, code, message", [
+    ("recipec1\nx = 1\n", "E003", "missing header"),
+    ("recipec 1\ntrue = 1\n", "E001", "`true` is a reserved word"),
+    ("recipec 1\nx = \u0661\u0662\n", "E001", "unexpected character"),
+    ("recipec 1\nx = " + "-" * 300 + "1\n", "E001", "nested too deeply"),
+    ("recipec 1\nexport " + " + ".join(["1"] * 400) + ' to "out"\n', "E001", "nested too deeply"),
+    ("recipec 1\nx = 1e400\n", "E001", "out of range"),
+])
+def test_edge_inputs_get_located_errors(text, code, message):
+    with pytest.raises(RecipeError) as err:
+        parse(text)
+    assert err.value.diagnostics[0].code == code and message in err.value.diagnostics[0].message
+
+
+def test_a_byte_order_mark_is_ignored(tmp_path):
+    path = write(tmp_path / "bom.rcp", "\ufeffrecipec 1\nx = 1\n")
+    from recipec.syntax import parse_file
+
+    assert parse_file(path).version == 1

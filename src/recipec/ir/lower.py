@@ -190,12 +190,7 @@ class Lowerer:
                              "break the cycle", [Note("defined here", assign.name.span)])
             return POISON
         self.evaluating.add(key)
-        try:
-            value = self.expr(owner, assign.value)
-        except RecursionError:
-            self.diags.error("E001", "expression nested too deeply", assign.value.span,
-                             "split it into named parts: `part = ...`")
-            value = POISON
+        value = self.expr(owner, assign.value)
         self.evaluating.discard(key)
         if isinstance(value, Graphed) and name.id not in value.node.names:
             value.node.names.append(name.id)
@@ -458,8 +453,12 @@ class Lowerer:
         try:
             params = op.Params(**raw)
         except ValidationError as err:
+            reported: set[str] = set()
             for problem in err.errors():
-                _report_param_error(op, problem, raw, ctx)
+                name = str(problem["loc"][0]) if problem["loc"] else ""
+                if name not in reported:  # one diagnostic per argument, however many items are wrong
+                    reported.add(name)
+                    _report_param_error(op, problem, raw, ctx)
             return None
         return self._apply(op, inputs, params, ctx)
 

@@ -57,6 +57,9 @@ class Merge(Op):
         if params.weights is not None and len(params.weights) != len(models):
             return ctx.error("E203", f"`weights` has {len(params.weights)} entries for {len(models)} models", "weights",
                              "give one weight per model, in order")
+        if params.normalize and params.weights is not None and sum(params.weights) == 0:
+            return ctx.error("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
+                             "give weights that do not sum to 0, or drop `normalize`")
         return check_same_architecture(ctx, list(inputs), Kind.MODEL, params.dtype)
 
     @classmethod

@@ -41,7 +41,9 @@ def expr_text(e: ast.Expr) -> str:
         args = [expr_text(a) for a in e.args] + [f"{k.name}={expr_text(k.value)}" for k in e.kwargs]
         return f"{e.func.id}({', '.join(args)})"
     if isinstance(e, ast.Neg):
-        return "-" + _wrap(e.operand, _prec(e.operand) <= 3)  # -(-x), never --x
+        if isinstance(e.operand, ast.Neg):  # `- -x`: no brackets, so fmt never deepens the nesting
+            return "- " + expr_text(e.operand)
+        return "-" + _wrap(e.operand, _prec(e.operand) < 3)
     if isinstance(e, ast.BinOp):
         p = _PREC[e.op]
         left = _wrap(e.left, _prec(e.left) < p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
@@ -27,6 +28,7 @@ from .scanner import scan
 _SUFFIX = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
 _TOKEN_WORDS = {"NAME": "a name", "NUMBER": "a number", "STRING": "a string", "VERSION": "a version number",
                 "$END": "the end of the line"}
+RESERVED = frozenset({"recipec", "export", "to", "as", "use", "true", "false"})
 _NUMBER_HINT = "numbers look like 0.8, 1e-5, 1_000 or 100M (suffixes K, M, G or B, T)"
 _STATEMENT_FORMS = 'a statement is `name = expr`, `export expr to "path"` or `use "other.rcp"`'
 
@@ -70,7 +72,7 @@ def _table_cache_path(grammar: str) -> Path | None:
 
 def parse_file(path: Path, display: str | None = None) -> ast.Recipe:
     """Parse a recipe file; raises RecipeError with every syntax error found."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff")  # editors' byte-order mark
     return parse(text, Source(path, text, display or str(path)))
 
 
@@ -90,7 +92,7 @@ def parse(text: str, source: Source | None = None) -> ast.Recipe:
     version, statements = None, []
     chunks = list(scanned.chunks)
     first_code = chunks[0] if chunks else None
-    if first_code and not first_code.broken and text[first_code.start:].startswith("recipec"):
+    if first_code and not first_code.broken and re.match(r"recipec[ \t]", text[first_code.start:]):
         version = _parse_header(scanned.masked, first_code, source, diags)
         chunks = chunks[1:]
     else:
@@ -132,19 +134,34 @@ def _parse_statement(masked: str, chunk, source: Source, diags: Diagnostics) -> 
     tree = _parse_chunk(masked, chunk, "stmt", source, diags)
     if tree is None:
         return None
+    if _depth(tree) > MAX_NESTING:
+        diags.error("E001", f"expression nested too deeply (more than {MAX_NESTING} levels)",
+                    Span(source, chunk.start, chunk.end), "split it into named parts: `part = ...`")
+        return None
     builder = _AstBuilder(source, chunk.start)
     try:
         return builder.transform(tree)
-    except RecursionError:
-        diags.error("E001", "expression nested too deeply", Span(source, chunk.start, chunk.end),
-                    "split it into named parts: `part = ...`")
-        return None
     except lark.exceptions.VisitError as err:
         if isinstance(err.orig_exc, _BadLiteral):
             bad = err.orig_exc
             diags.error("E001", bad.message, Span(source, chunk.start + bad.start, chunk.start + bad.end), bad.hint)
             return None
         raise
+
+
+# A fixed limit, checked before anything recursive runs, so whether a recipe is accepted never depends on
+# Python's stack: deeper than any real recipe, far below what the recursive passes could take.
+MAX_NESTING = 200
+
+
+def _depth(tree: lark.Tree) -> int:
+    """The depth of a parse tree, measured without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return deepest
 
 
 def _parse_chunk(masked: str, chunk, start: str, source: Source, diags: Diagnostics):
@@ -247,6 +264,9 @@ class _AstBuilder(lark.Transformer):
     @lark.v_args(meta=True)
     def assign(self, meta, children):
         name_tok, value = children[0], children[2]
+        if str(name_tok) in RESERVED:
+            raise _BadLiteral(f"`{name_tok}` is a reserved word and cannot be bound", name_tok.start_pos,
+                              name_tok.end_pos, "choose another name")
         return ast.Assign(ast.Name(str(name_tok), self._span(name_tok)), value, self._span(meta))
 
     @lark.v_args(meta=True)

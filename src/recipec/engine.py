@@ -135,19 +135,21 @@ class Engine:
         digest = self._input_digest(files)
         if self.options.hash_input_files:
             sums = hash_files(list(files.files) + [path / "config.json"], self.options.threads)
-            resolved["files"] = [{"name": p.name, "size": p.stat().st_size, "sha256": h} for p, h in sorted(sums.items())]
+            resolved["files"] = [{"name": p.name, "size": p.stat().st_size, "sha256": h}
+                                 for p, h in sorted(sums.items())]
         return NodeResult(node, Artifact(path, files, digest), status="input", resolved=resolved)
 
     def _converted_pickle(self, node: Node, root: Path) -> Path:
         """Pickled weights converted once into a cache object, keyed by the pickle files' hashes."""
         pickles = pickled_weights(root)
         sums = hash_files(pickles + [root / "config.json"], self.options.threads)
-        key = hashlib.sha256(("pickle:" + ",".join(sums[p] for p in pickles + [root / "config.json"])).encode()).hexdigest()
+        blob = "pickle:" + ",".join(sums[p] for p in pickles + [root / "config.json"])
+        key = hashlib.sha256(blob.encode()).hexdigest()
         if self.cache.lookup(key) is None:
             try:
                 with self.cache.new_object(key) as tmp:
                     digest = convert_pickle(pickles, root, tmp)
-                    self.cache.commit_meta(tmp, key, "load", digest)
+                    self.cache.commit_meta(tmp, key, "load", digest, self.options.threads)
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
         return self.cache.lookup(key).path
@@ -174,7 +176,7 @@ class Engine:
                     job = Job(node, inputs, tmp, self.options.threads, self.cancelled,
                               self.options.progress or (lambda n: None))
                     digest = rule(job)
-                    self.cache.commit_meta(tmp, key, node.op, digest)
+                    self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
             except OSError as err:
@@ -189,11 +191,15 @@ class Engine:
         partial_lock = self.lock_data(results, [])
         exports = []
         for export in self.program.graph.exports:
-            artifact = by_node[export.node.id].artifact
-            card = Card(self._base_models(export.node, by_node), "merge" if export.node.op == "combine" else "finetune",
-                        self.recipe.name, recipe_text, lock_digest(partial_lock), artifact.digest)
+            result = by_node[export.node.id]
+            artifact = result.artifact
+            built = self.cache.lookup(result.key) if result.key else None
+            known = {name: info["sha256"] for name, info in built.files.items()} if built else None
+            relation = "merge" if export.node.op in ("combine", "merge") else "finetune"
+            card = Card(self._base_models(export.node, by_node), relation, self.recipe.name, recipe_text,
+                        lock_digest(partial_lock), artifact.digest)
             try:
-                sums = write_release(artifact.path, export.path, card)
+                sums = write_release(artifact.path, export.path, card, known)
             except OSError as err:
                 raise _os_failure(export.node, err) from None
             exports.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,

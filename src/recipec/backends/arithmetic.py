@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import arch
+from ..ir.types import TensorSpec
 from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature
 from ..ops.sources import signature_of_files
-from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, OutTensor
+from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter
 from . import rule
 from .job import Job, RunFailure
 from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
@@ -61,7 +62,7 @@ def _override_factor(name: str, overrides: list[str]) -> float | None:
     return None
 
 
-def tensor_plans(job: Job, out: list[OutTensor]) -> list[TensorPlan]:
+def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
     """Decide, for every output tensor, where its values come from; raises RunFailure on misfit inputs."""
     params = job.node.params
     coefficients = list(params["coefficients"])
@@ -150,7 +151,7 @@ class _Kernel:
             emit(out)
 
 
-def _compute(plan: TensorPlan, t: OutTensor, readers: list[ModelReader], writer: ModelWriter,
+def _compute(plan: TensorPlan, t: TensorSpec, readers: list[ModelReader], writer: ModelWriter,
              kernel: _Kernel) -> None:
     dtype = TORCH_DTYPES[t.dtype]
     parts = [r.tensor(s) for r, s in zip(readers, plan.sources)]
@@ -175,7 +176,7 @@ def _compute(plan: TensorPlan, t: OutTensor, readers: list[ModelReader], writer:
     writer.write(t.name, whole)
 
 
-def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], compute, shard_size: int) -> str:
+def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], compute, shard_size: int) -> str:
     """Run `compute(plan, tensor, readers, writer, kernel)` for every tensor on the job's threads; returns
     the result's content digest."""
     readers = [ModelReader(a.files) for a in job.inputs]
@@ -214,12 +215,12 @@ def stream_tensors(job: Job, out: list[OutTensor], plans: list[TensorPlan], comp
             r.close()
 
 
-def output_tensors(job: Job) -> list[OutTensor]:
+def output_tensors(job: Job) -> list[TensorSpec]:
     """The output's tensors: the node's signature (the first model's names and shapes, output dtype)."""
     sig = job.node.type.signature
     if sig is None:  # a hub input resolved only now: the first model decides, as check would have
         sig = output_signature(signature_of_files(job.inputs[0].files), job.node.params["dtype"])
-    return [OutTensor(t.name, t.dtype, t.shape) for t in sig.tensors]
+    return [TensorSpec(t.name, t.dtype, t.shape) for t in sig.tensors]
 
 
 @rule("combine")

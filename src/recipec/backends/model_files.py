@@ -12,8 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+from ..ir.types import TensorSpec
 from ..ops.sources import TOKENIZER_FILES
-from ..store.tensors import OutTensor, write_json
+from ..store.tensors import write_json
 from .job import Job
 
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -38,7 +39,7 @@ def chat_leaf(job: Job) -> int | None:
     return _chat_leaf(list(coefficients)) if coefficients else None
 
 
-def copy_model_files(job: Job, out: list[OutTensor]) -> None:
+def copy_model_files(job: Job, out: list[TensorSpec]) -> None:
     """Config, generation config, tokenizer and chat template for a combined model."""
     first = job.inputs[0].path
     config = dict(job.inputs[0].files.config)

@@ -9,16 +9,15 @@ weights do not depend on the thread count.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from .. import arch
-from ..ir.types import DTYPE_CODES
+from ..ir.types import DTYPE_CODES, TensorSpec
 from ..store import hub
 from ..ops.sources import TOKENIZER_FILES
-from ..store.tensors import TORCH_DTYPES, ModelWriter, OutTensor, write_json
+from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
 from . import rule
 from .job import Job, RunFailure
 
@@ -45,7 +44,7 @@ def build_init(job: Job) -> str:
     state = model.state_dict()
     dtype = DTYPE_CODES[params["dtype"]]
     shapes = arch.tensor_shapes(config)
-    layout = [OutTensor(n, dtype, s) for n, s in shapes.items()]
+    layout = [TensorSpec(n, dtype, s) for n, s in shapes.items()]
     writer = ModelWriter(job.out, layout, shard_size=5 * 10**9)
     try:
         for t in layout:
@@ -97,7 +96,7 @@ def convert_pickle(files: list[Path], config_dir: Path, out: Path) -> str:
                              "only plain tensors can be loaded from a pickle") from None
         state.update({k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)})
     codes = {v: k for k, v in TORCH_DTYPES.items()}
-    layout = [OutTensor(n, codes[t.dtype], tuple(t.shape)) for n, t in sorted(state.items())]
+    layout = [TensorSpec(n, codes[t.dtype], tuple(t.shape)) for n, t in sorted(state.items())]
     writer = ModelWriter(out, layout, shard_size=5 * 10**9)
     try:
         for t in layout:

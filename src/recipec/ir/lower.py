@@ -431,7 +431,8 @@ class Lowerer:
             if i >= len(slots):
                 self.diags.error("E205", f"`{op.name}` takes {len(slots)} positional argument"
                                  f"{'s' if len(slots) != 1 else ''}, got {len(positional)}", arg.span,
-                                 "name the remaining arguments: " + ", ".join(f"`{k}=`" for k in known if k not in slots)
+                                 "name the remaining arguments: "
+                                 + ", ".join(f"`{k}=`" for k in known if k not in slots)
                                  if len(known) > len(slots) else None)
                 ok = False
                 break
@@ -642,7 +643,7 @@ def lower_file(path: Path) -> Program:
     lowerer.diags.raise_if_errors()
     assert module is not None
     bindings = {}
-    for name, (owner, assign) in module.scope.items():
+    for name, (owner, _) in module.scope.items():
         value = lowerer.values.get((id(owner), name))
         if isinstance(value, Graphed):
             bindings[name] = value.node

@@ -17,7 +17,7 @@ from .sources import tokenizer_digests
 
 from ..diagnostics import Note
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
-from .base import LINEAR, Context, Cost, Input, Op, Params, register
+from .base import LINEAR, Context, Cost, Input, Op, Params, bytes_read, register
 
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
 # on a few threads at once: the planner's peak-memory estimate and the engine share these numbers.
@@ -30,7 +30,10 @@ POLICY_HINT = ('wrap the expression to choose a vocabulary policy: combine(expr,
 
 @register
 class Combine(Op):
-    """A linear combination of models, with per-tensor policies. Example: `combine(cp + 0.8*(chat - base), norms="keep")`"""
+    """A linear combination of models, with per-tensor policies.
+
+    Example: `combine(cp + 0.8*(chat - base), norms="keep")`
+    """
 
     name = "combine"
     inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
@@ -40,7 +43,8 @@ class Combine(Op):
         embeddings: Literal["add", "keep", "overlap"] = Field(
             "add", description="what to do with vocabulary tensors: add the delta, keep the first model's, "
                                "or add on the rows all models share")
-        norms: Literal["add", "keep"] = Field("add", description="whether norm weights take part or stay the first model's")
+        norms: Literal["add", "keep"] = Field(
+            "add", description="whether norm weights take part or stay the first model's")
         special_tokens: Literal["chat", "first"] = Field(
             "chat", description="where special-token embedding rows come from when vocabularies differ")
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -98,13 +102,13 @@ class Combine(Op):
         sig = out.signature
         if sig is None:
             return Cost()
-        read = sum(n.type.signature.nbytes if n.type.signature else sig.nbytes for n in inputs)
         largest = sig.largest_tensor.numel if sig.tensors else 0
         # Per thread: the fp32 accumulator and an output-dtype staging buffer (at most as large).
         chunk = min(STREAM_CHUNK_ELEMENTS, largest) * (4 + 4)
         # Under a row policy, a vocabulary tensor is assembled whole before it is written.
         whole = largest * 4 if params.embeddings != "add" else 0
-        return Cost(bytes_read=read, bytes_written=sig.nbytes, peak_bytes=STREAM_THREADS * chunk + whole,
+        return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,
+                    peak_bytes=STREAM_THREADS * chunk + whole,
                     flops=2 * len(inputs) * sig.params)
 
 

@@ -116,6 +116,12 @@ def register(op: type[Op]) -> type[Op]:
     return op
 
 
+def bytes_read(inputs: list[Node], out: Type) -> int:
+    """What reading every input model costs; an input not yet resolved is assumed the output's size."""
+    fallback = out.signature.nbytes if out.signature else 0
+    return sum(n.type.signature.nbytes if n.type.signature else fallback for n in inputs)
+
+
 COMPUTE_DTYPE = "float32"  # every backend accumulates in fp32; part of every key
 
 

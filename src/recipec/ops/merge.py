@@ -6,9 +6,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..ir.types import Kind, Type
+from ..ir.types import Kind
 from .arithmetic import check_same_architecture
-from .base import Context, Cost, Input, Op, Params, register
+from .base import Context, Cost, Input, Op, Params, bytes_read, register
 
 NEEDS_BASE = {"task_arithmetic", "ties", "dare"}
 
@@ -31,7 +31,8 @@ class Merge(Op):
     class Params(Params):
         method: Literal["linear", "task_arithmetic", "ties", "dare", "slerp"] = Field(
             description="the merge method")
-        weights: list[float] | None = Field(None, description="one weight per model (default: 1/n for linear, 1 otherwise)")
+        weights: list[float] | None = Field(
+            None, description="one weight per model (default: 1/n for linear, 1 otherwise)")
         density: float = Field(1.0, gt=0, le=1, description="the fraction of each task vector TIES keeps")
         drop_rate: float = Field(0.0, ge=0, lt=1, description="the fraction of each task vector DARE drops")
         t: float = Field(0.5, ge=0, le=1, description="the SLERP interpolation point, 0 = first model")
@@ -49,7 +50,8 @@ class Merge(Op):
         method = params.method
         if method in NEEDS_BASE and not with_base:
             return ctx.error("E204", f"method `{method}` needs `base=`", "method",
-                             f"name the model the others were fine-tuned from: merge(a, b, base=..., method=\"{method}\")")
+                             "name the model the others were fine-tuned from: "
+                             f"merge(a, b, base=..., method=\"{method}\")")
         if method not in NEEDS_BASE and with_base:
             return ctx.error("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
         if method == "slerp" and len(models) != 2:
@@ -73,8 +75,8 @@ class Merge(Op):
         sig = out.signature
         if sig is None:
             return Cost()
-        read = sum(n.type.signature.nbytes if n.type.signature else sig.nbytes for n in inputs)
         largest = sig.largest_tensor.numel if sig.tensors else 0
         # Methods that select or normalize need each tensor whole, in fp32, for every input.
-        return Cost(bytes_read=read, bytes_written=sig.nbytes, peak_bytes=(len(inputs) + 3) * largest * 4,
+        return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,
+                    peak_bytes=(len(inputs) + 3) * largest * 4,
                     flops=8 * len(inputs) * sig.params)

@@ -68,7 +68,8 @@ class Load(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         root = ctx.recipe_dir / params.path
-        if params.allow_pickle and root.is_dir() and pickled_weights(root) and not (root / "model.safetensors").exists():
+        only_pickles = root.is_dir() and pickled_weights(root) and not (root / "model.safetensors").exists()
+        if params.allow_pickle and only_pickles:
             try:
                 read_config(root)
             except ModelDirError as err:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
+from .filehash import hash_files
 
 OBJECT_META = "recipec-object.json"
 CACHE_ENV = "RECIPEC_CACHE"
@@ -42,6 +43,11 @@ class CachedObject:
     def digest(self) -> str:
         return self.meta["digest"]
 
+    @property
+    def files(self) -> dict[str, dict]:
+        """name -> {size, mtime_ns, sha256} of every file, recorded when the object was committed."""
+        return self.meta.get("files", {})
+
 
 class Cache:
     def __init__(self, root: Path):
@@ -49,10 +55,17 @@ class Cache:
         self.objects = root / "objects"
 
     def lookup(self, key: str) -> CachedObject | None:
+        """The object under `key`, if it is there and unchanged since it was committed."""
         path = self.objects / key
         try:
             meta = json.loads((path / OBJECT_META).read_text())
-        except (OSError, json.JSONDecodeError):
+            for name, info in meta.get("files", {}).items():
+                # Releases may share these files (hard links): one edited in place has a new mtime, and
+                # the object no longer counts as built. A stat per file; no data is read.
+                st = (path / name).stat()
+                if (st.st_size, st.st_mtime_ns) != (info["size"], info["mtime_ns"]):
+                    return None
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
         return CachedObject(key, path, meta)
 
@@ -74,9 +87,22 @@ class Cache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def commit_meta(self, directory: Path, key: str, op: str, digest: str) -> None:
-        write_bytes_atomic(directory / OBJECT_META, json.dumps(
-            {"key": key, "op": op, "digest": digest}, indent=2, sort_keys=True).encode() + b"\n")
+    def commit_meta(self, directory: Path, key: str, op: str, digest: str, threads: int = 2) -> None:
+        """Record what an object is and every file's size, mtime and sha256 (hashed once, here, so
+        releases and lockfiles reuse the hashes); makes every file durable and world-readable."""
+        paths = sorted(p for p in directory.iterdir() if p.is_file() and p.name != OBJECT_META)
+        for p in paths:
+            os.chmod(p, 0o644)
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sums = hash_files(paths, threads)
+        files = {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": sums[p]}
+                 for p in paths}
+        meta = {"key": key, "op": op, "digest": digest, "files": files}
+        write_bytes_atomic(directory / OBJECT_META, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
 
     def entries(self) -> list[CachedObject]:
         if not self.objects.is_dir():

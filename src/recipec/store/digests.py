@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .filehash import hash_file, hash_files  # noqa: F401  (re-exported for callers)
 from .model_dir import ModelFiles
 from .tensors import ModelReader, model_digest, tensor_digest
-
-_BLOCK = 16 << 20
-
 
 def hash_model(files: ModelFiles, threads: int) -> str:
     """The content digest of a model: sha256 over sorted (name, dtype, shape, sha256 of bytes)."""
@@ -25,16 +22,3 @@ def hash_model(files: ModelFiles, threads: int) -> str:
     finally:
         reader.close()
     return model_digest(entries)
-
-
-def hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_files(paths: list[Path], threads: int) -> dict[Path, str]:
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        return dict(zip(paths, pool.map(hash_file, paths)))

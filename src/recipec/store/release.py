@@ -19,7 +19,7 @@ from typing import Iterator
 
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
 from .cache import OBJECT_META
-from .digests import hash_file
+from .filehash import hash_file
 
 LOCK_NAME = ".recipec-lock"
 
@@ -63,11 +63,24 @@ def output_lock(target: Path) -> Iterator[None]:
 
 
 def _copy(source: Path, dest: Path) -> None:
+    """A durable copy, in the kernel (no user-space buffer)."""
     with open(source, "rb") as src, open(dest, "wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
-        dst.flush()
+        remaining = os.fstat(src.fileno()).st_size
+        while remaining > 0:
+            sent = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
+            if sent == 0:
+                break
+            remaining -= sent
         os.fsync(dst.fileno())
     os.chmod(dest, 0o644)
+
+
+def _place(source: Path, dest: Path) -> None:
+    """A release file: a hard link to the cache's copy where possible (no data written twice), else a copy."""
+    try:
+        os.link(source, dest)
+    except OSError:  # another filesystem, or links not allowed
+        _copy(source, dest)
 
 
 def _write(dest: Path, text: str) -> None:
@@ -78,19 +91,31 @@ def _write(dest: Path, text: str) -> None:
     os.chmod(dest, 0o644)
 
 
-def write_release(source: Path, target: Path, card: Card) -> dict[str, str]:
-    """Write the model in `source` (a cache object) to `target` as a release; returns file -> sha256."""
+def write_release(source: Path, target: Path, card: Card, known: dict[str, str] | None = None) -> dict[str, str]:
+    """Write the model in `source` to `target` as a release; returns file -> sha256.
+
+    `known` gives the sha256 of source files already hashed (a cache object's); files of a committed
+    cache object are linked, others copied and hashed.
+    """
     with output_lock(target):
         tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
+            sums = {}
             for entry in sorted(source.iterdir()):
-                if entry.is_file() and entry.name != OBJECT_META:
+                if not entry.is_file() or entry.name == OBJECT_META:
+                    continue
+                if known and entry.name in known:
+                    _place(entry, tmp / entry.name)
+                    sums[entry.name] = known[entry.name]
+                else:
                     _copy(entry, tmp / entry.name)
+                    sums[entry.name] = hash_file(tmp / entry.name)
             _write(tmp / "README.md", card_text(card))
-            sums = {p.name: hash_file(p) for p in sorted(tmp.iterdir())}
+            sums["README.md"] = hash_file(tmp / "README.md")
             _write(tmp / "SHA256SUMS", "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+            sums["SHA256SUMS"] = hash_file(tmp / "SHA256SUMS")
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
             _swap_into_place(tmp, target)

@@ -4,8 +4,9 @@ Reading maps each file once and hands out zero-copy torch views, so a model is n
 Writing knows every output tensor's name, dtype and shape before any is computed (the plan has them),
 so each shard's header is written first and its space reserved with `posix_fallocate` (a full disk
 fails there, cleanly), then each tensor's bytes are written at their place as they are computed, with
-`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. Headers are canonical — sorted names, 8-byte aligned, metadata exactly
-`{"format": "pt"}` — so the same tensors always give the same bytes.
+`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. Headers are
+canonical — sorted names, 8-byte aligned, metadata exactly `{"format": "pt"}` — so the same tensors
+always give the same bytes.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import math
 import mmap
 import os
 import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..ir.types import TensorSpec
 from .model_dir import INDEX_FILE, SINGLE_FILE, ModelFiles
-from .safetensors_header import DTYPE_BYTES
 
 TORCH_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -72,20 +71,9 @@ class ModelReader:
         self._maps.clear()
 
 
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
-
-
-def shard_layout(tensors: list[OutTensor], shard_size: int) -> list[list[OutTensor]]:
+def shard_layout(tensors: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
     """Tensors in name order, cut into shards of at most `shard_size` bytes (a bigger tensor stands alone)."""
-    shards: list[list[OutTensor]] = [[]]
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
     for t in sorted(tensors, key=lambda t: t.name):
         if shards[-1] and size + t.nbytes > shard_size:
@@ -96,7 +84,7 @@ def shard_layout(tensors: list[OutTensor], shard_size: int) -> list[list[OutTens
     return shards
 
 
-def header_bytes(tensors: list[OutTensor]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def header_bytes(tensors: list[TensorSpec]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """The canonical safetensors header for tensors laid out in the given order, and their data offsets."""
     doc: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offsets, cursor = {}, 0
@@ -123,12 +111,12 @@ class ModelWriter:
     asks the kernel to start writing it back, so the final fsync has little left to do.
     """
 
-    def __init__(self, directory: Path, tensors: list[OutTensor], shard_size: int):
+    def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int):
         self.directory = directory
         self.layout = shard_layout(tensors, shard_size)
         self.files = shard_names(len(self.layout))
         self._fds: list[int] = []
-        self._where: dict[str, tuple[int, int, OutTensor]] = {}
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._done: dict[str, int] = {}
         self._hashes: dict[str, hashlib._Hash] = {}
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):

@@ -20,7 +20,7 @@ from pathlib import Path
 import lark
 
 from .. import LANGUAGE_VERSION
-from ..diagnostics import Diagnostics, RecipeError
+from ..diagnostics import Diagnostics
 from ..source import Source, Span
 from . import ast
 from .scanner import scan
@@ -198,7 +198,8 @@ def _unexpected_token(err: lark.exceptions.UnexpectedToken, text: str, chunk, so
     hint = _STATEMENT_FORMS if token.start_pos == 0 or token.type in ("EQUAL",) else None
     if token.type == "EQUAL" and "EQUAL" not in err.expected:
         hint = "a name is bound once per statement; keyword arguments go inside a call: `f(x, key=value)`"
-    diags.error("E001", f"unexpected `{token.value}`; expected {expected}", Span(source, at, at + len(token.value)), hint)
+    diags.error("E001", f"unexpected `{token.value}`; expected {expected}", Span(source, at, at + len(token.value)),
+                hint)
 
 
 def _describe_expected(names) -> str:
@@ -252,8 +253,8 @@ class _AstBuilder(lark.Transformer):
         self._source, self._offset = source, offset
 
     def _span(self, meta_or_token) -> Span:
-        start = getattr(meta_or_token, "start_pos")
-        end = getattr(meta_or_token, "end_pos")
+        start = meta_or_token.start_pos
+        end = meta_or_token.end_pos
         return Span(self._source, self._offset + start, self._offset + end)
 
     @staticmethod
@@ -289,9 +290,9 @@ class _AstBuilder(lark.Transformer):
             value = _number(str(tok))
         except _OutOfRange:
             raise _BadLiteral(f"number `{tok}` is out of range", tok.start_pos, tok.end_pos,
-                              "keep numbers between 1e-300 and 1e300 in magnitude")
+                              "keep numbers between 1e-300 and 1e300 in magnitude") from None
         except (ValueError, ZeroDivisionError):
-            raise _BadLiteral(f"malformed number `{tok}`", tok.start_pos, tok.end_pos, _NUMBER_HINT)
+            raise _BadLiteral(f"malformed number `{tok}`", tok.start_pos, tok.end_pos, _NUMBER_HINT) from None
         return ast.Number(value, str(tok), self._span(tok))
 
     def string_token(self, tok) -> ast.String:
@@ -299,14 +300,14 @@ class _AstBuilder(lark.Transformer):
             value = json.loads(str(tok))
         except json.JSONDecodeError:
             raise _BadLiteral("invalid escape in string", tok.start_pos, tok.end_pos,
-                              'strings take JSON escapes (\\" \\\\ \\n \\t \\uXXXX); write paths with `/`')
+                              'strings take JSON escapes (\\" \\\\ \\n \\t \\uXXXX); write paths with `/`') from None
         if "\x00" in value:  # never meaningful, and no path may contain it
             raise _BadLiteral("a string cannot contain a NUL character", tok.start_pos, tok.end_pos)
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
             raise _BadLiteral("a string cannot contain a lone surrogate (\\ud800-\\udfff)", tok.start_pos,
-                              tok.end_pos, "write the character itself, or a surrogate pair")
+                              tok.end_pos, "write the character itself, or a surrogate pair") from None
         return ast.String(value, self._span(tok))
 
     def string(self, children):

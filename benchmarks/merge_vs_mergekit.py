@@ -16,6 +16,10 @@ same inputs, and prints:
   each of its ~5 operations (`base + 0.8*(chat - base) + (cp - base)`), recipec accumulates in fp32 and
   rounds once, so a few steps apart is agreement within bf16 rounding (the check allows 4).
 
+recipec makes every result durable (fsync) before it counts as built, as a release must be; mergekit leaves
+its output in the page cache. On a slow disk the fsync bounds recipec's time, so run it a second time
+with `--dir /dev/shm/recipec-bench --sizes 1.1b` to compare the computations without the disk.
+
 Usage: python benchmarks/merge_vs_mergekit.py [--dir /tmp/recipec-bench] [--repeats 2] [--keep]
 """
 

@@ -118,10 +118,8 @@ def task_arithmetic(
     weights scale the task vectors, λ is folded into them). A chat vector is the one-model case.
     """
     _check(name, models, weights, base, base_rule="required", method="task_arithmetic")
-    delta = _weighted_sum((m - base for m in models), weights)
-    if normalize:
-        delta.div_(_weight_total(weights, name, "task_arithmetic"))
-    return delta.add_(base)
+    return _add_to_base(_weighted_sum((m - base for m in models), weights), base, weights, normalize, name,
+                        "task_arithmetic")
 
 
 def ties(
@@ -199,10 +197,7 @@ def dare(
         raise ValueError(f"tensor {name!r}: dare seed must be an integer, got {seed!r}")
 
     deltas = (_dropped_task_vector(m - base, seed, name, i, drop_rate) for i, m in enumerate(models))
-    delta = _weighted_sum(deltas, weights)
-    if normalize:
-        delta.div_(_weight_total(weights, name, "dare"))
-    return delta.add_(base)
+    return _add_to_base(_weighted_sum(deltas, weights), base, weights, normalize, name, "dare")
 
 
 def slerp(
@@ -283,6 +278,14 @@ def _sum(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for x in tensors[1:]:
         total.add_(x)
     return total
+
+
+def _add_to_base(delta: torch.Tensor, base: torch.Tensor, weights: Sequence[float], normalize: bool, name: str,
+                 method: str) -> torch.Tensor:
+    """base + the summed task vectors, divided by the weights' sum first when normalizing."""
+    if normalize:
+        delta.div_(_weight_total(weights, name, method))
+    return delta.add_(base)
 
 
 def _weight_total(weights: Sequence[float], name: str, method: str) -> float:

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import os
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -235,7 +234,3 @@ class Engine:
 
 def _written(node: Node) -> str:
     return " ".join(node.spans[0].text.split()) if node.spans else node.op
-
-
-def temporary_cache() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="recipec-verify-")

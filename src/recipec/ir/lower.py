@@ -110,7 +110,6 @@ class Program:
     graph: Graph
     main: Module
     diagnostics: list  # warnings that did not stop lowering
-    bindings: dict[str, Node] = field(default_factory=dict)
 
 
 class Lowerer:
@@ -483,7 +482,8 @@ class Lowerer:
             if isinstance(stmt, ast.Export):
                 self._export(module, stmt, exports_by_path)
 
-    def _referenced(self, module: Module) -> set[str]:
+    def referenced(self, module: Module) -> set[str]:
+        """Every name any loaded recipe mentions: what is not in it is bound but unused."""
         names: set[str] = set()
         stack: list[Any] = list(module.recipe.statements)
         for other in self.modules.values():
@@ -642,14 +642,9 @@ def lower_file(path: Path) -> Program:
         lowerer.lower_main(module)
     lowerer.diags.raise_if_errors()
     assert module is not None
-    bindings = {}
-    for name, (owner, _) in module.scope.items():
-        value = lowerer.values.get((id(owner), name))
-        if isinstance(value, Graphed):
-            bindings[name] = value.node
-    referenced = lowerer._referenced(module)
+    referenced = lowerer.referenced(module)
     for name, (owner, assign) in module.scope.items():
         if owner is module and name not in referenced:
             lowerer.diags.warning("E105", f"`{name}` is never used or exported", assign.name.span,
                                   f"export it (`export {name} to \"out/{name}\"`) or remove it")
-    return Program(lowerer.graph, module, lowerer.diags.items, bindings)
+    return Program(lowerer.graph, module, lowerer.diags.items)

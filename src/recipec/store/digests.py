@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from .filehash import hash_file, hash_files  # noqa: F401  (re-exported for callers)
 from .model_dir import ModelFiles

@@ -118,3 +118,17 @@ def test_version_and_missing_file(capsys):
 def test_explain_lists_ops(capsys):
     status, out, _ = run(["explain", "ops"], capsys)
     assert status == 0 and "combine:" in out and "init:" in out
+
+
+def test_a_run_with_everything_cached_never_imports_torch(tmp_path, capsys):
+    import shutil
+
+    shutil.copy(ROOT / "examples" / "quickstart.rcp", tmp_path / "quickstart.rcp")
+    recipe = str(tmp_path / "quickstart.rcp")
+    assert run(["run", recipe], capsys)[0] == 0  # builds (torch is used here)
+    code = ("import sys, io, contextlib\nfrom recipec.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+            f"    status = main(['run', {recipe!r}])\n"
+            "print(status, sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0 []"

@@ -160,7 +160,7 @@ def _cli(recipe: Path, *extra: str, **kwargs) -> subprocess.Popen:
 
 
 def _release_is_complete(release: Path) -> bool:
-    from recipec.store.digests import hash_file
+    from recipec.store.filehash import hash_file
     sums = [line.split("  ") for line in (release / "SHA256SUMS").read_text().splitlines()]
     return all(hash_file(release / name) == digest for digest, name in sums)
 

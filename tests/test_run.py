@@ -71,7 +71,7 @@ def test_quickstart_release_is_a_loadable_hf_model(tmp_path, capsys):
     for file in release.iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
     sums = dict(line.split("  ")[::-1] for line in (release / "SHA256SUMS").read_text().splitlines())
-    from recipec.store.digests import hash_file
+    from recipec.store.filehash import hash_file
     assert {name: hash_file(release / name) for name in sums} == sums
     card = (release / "README.md").read_text()
     assert card.startswith("---\ntags:\n- recipec\n---") and "model = cp + 0.8*(chat - base)" in card

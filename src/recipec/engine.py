@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import Artifact, Job, RunFailure, load_rules
-from .backends.sources import convert_pickle, resolve_hub
+from .backends import RULES, Artifact, Job, RunFailure, rule_for
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .ir.lower import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
 from .store.cache import Cache, file_identity
-from .store.digests import hash_files, hash_model
+from .store.filehash import hash_files
+from .store.hub import HubUnavailable, resolve
 from .store.lockfile import lock_digest
 from .store.model_dir import ModelDirError, pickled_weights, read_model_dir, weight_files
 from .store.release import Card, write_release
@@ -80,8 +80,7 @@ class Engine:
         self.cancelled = threading.Event()
 
     def check_rules(self) -> None:
-        rules = load_rules()
-        missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and n.op not in rules]
+        missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and n.op not in RULES]
         if missing:
             raise RecipeError([Diagnostic("E305", f"no rule for `{n.op}`: this recipec cannot build it yet",
                                           n.spans[0] if n.spans else None) for n in missing])
@@ -118,9 +117,9 @@ class Engine:
             resolved["path"] = str(path)
         elif node.op == "hf":
             try:
-                path, commit = resolve_hub(params["id"], params.get("revision"), self.options.offline)
-            except RunFailure as err:
-                raise _failure(node, err.code, err.message, err.hint) from None
+                path, commit = resolve(params["id"], params.get("revision"), self.options.offline)
+            except HubUnavailable as err:
+                raise _failure(node, "E501", err.message, err.hint) from None
             resolved.update(id=params["id"], revision=params.get("revision") or "main", commit=commit)
         else:  # data sources have no artifact until an op reads them
             return NodeResult(node, None)
@@ -140,6 +139,8 @@ class Engine:
 
     def _converted_pickle(self, node: Node, root: Path) -> Path:
         """Pickled weights converted once into a cache object, keyed by the pickle files' hashes."""
+        from .backends.sources import convert_pickle  # torch, only when a pickle must be converted
+
         pickles = pickled_weights(root)
         sums = hash_files(pickles + [root / "config.json"], self.options.threads)
         blob = "pickle:" + ",".join(sums[p] for p in pickles + [root / "config.json"])
@@ -158,6 +159,8 @@ class Engine:
         known = self.cache.known_digests().get(identity)
         if known and not self.options.hash_input_files:
             return known
+        from .store.digests import hash_model  # torch's zero-copy views, only when a digest is unknown
+
         digest = hash_model(files, self.options.threads)
         self.cache.remember_digest(identity, digest)
         return digest
@@ -169,7 +172,7 @@ class Engine:
         status = "cached"
         if cached is None:
             status = "built"
-            rule = load_rules()[node.op]
+            rule = rule_for(node.op)
             try:
                 with self.cache.new_object(key) as tmp:
                     job = Job(node, inputs, tmp, self.options.threads, self.cancelled,

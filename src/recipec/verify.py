@@ -11,7 +11,7 @@ from pathlib import Path
 from .diagnostics import Diagnostic, RecipeError
 from .engine import Engine, RunOptions
 from .ir.lower import Program
-from .store.digests import hash_file
+from .store.filehash import hash_file
 from .store.lockfile import lock_path, read_lock
 from .store.safetensors_header import HeaderError, read_header
 

@@ -1,5 +1,8 @@
-"""Backends: the rules that build each op's result. `RULES` maps an op name to its rule; an op with no
-rule is refused up front with `no rule for X` (never a failure somewhere deep in a run).
+"""Backends: the rules that build each op's result.
+
+`RULES` maps an op name to its rule, as data (module and function), so that checking which ops can run
+imports nothing, and a run that finds everything cached never imports torch. An op with no rule is
+refused up front with `no rule for X`, never a failure somewhere deep in a run.
 
 A rule is `rule(job: Job) -> str`: it writes a complete model directory into `job.out` from the input
 artifacts in `job.inputs`, and returns the result's content digest.
@@ -7,23 +10,21 @@ artifacts in `job.inputs`, and returns the result's content digest.
 
 from __future__ import annotations
 
+import importlib
+
 from .job import Artifact, Job, RunFailure
 
-RULES: dict[str, object] = {}
+RULES: dict[str, tuple[str, str]] = {
+    "init": ("sources", "build_init"),
+    "combine": ("arithmetic", "build_combine"),
+    "merge": ("merge", "build_merge"),
+}
 
 
-def rule(op: str):
-    """Decorator: register a backend rule for an op."""
-    def register(fn):
-        RULES[op] = fn
-        return fn
-    return register
+def rule_for(op: str):
+    """The rule that builds `op`, imported on first use."""
+    module, function = RULES[op]
+    return getattr(importlib.import_module(f".{module}", __name__), function)
 
 
-def load_rules() -> dict:
-    from . import arithmetic, merge, sources  # noqa: F401  (registration on import)
-
-    return RULES
-
-
-__all__ = ["Artifact", "Job", "RULES", "RunFailure", "load_rules", "rule"]
+__all__ = ["Artifact", "Job", "RULES", "RunFailure", "rule_for"]

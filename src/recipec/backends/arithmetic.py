@@ -28,7 +28,6 @@ from ..ir.types import TensorSpec
 from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature
 from ..ops.sources import signature_of_files
 from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter
-from . import rule
 from .job import Job, RunFailure
 from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
 
@@ -223,7 +222,6 @@ def output_tensors(job: Job) -> list[TensorSpec]:
     return [TensorSpec(t.name, t.dtype, t.shape) for t in sig.tensors]
 
 
-@rule("combine")
 def build_combine(job: Job) -> str:
     out = output_tensors(job)
     plans = tensor_plans(job, out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from . import rule
 from .arithmetic import TensorPlan, output_tensors, source_name, stream_tensors
 from .job import Job, RunFailure
 from ..store.tensors import TORCH_DTYPES
@@ -16,7 +15,6 @@ from .merge_methods import merge_tensor
 from .model_files import copy_model_files
 
 
-@rule("merge")
 def build_merge(job: Job) -> str:
     params = job.node.params
     with_base = params["with_base"]

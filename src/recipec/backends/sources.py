@@ -15,10 +15,8 @@ import torch
 
 from .. import arch
 from ..ir.types import DTYPE_CODES, TensorSpec
-from ..store import hub
 from ..ops.sources import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
-from . import rule
 from .job import Job, RunFailure
 
 _AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
@@ -31,7 +29,6 @@ def init_config(params: dict) -> dict:
     return config
 
 
-@rule("init")
 def build_init(job: Job) -> str:
     import transformers
 
@@ -62,27 +59,6 @@ def build_init(job: Job) -> str:
                 raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
             (job.out / name).write_bytes(data)
     return digest
-
-
-def resolve_hub(repo_id: str, revision: str | None, offline: bool) -> tuple[Path, str]:
-    """(snapshot directory, commit) of a hub model: from the local cache, or downloaded unless offline."""
-    cached = hub.cached_snapshot(repo_id, revision)
-    if cached is not None:
-        return cached
-    if offline:
-        raise RunFailure("E501", f"{repo_id}@{revision or 'main'} is not in the local hub cache and --offline is set",
-                         "run `recipec lock` without --offline once, or download it with `hf download`")
-    import huggingface_hub
-
-    try:
-        path = huggingface_hub.snapshot_download(
-            repo_id, revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"])
-    except Exception as err:  # network, auth, missing repo: all are a failed input, said plainly
-        raise RunFailure("E501", f"cannot fetch {repo_id}@{revision or 'main'}: {err}",
-                         "check the id, the revision and your access to the hub") from None
-    snapshot = Path(path)
-    return snapshot, snapshot.name
 
 
 def convert_pickle(files: list[Path], config_dir: Path, out: Path) -> str:

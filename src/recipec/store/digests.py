@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from .filehash import hash_file, hash_files  # noqa: F401  (re-exported for callers)
 from .model_dir import ModelFiles
 from .tensors import ModelReader, model_digest, tensor_digest
 

@@ -2,7 +2,7 @@
 
 `check` and `plan` must never download; they look in the cache layout huggingface_hub writes
 (`models--org--name/refs/<rev>` → `snapshots/<commit>/`). A model not found there is "unknown until
-locked": `recipec lock` or `run` resolve it through huggingface_hub itself.
+locked": `recipec lock` or `run` resolve it through huggingface_hub itself (`resolve`).
 """
 
 from __future__ import annotations
@@ -42,3 +42,32 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, st
             return None
     snapshot = repo / "snapshots" / commit
     return (snapshot, commit) if (snapshot / "config.json").is_file() else None
+
+
+class HubUnavailable(Exception):
+    """A hub model that is neither cached nor fetchable now; carries a hint for the user."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def resolve(repo_id: str, revision: str | None, offline: bool) -> tuple[Path, str]:
+    """(snapshot directory, commit) of a hub model: from the local cache, or downloaded unless offline."""
+    cached = cached_snapshot(repo_id, revision)
+    if cached is not None:
+        return cached
+    if offline:
+        raise HubUnavailable(f"{repo_id}@{revision or 'main'} is not in the local hub cache and --offline is set",
+                             "run `recipec lock` without --offline once, or download it with `hf download`")
+    import huggingface_hub
+
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"])
+    except Exception as err:  # network, auth, a missing repo: all are an unavailable input, said plainly
+        raise HubUnavailable(f"cannot fetch {repo_id}@{revision or 'main'}: {err}",
+                             "check the id, the revision and your access to the hub") from None
+    snapshot = Path(path)
+    return snapshot, snapshot.name

@@ -227,7 +227,12 @@ def test_sigkill_never_leaves_a_partial_release(tmp_path, capsys):
     previous = (tmp_path / "out" / "big" / "SHA256SUMS").read_text()
     recipe.write_text(recipe.read_text().replace("seed=1", "seed=5"))
     proc = _cli(recipe)
-    _wait_for(lambda: any(p.name.startswith(".recipec-tmp-") for p in (tmp_path / "out").iterdir()))
+    objects = Path(os.environ["RECIPEC_CACHE"]) / "objects"
+
+    def writing() -> bool:  # the new result is being built in the cache, or assembled as a release
+        return any(p.name.startswith(".recipec-tmp-") for d in (objects, tmp_path / "out") for p in d.iterdir())
+
+    _wait_for(writing)
     proc.kill()
     proc.wait()
     release = tmp_path / "out" / "big"

@@ -248,3 +248,26 @@ def test_two_runs_at_once_on_one_cache_and_output(chat_vector):
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert _release_is_complete(chat_vector.parent / "out" / "model")
+
+
+def test_a_release_interrupted_before_its_swap_leaves_the_previous_one(chat_vector, capsys, monkeypatch):
+    import recipec.store.release as release_module
+
+    assert run(["run", str(chat_vector)], capsys)[0] == 0
+    release = chat_vector.parent / "out" / "model"
+    before = (release / "SHA256SUMS").read_text()
+    chat_vector.write_text(CHAT_VECTOR.replace("0.8", "0.3"))
+
+    def killed(new, target):
+        raise KeyboardInterrupt  # the moment before the new release would take the old one's place
+
+    monkeypatch.setattr(release_module, "_swap_into_place", killed)
+    assert run(["run", str(chat_vector)], capsys)[0] == 130
+    assert (release / "SHA256SUMS").read_text() == before and _release_is_complete(release)
+    assert not [p for p in release.parent.iterdir() if p.name.startswith(".recipec-tmp-")]
+    # A temporary a SIGKILL left behind is removed by the next run, which then succeeds.
+    (release.parent / ".recipec-tmp-model-99999").mkdir()
+    monkeypatch.undo()
+    assert run(["run", str(chat_vector)], capsys)[0] == 0
+    assert (release / "SHA256SUMS").read_text() != before and _release_is_complete(release)
+    assert not [p for p in release.parent.iterdir() if p.name.startswith(".recipec-tmp-")]

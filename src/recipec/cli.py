@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdout", action="store_true", help="print the formatted recipe instead of rewriting it")
     verb("explain", cmd_explain, "explain a diagnostic code (or `ops`)", json_flag=False).add_argument("code")
 
-    def running(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def running(p: argparse.ArgumentParser, actions: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+        if actions:  # `recipec cache ls FILE`: the action comes before the file
+            p.add_argument("action", choices=actions)
         p.add_argument("file")
         p.add_argument("--cache", help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
         p.add_argument("--offline", action="store_true", help="never touch the network; hub inputs must be cached")
@@ -264,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))
-    p = running(verb("cache", cmd_cache, "list the cache, or remove what the recipe no longer needs", json_flag=False))
-    p.add_argument("action", choices=("ls", "gc"))
+    running(verb("cache", cmd_cache, "list the cache (ls), or remove what the recipe no longer needs (gc)",
+                 json_flag=False), actions=("ls", "gc"))
     return parser
 
 

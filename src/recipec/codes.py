@@ -134,8 +134,9 @@ _ENTRIES += [
          "At run time a tensor is missing, or has another shape or dtype, than the headers said when the\n"
          "recipe was checked: an input changed in between. Check the recipe again."),
     Code("E503", "vocabularies disagree", RECIPE,
-         "embeddings=\"overlap\" combines the rows the models share, which only means something when row i\n"
-         "is the same token in every model. The tokenizers say otherwise for the row named."),
+         "Adding or subtracting embedding rows only means something when row i is the same token in every\n"
+         "model (with embeddings=\"overlap\", in the rows the models share). The models' tokenizer.json files\n"
+         "say otherwise for the row named. Inputs without a tokenizer.json cannot be checked."),
     Code("E504", "cannot write output", RUNTIME,
          "Writing a result failed: the disk is full, a file-size limit was hit, or permission was denied.\n"
          "Nothing partial was left where the output goes; the previous output, if any, is intact. Free\n"

@@ -79,7 +79,7 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
                              "the inputs' weights no longer match what the plan read; re-run `recipec check`")
         shapes = [f.tensors[s].shape for f, s in zip(inputs, sources)]
         keep_first = ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
-                      or (params["embeddings"] == "keep" and t.name in vocab_names and len(set(shapes)) > 1))
+                      or (params["embeddings"] == "keep" and t.name in vocab_names))
         coeffs = tuple(coefficients)
         factor = _override_factor(t.name, params.get("overrides", []))
         if factor is not None:
@@ -94,13 +94,14 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
                 raise RunFailure("E502", f"`{t.name}` has shapes {[list(s) for s in shapes]} across the inputs",
                                  "the inputs changed since the plan was checked; re-run `recipec check`")
             rows = min(s[0] for s in shapes)
-            if not tokens_checked:
-                mismatch = check_shared_tokens(job, rows)
-                if mismatch:
-                    raise RunFailure("E503", f"the vocabularies disagree on shared rows: {mismatch}",
-                                     'embeddings="overlap" needs the first rows to be the same tokens in every '
-                                     'model; use embeddings="keep", or align the tokenizers first')
-                tokens_checked = True
+        if t.name in vocab_names and not tokens_checked:
+            # Rows combined across models must be the same token in each (strings, not just shapes).
+            mismatch = check_shared_tokens(job, rows if rows is not None else shapes[0][0])
+            if mismatch:
+                raise RunFailure("E503", f"the vocabularies disagree on shared rows: {mismatch}",
+                                 'arithmetic on embedding rows needs row i to be the same token in every model; '
+                                 'use embeddings="keep", or align the tokenizers first')
+            tokens_checked = True
         overrides = ()
         if rows is not None and params["special_tokens"] == "chat" and chat is not None:
             overrides = tuple((r, chat) for r in special_rows if r < rows)

@@ -73,25 +73,14 @@ class TensorSpec:
 def llama_tensor_specs(
     *, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int
 ) -> list[TensorSpec]:
-    """Tensor names and shapes in the order LlamaForCausalLM's state_dict has them."""
-    head_dim = hidden // heads
-    kv = kv_heads * head_dim
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
-            (p + "mlp.up_proj.weight", (intermediate, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, intermediate)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return [TensorSpec(name, shape, i) for i, (name, shape) in enumerate(shapes)]
+    """Tensor names and shapes in the order LlamaForCausalLM's state_dict has them (from recipec's
+    architecture table, which is tested against transformers)."""
+    from recipec import arch
+
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+              "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "vocab_size": vocab, "tie_word_embeddings": False}
+    return [TensorSpec(name, shape, i) for i, (name, shape) in enumerate(arch.tensor_shapes(config).items())]
 
 
 def plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:

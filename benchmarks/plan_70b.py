@@ -135,24 +135,16 @@ print(json.dumps(T))
 # --- checkpoints ---------------------------------------------------------------------------------
 
 def llama_tensors(*, hidden, layers, intermediate, heads, kv_heads, vocab) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) in LlamaForCausalLM's state_dict order: the order save_pretrained shards in."""
-    kv = kv_heads * (hidden // heads)
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv, hidden)),
-            (p + "self_attn.v_proj.weight", (kv, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "mlp.gate_proj.weight", (intermediate, hidden)),
-            (p + "mlp.up_proj.weight", (intermediate, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, intermediate)),
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return out
+    """(name, shape) in LlamaForCausalLM's state_dict order: the order save_pretrained shards in.
+
+    recipec's own architecture table (tested against transformers) is the one place this is known.
+    """
+    from recipec import arch
+
+    config = {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+              "intermediate_size": intermediate, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+              "vocab_size": vocab, "tie_word_embeddings": False}
+    return list(arch.tensor_shapes(config).items())
 
 
 def nbytes(shape: tuple[int, ...]) -> int:

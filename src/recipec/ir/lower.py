@@ -465,7 +465,7 @@ class Lowerer:
     def _apply(self, op: type[Op], inputs: list[Node], params, ctx: Context) -> Node | None:
         errors_before = len(ctx.diags.errors)
         out: Type = op.output_type(ctx, inputs, params)
-        if len(ctx.diags.errors) > errors_before or out.kind is Kind.LIST:
+        if len(ctx.diags.errors) > errors_before or out.kind is Kind.ERROR:
             return None
         return self.graph.add(op.name, tuple(inputs), op.node_params(params, ctx), out, ctx.span)
 

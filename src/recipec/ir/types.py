@@ -28,6 +28,7 @@ class Kind(str, Enum):
     STR = "Str"
     BOOL = "Bool"
     LIST = "List"
+    ERROR = "Error"  # the type of an expression that already failed: accepted nowhere, reported once
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ class Context:
         return ERROR_TYPE
 
 
-ERROR_TYPE = Type(Kind.LIST)  # never a valid input anywhere; silences follow-on errors
+ERROR_TYPE = Type(Kind.ERROR)
 
 
 class Op:

@@ -18,7 +18,7 @@ from .. import arch as archs
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type
 from ..store import hub
 from ..store.model_dir import ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
-from .base import Context, Cost, Op, Params, register
+from .base import ERROR_TYPE, Context, Cost, Op, Params, register
 
 def signature_of_dir(root: Path) -> Signature:
     """The signature of a local model directory, from config.json and safetensors headers."""
@@ -171,7 +171,7 @@ class Init(Op):
                              "tokenizer", "a tokenizer directory holds tokenizer.json or tokenizer_config.json")
         config = cls.config_for(ctx, params)
         if config is None:
-            return Type(Kind.LIST)
+            return ERROR_TYPE  # config_for said why
         try:
             return Type(Kind.MODEL, signature_of_config(config, DTYPE_CODES[params.dtype]))
         except (KeyError, ValueError) as err:
@@ -223,7 +223,7 @@ class _DataSource(Op):
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
-        return Type(cls.kind) if _data_files(ctx, params.glob) is not None else Type(Kind.LIST)
+        return Type(cls.kind) if _data_files(ctx, params.glob) is not None else ERROR_TYPE
 
     @classmethod
     def node_params(cls, params, ctx):

@@ -251,3 +251,12 @@ def test_cache_ls_and_gc_keep_what_the_recipe_needs(tmp_path, capsys):
     _, out, _ = run(["cache", "ls", str(recipe)], capsys)
     assert len(out.splitlines()) == 4
     assert "Plan: 0 to build, 4 cached, 1 export." in run(["plan", str(recipe)], capsys)[1]
+
+
+def test_special_token_rows_can_come_from_the_first_model(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "chat_vector_zh.rcp")
+    recipe.write_text(recipe.read_text().replace('special_tokens="chat"', 'special_tokens="first"'))
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    cp = cached(recipe, "zh_cp")
+    out = load_file(str(tmp_path / "out" / "zh_chat" / "model.safetensors"))
+    assert torch.equal(out["model.embed_tokens.weight"][:3], cp["model.embed_tokens.weight"][:3])

@@ -100,8 +100,7 @@ def cmd_explain(args) -> int:
     if key == "OPS":
         from .ops import REGISTRY
 
-        for name, op in sorted(REGISTRY.items()):
-            sys.stdout.write(f"{name}: {op.summary()}\n")
+        sys.stdout.write("\n".join(_describe_op(op) for _, op in sorted(REGISTRY.items())))
         return 0
     code = CODES.get(key)
     if code is None:
@@ -225,6 +224,32 @@ def cmd_cache(args) -> int:
             cache.remove(entry.key)
     sys.stderr.write(f"removed {len(removed)} of {len(entries)} cache entries\n")
     return 0
+
+
+def _type_text(annotation) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(annotation))
+    if get_origin(annotation) is None and hasattr(annotation, "__name__"):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _describe_op(op) -> str:
+    """An op's one-line summary, then its inputs and parameters with types, defaults and meaning."""
+    lines = [f"{op.name}: {' '.join((op.__doc__ or '').split())}"]
+    for inp in op.inputs:
+        kind = inp.kind.value if hasattr(inp.kind, "value") else inp.kind
+        extra = ", several" if inp.variadic else ", optional" if inp.optional else ""
+        lines.append(f"  {inp.name} ({kind}{extra}): {inp.doc}")
+    for name, field in op.Params.model_fields.items():
+        if name in getattr(op, "internal", ()):
+            continue
+        annotation = _type_text(field.annotation)
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        lines.append(f"  {name}: {annotation}, {default}" + (f" — {field.description}" if field.description else ""))
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,8 +68,11 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
     inputs = [a.files for a in job.inputs]
     first = inputs[0]
     vocab_names = set(arch_vocab_tensors(first.config))
-    chat = chat_leaf(job)
-    special_rows = sorted(tokenizer_rows(job.inputs[chat].path, special=True)) if chat is not None else []
+    # Under a row policy, special tokens' rows are copied whole from one model: the chat model's (the
+    # chat-vector method's intent) or the first model's.
+    special_source = chat_leaf(job) if params["special_tokens"] == "chat" else 0
+    special_rows = (sorted(tokenizer_rows(job.inputs[special_source].path, special=True))
+                    if special_source is not None else [])
     plans, tokens_checked = [], False
     for t in out:
         sources = tuple(source_name(f, t.name) for f in inputs)
@@ -103,8 +106,8 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
                                  'use embeddings="keep", or align the tokenizers first')
             tokens_checked = True
         overrides = ()
-        if rows is not None and params["special_tokens"] == "chat" and chat is not None:
-            overrides = tuple((r, chat) for r in special_rows if r < rows)
+        if rows is not None and special_source is not None:
+            overrides = tuple((r, special_source) for r in special_rows if r < rows)
         plans.append(TensorPlan(t.name, sources, coeffs, rows, overrides))
     return plans
 

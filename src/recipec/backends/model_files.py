@@ -12,12 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
-from ..ir.types import TensorSpec
+from ..ir.types import DTYPE_CODES, TensorSpec
 from ..ops.sources import TOKENIZER_FILES
 from ..store.tensors import write_json
 from .job import Job
 
-_TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_DTYPE_NAMES = {code: name for name, code in DTYPE_CODES.items()}  # "BF16" -> "bfloat16", for config.json
 
 
 def _read_json(path: Path) -> dict | None:
@@ -45,8 +45,8 @@ def copy_model_files(job: Job, out: list[TensorSpec]) -> None:
     config = dict(job.inputs[0].files.config)
     dtypes = {t.dtype for t in out}
     dominant = max(dtypes, key=lambda d: sum(t.nbytes for t in out if t.dtype == d)) if dtypes else None
-    if dominant in _TORCH_DTYPE_NAMES:
-        config["dtype"] = _TORCH_DTYPE_NAMES[dominant]
+    if dominant in _DTYPE_NAMES:
+        config["dtype"] = _DTYPE_NAMES[dominant]
         config.pop("torch_dtype", None)
     write_json(job.out / "config.json", config)
     override = job.node.params.get("tokenizer")

@@ -101,10 +101,6 @@ class Op:
         """The parameters recorded on the graph node (and hashed into its cache key)."""
         return params.model_dump(mode="json")
 
-    @classmethod
-    def summary(cls) -> str:
-        return (cls.__doc__ or "").strip().splitlines()[0]
-
 
 REGISTRY: dict[str, type[Op]] = {}
 

@@ -154,7 +154,7 @@ class ModelWriter:
         for name, (_, _, t) in sorted(self._where.items()):
             if self._done[name] != t.nbytes:
                 raise ValueError(f"tensor {name} is incomplete ({self._done[name]} of {t.nbytes} bytes)")
-            entries.append((name, t.dtype, list(t.shape), self._hashes[name].hexdigest()))
+            entries.append(digest_entry(name, t.dtype, t.shape, self._hashes[name].hexdigest()))
         return entries
 
     def finish(self) -> str:
@@ -206,9 +206,14 @@ def write_json(path: Path, data: object) -> None:
         os.close(fd)
 
 
+def digest_entry(name: str, dtype: str, shape: tuple[int, ...], sha256_hex: str) -> tuple:
+    """One tensor's entry in a model digest: (name, dtype, shape, sha256 of its bytes)."""
+    return (name, dtype, list(shape), sha256_hex)
+
+
 def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> tuple:
-    """One tensor's entry in a model digest."""
-    return (name, dtype, list(shape), hashlib.sha256(data).hexdigest())
+    """One tensor's entry in a model digest, hashing its bytes."""
+    return digest_entry(name, dtype, shape, hashlib.sha256(data).hexdigest())
 
 
 def model_digest(entries: list[tuple]) -> str:

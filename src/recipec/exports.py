@@ -122,10 +122,10 @@ def input_places(op: str, label: str, params: dict, recipe_dir: Path) -> list[Pl
         if isinstance(value, dict) and isinstance(value.get("path"), str):  # a tokenizer, a chat template
             paths.append(recipe_dir / value["path"])
     paths += [recipe_dir / f for f in params.get("files") or () if isinstance(f, str)]  # a corpus's files
-    return [Place(p.resolve(), f"an input of `{label}` ({_shown(p.resolve(), recipe_dir)})") for p in paths]
+    return [Place(p.resolve(), f"an input of `{label}` ({shown(p.resolve(), recipe_dir)})") for p in paths]
 
 
-def _shown(path: Path, recipe_dir: Path) -> str:
+def shown(path: Path, recipe_dir: Path) -> str:
     try:
         return str(path.relative_to(recipe_dir.resolve()))
     except ValueError:

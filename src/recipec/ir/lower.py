@@ -525,10 +525,6 @@ class Lowerer:
         node = self.as_model(module, value, stmt.value)
         if node is None:
             return None
-        problem = exports.written_problem(stmt.path.value)
-        if problem is not None:
-            self.diags.error(problem.code, problem.message, stmt.path.span, problem.hint)
-            return None
         spec = ExportSpec(node, (module.dir / stmt.path.value).resolve(), fmt, stmt.span, stmt.path.value)
         self.graph.exports.append(spec)
         return spec
@@ -542,14 +538,15 @@ class Lowerer:
         valid: list[tuple[ast.Export, ExportSpec]] = []
         for stmt, spec in exported:
             self._warn_code_references(module, stmt, spec)
-            problem = next(filter(None, (exports.place_problem(spec.path, stmt.path.value, p) for p in places)), None)
+            problem = exports.written_problem(stmt.path.value) or next(
+                filter(None, (exports.place_problem(spec.path, stmt.path.value, p) for p in places)), None)
             if problem is not None:
                 self.diags.error(problem.code, problem.message, stmt.path.span, problem.hint)
             elif not self._overlaps(stmt, spec, valid):
                 valid.append((stmt, spec))
 
     def _overlaps(self, stmt: ast.Export, spec: ExportSpec, earlier: list[tuple[ast.Export, ExportSpec]]) -> bool:
-        """Report (and say) whether an export's target is, or overlaps, an earlier export's."""
+        """Whether an export's target is, or overlaps, an earlier export's; reports it if so."""
         for other_stmt, other in earlier:
             note = [Note("first exported here", other_stmt.path.span)]
             if other.path == spec.path:
@@ -567,10 +564,12 @@ class Lowerer:
         if exports.keeps_code_references(spec.node):
             return
         for leaf in exports.leaves(spec.node):
-            for config, keys in exports.code_references_of(exports.input_dir(leaf.op, leaf.params, module.dir)):
-                self.diags.warning("E313", f"the release drops {', '.join(f'`{k}`' for k in keys)} of "
-                                   f"`{leaf.label}`'s {config}: references to code recipec does not ship",
-                                   stmt.path.span, "to keep them, load the model with `remote_code=true`")
+            model_dir = exports.input_dir(leaf.op, leaf.params, module.dir)
+            for config, keys in exports.code_references_of(model_dir):
+                self.diags.warning("E313", f"the release drops {', '.join(f'`{k}`' for k in keys)} from "
+                                   f"{exports.shown(model_dir / config, module.dir)}: references to code that "
+                                   "recipec does not ship", stmt.path.span,
+                                   "to keep them, load the model with `remote_code=true`")
 
 
 _NOT_A_PARAM = object()

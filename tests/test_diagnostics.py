@@ -39,6 +39,10 @@ def _broken_models(models: Path) -> None:
     index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
     index["weight_map"]["model.extra.weight"] = "model-00001-of-00002.safetensors"
     (split / "model.safetensors.index.json").write_text(json.dumps(index))
+    withcode = tiny_llama(models / "withcode")
+    code_reference = {"auto_map": {"AutoModel": "m.M"}}
+    (withcode / "config.json").write_text(json.dumps(preset_config("llama", "tiny") | code_reference))
+    (tiny_llama(models / "linked") / "tokenizer.json").symlink_to(models.parent / "configs" / "llama_tiny.json")
 
 
 @pytest.fixture(scope="module")

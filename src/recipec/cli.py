@@ -152,7 +152,8 @@ def cmd_run(args) -> int:
     program = _lower(args.file)
     _report(program.diagnostics, args)
     progress, task = _progress(args, program)
-    options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None)
+    options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None,
+                           force=args.force)
     engine = Engine(program, recipe, options)
     if args.locked:
         from .verify import check_locked
@@ -165,6 +166,10 @@ def cmd_run(args) -> int:
         result = engine.run()
     previous = read_lock(lock_path(recipe)) if lock_path(recipe).exists() else None
     write_lock(lock_path(recipe), carry_file_hashes(previous, result.lock))
+    for e in result.exports:
+        if e["moved_aside"]:
+            sys.stderr.write(f"recipec: {e['path']} held files recipec did not write; they were moved to "
+                             f"{e['moved_aside']}\n")
     built = sum(r.status == "built" for r in result.results)
     cached = sum(r.status == "cached" for r in result.results)
     if args.json:
@@ -288,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = running(verb("run", cmd_run, "build the recipe's exports, through the cache, and update the lockfile"))
     p.add_argument("--locked", action="store_true", help="refuse to run if anything pinned in the lockfile drifted")
+    p.add_argument("--force", action="store_true",
+                   help="export even where a folder recipec did not write is in the way: it is moved aside to "
+                        "NAME.replaced-TIME and kept")
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))

@@ -100,6 +100,29 @@ _ENTRIES = [
          "A warning: the output of a combination ties its embeddings because its first model does, so\n"
          "another input's separate output projection (`lm_head.weight`) has no place in it and is not\n"
          "used. Put an untied model first to keep a separate output projection."),
+    Code("E310", "export would destroy a source", RECIPE,
+         "An export target is a directory recipec owns entirely: each run may replace it. So it may not be\n"
+         "the recipe's directory or above it, a recipe file, the cache (or inside or above it), or an input\n"
+         "model's directory, tokenizer, template or data file (or inside or above one). Paths are judged\n"
+         "by where they point, after resolving symlinks. `run` checks the cache rule again with the cache\n"
+         "it really uses (`--cache`). Export into a directory of its own, e.g. \"out/model\"."),
+    Code("E311", "overlapping exports", RECIPE,
+         "One export's path is inside another's (`out/a` and `out/a/sub`): writing one would replace or\n"
+         "litter the other. Give each export a directory of its own, side by side."),
+    Code("E312", "bad export path", RECIPE,
+         "The export path is empty, or a relative path that leaves the recipe's directory (`../x`).\n"
+         "Relative paths mean places inside the recipe's directory; a recipe that means a place outside\n"
+         "it says so with an absolute path."),
+    Code("E313", "code references removed", RECIPE,
+         "A warning: an input's config.json or tokenizer_config.json names code to load (`auto_map`,\n"
+         "`custom_pipelines`). recipec never ships code, and removes these references from the release's\n"
+         "files so that loaders are not pointed at code that is not there. To keep them, load the model\n"
+         "with `load(path, remote_code=true)`."),
+    Code("E314", "input file links outside its directory", RECIPE,
+         "A file of a model directory is a symbolic link to a place outside that directory. recipec reads\n"
+         "and releases only a model's own files, so that a downloaded folder cannot make it read or ship\n"
+         "arbitrary files. A Hugging Face cache snapshot's links into its own `blobs/` are fine. Copy the\n"
+         "file into the directory (`cp -L`)."),
     # Inputs: E4xx
     Code("E401", "missing model files", MISSING,
          "A local model reference points at a directory that does not exist, or that lacks config.json\n"
@@ -156,6 +179,15 @@ _ENTRIES += [
          "The model has only pickled weights (`pytorch_model.bin`). Loading pickles can run code, so\n"
          "recipec refuses them unless the recipe says `load(path, allow_pickle=true)`, and then reads them\n"
          "only with `torch.load(weights_only=True)`."),
+    Code("E510", "export target is not a release", RUNTIME,
+         "The export path already holds something recipec did not write: a folder of the user's files, or\n"
+         "a symbolic link. recipec replaces only its own releases, recognized by their `.recipec-release`\n"
+         "marker (an empty folder may be used), so that a mistyped path never destroys data. Export to\n"
+         "another path, move it away, or run with `--force`: the old content is then renamed to\n"
+         "`NAME.replaced-TIME` beside it and kept, once the new release is complete."),
+    Code("E511", "export target is a file", RUNTIME,
+         "The export path, or a directory above it, is an existing file. A release is a directory, and\n"
+         "recipec never turns a file into one, even with `--force`. Move the file, or export elsewhere."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

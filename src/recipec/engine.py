@@ -21,6 +21,7 @@ from pathlib import Path
 from .backends import RULES, Artifact, Job, RunFailure, rule_for
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
+from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
 from .ir.lower import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
@@ -29,7 +30,7 @@ from .store.filehash import hash_files
 from .store.hub import HubUnavailable, resolve
 from .store.lockfile import lock_digest
 from .store.model_dir import ModelDirError, pickled_weights, read_model_dir, weight_files
-from .store.release import Card, write_release
+from .store.release import Card, TargetRefused, check_target, write_release
 from .toolchain import toolchain_versions
 
 
@@ -39,6 +40,7 @@ class RunOptions:
     threads: int = max(1, os.cpu_count() or 1)
     offline: bool = False
     write_exports: bool = True
+    force: bool = False  # move aside (and keep) what is at an export target that recipec did not write
     hash_input_files: bool = False  # file sha256s for the lock (a full read of every input)
     progress: object = None  # a callable(bytes) or None
 
@@ -85,8 +87,26 @@ class Engine:
             raise RecipeError([Diagnostic("E305", f"no rule for `{n.op}`: this recipec cannot build it yet",
                                           n.spans[0] if n.spans else None) for n in missing])
 
+    def check_targets(self) -> None:
+        """Before anything is built: every export target may be written (the cache rule again, with
+        the cache this run really uses, and what is at the target now)."""
+        cache = cache_place(self.options.cache_dir)
+        problems = []
+        for export in self.program.graph.exports:
+            problem = place_problem(export.path, export.display, cache)
+            try:
+                check_target(export.path, self.options.force)
+            except TargetRefused as err:
+                problem = problem or Problem(err.code, err.message, err.hint)
+            if problem is not None:
+                problems.append(Diagnostic(problem.code, problem.message, export.span, problem.hint))
+        if problems:
+            raise RecipeError(problems)
+
     def run(self) -> RunResult:
         self.check_rules()
+        if self.options.write_exports:
+            self.check_targets()
         started = time.monotonic()
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an error, not a kill
         try:
@@ -191,7 +211,7 @@ class Engine:
         by_node = {r.node.id: r for r in results}
         recipe_text = self.recipe.read_text(encoding="utf-8")
         partial_lock = self.lock_data(results, [])
-        exports = []
+        written = []
         for export in self.program.graph.exports:
             result = by_node[export.node.id]
             artifact = result.artifact
@@ -201,23 +221,18 @@ class Engine:
             card = Card(self._base_models(export.node, by_node), relation, self.recipe.name, recipe_text,
                         lock_digest(partial_lock), artifact.digest)
             try:
-                sums = write_release(artifact.path, export.path, card, known)
+                sums, aside = write_release(artifact.path, export.path, card, known,
+                                            keeps_code_references(export.node), self.options.force)
+            except TargetRefused as err:
+                raise RecipeError([Diagnostic(err.code, err.message, export.span, err.hint)]) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
-            exports.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,
-                            "digest": artifact.digest, "files": sums})
-        return exports
+            written.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,
+                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None})
+        return written
 
     def _base_models(self, node: Node, by_node: dict[int, NodeResult]) -> tuple[str, ...]:
-        found: list[str] = []
-        stack = [node]
-        while stack:
-            n = stack.pop()
-            resolved = by_node[n.id].resolved
-            if n.op == "hf" and resolved.get("id") not in found:
-                found.append(resolved["id"])
-            stack.extend(n.inputs)
-        return tuple(sorted(found))
+        return tuple(sorted({by_node[leaf.id].resolved["id"] for leaf in leaves(node) if leaf.op == "hf"}))
 
     def lock_data(self, results: list[NodeResult], exports: list[dict]) -> dict:
         recipe_bytes = self.recipe.read_bytes()

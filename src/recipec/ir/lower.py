@@ -17,12 +17,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .. import exports
 from ..diagnostics import Diagnostics, Note, RecipeError
 from ..ops import REGISTRY
 from ..ops.arithmetic import Combine
 from ..ops.base import LINEAR, Context, Input, Op
 from ..ops.sources import model_reference
 from ..source import Span
+from ..store.cache import default_cache_dir
 from ..syntax import ast, parse_file
 from ..syntax.parser import MAX_MAGNITUDE
 from .graph import ExportSpec, Graph, Node
@@ -477,10 +479,9 @@ class Lowerer:
         for owner, assign in list(module.scope.values()):
             if owner is module:
                 self.value_of(module, assign.name)
-        exports_by_path: dict[Path, ast.Export] = {}
-        for stmt in module.recipe.statements:
-            if isinstance(stmt, ast.Export):
-                self._export(module, stmt, exports_by_path)
+        written = [stmt for stmt in module.recipe.statements if isinstance(stmt, ast.Export)]
+        exported = [(stmt, spec) for stmt in written if (spec := self._export(module, stmt)) is not None]
+        self._check_targets(module, exported)
 
     def referenced(self, module: Module) -> set[str]:
         """Every name any loaded recipe mentions: what is not in it is bound but unused."""
@@ -508,29 +509,67 @@ class Lowerer:
                 stack.extend(node.items)
         return names
 
-    def _export(self, module: Module, stmt: ast.Export, seen: dict[Path, ast.Export]) -> None:
+    def _export(self, module: Module, stmt: ast.Export) -> ExportSpec | None:
         value = self.expr(module, stmt.value)
         fmt = stmt.format.id if stmt.format else ("onnx" if stmt.path.value.endswith(".onnx") else "hf")
         if fmt != "hf":
             where = stmt.format.span if stmt.format else stmt.path.span
             self.diags.error("E305", f"export format `{fmt}` is not supported yet", where,
                              "export to a directory (Hugging Face safetensors): `export m to \"out/model\"`")
-            return
+            return None
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA or (
                 isinstance(value, Linear) and value.terms and value.weight_sum == 0):
             self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
                              stmt.value.span, "add it to a model first: `export base + delta to ...`")
-            return
+            return None
         node = self.as_model(module, value, stmt.value)
         if node is None:
+            return None
+        spec = ExportSpec(node, (module.dir / stmt.path.value).resolve(), fmt, stmt.span, stmt.path.value)
+        self.graph.exports.append(spec)
+        return spec
+
+    def _check_targets(self, module: Module, exported: list[tuple[ast.Export, ExportSpec]]) -> None:
+        """Every export target against every place it must not destroy, and against each other."""
+        used = [path for path in self.modules if path != module.path]
+        places = exports.recipe_places(module.path, used, default_cache_dir(module.path))
+        for node in self.graph.nodes:
+            places += exports.input_places(node.op, node.label, node.params, module.dir)
+        valid: list[tuple[ast.Export, ExportSpec]] = []
+        for stmt, spec in exported:
+            self._warn_code_references(module, stmt, spec)
+            problem = exports.written_problem(stmt.path.value) or next(
+                filter(None, (exports.place_problem(spec.path, stmt.path.value, p) for p in places)), None)
+            if problem is not None:
+                self.diags.error(problem.code, problem.message, stmt.path.span, problem.hint)
+            elif not self._overlaps(stmt, spec, valid):
+                valid.append((stmt, spec))
+
+    def _overlaps(self, stmt: ast.Export, spec: ExportSpec, earlier: list[tuple[ast.Export, ExportSpec]]) -> bool:
+        """Whether an export's target is, or overlaps, an earlier export's; reports it if so."""
+        for other_stmt, other in earlier:
+            note = [Note("first exported here", other_stmt.path.span)]
+            if other.path == spec.path:
+                self.diags.error("E306", f"two exports write {stmt.path.value!r}", stmt.path.span,
+                                 "give each export its own path", note)
+                return True
+            problem = exports.overlap_problem(stmt.path.value, spec.path, other_stmt.path.value, other.path)
+            if problem is not None:
+                self.diags.error(problem.code, problem.message, stmt.path.span, problem.hint, note)
+                return True
+        return False
+
+    def _warn_code_references(self, module: Module, stmt: ast.Export, spec: ExportSpec) -> None:
+        """Say which code references a release will lose (they are removed when it is written)."""
+        if exports.keeps_code_references(spec.node):
             return
-        path = (module.dir / stmt.path.value).resolve()
-        if path in seen:
-            self.diags.error("E306", f"two exports write {stmt.path.value!r}", stmt.path.span,
-                             "give each export its own path", [Note("first exported here", seen[path].path.span)])
-            return
-        seen[path] = stmt
-        self.graph.exports.append(ExportSpec(node, path, fmt, stmt.span, stmt.path.value))
+        for leaf in exports.leaves(spec.node):
+            model_dir = exports.input_dir(leaf.op, leaf.params, module.dir)
+            for config, keys in exports.code_references_of(model_dir):
+                self.diags.warning("E313", f"the release drops {', '.join(f'`{k}`' for k in keys)} from "
+                                   f"{exports.shown(model_dir / config, module.dir)}: references to code that "
+                                   "recipec does not ship", stmt.path.span,
+                                   "to keep them, load the model with `remote_code=true`")
 
 
 _NOT_A_PARAM = object()

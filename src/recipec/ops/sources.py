@@ -64,6 +64,8 @@ class Load(Op):
     class Params(Params):
         path: str = Field(description="a model directory, relative to the recipe")
         allow_pickle: bool = Field(False, description="whether pickled weights may be read (weights_only=True)")
+        remote_code: bool = Field(False, description="whether releases built from this model keep its config's "
+                                  "references to code (`auto_map`); the code files themselves are never shipped")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
@@ -79,7 +81,8 @@ class Load(Op):
 
     @classmethod
     def node_params(cls, params, ctx):
-        return {"path": str((ctx.recipe_dir / params.path).resolve()), "allow_pickle": params.allow_pickle}
+        return {"path": str((ctx.recipe_dir / params.path).resolve()), "allow_pickle": params.allow_pickle,
+                "remote_code": params.remote_code}
 
 
 @register

@@ -8,6 +8,7 @@ killed process leaves only a `.recipec-tmp-*` sibling, which the next run remove
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,13 +45,18 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def remove_stale_temporaries(directory: Path) -> int:
-    """Delete temporaries a killed run left in a directory; returns how many."""
+def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
+    """Delete temporaries a killed run left in a directory; returns how many.
+
+    With `owner`, only the temporaries recipec names after that entry (`.recipec-tmp-NAME-PID` and
+    `.recipec-tmp-old-NAME-PID`): a directory shared with the user's files loses nothing else.
+    """
     removed = 0
     if not directory.is_dir():
         return 0
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(old-)?{re.escape(owner)}-\d+") if owner else None
     for entry in directory.iterdir():
-        if entry.name.startswith(TMP_PREFIX):
+        if pattern.fullmatch(entry.name) if pattern else entry.name.startswith(TMP_PREFIX):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

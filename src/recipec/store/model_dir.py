@@ -3,6 +3,8 @@
 `read_model_dir` learns everything the planner needs (config, every tensor's dtype, shape and place)
 from config.json and the safetensors headers alone. A sharded index is distrusted: its `weight_map`
 may only name plain files inside the directory, and it must agree with the shards' own headers.
+A file that is a symbolic link must stay inside the directory (or, in a Hugging Face cache snapshot,
+inside the repository's own `blobs/`): a folder must not make recipec read or ship files from elsewhere.
 """
 
 from __future__ import annotations
@@ -39,8 +41,23 @@ class ModelFiles:
         return sum(t.nbytes for t in self.tensors.values())
 
 
+def check_links(root: Path) -> None:
+    """Refuse a model directory with a file that links outside it; raises ModelDirError."""
+    real_root = root.resolve()
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots" and real_root.parent.parent.name.startswith("models--"):
+        allowed.append(real_root.parent.parent / "blobs")  # the hub cache's snapshot -> blob links
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink() and entry.is_file() and not any(a in entry.resolve().parents for a in allowed):
+            raise ModelDirError("E314", f"{entry.name} in {root} links outside the model directory, to "
+                                f"{entry.resolve()}", entry,
+                                "copy the file into the directory (`cp -L`), or remove the link")
+
+
 def read_config(root: Path) -> dict:
     """config.json of a model directory (or a config file itself), validated enough to be trusted."""
+    if root.is_dir():
+        check_links(root)  # every reader of a model directory starts here
     path = root if root.is_file() else root / "config.json"
     if not path.is_file():
         raise ModelDirError("E401", f"no config.json in {root}", root,

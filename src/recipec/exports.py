@@ -1,0 +1,181 @@
+"""The rules of exports: where a release may be written, and what a release may contain.
+
+An export target is a directory that recipec owns entirely: every run may replace it. So it must be
+disjoint from every place the build reads or keeps — not equal to, inside or above a recipe file, an
+input, the cache or another export. The recipe's directory is the one place a target may lie inside
+(that is where `out/` lives) but never be, nor be above. A relative path means a place inside the
+recipe's directory; a recipe that means a place outside it says so with an absolute path. Paths are
+judged after resolving symlinks, by where they point.
+
+A release holds only data files recipec knows: weights, their index, configs, tokenizer files, the
+chat template, and what recipec writes itself (card, sums, marker). Code never travels, nor do
+references to it (`auto_map`), unless the recipe asks for them.
+
+Pure functions over paths and small JSON files; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+from .ops.sources import TOKENIZER_FILES
+from .store import hub
+from .store.model_dir import INDEX_FILE
+
+WEIGHT_SUFFIX = ".safetensors"
+RELEASE_DATA_FILES = frozenset(("config.json", INDEX_FILE, *TOKENIZER_FILES))
+CODE_FILES = ("config.json", "tokenizer_config.json")  # the files whose keys may point loaders at code
+CODE_KEYS = ("auto_map", "custom_pipelines")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Somewhere an export must not destroy: `path` resolved, `what` as a message names it."""
+
+    path: Path
+    what: str
+    may_contain_exports: bool = False  # only the recipe's directory
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str
+    message: str
+    hint: str
+
+
+def is_within(path: Path, other: Path) -> bool:
+    """Whether `path` is `other` or lies inside it (both resolved)."""
+    return path == other or other in path.parents
+
+
+def written_problem(written: str) -> Problem | None:
+    """What is wrong with an export path as the recipe wrote it, before it means any place."""
+    if not written.strip():
+        return Problem("E312", "an export path is empty",
+                       "name a directory for the release, e.g. \"out/model\"")
+    parts = PurePath(os.path.normpath(written)).parts
+    if not PurePath(written).is_absolute() and parts and parts[0] == "..":
+        return Problem("E312", f"export path {written!r} leaves the recipe's directory",
+                       "relative paths stay inside the recipe's directory; to mean a place outside it, "
+                       "write an absolute path")
+    return None
+
+
+def place_problem(target: Path, written: str, place: Place) -> Problem | None:
+    """What an export to `target` would destroy of `place`, if anything."""
+    if is_within(place.path, target):
+        whole = "" if place.path == target else ", which is inside it"
+        return Problem("E310", f"export to {written!r} would replace {place.what}{whole}", _hint(place))
+    if is_within(target, place.path) and not place.may_contain_exports:
+        return Problem("E310", f"export to {written!r} writes inside {place.what}", _hint(place))
+    return None
+
+
+def _hint(place: Place) -> str:
+    if place.may_contain_exports:
+        return "export into a directory of its own inside it, e.g. \"out/model\""
+    return "export to a directory of its own, e.g. \"out/model\"; recipec never writes over what a build reads"
+
+
+def overlap_problem(written: str, target: Path, other_written: str, other: Path) -> Problem | None:
+    """Two exports whose targets are one inside the other (the same path is E306)."""
+    if target != other and (is_within(target, other) or is_within(other, target)):
+        inner, outer = (written, other_written) if is_within(target, other) else (other_written, written)
+        return Problem("E311", f"exports overlap: {inner!r} is inside {outer!r}",
+                       "give each export a directory of its own, side by side: \"out/a\", \"out/b\"")
+    return None
+
+
+def recipe_places(recipe: Path, used: list[Path], cache: Path) -> list[Place]:
+    """The recipe's directory, every recipe file it reads, and the cache."""
+    places = [Place(recipe.resolve().parent, "the recipe's directory", may_contain_exports=True)]
+    places += [Place(p.resolve(), f"the recipe {p.name}") for p in [recipe, *used]]
+    return places + [cache_place(cache)]
+
+
+def cache_place(cache: Path) -> Place:
+    return Place(cache.resolve(), f"the cache ({cache})")
+
+
+def input_dir(op: str, params: dict, recipe_dir: Path) -> Path | None:
+    """The directory an input model (`load`, `hf` found in the hub cache) is read from."""
+    if op == "load":
+        return recipe_dir / params["path"]
+    if op == "hf":
+        cached = hub.cached_snapshot(params["id"], params.get("revision"))
+        return cached[0] if cached is not None else None
+    return None
+
+
+def input_places(op: str, label: str, params: dict, recipe_dir: Path) -> list[Place]:
+    """The files and directories a node reads, from its parameters."""
+    paths: list[Path] = []
+    model_dir = input_dir(op, params, recipe_dir)
+    if model_dir is not None:
+        # For a hub snapshot, its whole repository: the snapshots and the blobs they link to.
+        paths.append(model_dir.parent.parent if op == "hf" else model_dir)
+    for value in params.values():
+        if isinstance(value, dict) and isinstance(value.get("path"), str):  # a tokenizer, a chat template
+            paths.append(recipe_dir / value["path"])
+    paths += [recipe_dir / f for f in params.get("files") or () if isinstance(f, str)]  # a corpus's files
+    return [Place(p.resolve(), f"an input of `{label}` ({shown(p.resolve(), recipe_dir)})") for p in paths]
+
+
+def shown(path: Path, recipe_dir: Path) -> str:
+    try:
+        return str(path.relative_to(recipe_dir.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def is_release_file(name: str) -> bool:
+    """Whether a file of a model directory belongs in a release."""
+    return name in RELEASE_DATA_FILES or (name.endswith(WEIGHT_SUFFIX) and not name.startswith("."))
+
+
+def is_weight_file(name: str) -> bool:
+    """Large files a release may share (read-only) with the cache instead of copying."""
+    return name.endswith(WEIGHT_SUFFIX)
+
+
+def leaves(node) -> list:
+    """The source nodes (those without inputs) a graph node is built from, each once, in id order."""
+    found = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if not n.inputs:
+            found[n.id] = n
+        stack.extend(n.inputs)
+    return [found[i] for i in sorted(found)]
+
+
+def keeps_code_references(node) -> bool:
+    """Whether a release of `node` keeps code references: when the recipe asked, on one of its inputs."""
+    return any(leaf.params.get("remote_code") for leaf in leaves(node))
+
+
+def code_references_of(model_dir: Path | None) -> list[tuple[str, list[str]]]:
+    """(file, keys) for each config file of a model directory that points loaders at code."""
+    found = []
+    for name in CODE_FILES if model_dir is not None else ():
+        try:
+            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and code_references(data):
+            found.append((name, code_references(data)))
+    return found
+
+
+def code_references(data: dict) -> list[str]:
+    """The keys of a config that point loaders at code."""
+    return [key for key in CODE_KEYS if key in data]
+
+
+def without_code_references(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in CODE_KEYS}

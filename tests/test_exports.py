@@ -1,0 +1,258 @@
+"""Exports never destroy data, and releases hold only what recipec knows (issue 6, items 1, 3a, 4).
+
+Each test writes a recipe over tiny models (zero weights, no torch needed to make them), runs the CLI
+as a user would, and looks at exit statuses, messages and files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_llama
+from recipec.cli import main
+
+MERGE = 'a = load("models/a")\nb = load("models/b")\nm = 0.5*a + 0.5*b\n'
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    status = main(args)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "internal error" not in err, err
+    return status, out, err
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """A recipe directory with two tiny input models."""
+    for name in ("a", "b"):
+        tiny_llama(tmp_path / "models" / name)
+    return tmp_path
+
+
+def recipe(project: Path, body: str, name: str = "r.rcp") -> Path:
+    path = project / name
+    path.write_text("recipec 1\n" + body)
+    return path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- check time: targets that would destroy a source ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, code, words", [
+    (".", "E310", "would replace the recipe's directory"),
+    ("", "E312", "an export path is empty"),
+    ("..", "E312", "leaves the recipe's directory"),
+    ("../elsewhere", "E312", "write an absolute path"),
+    ("models", "E310", "would replace an input of `a` (models/a), which is inside it"),
+    ("models/a", "E310", "would replace an input of `a`"),
+    ("models/a/out", "E310", "writes inside an input of `a`"),
+    ("r.rcp", "E310", "would replace the recipe r.rcp"),
+    (".recipec", "E310", "would replace the cache"),
+])
+def test_check_refuses_targets_that_destroy_sources(project, capsys, monkeypatch, target, code, words):
+    monkeypatch.delenv("RECIPEC_CACHE")  # the default cache, beside the recipe
+    before = snapshot(project)
+    r = recipe(project, MERGE + f'export m to "{target}"\n')
+    for verb in ("check", "run"):
+        status, _, err = run([verb, str(r)], capsys)
+        assert status == 65 and f"error[{code}]" in err and words in err, err
+        assert "hint:" in err and f'export m to "{target}"\n' in err  # located at the path, with a hint
+    assert snapshot(project) == before | {"r.rcp": r.read_bytes()}
+
+
+def test_check_refuses_a_parent_directory_and_the_cache_by_absolute_path(project, capsys):
+    cache = Path(os.environ["RECIPEC_CACHE"])
+    r = recipe(project, MERGE + f'export m to "{project.parent}"\nexport m to "{cache / "objects"}"\n')
+    status, _, err = run(["check", str(r)], capsys)
+    assert status == 65, err
+    assert "error[E310]: export to" in err and "would replace the recipe's directory, which is inside it" in err
+    assert "writes inside the cache" in err
+
+
+def test_run_rechecks_the_cache_it_really_uses(project, capsys):
+    r = recipe(project, MERGE + 'export m to "store/out"\n')
+    status, _, err = run(["run", str(r), "--cache", str(project / "store")], capsys)
+    assert status == 65 and "error[E310]: export to 'store/out' writes inside the cache" in err, err
+    assert not (project / "store" / "out").exists()
+
+
+def test_overlapping_exports_are_refused_in_either_order(project, capsys):
+    for first, second in (("out/a", "out/a/sub"), ("out/a/sub", "out/a")):
+        r = recipe(project, MERGE + f'export m to "{first}"\nexport a to "{second}"\n')
+        status, _, err = run(["check", str(r)], capsys)
+        assert status == 65 and "error[E311]: exports overlap: 'out/a/sub' is inside 'out/a'" in err, err
+        assert "note:" in err
+
+
+def test_a_symlinked_target_is_judged_by_where_it_points(project, capsys):
+    (project / "out").mkdir()
+    (project / "out" / "link").symlink_to(project / "models" / "a")
+    r = recipe(project, MERGE + 'export m to "out/link"\n')
+    status, _, err = run(["check", str(r)], capsys)
+    assert status == 65 and "error[E310]: export to 'out/link' would replace an input of `a`" in err, err
+
+
+# --- run time: what is at the target ----------------------------------------------------------------------
+
+
+def test_a_symlink_to_a_folder_of_user_files_is_refused(project, capsys):
+    elsewhere = project.parent / f"{project.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "thesis.tex").write_text("years of work")
+    (project / "out").mkdir()
+    (project / "out" / "link").symlink_to(elsewhere)
+    r = recipe(project, MERGE + 'export m to "out/link"\n')
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 1 and "error[E510]" in err and str(elsewhere) in err and "--force" in err, err
+    assert snapshot(elsewhere) == {"thesis.tex": b"years of work"}
+
+
+def test_an_existing_file_is_never_turned_into_a_folder(project, capsys):
+    (project / "out").mkdir()
+    (project / "out" / "model").write_text("a file")
+    (project / "out" / "file").write_text("another")
+    r = recipe(project, MERGE + 'export m to "out/model"\nexport a to "out/file/under"\n')
+    for flags in ([], ["--force"]):
+        status, _, err = run(["run", str(r), *flags], capsys)
+        assert status == 1 and err.count("error[E511]") == 2 and "a file is in the way" in err, err
+    assert (project / "out" / "model").read_text() == "a file"
+    assert sorted(p.name for p in (project / "out").iterdir()) == ["file", "model"]
+
+
+def test_a_user_folder_is_refused_and_with_force_moved_aside_and_kept(project, capsys):
+    target = project / "out" / "model"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 1 and "error[E510]" in err and str(target) in err and "--force" in err, err
+    assert snapshot(target) == {"notes.txt": b"mine"}
+    assert not (project / ".recipec").exists() or not any((project / ".recipec").rglob("objects/*"))
+
+    status, out, err = run(["run", str(r), "--force"], capsys)
+    assert status == 0, err
+    (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
+    assert f"moved to {aside}" in err
+    assert snapshot(aside) == {"notes.txt": b"mine"}
+    assert (target / ".recipec-release").is_file() and not (target / "notes.txt").exists()
+
+
+def test_an_empty_folder_and_a_previous_release_are_replaced(project, capsys):
+    target = project / "out" / "model"
+    target.mkdir(parents=True)
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    marker = json.loads((target / ".recipec-release").read_text())
+    assert marker["format"] == 1 and marker["recipe"] == "r.rcp" and marker["model_digest"].startswith("sha256:")
+    r.write_text(r.read_text().replace("0.5*a + 0.5*b", "0.25*a + 0.75*b"))
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0, err
+    assert "0.25*a" in (target / "README.md").read_text()
+    assert sorted(p.name for p in (project / "out").iterdir()) == ["model"]  # nothing moved aside or left
+
+
+def test_a_release_leaves_no_stray_file_beside_it(project, capsys):
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    (project / "out").mkdir()
+    (project / "out" / ".recipec-tmp-mine").write_text("not recipec's: it does not name it so")
+    assert run(["run", str(r)], capsys)[0] == 0
+    assert sorted(p.name for p in (project / "out").iterdir()) == [".recipec-tmp-mine", "model"]
+
+
+# --- release files ----------------------------------------------------------------------------------------
+
+
+def test_editing_a_release_config_changes_no_other_release_or_the_cache(project, capsys):
+    r = recipe(project, MERGE + 'export m to "out/a"\n')
+    other = recipe(project, MERGE + 'export m to "release/b"\n', "other.rcp")
+    assert run(["run", str(r)], capsys)[0] == 0
+    assert run(["run", str(other)], capsys)[0] == 0
+    a, b = project / "out" / "a", project / "release" / "b"
+    with open(a / "config.json", "r+") as f:  # an edit in place, as an editor or `sed -i` may do
+        f.seek(0)
+        f.write("{\"edited\": 1,")
+    assert (b / "config.json").read_bytes() != (a / "config.json").read_bytes()
+    for name in ("config.json", "README.md", "SHA256SUMS", ".recipec-release"):
+        assert (a / name).stat().st_nlink == 1 and stat.S_IMODE((a / name).stat().st_mode) == 0o644
+    weights = a / "model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o444  # shared with the cache, so read-only
+    status, _, err = run(["run", str(other)], capsys)
+    assert status == 0 and "Built 0" in err, err  # the cache object is intact
+
+
+def models_with_code(project: Path) -> Path:
+    model = tiny_llama(project / "models" / "withcode")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_evil.EvilModel"}}))
+    (model / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]},
+                                                             "model_max_length": 64}))
+    (model / "modeling_evil.py").write_text("import os; os.system('echo pwned')\n")
+    (model / "notes.txt").write_text("unknown")
+    (model / "special_tokens_map.json").write_text("{}")
+    return model
+
+
+def test_a_direct_export_ships_only_known_data_files_without_code_references(project, capsys):
+    models_with_code(project)
+    r = recipe(project, 'c = load("models/withcode")\nexport c to "out/direct"\n'
+                        'export 0.5*c + 0.5*load("models/a") to "out/merged"\n')
+    status, _, err = run(["check", str(r)], capsys)
+    assert status == 0 and "warning[E313]" in err and "`auto_map`" in err and "remote_code=true" in err, err
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0 and "warning[E313]" in err, err
+    direct = project / "out" / "direct"
+    assert sorted(p.name for p in direct.iterdir()) == sorted([
+        ".recipec-release", "README.md", "SHA256SUMS", "config.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer_config.json"])
+    for release in (direct, project / "out" / "merged"):
+        assert "auto_map" not in (release / "config.json").read_text()
+        sums = dict(line.split("  ")[::-1] for line in (release / "SHA256SUMS").read_text().splitlines())
+        from recipec.store.filehash import hash_file
+        assert {name: hash_file(release / name) for name in sums} == sums
+    assert "auto_map" not in (direct / "tokenizer_config.json").read_text()
+    assert json.loads((direct / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+def test_remote_code_true_keeps_the_references_but_never_the_code(project, capsys):
+    models_with_code(project)
+    r = recipe(project, 'export load("models/withcode", remote_code=true) to "out/direct"\n')
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0 and "E313" not in err, err
+    direct = project / "out" / "direct"
+    assert "auto_map" in (direct / "config.json").read_text()
+    assert not (direct / "modeling_evil.py").exists()
+
+
+def test_an_input_file_linking_outside_its_directory_is_refused(project, capsys):
+    outside = project / "secret.json"
+    outside.write_text("{}")
+    (project / "models" / "a" / "tokenizer.json").symlink_to(outside)
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    for verb in ("check", "run"):
+        status, _, err = run([verb, str(r)], capsys)
+        assert status == 65 and "error[E314]: tokenizer.json in" in err and "links outside" in err, err
+    assert not (project / "out").exists()
+
+
+def test_a_hub_snapshot_may_link_into_its_own_blobs(project, capsys):
+    hub = Path(os.environ["HF_HUB_CACHE"]) / "models--org--snap"
+    snapshot_dir = tiny_llama(hub / "snapshots" / ("0" * 40))
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("0" * 40)
+    (hub / "blobs").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (snapshot_dir / name).rename(hub / "blobs" / name)
+        (snapshot_dir / name).symlink_to(Path("../../blobs") / name)
+    r = recipe(project, 'export hf("org/snap") to "out/model"\n')
+    status, _, err = run(["run", str(r), "--offline"], capsys)
+    assert status == 0, err
+    assert (project / "out" / "model" / "model.safetensors").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RECIPE, MISSING, RUNTIME = 65, 66, 1
+NO_EXIT = 0  # warnings and notes are reported but never change the exit status
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,14 @@ class Code:
     title: str
     exit_status: int
     explanation: str
+    severity: str = "error"  # or "warning", "note": both leave the exit status alone
+
+    @property
+    def consequence(self) -> str:
+        """What the code means for the exit status, as `recipec explain` says it."""
+        if self.severity == "error":
+            return f"error, exit status {self.exit_status}"
+        return f"{self.severity}: reported, exit status unchanged"
 
 
 _ENTRIES = [
@@ -47,11 +56,20 @@ _ENTRIES = [
     Code("E104", "used recipe not found", MISSING,
          "The file named by `use` does not exist. Paths are relative to the directory of the recipe that\n"
          "contains the `use`, not to the working directory."),
-    Code("E105", "unused name", RECIPE,
-         "A warning: a name is bound but never used or exported, so nothing is built from it."),
+    Code("E105", "unused name", NO_EXIT,
+         "A warning: a name is bound but never used or exported, so nothing is built from it.",
+         severity="warning"),
     Code("E106", "cyclic definition", RECIPE,
          "A name's definition refers back to itself, directly or through other names, so it has no\n"
          "value. Recipes are definitions, not loops: break the cycle."),
+    Code("E108", "not a UTF-8 file", RECIPE,
+         "Recipes are UTF-8 text. The file holds a byte sequence that is not UTF-8, typically because an\n"
+         "editor saved it as Latin-1 or UTF-16; the caret points at the first such byte. Save it as UTF-8,\n"
+         "e.g. `iconv -f latin1 -t utf-8 old.rcp > new.rcp`."),
+    Code("E109", "`use` target is not a recipe", RECIPE,
+         "`use` brings in another recipe: a UTF-8 `.rcp` file that starts with `recipec 1`. The path names\n"
+         "a directory, or a file that is not a recipe; recipec refuses it without reading it as one (and\n"
+         "without quoting it), so a typo cannot make it echo an unrelated file."),
     # Calls and parameters: E2xx
     Code("E201", "unknown op", RECIPE,
          "A call names an op that does not exist. `recipec explain ops` lists every op with its\n"
@@ -68,8 +86,8 @@ _ENTRIES = [
          "name them."),
     Code("E206", "wrong argument type", RECIPE,
          "An argument has the wrong type, e.g. a string where a number is expected, or a corpus where a\n"
-         "model is expected. A string where a model is expected is a model reference (a local directory\n"
-         "if it exists, else a hub id)."),
+         "model is expected. A string where a model is expected is a model reference: a local path when it\n"
+         "starts with `./`, `../` or `/` or its first component exists beside the recipe, else a hub id."),
     Code("E207", "argument given twice", RECIPE,
          "An argument is given both by position and by keyword, or the same keyword twice."),
     # Types and arithmetic: E3xx
@@ -96,10 +114,11 @@ _ENTRIES = [
          "(given with `as` or implied by the path's suffix) is not one recipec writes."),
     Code("E306", "two exports to one path", RECIPE,
          "Two `export` statements write the same output path; the second would overwrite the first."),
-    Code("E307", "tensor not carried", RECIPE,
+    Code("E307", "tensor not carried", NO_EXIT,
          "A warning: the output of a combination ties its embeddings because its first model does, so\n"
          "another input's separate output projection (`lm_head.weight`) has no place in it and is not\n"
-         "used. Put an untied model first to keep a separate output projection."),
+         "used. Put an untied model first to keep a separate output projection.",
+         severity="warning"),
     # Inputs: E4xx
     Code("E401", "missing model files", MISSING,
          "A local model reference points at a directory that does not exist, or that lacks config.json\n"
@@ -113,7 +132,9 @@ _ENTRIES = [
          "absolute path, a subdirectory). recipec never follows such a path: a downloaded model must not\n"
          "be able to make recipec read arbitrary files."),
     Code("E404", "bad config.json", RECIPE,
-         "A model's config.json is not valid JSON, or lacks `model_type`."),
+         "A model's config.json is not valid JSON, lacks `model_type`, or gives a field the signature\n"
+         "reads (`vocab_size`, `hidden_size`, `num_hidden_layers`, ...) with the wrong type, e.g. a string\n"
+         "where transformers needs an integer. The message names the field."),
     Code("E405", "no data files", MISSING,
          "A corpus or dataset glob matches no files. Globs are relative to the recipe's directory."),
     Code("E406", "inconsistent sharded index", RECIPE,
@@ -122,6 +143,12 @@ _ENTRIES = [
     Code("E407", "unknown architecture", RECIPE,
          "`init` builds a model from a preset or a config; the architecture or size is not one recipec\n"
          "knows. The message lists the known ones."),
+    Code("E408", "hub model not in the local cache", NO_EXIT,
+         "A note: a hub model is not in the local Hugging Face cache, so `check` and `plan` cannot read its\n"
+         "config and headers: its signature, and the cost of everything built from it, are unknown. The\n"
+         "note gives the commands that fetch it: `recipec lock FILE` (online) resolves and downloads every\n"
+         "hub input and pins it, or `hf download ID --revision REV` fetches one.",
+         severity="note"),
 ]
 
 _ENTRIES += [

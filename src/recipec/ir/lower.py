@@ -10,6 +10,7 @@ to 1 (a model) or 0 (a delta). Calls are bound against the op's declared inputs 
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -149,9 +150,14 @@ class Lowerer:
         for stmt in module.recipe.statements:
             if isinstance(stmt, ast.Use):
                 target = module.dir / stmt.path.value
-                if not target.is_file():
+                if not target.exists():
                     self.diags.error("E104", f"used recipe {stmt.path.value!r} not found (relative to {module.dir})",
                                      stmt.path.span, "paths in `use` are relative to the recipe that contains it")
+                    continue
+                refusal = _why_not_a_recipe(target)
+                if refusal is not None:
+                    self.diags.error("E109", f"cannot use {stmt.path.value!r}: {refusal}", stmt.path.span,
+                                     "`use` takes another recipe: a UTF-8 `.rcp` file starting with `recipec 1`")
                     continue
                 used = self.load(target, _display(target), stmt.span, stack)
                 if used is None:
@@ -625,6 +631,26 @@ def _describe_raw(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+_HEADER = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:[ \t]*(?:#[^\n]*)?\r?\n)*recipec[ \t]")
+
+
+def _why_not_a_recipe(path: Path) -> str | None:
+    """Why a `use` target is not a recipe, judged without echoing any of it; None when it is one."""
+    if path.is_dir():
+        return "it is a directory, not a recipe"
+    if path.suffix != ".rcp":
+        return "it is not a recipe (recipes end in .rcp)"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None  # loading it reports why it cannot be read
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    return None if _HEADER.match(data) else "it does not start with `recipec 1`"
 
 
 def _display(path: Path) -> str:

@@ -154,9 +154,11 @@ _ENTRIES = [
 _ENTRIES += [
     # Running: E5xx
     Code("E501", "hub model unavailable", MISSING,
-         "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline is set, the\n"
-         "network is unreachable, the id or revision does not exist, or it needs an access token.\n"
-         "`recipec lock` (without --offline) resolves and downloads inputs once; later runs are offline."),
+         "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline or\n"
+         "HF_HUB_OFFLINE is set, the network is unreachable, the id or revision does not exist, or it needs\n"
+         "an access token. Every such model is reported at once, before anything is built. `recipec lock`\n"
+         "(online) resolves and downloads inputs once, or `hf download ID --revision REV` fetches one;\n"
+         "later runs need no network."),
     Code("E502", "inputs changed under the plan", RECIPE,
          "At run time a tensor is missing, or has another shape or dtype, than the headers said when the\n"
          "recipe was checked: an input changed in between. Check the recipe again."),

@@ -2,7 +2,7 @@
 
 Their type rules read only config.json and safetensors headers, so `check` and `plan` stay fast and
 never read a weight or touch the network. A string where a model is expected goes through
-`model_reference`: a local directory if one exists (relative to the recipe), otherwise a hub id.
+`model_reference`: a local path (relative to the recipe) when it looks like one, otherwise a hub id.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ class Load(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         root = ctx.recipe_dir / params.path
+        if not root.exists():
+            return _missing_directory(ctx, params.path, "path")
         only_pickles = root.is_dir() and pickled_weights(root) and not (root / "model.safetensors").exists()
         if params.allow_pickle and only_pickles:
             try:
@@ -119,10 +121,7 @@ def model_reference(ctx: Context, text: str) -> tuple[type[Op], Params] | None:
     if _is_local_path(ctx.recipe_dir, text):
         if (ctx.recipe_dir / text).is_dir():
             return Load, Load.Params(path=text)
-        nearest = nearest_directory(ctx.recipe_dir, text)
-        ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir})",
-                  hint=f"did you mean {nearest!r}?" if nearest else
-                  "paths in a recipe are relative to the recipe's own directory")
+        _missing_directory(ctx, text)
         return None
     if hub.is_hub_id(text):
         return Hf, Hf.Params(id=text)
@@ -138,7 +137,15 @@ def _is_local_path(recipe_dir: Path, text: str) -> bool:
     return bool(first) and (recipe_dir / first).exists()
 
 
-def nearest_directory(recipe_dir: Path, text: str) -> str | None:
+def _missing_directory(ctx: Context, text: str, arg: str | None = None) -> Type:
+    """E401 for a local model path that does not exist, suggesting the nearest directory that does."""
+    nearest = _nearest_directory(ctx.recipe_dir, text)
+    return ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir})", arg,
+                     f"did you mean {nearest!r}?" if nearest else
+                     "paths in a recipe are relative to the recipe's own directory")
+
+
+def _nearest_directory(recipe_dir: Path, text: str) -> str | None:
     """The existing directory closest to a mistyped path: the deepest existing prefix, then the
     sibling whose name is most like the next component (`out/m33` -> `out/m3`)."""
     parts = [p for p in text.split("/") if p not in ("", ".")]

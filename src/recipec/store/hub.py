@@ -1,8 +1,9 @@
 """Find hub models in the local Hugging Face cache, without importing huggingface_hub or touching the network.
 
 `check` and `plan` must never download; they look in the cache layout huggingface_hub writes
-(`models--org--name/refs/<rev>` → `snapshots/<commit>/`). A model not found there is "unknown until
-locked": `recipec lock` or `run` resolve it through huggingface_hub itself (`resolve`).
+(`models--org--name/refs/<rev>` → `snapshots/<commit>/`). A model not found there has an unknown
+signature until it is fetched: `recipec lock` or `run` resolve it through huggingface_hub itself
+(`resolve_all`, which reports every model it cannot get, in recipec's words, whatever the offline switch).
 """
 
 from __future__ import annotations

@@ -118,9 +118,10 @@ class Engine:
                 first_use.setdefault((node.params["id"], node.params.get("revision")), node)
         resolved, missing = resolve_all(list(first_use), self.options.offline)
         if missing:
-            raise RecipeError([_failure(first_use[(err.repo_id, err.revision)], "E501", err.message,
-                                        fetch_hint(err.repo_id, err.revision, str(self.recipe))).diagnostics[0]
-                               for err in missing])
+            spans = [first_use[(err.repo_id, err.revision)].spans for err in missing]
+            raise RecipeError([Diagnostic("E501", err.message, span[0] if span else None,
+                                          fetch_hint(err.repo_id, err.revision, str(self.recipe)))
+                               for err, span in zip(missing, spans)])
         return resolved
 
     def _resolve_input(self, node: Node) -> NodeResult:

@@ -28,14 +28,16 @@ def human_count(n: float, unit: str = "") -> str:
 
 
 def _unknown(node: Node) -> bool:
-    """Whether a model's signature, and so its cost, cannot be known before its hub inputs are fetched."""
+    """Whether a model's signature, and so its cost, cannot be known yet (an unfetched hub model, a pickle)."""
     return node.type.kind.value in ("Model", "Delta") and node.type.signature is None
 
 
 def _why_unknown(node: Node) -> str:
     if node.op == "hf":
-        return "not in the local Hugging Face cache (fetch it: see the note above)"
-    return "until its hub inputs are fetched"
+        return "signature unknown: not in the local Hugging Face cache (the note says how to fetch it)"
+    if node.op == "load":
+        return "signature unknown until the pickled weights are converted"
+    return "signature unknown until its inputs are fetched"
 
 
 def _shorten(text: str, width: int = 80) -> str:
@@ -46,7 +48,7 @@ def _type_line(node: Node) -> str:
     sig = node.type.signature
     if node.type.kind.value in ("Model", "Delta"):
         if sig is None:
-            return f"{node.type} · signature unknown: {_why_unknown(node)}"
+            return f"{node.type} · {_why_unknown(node)}"
         return (f"{node.type} · {human_count(sig.params)} params · {len(sig.tensors)} tensors · "
                 f"{human_bytes(sig.nbytes)} {sig.dtype}")
     return str(node.type)
@@ -68,7 +70,7 @@ def render_text(plan: Plan, color: bool = False) -> str:
         if node.inputs:
             lines.append(f"{pad}from {', '.join(i.label for i in node.inputs)}")
         if step.status == BUILD and _unknown(node):
-            lines.append(f"{pad}cost unknown until its hub inputs are fetched")
+            lines.append(f"{pad}cost unknown until its inputs are fetched")
         elif step.status == BUILD:
             c = step.cost
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
@@ -77,7 +79,7 @@ def render_text(plan: Plan, color: bool = False) -> str:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
     unknown = _unknown_builds(plan)
-    lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
+    lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
                   f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
                   + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else ""),
               paint(plan.summary(), "1")]

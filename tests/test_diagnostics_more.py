@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,6 +171,10 @@ def test_the_progress_bar_uses_binary_units_as_plan_does(tmp_path, capsys, monke
     progress, task = cli._progress(args, lower_file(r))
     (column,) = [c for c in progress.columns if isinstance(c, DownloadColumn)]
     assert column.binary_units
+    progress.advance(task, 3 * 2**20)
+    moving = replace(progress.tasks[0], finished_speed=3 * 2**20)
+    rendered = [str(c.render(moving)) for c in progress.columns if hasattr(c, "render")]
+    assert "3.0 MiB/s" in rendered and not any("MB" in r for r in rendered)
     assert progress.tasks[0].description == "building 1 node"
 
 

@@ -133,7 +133,15 @@ def _progress(args, program):
     if args.json or not sys.stderr.isatty():
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from .plan.render import human_bytes
+
+    class BinaryRate(ProgressColumn):  # rich's TransferSpeedColumn has decimal units only
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(int(speed))}/s", style="progress.data.speed")
 
     from .plan import make_plan
     from .plan.cache_status import cached_nodes
@@ -144,7 +152,7 @@ def _progress(args, program):
     total = sum(s.cost.bytes_written for s in plan.steps if s.status == "build") or None
     # Binary units (KiB, MiB, GiB), as `plan` prints sizes.
     progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
-                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+                        BinaryRate(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
     return progress, progress.add_task(f"building {_count(plan.to_build, 'node')}", total=total)
 
 

@@ -79,8 +79,9 @@ def render_text(plan: Plan, color: bool = False) -> str:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
     unknown = _unknown_builds(plan)
-    lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
-                  f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
+    lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · "
+                  f"write {human_bytes(t.bytes_written)} · peak {human_bytes(t.peak_bytes)} · "
+                  f"{human_count(t.flops, 'FLOP')}"
                   + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else ""),
               paint(plan.summary(), "1")]
     return "\n".join(lines) + "\n"

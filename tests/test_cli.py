@@ -39,7 +39,9 @@ def golden(path: Path, actual: str) -> None:
 def test_plan_golden(recipe, fmt, capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     status, out, err = run(["plan", recipe] + (["--json"] if fmt == "json" else []), capsys)
-    assert status == 0 and err == ""
+    assert status == 0
+    # zh_chat's three hub models are not in the (empty) hub cache: the text plan says how to fetch each.
+    assert err.count("note[E408]") == (3 if "zh_chat" in recipe and fmt == "text" else 0)
     golden(GOLDEN / "plan" / f"{Path(recipe).stem}.{'json' if fmt == 'json' else 'txt'}", out)
 
 

@@ -151,7 +151,7 @@ def test_offline_run_with_an_uncached_hub_model_says_so(tmp_path, capsys):
     recipe = tmp_path / "r.rcp"
     recipe.write_text('recipec 1\nexport hf("org/absent") to "out"\n')
     status, _, err = run(["run", "--offline", str(recipe)], capsys)
-    assert status == 66 and "error[E501]: org/absent@main is not in the local hub cache" in err
+    assert status == 66 and "error[E501]: hub model org/absent@main is not in the local Hugging Face cache" in err
 
 
 def _cli(recipe: Path, *extra: str, **kwargs) -> subprocess.Popen:

@@ -35,13 +35,18 @@ def _report(diagnostics, args) -> None:
         sys.stderr.write(render_all(diagnostics, use_color(sys.stderr)))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def cmd_check(args) -> int:
     program = _lower(args.file)
+    nodes, exports = len(program.graph.reachable()), len(program.graph.exports)
+    if args.json:  # one document whatever the outcome, so a tool never has to parse silence
+        sys.stdout.write(to_json(program.diagnostics, nodes=nodes, exports=exports) + "\n")
+        return 0
     _report(program.diagnostics, args)
-    if not args.json:
-        n = len(program.graph.reachable())
-        sys.stderr.write(f"{args.file}: ok ({n} node{'s' if n != 1 else ''}, "
-                         f"{len(program.graph.exports)} export{'s' if len(program.graph.exports) != 1 else ''})\n")
+    sys.stderr.write(f"{args.file}: ok ({_count(nodes, 'node')}, {_count(exports, 'export')})\n")
     return 0
 
 
@@ -76,8 +81,8 @@ def cmd_fmt(args) -> int:
     from .syntax.format import format_recipe
 
     path = Path(args.file)
+    formatted = format_recipe(parse_file(path, args.file))  # first: it reports a file that is not UTF-8
     original = path.read_text(encoding="utf-8")
-    formatted = format_recipe(parse_file(path, args.file))
     if args.check:
         if formatted != original:
             sys.stderr.write(f"{args.file}: would be reformatted\n")
@@ -107,7 +112,7 @@ def cmd_explain(args) -> int:
         sys.stderr.write(f"recipec: no diagnostic code {args.code!r}; codes are "
                          + ", ".join(CODES) + "\n")
         return 2
-    sys.stdout.write(f"{code.code}: {code.title} (exit status {code.exit_status})\n\n{code.explanation}\n")
+    sys.stdout.write(f"{code.code}: {code.title} ({code.consequence})\n\n{code.explanation}\n")
     return 0
 
 
@@ -128,7 +133,15 @@ def _progress(args, program):
     if args.json or not sys.stderr.isatty():
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from .plan.render import human_bytes
+
+    class BinaryRate(ProgressColumn):  # rich's TransferSpeedColumn has decimal units only
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else f"{human_bytes(int(speed))}/s", style="progress.data.speed")
 
     from .plan import make_plan
     from .plan.cache_status import cached_nodes
@@ -137,9 +150,10 @@ def _progress(args, program):
     cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
     plan = make_plan(program.graph, args.file, lambda node: node.id in cached)
     total = sum(s.cost.bytes_written for s in plan.steps if s.status == "build") or None
-    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-    return progress, progress.add_task(f"building {plan.to_build} node(s)", total=total)
+    # Binary units (KiB, MiB, GiB), as `plan` prints sizes.
+    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
+                        BinaryRate(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+    return progress, progress.add_task(f"building {_count(plan.to_build, 'node')}", total=total)
 
 
 def cmd_run(args) -> int:
@@ -257,6 +271,27 @@ def _describe_op(op) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _thread_count(text: str) -> int:
+    """--threads: a positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _cache_directory(text: str) -> str:
+    """--cache: a directory, existing or to be made; never an existing file."""
+    path = Path(text).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        where = "" if existing == path else f" (under {existing}, which is a file)"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory{where}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recipec", description="Compile model recipes into weights.")
     parser.add_argument("--version", action="version", version=f"recipec {__version__}")
@@ -272,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb("check", cmd_check, "parse and type-check a recipe").add_argument("file")
     p = verb("plan", cmd_plan, "show what a run would build and what it costs, reading no weight")
     p.add_argument("file")
-    p.add_argument("--cache", help="cache directory to look up (default: as `run`)")
+    p.add_argument("--cache", type=_cache_directory, help="cache directory to look up (default: as `run`)")
     p = verb("graph", cmd_graph, "print the op graph", json_flag=False)
     p.add_argument("file")
     p.add_argument("--format", choices=("dot", "mermaid"), default="dot")
@@ -286,9 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         if actions:  # `recipec cache ls FILE`: the action comes before the file
             p.add_argument("action", choices=actions)
         p.add_argument("file")
-        p.add_argument("--cache", help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
+        p.add_argument("--cache", type=_cache_directory,
+                       help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
         p.add_argument("--offline", action="store_true", help="never touch the network; hub inputs must be cached")
-        p.add_argument("--threads", type=int, default=0, help="worker threads (default: all cores)")
+        p.add_argument("--threads", type=_thread_count, default=0, help="worker threads (default: all cores)")
         return p
 
     p = running(verb("run", cmd_run, "build the recipe's exports, through the cache, and update the lockfile"))

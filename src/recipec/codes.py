@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RECIPE, MISSING, RUNTIME = 65, 66, 1
+NO_EXIT = 0  # warnings and notes are reported but never change the exit status
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,14 @@ class Code:
     title: str
     exit_status: int
     explanation: str
+    severity: str = "error"  # or "warning", "note": both leave the exit status alone
+
+    @property
+    def consequence(self) -> str:
+        """What the code means for the exit status, as `recipec explain` says it."""
+        if self.severity == "error":
+            return f"error, exit status {self.exit_status}"
+        return f"{self.severity}: reported, exit status unchanged"
 
 
 _ENTRIES = [
@@ -47,11 +56,20 @@ _ENTRIES = [
     Code("E104", "used recipe not found", MISSING,
          "The file named by `use` does not exist. Paths are relative to the directory of the recipe that\n"
          "contains the `use`, not to the working directory."),
-    Code("E105", "unused name", RECIPE,
-         "A warning: a name is bound but never used or exported, so nothing is built from it."),
+    Code("E105", "unused name", NO_EXIT,
+         "A warning: a name is bound but never used or exported, so nothing is built from it.",
+         severity="warning"),
     Code("E106", "cyclic definition", RECIPE,
          "A name's definition refers back to itself, directly or through other names, so it has no\n"
          "value. Recipes are definitions, not loops: break the cycle."),
+    Code("E108", "not a UTF-8 file", RECIPE,
+         "Recipes are UTF-8 text. The file holds a byte sequence that is not UTF-8, typically because an\n"
+         "editor saved it as Latin-1 or UTF-16; the caret points at the first such byte. Save it as UTF-8,\n"
+         "e.g. `iconv -f latin1 -t utf-8 old.rcp > new.rcp`."),
+    Code("E109", "`use` target is not a recipe", RECIPE,
+         "`use` brings in another recipe: a UTF-8 `.rcp` file that starts with `recipec 1`. The path names\n"
+         "a directory, or a file that is not a recipe; recipec refuses it without reading it as one (and\n"
+         "without quoting it), so a typo cannot make it echo an unrelated file."),
     # Calls and parameters: E2xx
     Code("E201", "unknown op", RECIPE,
          "A call names an op that does not exist. `recipec explain ops` lists every op with its\n"
@@ -68,8 +86,8 @@ _ENTRIES = [
          "name them."),
     Code("E206", "wrong argument type", RECIPE,
          "An argument has the wrong type, e.g. a string where a number is expected, or a corpus where a\n"
-         "model is expected. A string where a model is expected is a model reference (a local directory\n"
-         "if it exists, else a hub id)."),
+         "model is expected. A string where a model is expected is a model reference: a local path when it\n"
+         "starts with `./`, `../` or `/` or its first component exists beside the recipe, else a hub id."),
     Code("E207", "argument given twice", RECIPE,
          "An argument is given both by position and by keyword, or the same keyword twice."),
     # Types and arithmetic: E3xx
@@ -96,10 +114,11 @@ _ENTRIES = [
          "(given with `as` or implied by the path's suffix) is not one recipec writes."),
     Code("E306", "two exports to one path", RECIPE,
          "Two `export` statements write the same output path; the second would overwrite the first."),
-    Code("E307", "tensor not carried", RECIPE,
+    Code("E307", "tensor not carried", NO_EXIT,
          "A warning: the output of a combination ties its embeddings because its first model does, so\n"
          "another input's separate output projection (`lm_head.weight`) has no place in it and is not\n"
-         "used. Put an untied model first to keep a separate output projection."),
+         "used. Put an untied model first to keep a separate output projection.",
+         severity="warning"),
     Code("E310", "export would destroy a source", RECIPE,
          "An export target is a directory recipec owns entirely: each run may replace it. So it may not be\n"
          "the recipe's directory or above it, a recipe file, the cache (or inside or above it), or an input\n"
@@ -113,11 +132,12 @@ _ENTRIES = [
          "The export path is empty, or a relative path that leaves the recipe's directory (`../x`).\n"
          "Relative paths mean places inside the recipe's directory; a recipe that means a place outside\n"
          "it says so with an absolute path."),
-    Code("E313", "code references removed", RECIPE,
+    Code("E313", "code references removed", NO_EXIT,
          "A warning: an input's config.json or tokenizer_config.json names code to load (`auto_map`,\n"
          "`custom_pipelines`). recipec never ships code, and removes these references from the release's\n"
          "files so that loaders are not pointed at code that is not there. To keep them, load the model\n"
-         "with `load(path, remote_code=true)`."),
+         "with `load(path, remote_code=true)`.",
+         severity="warning"),
     Code("E314", "input file links outside its directory", RECIPE,
          "A file of a model directory is a symbolic link to a place outside that directory. recipec reads\n"
          "and releases only a model's own files, so that a downloaded folder cannot make it read or ship\n"
@@ -136,7 +156,9 @@ _ENTRIES = [
          "absolute path, a subdirectory). recipec never follows such a path: a downloaded model must not\n"
          "be able to make recipec read arbitrary files."),
     Code("E404", "bad config.json", RECIPE,
-         "A model's config.json is not valid JSON, or lacks `model_type`."),
+         "A model's config.json is not valid JSON, lacks `model_type`, or gives a field the signature\n"
+         "reads (`vocab_size`, `hidden_size`, `num_hidden_layers`, ...) with the wrong type, e.g. a string\n"
+         "where transformers needs an integer. The message names the field."),
     Code("E405", "no data files", MISSING,
          "A corpus or dataset glob matches no files. Globs are relative to the recipe's directory."),
     Code("E406", "inconsistent sharded index", RECIPE,
@@ -145,14 +167,22 @@ _ENTRIES = [
     Code("E407", "unknown architecture", RECIPE,
          "`init` builds a model from a preset or a config; the architecture or size is not one recipec\n"
          "knows. The message lists the known ones."),
+    Code("E408", "hub model not in the local cache", NO_EXIT,
+         "A note: a hub model is not in the local Hugging Face cache, so `check` and `plan` cannot read its\n"
+         "config and headers: its signature, and the cost of everything built from it, are unknown. The\n"
+         "note gives the commands that fetch it: `recipec lock FILE` (online) resolves and downloads every\n"
+         "hub input and pins it, or `hf download ID --revision REV` fetches one.",
+         severity="note"),
 ]
 
 _ENTRIES += [
     # Running: E5xx
     Code("E501", "hub model unavailable", MISSING,
-         "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline is set, the\n"
-         "network is unreachable, the id or revision does not exist, or it needs an access token.\n"
-         "`recipec lock` (without --offline) resolves and downloads inputs once; later runs are offline."),
+         "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline or\n"
+         "HF_HUB_OFFLINE is set, the network is unreachable, the id or revision does not exist, or it needs\n"
+         "an access token. Every such model is reported at once, before anything is built. `recipec lock`\n"
+         "(online) resolves and downloads inputs once, or `hf download ID --revision REV` fetches one;\n"
+         "later runs need no network."),
     Code("E502", "inputs changed under the plan", RECIPE,
          "At run time a tensor is missing, or has another shape or dtype, than the headers said when the\n"
          "recipe was checked: an input changed in between. Check the recipe again."),

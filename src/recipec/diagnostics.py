@@ -57,6 +57,9 @@ class Diagnostics:
     def warning(self, code: str, message: str, span: Span | None = None, hint: str | None = None) -> None:
         self.add(Diagnostic(code, message, span, hint, (), "warning"))
 
+    def note(self, code: str, message: str, span: Span | None = None, hint: str | None = None) -> None:
+        self.add(Diagnostic(code, message, span, hint, (), "note"))
+
     def extend(self, others: Iterable[Diagnostic]) -> None:
         self.items.extend(others)
 
@@ -128,16 +131,30 @@ def render(diagnostic: Diagnostic, color: bool = False) -> str:
 
 
 def _summary(items: list[Diagnostic]) -> str:
+    """`2 errors and 1 warning found`; notes are information, not findings, and are not counted."""
     counts = [(sum(d.severity == sev for d in items), sev) for sev in ("error", "warning")]
-    return " and ".join(f"{n} {sev}{'s' if n != 1 else ''}" for n, sev in counts if n) + " found"
+    found = " and ".join(f"{n} {sev}{'s' if n != 1 else ''}" for n, sev in counts if n)
+    return f"\n{found} found\n" if found else "\n"
+
+
+def in_order(diagnostics: Iterable[Diagnostic]) -> list[Diagnostic]:
+    """Diagnostics by position (file, line, column), as a reader meets them; those without a place last.
+
+    Phases find problems in the order they evaluate, which is not the order of the text."""
+    def position(d: Diagnostic) -> tuple:
+        if d.span is None:
+            return (1, d.path or "", 0)
+        return (0, d.span.source.display, d.span.start)
+
+    return sorted(diagnostics, key=position)
 
 
 def render_all(diagnostics: Iterable[Diagnostic], color: bool = False) -> str:
-    """All diagnostics, then a count line, as a compiler prints them."""
-    items = list(diagnostics)
+    """All diagnostics in text order, then a count line, as a compiler prints them."""
+    items = in_order(diagnostics)
     if not items:
         return ""
-    return "\n\n".join(render(d, color) for d in items) + "\n\n" + _summary(items) + "\n"
+    return "\n\n".join(render(d, color) for d in items) + "\n" + _summary(items)
 
 
 def _position(span: Span, offset: int) -> dict:
@@ -164,7 +181,8 @@ def to_data(d: Diagnostic) -> dict:
     return data
 
 
-def to_json(diagnostics: Iterable[Diagnostic]) -> str:
-    return json.dumps(
-        {"format_version": JSON_FORMAT_VERSION, "diagnostics": [to_data(d) for d in diagnostics]}, indent=2
-    )
+def to_json(diagnostics: Iterable[Diagnostic], **summary) -> str:
+    """One JSON document: `ok` (no errors), the diagnostics in text order, and any summary fields given."""
+    items = in_order(diagnostics)
+    return json.dumps({"format_version": JSON_FORMAT_VERSION, "ok": not any(d.severity == "error" for d in items),
+                       "diagnostics": [to_data(d) for d in items], **summary}, indent=2)

@@ -27,7 +27,7 @@ from .ops import REGISTRY
 from .ops.base import cache_key
 from .store.cache import Cache, file_identity
 from .store.filehash import hash_files
-from .store.hub import HubUnavailable, resolve
+from .store.hub import fetch_hint, resolve_all
 from .store.lockfile import lock_digest
 from .store.model_dir import ModelDirError, pickled_weights, read_model_dir, weight_files
 from .store.release import Card, TargetRefused, check_target, write_release
@@ -120,6 +120,7 @@ class Engine:
 
     def _build_all(self) -> list[NodeResult]:
         by_id: dict[int, NodeResult] = {}
+        self.hub_snapshots = self._resolve_hub_inputs()
         for node in self.program.graph.reachable():
             op = REGISTRY[node.op]
             if not op.builds:
@@ -129,6 +130,20 @@ class Engine:
             by_id[node.id] = self._build(node, inputs)
         return list(by_id.values())
 
+    def _resolve_hub_inputs(self) -> dict:
+        """Every hub input, resolved before anything is built, so that all missing ones are reported at once."""
+        first_use: dict[tuple[str, str | None], Node] = {}
+        for node in self.program.graph.reachable():
+            if node.op == "hf":
+                first_use.setdefault((node.params["id"], node.params.get("revision")), node)
+        resolved, missing = resolve_all(list(first_use), self.options.offline)
+        if missing:
+            spans = [first_use[(err.repo_id, err.revision)].spans for err in missing]
+            raise RecipeError([Diagnostic("E501", err.message, span[0] if span else None,
+                                          fetch_hint(err.repo_id, err.revision, str(self.recipe)))
+                               for err, span in zip(missing, spans)])
+        return resolved
+
     def _resolve_input(self, node: Node) -> NodeResult:
         params = node.params
         resolved: dict = {}
@@ -136,10 +151,7 @@ class Engine:
             path = Path(params["path"])
             resolved["path"] = str(path)
         elif node.op == "hf":
-            try:
-                path, commit = resolve(params["id"], params.get("revision"), self.options.offline)
-            except HubUnavailable as err:
-                raise _failure(node, "E501", err.message, err.hint) from None
+            path, commit = self.hub_snapshots[(params["id"], params.get("revision"))]
             resolved.update(id=params["id"], revision=params.get("revision") or "main", commit=commit)
         else:  # data sources have no artifact until an op reads them
             return NodeResult(node, None)

@@ -133,14 +133,14 @@ def check_shared_tokens(job: Job, rows: int) -> str | None:
     Equal shapes do not prove equal vocabularies: a row must mean the same token in every model for
     arithmetic on it to mean anything. Inputs without tokenizer.json cannot be checked and are skipped.
     """
-    tables = [(a.path, tokenizer_vocab(a.path)) for a in job.inputs]
-    tables = [(p, t) for p, t in tables if t is not None]
+    # Models are named as the recipe names them (cache directories have only hashes for names).
+    tables = [(f"`{n.label}`", tokenizer_vocab(a.path)) for n, a in zip(job.node.inputs, job.inputs)]
+    tables = [(name, t) for name, t in tables if t is not None]
     if len(tables) < 2:
         return None
-    (first_path, first), rest = tables[0], tables[1:]
-    for path, table in rest:
+    (first_name, first), rest = tables[0], tables[1:]
+    for name, table in rest:
         for row in range(rows):
             if first.get(row) != table.get(row):
-                return (f"row {row} is token {first.get(row)!r} in {first_path.name} "
-                        f"but {table.get(row)!r} in {path.name}")
+                return f"row {row} is token {first.get(row)!r} in {first_name} but {table.get(row)!r} in {name}"
     return None

@@ -10,10 +10,12 @@ to 1 (a model) or 0 (a delta). Calls are bound against the op's declared inputs 
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -25,6 +27,7 @@ from ..ops.base import LINEAR, Context, Input, Op
 from ..ops.sources import model_reference
 from ..source import Span
 from ..store.cache import default_cache_dir
+from ..store.hub import fetch_hint
 from ..syntax import ast, parse_file
 from ..syntax.parser import MAX_MAGNITUDE
 from .graph import ExportSpec, Graph, Node
@@ -84,6 +87,22 @@ def _fmt(q: Fraction) -> str:
         return str(q.numerator)
     as_float = float(q)
     return repr(round(as_float, 6)) if Fraction(repr(as_float)) == q else f"{q.numerator}/{q.denominator}"
+
+
+def _written_as(node: Node) -> str:
+    """A node as the recipe names it: its bound name, else the text that made it (a model string)."""
+    return node.label if node.names or not node.spans else node.spans[0].text
+
+
+def _out_of_range(q: Fraction) -> bool:
+    return abs(q) > MAX_MAGNITUDE or (q != 0 and abs(q) < 1 / MAX_MAGNITUDE)
+
+
+def _magnitude(q: Fraction) -> str:
+    """A number of any size in scientific notation (a float would overflow or flush to zero)."""
+    exponent = math.floor(math.log10(abs(q.numerator)) - math.log10(q.denominator))
+    mantissa = float(abs(q) / Fraction(10) ** exponent)
+    return f"{'-' if q < 0 else ''}{mantissa:.2f}e{exponent:+d}"
 
 
 def _did_you_mean(name: str, candidates) -> str | None:
@@ -151,9 +170,14 @@ class Lowerer:
         for stmt in module.recipe.statements:
             if isinstance(stmt, ast.Use):
                 target = module.dir / stmt.path.value
-                if not target.is_file():
+                if not target.exists():
                     self.diags.error("E104", f"used recipe {stmt.path.value!r} not found (relative to {module.dir})",
                                      stmt.path.span, "paths in `use` are relative to the recipe that contains it")
+                    continue
+                refusal = _why_not_a_recipe(target)
+                if refusal is not None:
+                    self.diags.error("E109", f"cannot use {stmt.path.value!r}: {refusal}", stmt.path.span,
+                                     "`use` takes another recipe: a UTF-8 `.rcp` file starting with `recipec 1`")
                     continue
                 used = self.load(target, _display(target), stmt.span, stack)
                 if used is None:
@@ -237,12 +261,19 @@ class Lowerer:
 
     def _bounded(self, value: Value, e: ast.Expr) -> Value:
         """Numbers and coefficients must stay representable as floats."""
-        numbers = [value.value] if isinstance(value, Scalar) else [c for _, c in value.terms] if isinstance(
-            value, Linear) else []
-        if any(abs(q) > MAX_MAGNITUDE or (q and abs(q) < 1 / MAX_MAGNITUDE) for q in numbers):
-            self.diags.error("E302", "a number in this expression is out of range", e.span,
+        if isinstance(value, Scalar) and _out_of_range(value.value):
+            self.diags.error("E302", f"this expression folds to {_magnitude(value.value)}, out of range", e.span,
                              "keep numbers between 1e-300 and 1e300 in magnitude")
             return POISON
+        if isinstance(value, Linear):
+            for leaf, c in value.terms:
+                if _out_of_range(c):
+                    self.diags.error(
+                        "E302", f"folding this expression gives `{_written_as(leaf)}` the coefficient {_magnitude(c)}, "
+                        "out of range", e.span,
+                        "coefficients multiply through nested arithmetic (each `0.5*(...)` level halves them) and "
+                        "must stay between 1e-300 and 1e300 in magnitude: write the final weights directly")
+                    return POISON
         return value
 
     def _fold(self, module: Module, e: ast.BinOp) -> Value:
@@ -390,6 +421,11 @@ class Lowerer:
                 inputs.append(node)
         raw: dict[str, Any] = {}
         for key, arg in bound.items():
+            if isinstance(arg, ast.Name) and arg.id not in module.scope and arg.id in _choices(op, key):
+                self.diags.error("E101", f"unknown name `{arg.id}`", arg.span,
+                                 f"`{key}` takes a string: did you mean `{key}=\"{arg.id}\"`?")
+                ok = False
+                continue
             value = self.expr(module, arg)
             converted = _python(value)
             if converted is _NOT_A_PARAM:
@@ -575,6 +611,15 @@ class Lowerer:
 _NOT_A_PARAM = object()
 
 
+def _choices(op: type[Op], name: str) -> tuple[str, ...]:
+    """The strings a parameter accepts when its type is a Literal (optional or not), else ()."""
+    info = op.Params.model_fields.get(name)
+    if info is None:
+        return ()
+    literals = [info.annotation] + list(get_args(info.annotation))
+    return tuple(v for t in literals if get_origin(t) is Literal for v in get_args(t) if isinstance(v, str))
+
+
 def _python(value: Value) -> Any:
     """The plain Python value pydantic validates, or _NOT_A_PARAM for graph values."""
     if isinstance(value, Scalar):
@@ -637,6 +682,12 @@ def _report_param_error(op: type[Op], problem: dict, raw: dict[str, Any], ctx: C
     info = op.Params.model_fields.get(name) if name else None
     hint = f"`{name}` is {info.description}" if info is not None and info.description else None
     value = raw.get(name)
+    if len(problem["loc"]) > 1:  # an element of a list argument: name that element, not the list
+        value = problem.get("input")
+        ctx.error("E206", f"`{name}{''.join(f'[{i}]' for i in problem['loc'][1:])}` must be "
+                  f"{_EXPECTED.get(kind) or problem['msg'].replace('Input should be ', '')}, "
+                  f"got {_describe_raw(value)}", name, hint)
+        return
     if kind == "missing":
         ctx.error("E204", f"`{op.name}` needs `{name}`", hint=hint)
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -666,6 +717,26 @@ def _describe_raw(value: Any) -> str:
     return type(value).__name__
 
 
+_HEADER = re.compile(rb"\A(?:\xef\xbb\xbf)?(?:[ \t]*(?:#[^\n]*)?\r?\n)*recipec[ \t]")
+
+
+def _why_not_a_recipe(path: Path) -> str | None:
+    """Why a `use` target is not a recipe, judged without echoing any of it; None when it is one."""
+    if path.is_dir():
+        return "it is a directory, not a recipe"
+    if path.suffix != ".rcp":
+        return "it is not a recipe (recipes end in .rcp)"
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None  # loading it reports why it cannot be read
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    return None if _HEADER.match(data) else "it does not start with `recipec 1`"
+
+
 def _display(path: Path) -> str:
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -681,6 +752,12 @@ def lower_file(path: Path) -> Program:
         lowerer.lower_main(module)
     lowerer.diags.raise_if_errors()
     assert module is not None
+    for node in lowerer.graph.reachable():
+        if node.op == "hf" and node.type.signature is None:
+            repo_id, revision = node.params["id"], node.params.get("revision")
+            lowerer.diags.note("E408", f"hub model {repo_id}@{revision or 'main'} is not in the local Hugging Face "
+                               "cache: its signature and costs are unknown until it is fetched",
+                               node.spans[0] if node.spans else None, fetch_hint(repo_id, revision, _display(path)))
     referenced = lowerer.referenced(module)
     for name, (owner, assign) in module.scope.items():
         if owner is module and name not in referenced:

@@ -2,11 +2,12 @@
 
 Their type rules read only config.json and safetensors headers, so `check` and `plan` stay fast and
 never read a weight or touch the network. A string where a model is expected goes through
-`model_reference`: a local directory if one exists (relative to the recipe), otherwise a hub id.
+`model_reference`: a local path (relative to the recipe) when it looks like one, otherwise a hub id.
 """
 
 from __future__ import annotations
 
+import difflib
 import glob as globlib
 import hashlib
 from pathlib import Path
@@ -70,6 +71,8 @@ class Load(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         root = ctx.recipe_dir / params.path
+        if not root.exists():
+            return _missing_directory(ctx, params.path, "path")
         only_pickles = root.is_dir() and pickled_weights(root) and not (root / "model.safetensors").exists()
         if params.allow_pickle and only_pickles:
             try:
@@ -113,13 +116,58 @@ class Hf(Op):
 
 
 def model_reference(ctx: Context, text: str) -> tuple[type[Op], Params] | None:
-    """A string where a model is expected: a local directory if it exists, else a hub id."""
-    if (ctx.recipe_dir / text).is_dir():
-        return Load, Load.Params(path=text)
-    if hub.is_hub_id(text) and not text.startswith("."):
+    """A string where a model is expected: a local directory or a hub id.
+
+    A string is a local path when it starts with `./`, `../` or `/`, or when its first component
+    exists beside the recipe; only then can a typo be caught instead of becoming a hub id.
+    """
+    if _is_local_path(ctx.recipe_dir, text):
+        if (ctx.recipe_dir / text).is_dir():
+            return Load, Load.Params(path=text)
+        _missing_directory(ctx, text)
+        return None
+    if hub.is_hub_id(text):
         return Hf, Hf.Params(id=text)
     ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir}) and not a hub id",
               hint="a model reference is a local directory with config.json, or a hub id like `org/name`")
+    return None
+
+
+def _is_local_path(recipe_dir: Path, text: str) -> bool:
+    if text in (".", "..") or text.startswith(("./", "../", "/")):
+        return True
+    first = text.split("/", 1)[0]
+    return bool(first) and (recipe_dir / first).exists()
+
+
+def _missing_directory(ctx: Context, text: str, arg: str | None = None) -> Type:
+    """E401 for a local model path that does not exist, suggesting the nearest directory that does."""
+    nearest = _nearest_directory(ctx.recipe_dir, text)
+    return ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir})", arg,
+                     f"did you mean {nearest!r}?" if nearest else
+                     "paths in a recipe are relative to the recipe's own directory")
+
+
+def _nearest_directory(recipe_dir: Path, text: str) -> str | None:
+    """The existing directory closest to a mistyped path: the deepest existing prefix, then the
+    sibling whose name is most like the next component (`out/m33` -> `out/m3`)."""
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    prefix: list[str] = []
+    base = Path("/") if text.startswith("/") else recipe_dir
+    for part in parts:
+        here = base.joinpath(*prefix)
+        if (here / part).is_dir():
+            prefix.append(part)
+            continue
+        try:
+            siblings = sorted(p.name for p in here.iterdir() if p.is_dir())
+        except OSError:
+            return None
+        close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)
+        if not close:
+            return None
+        guess = "/".join(prefix + [close[0]])
+        return ("/" + guess) if text.startswith("/") else ("./" + guess) if text.startswith("./") else guess
     return None
 
 

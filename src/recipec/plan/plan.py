@@ -55,8 +55,7 @@ class Plan:
 def describe(node: Node) -> str:
     """How the recipe wrote the expression that made this node, on one line."""
     if node.spans:
-        text = re.sub(r"\s+", " ", node.spans[0].text).strip()
-        return text if len(text) <= 80 else text[:77] + "..."
+        return re.sub(r"\s+", " ", node.spans[0].text).strip()
     return node.op
 
 

@@ -27,11 +27,28 @@ def human_count(n: float, unit: str = "") -> str:
     return f"{int(n)} {unit}".rstrip()
 
 
+def _unknown(node: Node) -> bool:
+    """Whether a model's signature, and so its cost, cannot be known yet (an unfetched hub model, a pickle)."""
+    return node.type.kind.value in ("Model", "Delta") and node.type.signature is None
+
+
+def _why_unknown(node: Node) -> str:
+    if node.op == "hf":
+        return "signature unknown: not in the local Hugging Face cache (the note says how to fetch it)"
+    if node.op == "load":
+        return "signature unknown until the pickled weights are converted"
+    return "signature unknown until its inputs are fetched"
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _type_line(node: Node) -> str:
     sig = node.type.signature
     if node.type.kind.value in ("Model", "Delta"):
         if sig is None:
-            return f"{node.type} · signature unknown until locked"
+            return f"{node.type} · {_why_unknown(node)}"
         return (f"{node.type} · {human_count(sig.params)} params · {len(sig.tensors)} tensors · "
                 f"{human_bytes(sig.nbytes)} {sig.dtype}")
     return str(node.type)
@@ -47,13 +64,13 @@ def render_text(plan: Plan, color: bool = False) -> str:
         node = step.node
         mark = paint(_MARK[step.status], _COLOR[step.status])
         status = {INPUT: "input", CACHED: "cached", BUILD: node.op}[step.status]
-        lines.append(f"  {mark} {node.label:<{width}}{step.description}")
+        lines.append(f"  {mark} {node.label:<{width}}{_shorten(step.description)}")
         pad = " " * (width + 4)
         lines.append(f"{pad}{paint(status, _COLOR[step.status])} → {_type_line(node)}")
         if node.inputs:
             lines.append(f"{pad}from {', '.join(i.label for i in node.inputs)}")
-        if step.status == BUILD and node.type.signature is None:
-            lines.append(f"{pad}cost unknown until locked")
+        if step.status == BUILD and _unknown(node):
+            lines.append(f"{pad}cost unknown until its inputs are fetched")
         elif step.status == BUILD:
             c = step.cost
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
@@ -61,10 +78,11 @@ def render_text(plan: Plan, color: bool = False) -> str:
     for export in plan.exports:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
-    unknown = sum(s.status == BUILD and s.node.type.signature is None for s in plan.steps)
-    lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
-                  f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
-                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} unknown until locked)" if unknown else ""),
+    unknown = _unknown_builds(plan)
+    lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · "
+                  f"write {human_bytes(t.bytes_written)} · peak {human_bytes(t.peak_bytes)} · "
+                  f"{human_count(t.flops, 'FLOP')}"
+                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else ""),
               paint(plan.summary(), "1")]
     return "\n".join(lines) + "\n"
 
@@ -77,6 +95,26 @@ def _signature_data(node: Node) -> dict | None:
             "dtype": sig.dtype, "vocab_size": sig.vocab_size}
 
 
+def _unknown_builds(plan: Plan) -> int:
+    return sum(s.status == BUILD and _unknown(s.node) for s in plan.steps)
+
+
+def _cost_data(step) -> dict | None:
+    """A step's cost, or None (JSON null) when it cannot be known yet: never a misleading 0."""
+    if _unknown(step.node):
+        return None
+    c = step.cost
+    return {"bytes_read": c.bytes_read, "bytes_written": c.bytes_written, "peak_bytes": c.peak_bytes,
+            "flops": c.flops}
+
+
+def _totals_data(plan: Plan) -> dict:
+    """The totals, or nulls when a step's cost is unknown (a sum without it would mislead)."""
+    unknown = _unknown_builds(plan)
+    figures = {name: None if unknown else value for name, value in vars(plan.totals).items()}
+    return {**figures, "unknown": bool(unknown), "unknown_steps": unknown}
+
+
 def to_data(plan: Plan) -> dict:
     return {
         "format_version": PLAN_FORMAT_VERSION,
@@ -85,14 +123,13 @@ def to_data(plan: Plan) -> dict:
             {
                 "id": s.node.id, "label": s.node.label, "names": list(s.node.names), "op": s.node.op,
                 "status": s.status, "description": s.description, "inputs": [i.label for i in s.node.inputs],
-                "type": str(s.node.type), "signature": _signature_data(s.node),
-                "cost": {"bytes_read": s.cost.bytes_read, "bytes_written": s.cost.bytes_written,
-                         "peak_bytes": s.cost.peak_bytes, "flops": s.cost.flops},
+                "type": str(s.node.type), "signature": _signature_data(s.node), "unknown": _unknown(s.node),
+                "cost": _cost_data(s),
             }
             for s in plan.steps
         ],
         "exports": [{"node": e.node.label, "path": e.display, "format": e.format} for e in plan.exports],
-        "totals": vars(plan.totals),
+        "totals": _totals_data(plan),
         "summary": {"build": plan.to_build, "cached": plan.cached, "exports": len(plan.exports),
                     "text": plan.summary()},
     }

@@ -69,7 +69,33 @@ def read_config(root: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelDirError("E404", "config.json has no `model_type`", path,
                             "every transformers config names its `model_type`, e.g. \"llama\"")
+    problem = _config_field_problem(config)
+    if problem is not None:
+        raise ModelDirError("E404", f"config.json: {problem}", path,
+                            f"transformers would refuse or misread this model: fix the field in {path}")
     return config
+
+
+# Config fields the signature and the exported model depend on: each a positive integer where given
+# (null is how some configs say "derive it").
+_COUNT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _config_field_problem(config: dict) -> str | None:
+    """What is wrong with the typed fields of a config (and of its `text_config`), or None."""
+    sections = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        sections.append(("text_config.", config["text_config"]))
+    for prefix, section in sections:
+        for name in _COUNT_FIELDS:
+            value = section.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                return f"`{prefix}{name}` must be a positive integer, got {json.dumps(value)}"
+        tie = section.get("tie_word_embeddings")
+        if tie is not None and not isinstance(tie, bool):
+            return f"`{prefix}tie_word_embeddings` must be true or false, got {json.dumps(tie)}"
+    return None
 
 
 def read_model_dir(root: Path) -> ModelFiles:
@@ -77,6 +103,9 @@ def read_model_dir(root: Path) -> ModelFiles:
     if not root.is_dir():
         raise ModelDirError("E401", f"model directory {root} does not exist", root,
                             "paths in a recipe are relative to the recipe's own directory")
+    if not (root / "config.json").is_file() and not weight_files(root) and not pickled_weights(root):
+        raise ModelDirError("E401", f"{root} has neither config.json nor safetensors weights", root,
+                            "a model directory needs config.json and model.safetensors (or an index with shards)")
     config = read_config(root)
     if (root / INDEX_FILE).is_file():
         shard_of = _read_index(root)
@@ -92,10 +121,11 @@ def read_model_dir(root: Path) -> ModelFiles:
     files = sorted(set(shard_of.values())) if shard_of else [root / SINGLE_FILE]
     tensors: dict[str, TensorEntry] = {}
     holder: dict[str, Path] = {}
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise ModelDirError("E401", f"{INDEX_FILE} lists {_shards(absent)} that {'is' if len(absent) == 1 else 'are'} "
+                            "missing", root / absent[0], "the download is incomplete: fetch the missing files")
     for file in files:
-        if not file.is_file():
-            raise ModelDirError("E401", f"shard {file.name} listed in {INDEX_FILE} is missing", file,
-                                "the download is incomplete: fetch the missing shard")
         try:
             header = read_header(file)
         except HeaderError as err:
@@ -113,6 +143,10 @@ def read_model_dir(root: Path) -> ModelFiles:
             raise ModelDirError("E406", f"{INDEX_FILE} lists `{missing[0]}` but {shard_of[missing[0]].name} "
                                 f"does not contain it ({len(missing)} missing)", root / INDEX_FILE)
     return ModelFiles(root, config, tensors, holder, tuple(files))
+
+
+def _shards(names: list[str]) -> str:
+    return f"shard {names[0]}" if len(names) == 1 else f"{len(names)} shards ({', '.join(names)})"
 
 
 def weight_files(root: Path) -> list[Path]:

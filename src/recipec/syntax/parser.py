@@ -71,9 +71,32 @@ def _table_cache_path(grammar: str) -> Path | None:
 
 
 def parse_file(path: Path, display: str | None = None) -> ast.Recipe:
-    """Parse a recipe file; raises RecipeError with every syntax error found."""
-    text = path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff")  # editors' byte-order mark
-    return parse(text, Source(path, text, display or str(path)))
+    """Parse a recipe file; raises RecipeError with every syntax error found, or E108 if it is not UTF-8."""
+    data = path.read_bytes()
+    display = display or str(path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        _report_not_utf8(path, data, err, display)
+    text = text.removeprefix("\ufeff")  # editors' byte-order mark
+    return parse(text, Source(path, text, display))
+
+
+_UTF16_MARKS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _report_not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, display: str) -> None:
+    diags = Diagnostics()
+    hint = "save it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`"
+    if data.startswith(_UTF16_MARKS):  # no line of it would print legibly: name the file only
+        diags.error("E108", "this file is UTF-16; recipes are UTF-8 text", None,
+                    "save it as UTF-8, e.g. with `iconv -f utf-16 -t utf-8`", path=display)
+    else:
+        text = data.decode("utf-8", errors="replace")
+        at = len(data[:err.start].decode("utf-8"))  # the bad byte as a character offset
+        diags.error("E108", f"byte 0x{data[err.start]:02x} is not UTF-8; recipes are UTF-8 text",
+                    Span(Source(path, text, display), at, at + 1), hint)
+    diags.raise_if_errors()
 
 
 def parse(text: str, source: Source | None = None) -> ast.Recipe:

@@ -156,6 +156,14 @@ _ENTRIES += [
          "The model has only pickled weights (`pytorch_model.bin`). Loading pickles can run code, so\n"
          "recipec refuses them unless the recipe says `load(path, allow_pickle=true)`, and then reads them\n"
          "only with `torch.load(weights_only=True)`."),
+    Code("E530", "damaged cache object", RUNTIME,
+         "A file of a cached result no longer has the sha256 recorded when it was built (bit rot, or an\n"
+         "edit that kept its size and time). `run --locked` re-checks the content of every cached result it\n"
+         "uses and refuses to release a damaged one; `recipec cache verify` checks the whole cache. Remove\n"
+         "the object with `recipec cache rm KEY` and run again: it is rebuilt."),
+    Code("E531", "cache is not a directory", RUNTIME,
+         "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
+         "recipec creates it when it does not exist."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

@@ -98,7 +98,7 @@ def list_all(cache: Cache) -> int:
                      f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
     for path in objects:
         users = found.users.get(path.name)
-        note = (", ".join(f"{_shown(lock)} ({label})" for lock, label in users) if users
+        note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
                 else "unused: `recipec cache gc` removes it")
         sys.stdout.write(_row(path, apparent_size(path), note))
     return 0

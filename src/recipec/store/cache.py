@@ -126,12 +126,6 @@ class Cache:
         meta = {"key": key, "op": op, "digest": digest, "files": files}
         write_bytes_atomic(directory / OBJECT_META, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
 
-    def entries(self) -> list[CachedObject]:
-        if not self.objects.is_dir():
-            return []
-        found = (self.lookup(p.name) for p in sorted(self.objects.iterdir()) if not p.name.startswith("."))
-        return [o for o in found if o is not None]
-
     def object_dirs(self) -> list[Path]:
         """Every object directory, complete or not (an edited or damaged one fails `lookup` but takes space)."""
         if not self.objects.is_dir():
@@ -198,7 +192,7 @@ class Cache:
             return []
         found: list[tuple[Path, Path | None]] = []
         for entry in sorted(self.roots.iterdir()):
-            if entry.name.startswith(TMP_PREFIX):
+            if entry.name.startswith(TMP_PREFIX) or not entry.is_file():
                 continue
             try:
                 found.append((entry, Path(entry.read_text(encoding="utf-8").strip())))

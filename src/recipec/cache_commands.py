@@ -27,11 +27,13 @@ def run_cache_action(args) -> int:
     cache = Cache(default_cache_dir(recipe, args.cache))
     if args.action == "ls":
         return list_recipe(cache, recipe) if recipe else list_all(cache)
-    if args.action == "gc":
-        return collect_garbage(cache, recipe, args.dry_run)
     if args.action == "verify":
         return verify_cache(cache, args.threads or os.cpu_count() or 1)
-    return remove_objects(cache, args.keys)
+    try:
+        return collect_garbage(cache, recipe, args.dry_run) if args.action == "gc" else remove_objects(cache, args.keys)
+    except PermissionError as err:  # a read-only cache can be listed and used, not pruned
+        sys.stderr.write(f"recipec: cannot change the cache {cache.root}: {err.strerror}: {err.filename}\n")
+        return 1
 
 
 def _shown(lock: Path) -> str:
@@ -110,22 +112,20 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
     extra = (own_lock,) if own_lock and own_lock.is_file() else ()
     with cache.locked(tidy=False):  # no run may commit an object between deciding and removing
         found = collect(cache, extra)
-        kept = len(cache.object_dirs()) - len(found.garbage)
         _warn_unreadable(found)
+        kept = len(cache.object_dirs()) - len(found.garbage)
         freed = sum(freeable_size(p) for p in found.garbage)
         linked = sum(apparent_size(p) for p in found.garbage) - freed
         verb = "would remove" if dry_run else "removed"
-        for path in found.garbage:
-            sys.stdout.write(f"{verb} " + _row(path, apparent_size(path), "unused"))
-        for root in found.dead_roots:
-            sys.stdout.write(f"{'would forget' if dry_run else 'forgot'} {root.lock or root.entry}: "
-                             "the lockfile is gone\n")
-        for path in found.temporaries:
-            sys.stdout.write(f"{verb} {path}: left by a killed run\n")
+        report = ([f"{verb} " + _row(p, apparent_size(p), "unused") for p in found.garbage]
+                  + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is gone\n"
+                     for r in found.dead_roots]
+                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries])
         if not dry_run:
             sweep(cache, found)
             for lock in extra:
                 cache.register_root(lock)
+    sys.stdout.write("".join(report))
     shared = f" ({human_bytes(linked)} more stays on disk: releases hard-link it)" if linked else ""
     sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
                      f"{'to free' if dry_run else 'freed'}{shared}; kept {kept} used by "

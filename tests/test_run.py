@@ -239,20 +239,6 @@ def test_tokenizer_and_chat_template_overrides(tmp_path, capsys):
     assert [n["status"] for n in json.loads(out)["nodes"]] == ["cached", "cached", "built"]
 
 
-def test_cache_ls_and_gc_keep_what_the_recipe_needs(tmp_path, capsys):
-    recipe = copy_example(tmp_path, "quickstart.rcp")
-    assert run(["run", str(recipe)], capsys)[0] == 0
-    recipe.write_text(recipe.read_text().replace("0.8*(chat - base)", "0.5*(chat - base)"))
-    assert run(["run", str(recipe)], capsys)[0] == 0
-    status, out, _ = run(["cache", "ls", str(recipe)], capsys)
-    assert status == 0 and len(out.splitlines()) == 5  # 3 inits and 2 combinations
-    status, _, err = run(["cache", "gc", str(recipe)], capsys)
-    assert status == 0 and "removed 1 of 5 cache entries" in err
-    _, out, _ = run(["cache", "ls", str(recipe)], capsys)
-    assert len(out.splitlines()) == 4
-    assert "Plan: 0 to build, 4 cached, 1 export." in run(["plan", str(recipe)], capsys)[1]
-
-
 def test_special_token_rows_can_come_from_the_first_model(tmp_path, capsys):
     recipe = copy_example(tmp_path, "chat_vector_zh.rcp")
     recipe.write_text(recipe.read_text().replace('special_tokens="chat"', 'special_tokens="first"'))

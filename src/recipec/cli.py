@@ -167,7 +167,7 @@ def cmd_run(args) -> int:
     _report(program.diagnostics, args)
     progress, task = _progress(args, program)
     options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None,
-                           force=args.force)
+                           force=args.force, verify_cache=args.locked)
     engine = Engine(program, recipe, options)
     if args.locked:
         from .verify import check_locked
@@ -180,6 +180,7 @@ def cmd_run(args) -> int:
         result = engine.run()
     previous = read_lock(lock_path(recipe)) if lock_path(recipe).exists() else None
     write_lock(lock_path(recipe), carry_file_hashes(previous, result.lock))
+    engine.cache.register_root(lock_path(recipe))
     for e in result.exports:
         if e["moved_aside"]:
             sys.stderr.write(f"recipec: {e['path']} held files recipec did not write; they were moved to "
@@ -211,6 +212,7 @@ def cmd_lock(args) -> int:
     engine = Engine(program, recipe, _run_options(args, write_exports=False, hash_input_files=True))
     result = engine.run()
     write_lock(lock_path(recipe), result.lock)
+    engine.cache.register_root(lock_path(recipe))
     sys.stderr.write(f"wrote {lock_path(recipe)}\n")
     return 0
 
@@ -222,27 +224,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .plan.render import human_bytes
-    from .store.cache import Cache, default_cache_dir
+    from .cache_commands import run_cache_action
 
-    cache = Cache(default_cache_dir(Path(args.file), args.cache))
-    entries = cache.entries()
-    if args.action == "ls":
-        for entry in entries:
-            size = sum(p.stat().st_size for p in entry.path.iterdir())
-            sys.stdout.write(f"{entry.key[:16]}  {entry.meta.get('op', '?'):<8} {human_bytes(size):>10}  "
-                             f"{entry.digest}\n")
-        return 0
-    # gc: keep what the recipe's current plan finds in the cache, remove the rest; never build anything
-    from .plan.cache_status import cached_keys
-
-    keep = set(cached_keys(_lower(args.file).graph, cache).values())
-    removed = [e for e in entries if e.key not in keep]
-    with cache.locked():
-        for entry in removed:
-            cache.remove(entry.key)
-    sys.stderr.write(f"removed {len(removed)} of {len(entries)} cache entries\n")
-    return 0
+    return run_cache_action(args)
 
 
 def _type_text(annotation) -> str:
@@ -317,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stdout", action="store_true", help="print the formatted recipe instead of rewriting it")
     verb("explain", cmd_explain, "explain a diagnostic code (or `ops`)", json_flag=False).add_argument("code")
 
-    def running(p: argparse.ArgumentParser, actions: tuple[str, ...] = ()) -> argparse.ArgumentParser:
-        if actions:  # `recipec cache ls FILE`: the action comes before the file
-            p.add_argument("action", choices=actions)
+    def running(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("file")
         p.add_argument("--cache", type=_cache_directory,
                        help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
@@ -335,9 +317,31 @@ def build_parser() -> argparse.ArgumentParser:
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))
-    running(verb("cache", cmd_cache, "list the cache (ls), or remove what the recipe no longer needs (gc)",
-                 json_flag=False), actions=("ls", "gc"))
+    _cache_parser(verb("cache", cmd_cache, "list, check and prune the cache", json_flag=False))
     return parser
+
+
+def _cache_parser(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_: str, file_help: str | None) -> argparse.ArgumentParser:
+        q = actions.add_parser(name, help=help_, description=help_)
+        if file_help:
+            q.add_argument("file", nargs="?", help=file_help)
+        q.add_argument("--cache", help="cache directory (default: $RECIPEC_CACHE, else .recipec/cache beside "
+                                       "FILE, or in the working directory without FILE)")
+        return q
+
+    action("ls", "list the objects FILE's lockfile uses, or without FILE every object and the recipes using it",
+           "a recipe; its lockfile says which objects it uses")
+    q = action("gc", "remove every object that no registered lockfile uses, and leftovers of killed runs",
+               "a recipe whose lockfile is kept as a root too (and whose directory locates the cache)")
+    q.add_argument("--dry-run", action="store_true", help="show what would be removed; change nothing")
+    q = action("verify", "re-hash every file of every object against the sha256 recorded when it was built",
+               "a recipe (locates the cache)")
+    q.add_argument("--threads", type=int, default=0, help="hashing threads (default: all cores)")
+    action("rm", "remove objects by key (or a unique prefix, as `cache ls` shows)", None).add_argument(
+        "keys", nargs="+", metavar="KEY")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,6 +218,14 @@ _ENTRIES += [
     Code("E511", "export target is a file", RUNTIME,
          "The export path, or a directory above it, is an existing file. A release is a directory, and\n"
          "recipec never turns a file into one, even with `--force`. Move the file, or export elsewhere."),
+    Code("E530", "damaged cache object", RUNTIME,
+         "A file of a cached result no longer has the sha256 recorded when it was built (bit rot, or an\n"
+         "edit that kept its size and time). `run --locked` re-checks the content of every cached result it\n"
+         "uses and refuses to release a damaged one; `recipec cache verify` checks the whole cache. Remove\n"
+         "the object with `recipec cache rm KEY` and run again: it is rebuilt."),
+    Code("E531", "cache is not a directory", RUNTIME,
+         "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
+         "recipec creates it when it does not exist."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

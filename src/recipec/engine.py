@@ -42,6 +42,7 @@ class RunOptions:
     write_exports: bool = True
     force: bool = False  # move aside (and keep) what is at an export target that recipec did not write
     hash_input_files: bool = False  # file sha256s for the lock (a full read of every input)
+    verify_cache: bool = False  # re-hash every cached result used, against the sha256s recorded at commit
     progress: object = None  # a callable(bytes) or None
 
 
@@ -157,7 +158,7 @@ class Engine:
             return NodeResult(node, None)
         if params.get("allow_pickle") and pickled_weights(path) and not (path / "model.safetensors").exists():
             path = self._converted_pickle(node, path)
-            resolved["converted_from_pickle"] = True
+            resolved.update(converted_from_pickle=True, converted_key=path.name)  # a gc root keeps it
         try:
             files = read_model_dir(path)
         except ModelDirError as err:
@@ -216,6 +217,9 @@ class Engine:
             except OSError as err:
                 raise _os_failure(node, err) from None
             cached = self.cache.lookup(key)
+        elif self.options.verify_cache and (damage := self.cache.damage(cached.path, self.options.threads)):
+            raise _failure(node, "E530", f"the cached result of `{node.label}` is damaged: {damage}",
+                           self.cache.repair_hint(key))
         files = read_model_dir(cached.path)
         return NodeResult(node, Artifact(cached.path, files, cached.digest), key, status, time.monotonic() - started)
 

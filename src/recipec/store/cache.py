@@ -4,12 +4,16 @@
 digest). An object appears by renaming a finished temporary directory, so a key present means a
 complete result. `digests.json` remembers input models' content digests by file identity (path,
 size, mtime, inode), so `plan` can tell what is cached without reading a weight and a rerun does not
-re-hash unchanged inputs. A file lock serializes runs that share a cache: a second run waits.
+re-hash unchanged inputs. `roots/` names the lockfiles that use the cache (one small file each, named by
+the hash of the lock's absolute path): `cache gc` keeps what any of them references, as Nix keeps what
+its gc roots reach. A file lock serializes runs that share a cache: a second run waits.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -20,17 +24,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ..diagnostics import Diagnostic, RecipeError
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
 from .filehash import hash_files
 
 OBJECT_META = "recipec-object.json"
 CACHE_ENV = "RECIPEC_CACHE"
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def default_cache_dir(recipe: Path, override: str | None = None) -> Path:
-    """--cache, else $RECIPEC_CACHE, else `.recipec/cache` beside the recipe."""
+def default_cache_dir(recipe: Path | None, override: str | None = None) -> Path:
+    """--cache, else $RECIPEC_CACHE, else `.recipec/cache` beside the recipe (or in the working directory)."""
     chosen = override or os.environ.get(CACHE_ENV)
-    return Path(chosen).resolve() if chosen else recipe.resolve().parent / ".recipec" / "cache"
+    if chosen:
+        where = Path(chosen).resolve()
+    else:
+        where = (recipe.resolve().parent if recipe else Path.cwd()) / ".recipec" / "cache"
+    _require_directory(where)
+    return where
+
+
+def _require_directory(where: Path) -> None:
+    """A cache path that is, or lies under, an existing file is refused before anything tries to use it."""
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not existing.is_dir():
+        raise RecipeError([Diagnostic(
+            "E531", f"the cache {where} cannot be used: {existing} is a file, not a directory"
+            if existing != where else f"the cache {where} is a file, not a directory", path=str(existing),
+            hint="name a directory with --cache or $RECIPEC_CACHE; recipec creates it if it does not exist")])
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class Cache:
     def __init__(self, root: Path):
         self.root = root
         self.objects = root / "objects"
+        self.roots = root / "roots"
 
     def lookup(self, key: str) -> CachedObject | None:
         """The object under `key`, if it is there and unchanged since it was committed."""
@@ -104,17 +126,79 @@ class Cache:
         meta = {"key": key, "op": op, "digest": digest, "files": files}
         write_bytes_atomic(directory / OBJECT_META, json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n")
 
-    def entries(self) -> list[CachedObject]:
+    def object_dirs(self) -> list[Path]:
+        """Every object directory, complete or not (an edited or damaged one fails `lookup` but takes space)."""
         if not self.objects.is_dir():
             return []
-        found = (self.lookup(p.name) for p in sorted(self.objects.iterdir()) if not p.name.startswith("."))
-        return [o for o in found if o is not None]
+        return sorted(p for p in self.objects.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def remove(self, key: str) -> None:
-        shutil.rmtree(self.objects / key, ignore_errors=True)
+        """Delete an object; renamed away first, so a killed removal leaves a temporary, not half an object."""
+        doomed = self.objects / f"{TMP_PREFIX}removed-{key}"
+        try:
+            os.rename(self.objects / key, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def temporaries(self) -> list[Path]:
+        """What killed runs left behind: half-built objects and half-written files."""
+        places = (self.root, self.objects, self.roots)
+        return sorted(p for d in places if d.is_dir() for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
 
     def clean_temporaries(self) -> int:
-        return remove_stale_temporaries(self.objects)
+        return sum(remove_stale_temporaries(d) for d in (self.root, self.objects, self.roots))
+
+    def damage(self, path: Path, threads: int) -> str | None:
+        """What is wrong with the object at `path`, judged by content: None when every file still has the
+        sha256 recorded when it was committed (bit rot changes neither size nor mtime)."""
+        try:
+            files = json.loads((path / OBJECT_META).read_text())["files"]
+            recorded = {name: info["sha256"] for name, info in files.items()}
+            missing = sorted(name for name in recorded if not (path / name).is_file())
+            if missing:
+                return f"{missing[0]} is missing"
+            sums = hash_files([path / name for name in sorted(recorded)], threads)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            return f"its record {OBJECT_META} or one of its files cannot be read ({err})"
+        changed = [p.name for p, digest in sums.items() if digest != recorded[p.name]]
+        return f"{changed[0]} does not have the sha256 recorded when it was built" if changed else None
+
+    def repair_hint(self, key: str) -> str:
+        return (f"remove the damaged object with `recipec cache rm {key[:16]} --cache {self.root}` "
+                "and run again: it is rebuilt")
+
+    # roots: the lockfiles that use this cache
+
+    def register_root(self, lock: Path) -> None:
+        """Record `lock` as a user of this cache so that `cache gc` keeps what it references; a read-only
+        cache that does not know the lock yet gets a warning instead."""
+        lock = lock.resolve()
+        entry = self.roots / hashlib.sha256(str(lock).encode()).hexdigest()
+        text = f"{lock}\n"
+        try:
+            if entry.is_file() and entry.read_text(encoding="utf-8") == text:
+                return  # known already: nothing to write, so a read-only cache is fine
+            write_bytes_atomic(entry, text.encode())
+        except OSError as err:
+            sys.stderr.write(f"recipec: warning: cannot register {lock} as a user of the cache {self.root} "
+                             f"({os.strerror(err.errno) if err.errno else err}); `recipec cache gc` there "
+                             "will not keep its objects\n")
+
+    def registered_roots(self) -> list[tuple[Path, Path | None]]:
+        """(root entry, lockfile it names) for every registered root, whether or not the lock still exists;
+        None for an entry that names nothing readable."""
+        if not self.roots.is_dir():
+            return []
+        found: list[tuple[Path, Path | None]] = []
+        for entry in sorted(self.roots.iterdir()):
+            if entry.name.startswith(TMP_PREFIX) or not entry.is_file():
+                continue
+            try:
+                found.append((entry, Path(entry.read_text(encoding="utf-8").strip())))
+            except (OSError, UnicodeDecodeError):
+                found.append((entry, None))
+        return found
 
     # input digests by file identity
 
@@ -128,16 +212,26 @@ class Cache:
             return {}
 
     def remember_digest(self, identity: str, digest: str) -> None:
+        """Memoize an input's digest; a cache that cannot be written (read-only) just re-hashes next time."""
         table = self.known_digests()
         table[identity] = digest
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self._digests_path(), json.dumps(table, indent=1, sort_keys=True).encode())
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self._digests_path(), json.dumps(table, indent=1, sort_keys=True).encode())
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:
+                raise
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive use of this cache for one run; a second run waits, saying so."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
+    def locked(self, tidy: bool = True) -> Iterator[None]:
+        """Exclusive use of this cache for one run; a second run waits, saying so. `tidy` removes what
+        killed runs left behind. A read-only cache is locked through a read-only handle (flock needs no
+        write access) and left as it is: a run that finds everything cached needs to write nothing."""
+        handle, writable = self._open_lock_file()
+        if handle is None:  # no lock file and no right to create one: nobody writes here through recipec
+            yield
+            return
+        with handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -145,8 +239,23 @@ class Cache:
                 started = time.monotonic()
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 sys.stderr.write(f"recipec: got the cache after {time.monotonic() - started:.1f} s\n")
-            self.clean_temporaries()
+            if tidy and writable:
+                self.clean_temporaries()
             yield
+
+    def _open_lock_file(self):
+        """(handle, writable): the lock file opened for writing, else read-only, else (None, False)."""
+        path = self.root / ".lock"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            return open(path, "a+"), True
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:
+                raise
+        try:
+            return open(path, "r"), False
+        except OSError:
+            return None, False
 
 
 def file_identity(path: Path) -> str:

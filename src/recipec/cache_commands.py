@@ -1,0 +1,167 @@
+"""The `recipec cache` verbs: `ls`, `gc`, `verify` and `rm`, printed for people.
+
+Listings go to stdout, summaries and warnings to stderr. What is live and what is garbage is decided
+in `store/gc.py`; this module only locates the cache, takes its lock where it changes something, and
+reports. Sizes are in binary units (KiB, MiB, GiB), as everywhere in recipec.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+from .diagnostics import Diagnostic, RecipeError
+from .plan.render import human_bytes
+from .store.cache import OBJECT_META, Cache, default_cache_dir
+from .store.gc import Collection, apparent_size, collect, freeable_size, read_references, sweep
+from .store.lockfile import lock_path
+
+
+def run_cache_action(args) -> int:
+    recipe = Path(args.file) if getattr(args, "file", None) else None
+    if recipe is not None and not recipe.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(recipe))
+    cache = Cache(default_cache_dir(recipe, args.cache))
+    if args.action == "ls":
+        return list_recipe(cache, recipe) if recipe else list_all(cache)
+    if args.action == "verify":
+        return verify_cache(cache, args.threads or os.cpu_count() or 1)
+    try:
+        return collect_garbage(cache, recipe, args.dry_run) if args.action == "gc" else remove_objects(cache, args.keys)
+    except PermissionError as err:  # a read-only cache can be listed and used, not pruned
+        sys.stderr.write(f"recipec: cannot change the cache {cache.root}: {err.strerror}: {err.filename}\n")
+        return 1
+
+
+def _shown(lock: Path) -> str:
+    """The recipe a lockfile belongs to, relative to the working directory where it lies below it."""
+    recipe = lock.with_name(lock.name.removesuffix(".lock"))
+    try:
+        return str(recipe.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(recipe)
+
+
+def _op(path: Path) -> str:
+    try:
+        return str(json.loads((path / OBJECT_META).read_text())["op"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "incomplete"
+
+
+def _row(path: Path, size: int, note: str) -> str:
+    return f"{path.name[:16]}  {_op(path):<10} {human_bytes(size):>10}  {note}\n"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def list_recipe(cache: Cache, recipe: Path) -> int:
+    """The objects the recipe's lockfile references, with the node that each one is."""
+    lock = lock_path(recipe)
+    if not lock.is_file():
+        raise RecipeError([Diagnostic("E508", f"no lockfile {lock}", path=str(recipe),
+                                      hint=f"`recipec run {recipe}` or `recipec lock {recipe}` writes it")])
+    try:
+        used = read_references(lock)
+    except ValueError as err:
+        raise RecipeError([Diagnostic("E506", f"{lock} cannot be read: {err}", path=str(lock))]) from None
+    present = {key: cache.objects / key for key in used if (cache.objects / key).is_dir()}
+    total = sum(apparent_size(p) for p in present.values())
+    missing = len(used) - len(present)
+    sys.stdout.write(f"{_shown(lock)}: {_plural(len(used), 'object')} in {cache.root} ({human_bytes(total)}), "
+                     f"{f'{missing} missing' if missing else 'all present'}\n")
+    for key in sorted(used, key=lambda k: used[k]):
+        labels = ", ".join(used[key])
+        if key in present:
+            sys.stdout.write(_row(present[key], apparent_size(present[key]), labels))
+        else:
+            sys.stdout.write(f"{key[:16]}  {'missing':<10} {'':>10}  {labels} (a run builds it again)\n")
+    return 0
+
+
+def _warn_unreadable(found: Collection) -> None:
+    for root, why in found.unreadable:
+        sys.stderr.write(f"recipec: warning: cannot read {root.lock} ({why}); "
+                         "every object is kept until it is fixed or removed\n")
+
+
+def list_all(cache: Cache) -> int:
+    """Every object in the cache and which recipes (registered lockfiles) use it."""
+    found = collect(cache)
+    _warn_unreadable(found)
+    objects = cache.object_dirs()
+    total = sum(apparent_size(p) for p in objects)
+    sys.stdout.write(f"{cache.root}: {_plural(len(objects), 'object')} ({human_bytes(total)}), "
+                     f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
+    for path in objects:
+        users = found.users.get(path.name)
+        note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
+                else "unused: `recipec cache gc` removes it")
+        sys.stdout.write(_row(path, apparent_size(path), note))
+    return 0
+
+
+def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
+    """Remove what no lockfile uses; with `dry_run`, only say what that would be."""
+    own_lock = lock_path(recipe) if recipe else None
+    extra = (own_lock,) if own_lock and own_lock.is_file() else ()
+    with cache.locked(tidy=False):  # no run may commit an object between deciding and removing
+        found = collect(cache, extra)
+        _warn_unreadable(found)
+        kept = len(cache.object_dirs()) - len(found.garbage)
+        freed = sum(freeable_size(p) for p in found.garbage)
+        linked = sum(apparent_size(p) for p in found.garbage) - freed
+        verb = "would remove" if dry_run else "removed"
+        report = ([f"{verb} " + _row(p, apparent_size(p), "unused") for p in found.garbage]
+                  + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is gone\n"
+                     for r in found.dead_roots]
+                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries])
+        if not dry_run:
+            sweep(cache, found)
+            for lock in extra:
+                cache.register_root(lock)
+    sys.stdout.write("".join(report))
+    shared = f" ({human_bytes(linked)} more stays on disk: releases hard-link it)" if linked else ""
+    sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
+                     f"{'to free' if dry_run else 'freed'}{shared}; kept {kept} used by "
+                     f"{_plural(len(found.live_roots), 'lockfile')}\n")
+    return 0
+
+
+def verify_cache(cache: Cache, threads: int) -> int:
+    """Re-hash every file of every object; each damaged object is an E530 with the command that removes it."""
+    objects = cache.object_dirs()
+    problems = []
+    for path in objects:
+        damage = cache.damage(path, threads)
+        if damage and path.is_dir():  # one that gc removed meanwhile is not damaged
+            problems.append(Diagnostic("E530", f"cache object {path.name[:16]} ({_op(path)}) is damaged: {damage}",
+                                       path=str(path), hint=cache.repair_hint(path.name)))
+    if problems:
+        raise RecipeError(problems)
+    sys.stderr.write(f"verified {_plural(len(objects), 'object')} in {cache.root}: "
+                     "every file has the sha256 recorded when it was built\n")
+    return 0
+
+
+def remove_objects(cache: Cache, prefixes: list[str]) -> int:
+    """Remove the objects named by key or unique key prefix; nothing at all if any name is wrong."""
+    keys = [p.name for p in cache.object_dirs()]
+    chosen = []
+    for prefix in prefixes:
+        matches = [k for k in keys if k.startswith(prefix)]
+        if len(matches) != 1:
+            what = "no object" if not matches else f"{len(matches)} objects; give more of the key"
+            sys.stderr.write(f"recipec: {prefix!r} names {what} in {cache.root}; `recipec cache ls` lists them\n")
+            return 2
+        chosen.append(matches[0])
+    with cache.locked():
+        for key in chosen:
+            cache.remove(key)
+    sys.stderr.write(f"removed {_plural(len(chosen), 'object')} from {cache.root}\n")
+    return 0

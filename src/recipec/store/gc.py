@@ -1,0 +1,108 @@
+"""Garbage collection by roots: the cache keeps whatever a registered lockfile references.
+
+Every `run` and `lock` registers its lockfile as a root of the cache it used (`Cache.register_root`).
+An object is live when an existing root's lock names it: a node's `key`, or the object an input's
+pickled weights were converted into (`converted_key`). Everything else in `objects/` is garbage, and so
+are roots whose lockfile is gone and the temporaries of killed runs. A lock that cannot be read keeps
+every object: gc never guesses what a root needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cache import Cache
+from .lockfile import read_lock
+
+
+@dataclass(frozen=True)
+class Root:
+    entry: Path  # the file under <cache>/roots that registers the lock
+    lock: Path | None  # None when the entry names nothing readable
+
+
+@dataclass
+class Collection:
+    """What gc found: the garbage, and who keeps the rest."""
+
+    garbage: list[Path] = field(default_factory=list)  # object directories no root references
+    users: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)  # key -> [(lock, label)]
+    live_roots: list[Root] = field(default_factory=list)
+    dead_roots: list[Root] = field(default_factory=list)  # the lockfile no longer exists
+    unreadable: list[tuple[Root, str]] = field(default_factory=list)  # (root, why): everything is kept
+    temporaries: list[Path] = field(default_factory=list)
+
+
+def references(lock: dict) -> dict[str, list[str]]:
+    """Cache key -> the labels using it, for every object a parsed lock references; ValueError when
+    the lock does not have the shape of one (so that nothing is removed on its account)."""
+    nodes, inputs = lock.get("nodes", {}), lock.get("inputs", {})
+    if not isinstance(nodes, dict) or not isinstance(inputs, dict):
+        raise ValueError("its [nodes] or [inputs] is not a table")
+    found: dict[str, list[str]] = {}
+    for label, node in nodes.items():
+        key = node.get("key") if isinstance(node, dict) else None
+        if not isinstance(key, str):
+            raise ValueError(f"node `{label}` has no key")
+        found.setdefault(key, []).append(label)
+    for label, entry in inputs.items():
+        key = entry.get("converted_key") if isinstance(entry, dict) else None
+        if isinstance(key, str):
+            found.setdefault(key, []).append(f"{label} (converted pickle)")
+    return found
+
+
+def read_references(lock: Path) -> dict[str, list[str]]:
+    """The references of the lockfile at `lock`; ValueError when it is missing or unreadable."""
+    data = read_lock(lock)
+    if data is None:
+        raise ValueError(f"{lock} does not exist")
+    return references(data)
+
+
+def collect(cache: Cache, extra_locks: tuple[Path, ...] = ()) -> Collection:
+    """Decide, without changing anything, what gc removes. `extra_locks` count as roots too."""
+    found = Collection(temporaries=cache.temporaries())
+    registered: dict[Path, Root] = {}
+    for entry, lock in cache.registered_roots():
+        if lock is None:
+            found.dead_roots.append(Root(entry, None))
+        else:
+            registered.setdefault(lock.resolve(), Root(entry, lock))
+    for lock in extra_locks:
+        registered.setdefault(lock.resolve(), Root(lock, lock))
+    for root in registered.values():
+        if not root.lock.is_file():  # moved or deleted: its objects are no longer needed
+            found.dead_roots.append(root)
+            continue
+        found.live_roots.append(root)
+        try:
+            used = read_references(root.lock)
+        except ValueError as err:
+            found.unreadable.append((root, str(err)))
+            continue
+        for key, labels in used.items():
+            found.users.setdefault(key, []).extend((root.lock, label) for label in labels)
+    if not found.unreadable:
+        found.garbage = [p for p in cache.object_dirs() if p.name not in found.users]
+    return found
+
+
+def apparent_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def freeable_size(directory: Path) -> int:
+    """Bytes that removing `directory` gives back: files hard-linked elsewhere (releases) stay on disk."""
+    return sum(st.st_size for st in (p.stat() for p in directory.iterdir() if p.is_file()) if st.st_nlink == 1)
+
+
+def sweep(cache: Cache, found: Collection) -> None:
+    """Remove what `collect` found; the caller holds the cache lock."""
+    for path in found.garbage:
+        cache.remove(path.name)
+    for root in found.dead_roots:
+        if root.entry.parent == cache.roots:  # only our own registrations, never a lockfile
+            root.entry.unlink(missing_ok=True)
+    cache.clean_temporaries()

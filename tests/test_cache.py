@@ -1,0 +1,203 @@
+"""The cache as a user meets it: gc by roots, `cache ls`, `cache verify`, `cache rm`, bit rot caught by
+`run --locked`, read-only caches, and a `--cache` that names a file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_llama
+from test_run import copy_example, run
+
+MERGES = 5  # merge_methods.rcp's merge nodes; its three inits are quickstart's too
+
+
+def lock_keys(recipe: Path) -> dict[str, str]:
+    lock = tomllib.loads(recipe.with_name(recipe.name + ".lock").read_text())
+    return {label: node["key"] for label, node in lock["nodes"].items()}
+
+
+def objects(cache: Path) -> set[str]:
+    return {p.name for p in (cache / "objects").iterdir() if not p.name.startswith(".")}
+
+
+@pytest.fixture
+def shared(tmp_path, capsys):
+    """quickstart.rcp and merge_methods.rcp built through one cache given with --cache."""
+    cache = tmp_path / "shared-cache"
+    recipes = [copy_example(tmp_path, name) for name in ("quickstart.rcp", "merge_methods.rcp")]
+    for recipe in recipes:
+        assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 0
+    return cache, *recipes
+
+
+def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
+    cache, quickstart, merges = shared
+    before = objects(cache)
+    assert len(before) == 4 + MERGES
+    status, _, err = run(["cache", "gc", "--cache", str(cache), str(quickstart)], capsys)
+    assert status == 0 and "removed 0 objects" in err and "used by 2 lockfiles" in err
+    assert objects(cache) == before
+    _, out, _ = run(["plan", "--cache", str(cache), str(merges)], capsys)
+    assert f"Plan: 0 to build, {3 + MERGES} cached" in out
+    # Once merge_methods' lock is gone, nothing keeps its merges.
+    merges.with_name(merges.name + ".lock").unlink()
+    status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and f"removed {MERGES} objects" in err and "used by 1 lockfile" in err
+    assert f"forgot {merges.with_name(merges.name + '.lock').resolve()}: the lockfile is gone" in out
+    assert objects(cache) == set(lock_keys(quickstart).values())
+    assert len(list((cache / "roots").iterdir())) == 1
+
+
+def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    cache = Path(os.environ["RECIPEC_CACHE"])
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    old_model = lock_keys(recipe)["model"]
+    recipe.write_text(recipe.read_text().replace("0.8*(chat - base)", "0.5*(chat - base)"))
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    leftover = cache / "objects" / ".recipec-tmp-0123456789abcdef-999999"
+    leftover.mkdir()
+    status, out, err = run(["cache", "gc", "--dry-run", str(recipe)], capsys)
+    assert status == 0 and f"would remove {old_model[:16]}  combine" in out and str(leftover) in out
+    assert "would remove 1 object, " in err and leftover.exists() and old_model in objects(cache)
+    status, out, err = run(["cache", "gc", str(recipe)], capsys)
+    assert status == 0 and "removed 1 object, " in err and " freed" in err
+    assert not leftover.exists() and objects(cache) == set(lock_keys(recipe).values())
+    assert "Plan: 0 to build, 4 cached, 1 export." in run(["plan", str(recipe)], capsys)[1]
+
+
+def test_a_lock_that_cannot_be_read_keeps_every_object(shared, capsys):
+    cache, quickstart, merges = shared
+    merges.with_name(merges.name + ".lock").write_text("inputs = 'x'\nnodes = 3\n")
+    before = objects(cache)
+    status, _, err = run(["cache", "gc", "--cache", str(cache), str(quickstart)], capsys)
+    assert status == 0 and "cannot read" in err and "every object is kept" in err
+    assert objects(cache) == before
+
+
+def test_cache_ls_lists_one_recipes_objects_or_everything_with_its_users(shared, capsys, monkeypatch):
+    cache, quickstart, merges = shared
+    monkeypatch.chdir(quickstart.parent)
+    status, out, _ = run(["cache", "ls", "--cache", str(cache), quickstart.name], capsys)
+    header, *rows = out.splitlines()
+    assert status == 0 and header.startswith("quickstart.rcp: 4 objects in ") and header.endswith("all present")
+    assert sorted(r.split()[0] for r in rows) == sorted(k[:16] for k in lock_keys(quickstart).values())
+    assert [r.split()[-1] for r in rows] == ["base", "chat", "cp", "model"]
+    status, out, _ = run(["cache", "ls", "--cache", str(cache)], capsys)
+    header, *rows = out.splitlines()
+    assert status == 0 and header.startswith(f"{cache}: {4 + MERGES} objects (") and "used by 2 lockfiles" in header
+    base = next(r for r in rows if r.startswith(lock_keys(quickstart)["base"][:16]))
+    assert base.endswith("merge_methods.rcp (base), quickstart.rcp (base)")
+    # Without FILE and --cache, the cache is $RECIPEC_CACHE (or .recipec/cache in the working directory).
+    status, out, _ = run(["cache", "ls"], capsys)
+    assert status == 0 and out.startswith(f"{os.environ['RECIPEC_CACHE']}: 0 objects")
+
+
+def test_cache_ls_of_a_recipe_without_a_lock_says_how_to_make_one(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    status, _, err = run(["cache", "ls", str(recipe)], capsys)
+    assert status == 66 and "error[E508]: no lockfile" in err and f"recipec run {recipe}" in err
+
+
+def _rot(path: Path) -> None:
+    """Flip one bit of a file, keeping its size and modification time, as bit rot does."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_bit_rot_in_the_cache_is_refused_by_run_locked_and_found_by_cache_verify(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    key = lock_keys(recipe)["model"]
+    cache = Path(os.environ["RECIPEC_CACHE"])
+    shutil.rmtree(tmp_path / "out")  # the release shares the cache's file; keep the damage to the cache
+    _rot(cache / "objects" / key / "model.safetensors")
+    status, out, err = run(["run", "--locked", str(recipe)], capsys)
+    assert status == 1 and out == "" and not (tmp_path / "out" / "quickstart").exists()
+    assert ("error[E530]: the cached result of `model` is damaged: model.safetensors does not have the sha256 "
+            "recorded when it was built") in err
+    assert f"recipec cache rm {key[:16]} --cache {cache}" in err
+    status, _, err = run(["cache", "verify", str(recipe)], capsys)
+    assert status == 1 and f"error[E530]: cache object {key[:16]} (combine) is damaged: model.safetensors" in err
+    assert err.count("error[E530]") == 1
+    status, _, err = run(["cache", "rm", key[:16]], capsys)
+    assert status == 0 and "removed 1 object" in err
+    assert run(["run", "--locked", str(recipe)], capsys)[0] == 0
+    status, _, err = run(["cache", "verify"], capsys)
+    assert status == 0 and "verified 4 objects" in err
+
+
+def test_cache_rm_needs_a_key_that_names_exactly_one_object(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    status, _, err = run(["cache", "rm", "zz"], capsys)
+    assert status == 2 and "'zz' names no object" in err
+    status, _, err = run(["cache", "rm", ""], capsys)
+    assert status == 2 and "names 4 objects; give more of the key" in err
+    assert len(objects(Path(os.environ["RECIPEC_CACHE"]))) == 4
+
+
+def test_gc_keeps_the_object_a_pickled_input_was_converted_into(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tiny_llama(tmp_path / "models" / "pickled")
+    torch.save(load_file(str(model / "model.safetensors")), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    recipe = tmp_path / "p.rcp"
+    recipe.write_text('recipec 1\nm = load("models/pickled", allow_pickle=true)\nexport m to "out/p"\n')
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    converted = tomllib.loads(recipe.with_name("p.rcp.lock").read_text())["inputs"]["m"]["converted_key"]
+    cache = Path(os.environ["RECIPEC_CACHE"])
+    assert converted in objects(cache)
+    status, _, err = run(["cache", "gc", str(recipe)], capsys)
+    assert status == 0 and "removed 0 objects" in err and objects(cache) == {converted}
+
+
+def _as_unprivileged() -> list[str]:
+    """A command prefix under which a read-only file is read-only: root ignores permissions unless it
+    gives up CAP_DAC_OVERRIDE (setpriv drops it for the child)."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: read-only files are writable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_a_read_only_cache_serves_a_run_that_builds_nothing(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    cache = tmp_path / "cache"
+    assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 0
+    subprocess.run(["chmod", "-R", "a-w", str(cache)], check=True)
+    try:
+        command = [*_as_unprivileged(), sys.executable, "-m", "recipec", "run", "--cache", str(cache)]
+        done = subprocess.run([*command, "--locked", str(recipe)], capture_output=True, text=True)
+        assert done.returncode == 0 and "Built 0, 4 cached, 1 exported" in done.stderr, done.stderr
+        # Something to build: a clear error at the node, not an internal one about the lock file.
+        recipe.write_text(recipe.read_text().replace("0.8*(chat - base)", "0.5*(chat - base)"))
+        done = subprocess.run([*command, str(recipe)], capture_output=True, text=True)
+        assert done.returncode == 1 and "error[E504]: cannot write the result of `model`" in done.stderr
+        assert "internal error" not in done.stderr
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(cache)], check=True)
+
+
+@pytest.mark.parametrize("verb", ["run", "plan", "cache ls"])
+def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path, capsys, verb):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    file = tmp_path / "notes.txt"
+    file.write_text("mine\n")
+    for cache in (file, file / "sub"):
+        status, _, err = run([*verb.split(), "--cache", str(cache), str(recipe)], capsys)
+        assert status == 1 and f"error[E531]: the cache {cache}" in err and "is a file, not a directory" in err
+        assert "internal error" not in err and file.read_text() == "mine\n"

@@ -130,16 +130,6 @@ def test_threads_must_be_a_positive_number(tmp_path, capsys, value):
     assert f"--threads: must be a whole number of at least 1, got '{value}'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["file", "file/below"])
-def test_a_cache_that_is_a_file_is_refused_clearly(tmp_path, capsys, where):
-    (tmp_path / "file").write_text("not a cache")
-    r = recipe(tmp_path, 'export init("llama", size="tiny") to "out/m"\n')
-    with pytest.raises(SystemExit) as exit_:
-        main(["plan", "--cache", str(tmp_path / where), str(r)])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "is not a directory" in err and "internal error" not in err
-
-
 @pytest.mark.parametrize("code", ["E105", "E307"])
 def test_explain_says_a_warning_keeps_the_exit_status(capsys, code):
     assert main(["explain", code]) == 0

@@ -266,16 +266,6 @@ def _thread_count(text: str) -> int:
     return value
 
 
-def _cache_directory(text: str) -> str:
-    """--cache: a directory, existing or to be made; never an existing file."""
-    path = Path(text).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
-    if not existing.is_dir():
-        where = "" if existing == path else f" (under {existing}, which is a file)"
-        raise argparse.ArgumentTypeError(f"{text!r} is not a directory{where}")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recipec", description="Compile model recipes into weights.")
     parser.add_argument("--version", action="version", version=f"recipec {__version__}")
@@ -291,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb("check", cmd_check, "parse and type-check a recipe").add_argument("file")
     p = verb("plan", cmd_plan, "show what a run would build and what it costs, reading no weight")
     p.add_argument("file")
-    p.add_argument("--cache", type=_cache_directory, help="cache directory to look up (default: as `run`)")
+    p.add_argument("--cache", help="cache directory to look up (default: as `run`)")
     p = verb("graph", cmd_graph, "print the op graph", json_flag=False)
     p.add_argument("file")
     p.add_argument("--format", choices=("dot", "mermaid"), default="dot")
@@ -303,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def running(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("file")
-        p.add_argument("--cache", type=_cache_directory,
-                       help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
+        p.add_argument("--cache", help="cache directory (default: $RECIPEC_CACHE or .recipec/cache beside the recipe)")
         p.add_argument("--offline", action="store_true", help="never touch the network; hub inputs must be cached")
         p.add_argument("--threads", type=_thread_count, default=0, help="worker threads (default: all cores)")
         return p

@@ -144,18 +144,24 @@ _ENTRIES += [
     Code("E505", "corrupt input data", RECIPE,
          "An input's tensor data could not be read (a truncated file, an I/O error). Fetch it again."),
     Code("E506", "lockfile drift", RECIPE,
-         "`run --locked` found that something the lockfile pins changed: the recipe text, an input's\n"
-         "files or content, or the toolchain versions. Run `recipec lock` to accept the change, or restore\n"
-         "what drifted."),
+         "`run --locked` found that something the lockfile pins changed: the recipe text, the toolchain\n"
+         "versions, an input's files or content, a node's cache key (checked before the node is built) or\n"
+         "content digest, or an output's files. The run stops there and never rewrites the lockfile.\n"
+         "Run `recipec lock` to accept the change, or restore what drifted."),
     Code("E507", "verification failed", RUNTIME,
-         "`recipec verify` rebuilt the recipe and the result differs from the lockfile or the existing\n"
-         "output. The message names the first differing file and tensor."),
+         "`recipec verify` rebuilt the recipe in a fresh cache and the result differs from the lockfile\n"
+         "(an input, a node's key or digest, an output file's hash) or from the existing output on disk.\n"
+         "The message names the first difference: the input file, the node, or the file and tensor."),
     Code("E508", "no lockfile", MISSING,
          "`--locked` and `verify` need the lockfile (`FILE.lock`); create it with `recipec lock FILE`."),
     Code("E509", "pickled checkpoint", RECIPE,
          "The model has only pickled weights (`pytorch_model.bin`). Loading pickles can run code, so\n"
          "recipec refuses them unless the recipe says `load(path, allow_pickle=true)`, and then reads them\n"
          "only with `torch.load(weights_only=True)`."),
+    Code("E520", "unusable lockfile", RECIPE,
+         "The lockfile (`FILE.lock`) is not TOML, does not have the shape recipec writes (e.g. `inputs`\n"
+         "is not a table), or was written in another lock format version. Nothing was built. Recreate it\n"
+         "with `recipec lock FILE` (a plain `recipec run` replaces it too)."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

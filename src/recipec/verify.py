@@ -50,7 +50,8 @@ def pinned_drift(lock: dict, current: dict) -> list[tuple[str, str]]:
     for package in sorted(set(lock["toolchain"]) | set(current["toolchain"])):
         locked, now = lock["toolchain"].get(package), current["toolchain"].get(package)
         if locked != now:
-            found.append((f"the toolchain: {package} {now} (locked {locked})", "install the locked versions, or re-lock"))
+            found.append((f"the toolchain: {package} {now} (locked {locked})",
+                          "install the locked versions, or re-lock"))
     return found
 
 
@@ -144,7 +145,8 @@ def _lock_differences(lock: dict, current: dict) -> list[str]:
         drift = node_drift(lock, label, node["key"], None) or node_drift(lock, label, None, node["digest"])
         if drift:
             found.append(f"{drift} differs from {name}")
-    found += [f"node `{label}` is in the lock, not in the rebuild" for label in sorted(set(lock["nodes"]) - set(current["nodes"]))]
+    found += [f"node `{label}` is in the lock, not in the rebuild"
+              for label in sorted(set(lock["nodes"]) - set(current["nodes"]))]
     if lock["outputs"]:
         for path, output in current["outputs"].items():
             locked = lock["outputs"].get(path)
@@ -193,5 +195,6 @@ def verify(recipe: Path, program: Program, options: RunOptions) -> int:
                      "byte for byte\n")
     if not lock["outputs"]:
         sys.stderr.write(f"recipec: {lock_path(recipe).name} records no outputs (`recipec run` records them); "
-                         + ("exports were compared with the files on disk only\n" if on_disk else "no export was compared\n"))
+                         + ("exports were compared with the files on disk only\n" if on_disk
+                            else "no export was compared\n"))
     return 0

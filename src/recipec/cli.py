@@ -160,7 +160,8 @@ def cmd_run(args) -> int:
     import json
 
     from .engine import Engine
-    from .store.lockfile import carry_file_hashes, lock_path, read_lock, write_lock
+    from .store.lockfile import lock_path
+    from .verify import check_locked, check_outputs
 
     recipe = Path(args.file)
     program = _lower(args.file)
@@ -169,17 +170,17 @@ def cmd_run(args) -> int:
     options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None,
                            force=args.force, verify_cache=args.locked)
     engine = Engine(program, recipe, options)
-    if args.locked:
-        from .verify import check_locked
-
-        check_locked(engine)
+    if args.locked:  # checked before anything is built; the engine then checks each node's key and digest
+        options.locked = check_locked(engine)
     if progress:
         with progress:
             result = engine.run()
     else:
         result = engine.run()
-    previous = read_lock(lock_path(recipe)) if lock_path(recipe).exists() else None
-    write_lock(lock_path(recipe), carry_file_hashes(previous, result.lock))
+    if args.locked:
+        check_outputs(recipe, options.locked, result.exports)  # and the lock is never written
+    else:
+        _update_lock(recipe, result.lock)
     engine.cache.register_root(lock_path(recipe))
     for e in result.exports:
         if e["moved_aside"]:
@@ -199,8 +200,20 @@ def cmd_run(args) -> int:
         for e in result.exports:
             sys.stdout.write(f"{e['resolved']}\n")
         sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
-                         f"{result.seconds:.1f} s; lock: {lock_path(recipe)}\n")
+                         f"{result.seconds:.1f} s; lock: {lock_path(recipe)}{' (matches)' if args.locked else ''}\n")
     return 0
+
+
+def _update_lock(recipe: Path, data: dict) -> None:
+    """Write the lock `run` made, keeping the input file hashes an earlier `lock` recorded; a previous
+    lockfile that cannot be read (another format, damaged) is simply replaced."""
+    from .store.lockfile import LockError, carry_file_hashes, lock_path, read_lock, write_lock
+
+    try:
+        previous = read_lock(lock_path(recipe))
+    except LockError:
+        previous = None
+    write_lock(lock_path(recipe), carry_file_hashes(previous, data))
 
 
 def cmd_lock(args) -> int:

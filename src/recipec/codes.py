@@ -197,12 +197,14 @@ _ENTRIES += [
     Code("E505", "corrupt input data", RECIPE,
          "An input's tensor data could not be read (a truncated file, an I/O error). Fetch it again."),
     Code("E506", "lockfile drift", RECIPE,
-         "`run --locked` found that something the lockfile pins changed: the recipe text, an input's\n"
-         "files or content, or the toolchain versions. Run `recipec lock` to accept the change, or restore\n"
-         "what drifted."),
+         "`run --locked` found that something the lockfile pins changed: the recipe text, the toolchain\n"
+         "versions, an input's files or content, a node's cache key (checked before the node is built) or\n"
+         "content digest, or an output's files. The run stops there and never rewrites the lockfile.\n"
+         "Run `recipec lock` to accept the change, or restore what drifted."),
     Code("E507", "verification failed", RUNTIME,
-         "`recipec verify` rebuilt the recipe and the result differs from the lockfile or the existing\n"
-         "output. The message names the first differing file and tensor."),
+         "`recipec verify` rebuilt the recipe in a fresh cache and the result differs from the lockfile\n"
+         "(an input, a node's key or digest, an output file's hash) or from the existing output on disk.\n"
+         "The message names the first difference: the input file, the node, or the file and tensor."),
     Code("E508", "no lockfile", MISSING,
          "`--locked` and `verify` need the lockfile (`FILE.lock`); create it with `recipec lock FILE`."),
     Code("E509", "pickled checkpoint", RECIPE,
@@ -218,6 +220,10 @@ _ENTRIES += [
     Code("E511", "export target is a file", RUNTIME,
          "The export path, or a directory above it, is an existing file. A release is a directory, and\n"
          "recipec never turns a file into one, even with `--force`. Move the file, or export elsewhere."),
+    Code("E520", "unusable lockfile", RECIPE,
+         "The lockfile (`FILE.lock`) is not TOML, does not have the shape recipec writes (e.g. `inputs`\n"
+         "is not a table), or was written in another lock format version. Nothing was built. Recreate it\n"
+         "with `recipec lock FILE` (a plain `recipec run` replaces it too)."),
     Code("E530", "damaged cache object", RUNTIME,
          "A file of a cached result no longer has the sha256 recorded when it was built (bit rot, or an\n"
          "edit that kept its size and time). `run --locked` re-checks the content of every cached result it\n"

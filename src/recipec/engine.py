@@ -3,7 +3,9 @@ write the releases, and record everything in the lockfile.
 
 Nodes run in plan order. An input (`load`, `hf`) resolves to a directory and a content digest; every
 other node's cache key is computed from its parameters and its inputs' digests, and it is built only
-when the cache lacks that key. Failures become diagnostics at the span of the op that failed, and
+when the cache lacks that key. Inputs and built results alike are known by one digest, that of their
+model directory (store/digests.py). Under `run --locked` every key is checked against the lock before
+its node is built, and every digest after. Failures become diagnostics at the span of the op that failed, and
 nothing partial is ever left where a finished result is expected.
 """
 
@@ -25,11 +27,12 @@ from .exports import Problem, cache_place, keeps_code_references, leaves, place_
 from .ir.lower import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
-from .store.cache import Cache, file_identity
+from .store.cache import Cache
+from .store.digests import covered_files, model_dir_digest, weights_identity
 from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
-from .store.lockfile import lock_digest
-from .store.model_dir import ModelDirError, pickled_weights, read_model_dir, weight_files
+from .store.lockfile import lock_digest, lock_path, node_drift
+from .store.model_dir import ModelDirError, pickled_weights, read_model_dir
 from .store.release import Card, TargetRefused, check_target, write_release
 from .toolchain import toolchain_versions
 
@@ -43,6 +46,7 @@ class RunOptions:
     force: bool = False  # move aside (and keep) what is at an export target that recipec did not write
     hash_input_files: bool = False  # file sha256s for the lock (a full read of every input)
     verify_cache: bool = False  # re-hash every cached result used, against the sha256s recorded at commit
+    locked: dict | None = None  # under `run --locked`: the lock every node's key and digest must match
     progress: object = None  # a callable(bytes) or None
 
 
@@ -150,7 +154,7 @@ class Engine:
         resolved: dict = {}
         if node.op == "load":
             path = Path(params["path"])
-            resolved["path"] = str(path)
+            resolved["path"] = os.path.relpath(path, self.recipe.resolve().parent)  # the lock moves with the project
         elif node.op == "hf":
             path, commit = self.hub_snapshots[(params["id"], params.get("revision"))]
             resolved.update(id=params["id"], revision=params.get("revision") or "main", commit=commit)
@@ -165,7 +169,7 @@ class Engine:
             raise _failure(node, err.code, err.message, err.hint) from None
         digest = self._input_digest(files)
         if self.options.hash_input_files:
-            sums = hash_files(list(files.files) + [path / "config.json"], self.options.threads)
+            sums = hash_files(covered_files(path), self.options.threads)
             resolved["files"] = [{"name": p.name, "size": p.stat().st_size, "sha256": h}
                                  for p, h in sorted(sums.items())]
         return NodeResult(node, Artifact(path, files, digest), status="input", resolved=resolved)
@@ -181,25 +185,34 @@ class Engine:
         if self.cache.lookup(key) is None:
             try:
                 with self.cache.new_object(key) as tmp:
-                    digest = convert_pickle(pickles, root, tmp)
+                    digest = model_dir_digest(tmp, convert_pickle(pickles, root, tmp))
                     self.cache.commit_meta(tmp, key, "load", digest, self.options.threads)
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
         return self.cache.lookup(key).path
 
     def _input_digest(self, files) -> str:
-        identity = "|".join(file_identity(p) for p in weight_files(files.root))
-        known = self.cache.known_digests().get(identity)
-        if known and not self.options.hash_input_files:
-            return known
-        from .store.digests import hash_model  # torch's zero-copy views, only when a digest is unknown
+        """The input directory's digest; its weights are hashed only when their digest is not remembered."""
+        identity = weights_identity(files.root)
+        weights = self.cache.known_digests().get(identity)
+        if not weights or self.options.hash_input_files:
+            from .store.digests import hash_weights
 
-        digest = hash_model(files, self.options.threads)
-        self.cache.remember_digest(identity, digest)
-        return digest
+            weights = hash_weights(files, self.options.threads)
+            self.cache.remember_digest(identity, weights)
+        return model_dir_digest(files.root, weights)
+
+    def _check_locked(self, node: Node, key: str | None = None, digest: str | None = None) -> None:
+        if self.options.locked is None:
+            return
+        drift = node_drift(self.options.locked, node.label, key, digest)
+        if drift:
+            raise _failure(node, "E506", f"{drift} differs from {lock_path(self.recipe).name}",
+                           "run `recipec lock` to accept the change, or restore the lockfile")
 
     def _build(self, node: Node, inputs: list[Artifact]) -> NodeResult:
         key = cache_key(node, [a.digest for a in inputs], self.versions)
+        self._check_locked(node, key=key)  # before anything is built
         cached = self.cache.lookup(key)
         started = time.monotonic()
         status = "cached"
@@ -210,7 +223,7 @@ class Engine:
                 with self.cache.new_object(key) as tmp:
                     job = Job(node, inputs, tmp, self.options.threads, self.cancelled,
                               self.options.progress or (lambda n: None))
-                    digest = rule(job)
+                    digest = model_dir_digest(tmp, rule(job))
                     self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
@@ -220,6 +233,7 @@ class Engine:
         elif self.options.verify_cache and (damage := self.cache.damage(cached.path, self.options.threads)):
             raise _failure(node, "E530", f"the cached result of `{node.label}` is damaged: {damage}",
                            self.cache.repair_hint(key))
+        self._check_locked(node, digest=cached.digest)
         files = read_model_dir(cached.path)
         return NodeResult(node, Artifact(cached.path, files, cached.digest), key, status, time.monotonic() - started)
 

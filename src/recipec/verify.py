@@ -1,5 +1,11 @@
-"""Reproducibility checks against the lockfile: `run --locked` (refuse on drift) and `recipec verify`
-(rebuild from scratch and compare byte for byte)."""
+"""Reproducibility checks against the lockfile: `run --locked` refuses on any drift (E506), and
+`recipec verify` rebuilds from scratch and compares with the lock and the files on disk (E507).
+
+Both compare the same things in the same order, so the first difference named is the cause, not a
+consequence: the recipe text and the toolchain, then the inputs (by file), every node's key and
+digest in plan order, and every output's files (the card and SHA256SUMS last, since they change
+whenever anything else does).
+"""
 
 from __future__ import annotations
 
@@ -11,59 +17,92 @@ from pathlib import Path
 from .diagnostics import Diagnostic, RecipeError
 from .engine import Engine, RunOptions
 from .ir.lower import Program
+from .ops import REGISTRY
 from .store.filehash import hash_file
-from .store.lockfile import lock_path, read_lock
+from .store.lockfile import LockError, input_drift, lock_path, node_drift, output_drift, read_lock, release_order
 from .store.safetensors_header import HeaderError, read_header
 
+_RELOCK = "run `recipec lock` to accept the change, or restore it"
 
-def _load(recipe: Path) -> dict:
+
+def load_lock(recipe: Path) -> dict:
+    """The recipe's lockfile, validated; E520 when it cannot be used, E508 when there is none."""
     try:
         lock = read_lock(lock_path(recipe))
-    except ValueError as err:
-        raise RecipeError([Diagnostic("E506", str(err), path=str(lock_path(recipe)))]) from None
+    except LockError as err:
+        raise RecipeError([Diagnostic("E520", str(err), path=str(lock_path(recipe)),
+                                      hint=f"recreate it with `recipec lock {recipe}`")]) from None
     if lock is None:
         raise RecipeError([Diagnostic("E508", f"no lockfile {lock_path(recipe)}", path=str(recipe),
                                       hint=f"create it with `recipec lock {recipe}`")])
     return lock
 
 
-def _drift(recipe: Path, what: str, hint: str = "run `recipec lock` to accept the change, or restore it") -> Diagnostic:
-    return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", path=str(recipe), hint=hint)
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def check_locked(engine: Engine) -> None:
-    """Refuse (E506) when the recipe, the toolchain or any input no longer matches the lockfile."""
+def pinned_drift(lock: dict, current: dict) -> list[tuple[str, str]]:
+    """(what, hint) for the recipe text and each toolchain package that differ from the lock."""
+    found = []
+    if lock["recipe"]["sha256"] != current["recipe"]["sha256"]:
+        found.append(("the recipe text", _RELOCK))
+    for package in sorted(set(lock["toolchain"]) | set(current["toolchain"])):
+        locked, now = lock["toolchain"].get(package), current["toolchain"].get(package)
+        if locked != now:
+            found.append((f"the toolchain: {package} {now} (locked {locked})",
+                          "install the locked versions, or re-lock"))
+    return found
+
+
+def inputs_drift(lock: dict, current: dict) -> list[str]:
+    """Each input that differs from the lock, in plan order, then inputs only the lock has."""
+    found = []
+    for label, entry in current.items():
+        locked = lock.get(label)
+        drift = f"input `{label}` (not in the lock)" if locked is None else input_drift(label, locked, entry)
+        if drift:
+            found.append(drift)
+    return found + [f"input `{label}` (in the lock, not in the recipe)" for label in sorted(set(lock) - set(current))]
+
+
+def check_locked(engine: Engine) -> dict:
+    """Before anything is built, refuse (E506) when the recipe, the toolchain, any input or the set of
+    nodes no longer matches the lockfile. Returns the lock; the engine checks every node's key before
+    building it and its digest after (`RunOptions.locked`)."""
     recipe = engine.recipe
-    lock = _load(recipe)
+    lock = load_lock(recipe)
     current = engine.lock_data([], [])
-    problems = []
-    if lock.get("recipe", {}).get("sha256") != current["recipe"]["sha256"]:
-        problems.append(_drift(recipe, "the recipe text"))
-    for package, version in sorted(lock.get("toolchain", {}).items()):
-        if current["toolchain"].get(package) != version:
-            problems.append(_drift(recipe, f"the toolchain: {package} {current['toolchain'].get(package)} "
-                                           f"(locked {version})", "install the locked versions, or re-lock"))
+    problems = [_drift(recipe, what, hint) for what, hint in pinned_drift(lock, current)]
     hashing = Engine(engine.program, recipe, replace(engine.options, hash_input_files=True))
+    reachable = engine.program.graph.reachable()
     with engine.cache.locked():
-        for node in engine.program.graph.reachable():
-            locked = lock.get("inputs", {}).get(node.label)
-            if node.op not in ("load", "hf"):
-                continue
-            if locked is None:
-                problems.append(_drift(recipe, f"input `{node.label}` (not in the lock)"))
-                continue
-            result = hashing._resolve_input(node)
-            files = {f["name"]: f for f in result.resolved.get("files", [])}
-            for entry in locked.get("files", []):
-                now = files.get(entry["name"])
-                if now is None or now["size"] != entry["size"] or now["sha256"] != entry["sha256"]:
-                    problems.append(_drift(recipe, f"input `{node.label}` file {entry['name']}"))
-                    break
-            else:
-                if result.artifact.digest != locked.get("digest"):
-                    problems.append(_drift(recipe, f"input `{node.label}` content"))
+        resolved = [hashing._resolve_input(n) for n in reachable if n.op in ("load", "hf")]
+    now = hashing.lock_data(resolved, [])["inputs"]
+    problems += [_drift(recipe, what) for what in inputs_drift(lock["inputs"], now)]
+    built = {n.label for n in reachable if REGISTRY[n.op].builds}
+    problems += [_drift(recipe, f"node `{label}` (in the lock, not in the recipe)")
+                 for label in sorted(set(lock["nodes"]) - built)]
     if problems:
         raise RecipeError(problems)
+    return lock
+
+
+def check_outputs(recipe: Path, lock: dict, exports: list[dict]) -> None:
+    """After `run --locked` wrote its releases: refuse (E506) when their files differ from the lock's."""
+    if not lock["outputs"]:
+        return  # a lock written by `recipec lock` records no outputs, so there is nothing to disagree with
+    for export in exports:
+        locked = lock["outputs"].get(export["path"])
+        drift = (f"output {export['path']} (not in the lock)" if locked is None
+                 else output_drift(export["path"], locked, export["files"]))
+        if drift:
+            raise RecipeError([_drift(recipe, drift, "the release was written from the locked nodes; "
+                                                     "run `recipec lock` to accept it, or restore the lockfile")])
+
+
+def _drift(recipe: Path, what: str, hint: str = _RELOCK) -> Diagnostic:
+    return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", path=str(recipe), hint=hint)
 
 
 def _first_tensor_difference(a: Path, b: Path) -> str | None:
@@ -84,8 +123,9 @@ def _first_tensor_difference(a: Path, b: Path) -> str | None:
 
 
 def compare_dirs(expected: Path, actual: Path) -> str | None:
-    """None when two release directories are byte-identical; else the first difference, named."""
-    names = sorted({p.name for p in expected.iterdir()} | {p.name for p in actual.iterdir()})
+    """None when two release directories are byte-identical; else the first difference, named (the
+    files that cause differences before the card and SHA256SUMS, which follow from them)."""
+    names = sorted({p.name for p in expected.iterdir()} | {p.name for p in actual.iterdir()}, key=release_order)
     for name in names:
         a, b = expected / name, actual / name
         if not a.exists() or not b.exists():
@@ -96,32 +136,65 @@ def compare_dirs(expected: Path, actual: Path) -> str | None:
     return None
 
 
+def _lock_differences(lock: dict, current: dict) -> list[str]:
+    """Everything the rebuild's record disagrees with the lock on, in the order that names causes first."""
+    name = "the lock"
+    found = [f"{what} differs from {name}" for what, _ in pinned_drift(lock, current)]
+    found += [f"{what} differs from {name}" for what in inputs_drift(lock["inputs"], current["inputs"])]
+    for label, node in current["nodes"].items():
+        drift = node_drift(lock, label, node["key"], None) or node_drift(lock, label, None, node["digest"])
+        if drift:
+            found.append(f"{drift} differs from {name}")
+    found += [f"node `{label}` is in the lock, not in the rebuild"
+              for label in sorted(set(lock["nodes"]) - set(current["nodes"]))]
+    if lock["outputs"]:
+        for path, output in current["outputs"].items():
+            locked = lock["outputs"].get(path)
+            files = {f["name"]: f["sha256"] for f in output["files"]}
+            drift = f"output {path} (not in the lock)" if locked is None else output_drift(path, locked, files)
+            if drift:
+                found.append(f"{drift} differs from {name}")
+    return found
+
+
 def verify(recipe: Path, program: Program, options: RunOptions) -> int:
-    """Rebuild everything in a fresh cache and compare with the lockfile and the existing outputs."""
-    lock = _load(recipe)
-    problems = []
+    """Rebuild everything in a fresh cache; compare every node key, node digest and output file hash
+    with the lock, and the rebuilt releases with the files on disk. Exits non-zero on any difference."""
+    lock = load_lock(recipe)
+    graph = program.graph
+    originals = list(graph.exports)
     with tempfile.TemporaryDirectory(prefix="recipec-verify-") as scratch:
         rebuilt_outputs = Path(scratch) / "outputs"
-        graph = program.graph
-        originals = list(graph.exports)
         graph.exports = [replace(e, path=rebuilt_outputs / f"{k}-{e.path.name}") for k, e in enumerate(originals)]
         try:
-            engine = Engine(program, recipe, replace(options, cache_dir=Path(scratch) / "cache"))
+            engine = Engine(program, recipe, replace(options, cache_dir=Path(scratch) / "cache", hash_input_files=True))
             result = engine.run()
         finally:
             graph.exports = originals
-        for r in result.results:
-            locked = (lock.get("nodes", {}).get(r.node.label) or lock.get("inputs", {}).get(r.node.label) or {})
-            if r.artifact is not None and locked.get("digest") not in (None, r.artifact.digest):
-                problems.append(f"`{r.node.label}` rebuilt to {r.artifact.digest}, the lock says {locked['digest']}")
+        problems = _lock_differences(lock, result.lock)
+        on_disk, files = 0, 0
         for export, rebuilt in zip(originals, result.exports):
             if export.path.is_dir():
+                on_disk += 1
                 difference = compare_dirs(export.path, Path(rebuilt["resolved"]))
                 if difference:
                     problems.append(f"{export.display}: {difference}")
             else:
                 sys.stderr.write(f"recipec: {export.display} does not exist; compared with the lock only\n")
+            if export.path.is_dir() or lock["outputs"]:
+                files += len(rebuilt["files"])
     if problems:
-        raise RecipeError([Diagnostic("E507", p, path=str(recipe)) for p in problems])
-    sys.stderr.write(f"verified: {len(result.results)} nodes and {len(originals)} exports match, byte for byte\n")
+        more = len(problems) - 1
+        raise RecipeError([Diagnostic("E507", problems[0], path=str(recipe),
+                                      hint=f"{_plural(more, 'more difference')} follow from it" if more else None)])
+    compared = on_disk if not lock["outputs"] else len(originals)
+    against = "the lock" + (" and the files on disk" if on_disk else "")
+    exports = f", {_plural(compared, 'export')} ({_plural(files, 'file')})" if compared else ""
+    inputs = f", {_plural(len(result.lock['inputs']), 'input')}" if result.lock["inputs"] else ""
+    sys.stderr.write(f"verified: {_plural(len(result.lock['nodes']), 'node')}{inputs}{exports} match {against}, "
+                     "byte for byte\n")
+    if not lock["outputs"]:
+        sys.stderr.write(f"recipec: {lock_path(recipe).name} records no outputs (`recipec run` records them); "
+                         + ("exports were compared with the files on disk only\n" if on_disk
+                            else "no export was compared\n"))
     return 0

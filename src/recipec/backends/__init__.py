@@ -5,7 +5,8 @@ imports nothing, and a run that finds everything cached never imports torch. An 
 refused up front with `no rule for X`, never a failure somewhere deep in a run.
 
 A rule is `rule(job: Job) -> str`: it writes a complete model directory into `job.out` from the input
-artifacts in `job.inputs`, and returns the result's content digest.
+artifacts in `job.inputs`, and returns the content digest of the weights it wrote (the engine makes the
+result's digest from it and the data files, store/digests.py).
 """
 
 from __future__ import annotations

@@ -53,9 +53,9 @@ def build_init(job: Job) -> str:
     write_json(job.out / "config.json", config)
     if params.get("tokenizer"):
         source = Path(params["tokenizer"]["path"])
-        for name, digest in params["tokenizer"]["files"].items():
+        for name, expected in params["tokenizer"]["files"].items():
             data = (source / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != digest:
+            if hashlib.sha256(data).hexdigest() != expected:
                 raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
             (job.out / name).write_bytes(data)
     return digest

@@ -121,10 +121,22 @@ def bytes_read(inputs: list[Node], out: Type) -> int:
 COMPUTE_DTYPE = "float32"  # every backend accumulates in fp32; part of every key
 
 
+def is_file_param(value: Any) -> bool:
+    """A parameter naming files the op reads at run time: `{"path": where, "files" or "sha256": content}`."""
+    return isinstance(value, dict) and "path" in value and ("files" in value or "sha256" in value)
+
+
+def key_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters as the cache key sees them: a file parameter by its content hashes, never by where
+    it lies, so the same recipe has the same keys wherever the project is."""
+    return {name: {k: v for k, v in value.items() if k != "path"} if is_file_param(value) else value
+            for name, value in params.items()}
+
+
 def cache_key(node: Node, input_digests: list[str], versions: dict[str, str]) -> str:
-    """sha256 over canonical JSON of op, op version, parameters, input content digests, compute dtype
-    and the versions of the packages that can change this op's bytes."""
+    """sha256 over canonical JSON of op, op version, parameters (file parameters by content), input
+    content digests, compute dtype and the versions of the packages that can change this op's bytes."""
     op = REGISTRY[node.op]
-    doc = {"op": node.op, "version": op.version, "params": node.params, "inputs": input_digests,
+    doc = {"op": node.op, "version": op.version, "params": key_params(node.params), "inputs": input_digests,
            "compute_dtype": COMPUTE_DTYPE, "toolchain": {k: versions[k] for k in ("recipec",) + op.toolchain}}
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()

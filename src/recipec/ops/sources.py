@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import glob as globlib
-import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +17,7 @@ from pydantic import Field
 from .. import arch as archs
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type
 from ..store import hub
+from ..store.filehash import named_file_hashes
 from ..store.model_dir import ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
 from .base import ERROR_TYPE, Context, Cost, Op, Params, register
 
@@ -235,7 +235,8 @@ class Init(Op):
             # The config's content, not its path, decides the weights.
             data["config"] = cls.config_for(ctx, params)
         if params.tokenizer is not None:
-            # Likewise the tokenizer files' content: their path goes along only to copy them from.
+            # Likewise the tokenizer files' content; their path goes along only to copy them from, and the
+            # cache key leaves it out (see `key_params`), so the key does not depend on where the files are.
             root = (ctx.recipe_dir / params.tokenizer).resolve()
             data["tokenizer"] = {"path": str(root), "files": tokenizer_digests(root)}
         return data
@@ -254,8 +255,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def tokenizer_digests(root: Path) -> dict[str, str]:
     """sha256 of each tokenizer file in a directory (small files: reading them is cheap)."""
-    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest()
-            for name in TOKENIZER_FILES if (root / name).is_file()}
+    return named_file_hashes(root, TOKENIZER_FILES)
 
 
 def _data_files(ctx: Context, pattern: str) -> list[Path] | None:

@@ -1,8 +1,9 @@
 """Which nodes the cache already holds, decided without reading a weight or importing torch.
 
 A node's key needs its inputs' content digests: a built input's digest is in its cache object's
-metadata; a model directory's digest is remembered by file identity from an earlier run. Where a digest
-is not known, nothing downstream can be known to be cached, and the plan says "build".
+metadata; a model directory's weights digest is remembered by file identity from an earlier run, and its
+small data files are hashed. Where a digest is not known, nothing downstream can be known to be cached,
+and the plan says "build".
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from ..ir.graph import Graph, Node
 from ..ops import REGISTRY
 from ..ops.base import cache_key
-from ..store.cache import Cache, file_identity
+from ..store.cache import Cache
+from ..store.digests import remembered_model_dir_digest
 from ..store.hub import cached_snapshot
 from ..store.model_dir import ModelDirError, weight_files
 from ..toolchain import toolchain_versions
@@ -39,8 +41,7 @@ def cached_keys(graph: Graph, cache: Cache) -> dict[int, str]:
         if not REGISTRY[node.op].builds:
             root = _input_dir(node)
             try:
-                files = weight_files(root) if root else []
-                digest = known.get("|".join(file_identity(p) for p in files)) if files else None
+                digest = remembered_model_dir_digest(root, known) if root and weight_files(root) else None
             except (ModelDirError, OSError):
                 digest = None
             if digest:

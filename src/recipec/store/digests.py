@@ -1,14 +1,53 @@
-"""Content digests of model directories and files, computed in parallel and remembered by file identity."""
+"""Content digests of model directories: one definition for inputs and built cache objects alike.
+
+A model directory's digest covers every file that can reach an output: the weights by content (sorted
+tensor names, dtypes, shapes and data hashes, so sharding does not matter) and the data files beside
+them (config, generation config, tokenizer files, chat template) by their bytes. Two directories with
+the same weights and another config have different digests. Hashing the weights is the expensive part,
+so their digest is remembered by file identity; the data files are small and hashed every time.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from .model_dir import ModelFiles
-from .tensors import ModelReader, model_digest, tensor_digest
+from ..ops.sources import TOKENIZER_FILES
+from .cache import file_identity
+from .filehash import named_file_hashes
+from .model_dir import ModelFiles, weight_files
 
-def hash_model(files: ModelFiles, threads: int) -> str:
-    """The content digest of a model: sha256 over sorted (name, dtype, shape, sha256 of bytes)."""
+DATA_FILES = ("config.json",) + TOKENIZER_FILES  # every non-weight file that can reach an output
+
+
+def model_dir_digest(root: Path, weights_digest: str) -> str:
+    """The digest of a model directory whose weights have `weights_digest` (see `hash_weights`)."""
+    pinned = {"weights": weights_digest, "files": named_file_hashes(root, DATA_FILES)}
+    return "sha256:" + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+
+
+def covered_files(root: Path) -> list[Path]:
+    """The files a model directory's digest covers: its weights and the data files present."""
+    return weight_files(root) + [root / name for name in DATA_FILES if (root / name).is_file()]
+
+
+def weights_identity(root: Path) -> str:
+    """What the weights-digest memo is keyed by: every weight file's path, size, mtime and inode."""
+    return "|".join(file_identity(p) for p in weight_files(root))
+
+
+def remembered_model_dir_digest(root: Path, known: dict[str, str]) -> str | None:
+    """A model directory's digest without reading a weight, when its weights' digest is remembered."""
+    weights = known.get(weights_identity(root))
+    return model_dir_digest(root, weights) if weights else None
+
+
+def hash_weights(files: ModelFiles, threads: int) -> str:
+    """The content digest of a model's weights: sha256 over sorted (name, dtype, shape, sha256 of bytes)."""
+    from .tensors import ModelReader, model_digest, tensor_digest  # torch's zero-copy views, only when needed
+
     reader = ModelReader(files)
     try:
         def one(name: str) -> tuple:

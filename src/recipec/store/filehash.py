@@ -20,3 +20,8 @@ def hash_file(path: Path) -> str:
 def hash_files(paths: list[Path], threads: int) -> dict[Path, str]:
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return dict(zip(paths, pool.map(hash_file, paths)))
+
+
+def named_file_hashes(root: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """sha256 of each of `names` that is a file in `root` (small files: read every time, never memoized)."""
+    return {name: hash_file(root / name) for name in names if (root / name).is_file()}

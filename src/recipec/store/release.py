@@ -57,7 +57,7 @@ def card_text(card: Card) -> str:
         "Built by recipec from this recipe:", "",
         "```", card.recipe_text.rstrip("\n"), "```", "",
         f"- lock digest: `{card.lock_digest}`",
-        f"- model digest: `{card.model_digest}` (sha256 over sorted tensor names, dtypes, shapes and data hashes)",
+        f"- model digest: `{card.model_digest}` (covers every tensor and every data file: config, tokenizer, chat template)",
         "", "`recipec verify` rebuilds this model from the recipe and its lockfile and compares it byte for byte.", "",
     ]
     return "\n".join(front + body)

@@ -39,6 +39,7 @@ def _broken_models(models: Path) -> None:
     index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
     index["weight_map"]["model.extra.weight"] = "model-00001-of-00002.safetensors"
     (split / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_model(models / "fp8", preset_config("llama", "tiny"), dtype="F8_E4M3")
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def cmd_run(args) -> int:
         _report(warnings, args)
         for e in result.exports:
             sys.stdout.write(f"{e['resolved']}\n")
-        flagged = f"; {nonfinite} NaN or infinite values written" if nonfinite else ""
+        flagged = f"; {nonfinite} NaN or infinite value{'s' if nonfinite != 1 else ''} written" if nonfinite else ""
         sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
                          f"{result.seconds:.1f} s{flagged}; lock: {lock_path(recipe)}\n")
     return 0

@@ -222,3 +222,32 @@ def test_arithmetic_on_a_dtype_recipec_cannot_compute_in_is_a_check_error(tmp_pa
     assert status == 0, err
     assert (tmp_path / "out" / "q" / "model.safetensors").read_bytes() == \
         (tmp_path / "models" / "q" / "model.safetensors").read_bytes()
+
+
+def test_a_dtype_first_seen_while_running_is_refused_with_the_same_diagnostic(tmp_path):
+    """A hub model that is not cached has no signature at check time: the run checks its dtypes."""
+    from recipec.diagnostics import RecipeError
+    from recipec.engine import Engine, RunOptions
+    from recipec.ir.lower import lower_file
+
+    write_model(tmp_path / "models" / "f", preset_config("llama", "tiny"))
+    write_model(tmp_path / "models" / "q", preset_config("llama", "tiny"))
+    recipe = write_recipe(tmp_path, 'f = load("models/f")\nq = load("models/q")\nexport 0.5*f + 0.5*q to "out/m"\n')
+    program = lower_file(recipe)
+    write_model(tmp_path / "models" / "q", preset_config("llama", "tiny"), dtype="F8_E5M2")  # changed since
+    with pytest.raises(RecipeError) as info:
+        Engine(program, recipe, RunOptions(cache_dir=tmp_path / "cache")).run()
+    (diagnostic,) = info.value.diagnostics
+    assert diagnostic.code == "E322" and diagnostic.span.line == 4  # the export's expression
+    assert diagnostic.message.startswith("`q` stores `") and "as F8_E5M2" in diagnostic.message
+
+
+def test_merge_refuses_shared_rows_that_are_different_tokens(tmp_path, capsys):
+    recipe = vocabulary_recipe(tmp_path, 'merge(zh_cp, chat, base=base, method="ties", embeddings="overlap")')
+    shuffled = tmp_path / "tokenizers" / "llama-chat" / "tokenizer.json"
+    data = json.loads(shuffled.read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w10"], vocab["w11"] = vocab["w11"], vocab["w10"]
+    shuffled.write_text(json.dumps(data))
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 65 and "error[E503]: the vocabularies disagree on shared rows: row 10" in err

@@ -26,7 +26,8 @@ import torch
 
 from .. import arch
 from ..ir.types import TensorSpec
-from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature, overridden_coefficients, parse_overrides
+from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, output_signature,
+                              overridden_coefficients, parse_overrides, uncomputable_message)
 from ..ops.sources import signature_of_files
 from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, count_nonfinite
 from .job import Job, RunFailure
@@ -89,6 +90,13 @@ def tensor_plans(job: Job, out: list[TensorSpec], coefficients_of: Callable[[str
             raise RunFailure("E502", f"`{t.name}` is missing from {missing[0]}",
                              "the inputs' weights no longer match what the plan read; re-run `recipec check`")
         shapes = [f.tensors[s].shape for f, s in zip(inputs, sources)]
+        # Checked at check time from the signatures; a hub model first resolved by this run is checked here.
+        odd = next((i for i, (f, s) in enumerate(zip(inputs, sources)) if f.tensors[s].dtype not in COMPUTE_DTYPES),
+                   None)
+        if odd is not None:
+            dtype = inputs[odd].tensors[sources[odd]].dtype
+            raise RunFailure("E322", uncomputable_message(job.node.inputs[odd].label, sources[odd], dtype),
+                             UNCOMPUTABLE_HINT)
         if ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
                 or (params["embeddings"] == "keep" and t.name in vocab_names)):
             plans.append(TensorPlan(t.name, sources, coefficients_of(t.name), copy_first=True))

@@ -174,6 +174,14 @@ def _coefficient_overflow(params, inputs) -> tuple[str, str] | None:
     return None
 
 
+UNCOMPUTABLE_HINT = (f"arithmetic and merges read {', '.join(COMPUTE_DTYPES)}; dequantize or convert the model "
+                     "first (exporting it unchanged needs no arithmetic and stays possible)")
+
+
+def uncomputable_message(model: str, tensor: str, dtype: str) -> str:
+    return f"`{model}` stores `{tensor}` as {dtype}, which recipec cannot compute with"
+
+
 def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: str = "models",
                             vocab_policy: bool = False, policy_hint: str = POLICY_HINT) -> Type:
     """The output type of an op over models that must share a signature (the first model's), or an error
@@ -185,10 +193,8 @@ def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: s
         odd = next((t for t in n.type.signature.tensors if t.dtype not in COMPUTE_DTYPES), None)
         if odd is not None:
             notes = (Note(f"`{n.label}` is defined here", n.spans[0]),) if n.spans else ()
-            return ctx.error("E322", f"`{n.label}` stores `{odd.name}` as {odd.dtype}, which recipec cannot "
-                                     "compute with", arg,
-                             f"arithmetic and merges read {', '.join(COMPUTE_DTYPES)}; dequantize or convert the "
-                             "model first (exporting it unchanged needs no arithmetic and stays possible)", notes)
+            return ctx.error("E322", uncomputable_message(n.label, odd.name, odd.dtype), arg, UNCOMPUTABLE_HINT,
+                             notes)
     first = known[0]
     if first.type.signature.tied_embeddings:
         untied = [n for n in known[1:] if "lm_head.weight" in n.type.signature.by_name]

@@ -45,6 +45,7 @@ def _broken_models(models: Path) -> None:
     code_reference = {"auto_map": {"AutoModel": "m.M"}}
     (withcode / "config.json").write_text(json.dumps(preset_config("llama", "tiny") | code_reference))
     (tiny_llama(models / "linked") / "tokenizer.json").symlink_to(models.parent / "configs" / "llama_tiny.json")
+    write_model(models / "fp8", preset_config("llama", "tiny"), dtype="F8_E4M3")
 
 
 @pytest.fixture(scope="module")

@@ -334,6 +334,17 @@ def test_density_given_to_linear_is_ignored_by_dispatch():
     assert torch.equal(merge_tensor("linear", "w", [m], None, [2.0], density=0.1, t=0.9), m * 2.0)
 
 
+def test_the_front_end_knows_which_parameters_each_kernel_reads():
+    """`merge` warns about a parameter its method ignores (E320) from a table of its own, since checking
+    imports no torch; it must name exactly the kernels' options, plus `weights` for all but slerp."""
+    from recipec.ops.merge import METHOD_PARAMS
+
+    assert set(METHOD_PARAMS) == set(METHODS)
+    for method, options in METHOD_OPTIONS.items():
+        uses_weights = method != "slerp"
+        assert set(METHOD_PARAMS[method]) == set(options) | ({"weights"} if uses_weights else set()), method
+
+
 # ---------------------------------------------------------------------------------------- determinism
 
 # Runs each method on ~1M entries (an odd count, so thread chunks end mid-vector; quantized deltas, so

@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from . import __version__  # noqa: E402
-from .diagnostics import RecipeError, render_all, to_json, use_color  # noqa: E402
+from .diagnostics import RecipeError, render_all, to_data, to_json, use_color  # noqa: E402
 
 
 def _lower(path: str):
@@ -188,6 +188,8 @@ def cmd_run(args) -> int:
                              f"{e['moved_aside']}\n")
     built = sum(r.status == "built" for r in result.results)
     cached = sum(r.status == "cached" for r in result.results)
+    warnings = [w for r in result.results for w in r.warnings]
+    nonfinite = sum(r.nonfinite for r in result.results)
     if args.json:
         sys.stdout.write(json.dumps({
             "format_version": 1, "seconds": round(result.seconds, 3), "built": built, "cached": cached,
@@ -195,12 +197,15 @@ def cmd_run(args) -> int:
                        "digest": r.artifact.digest if r.artifact else None, "seconds": round(r.seconds, 3)}
                       for r in result.results],
             "exports": [{"path": e["path"], "digest": e["digest"]} for e in result.exports],
+            "nonfinite": nonfinite, "warnings": [to_data(w) for w in warnings],
         }, indent=2) + "\n")
     else:
+        _report(warnings, args)
         for e in result.exports:
             sys.stdout.write(f"{e['resolved']}\n")
+        flagged = f"; {nonfinite} NaN or infinite value{'s' if nonfinite != 1 else ''} written" if nonfinite else ""
         sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
-                         f"{result.seconds:.1f} s; lock: {lock_path(recipe)}{' (matches)' if args.locked else ''}\n")
+                         f"{result.seconds:.1f} s{flagged}; lock: {lock_path(recipe)}{' (matches)' if args.locked else ''}\n")
     return 0
 
 

@@ -108,7 +108,8 @@ _ENTRIES = [
          "them, typically a continually pre-trained model, extended its tokenizer. Arithmetic on those\n"
          "rows needs a policy: wrap the expression in `combine(expr, embeddings=\"overlap\")` (add the\n"
          "delta on the shared rows only), `\"keep\"` (keep the first model's embeddings), or `\"add\"`\n"
-         "(only when the shapes agree)."),
+         "(only when the shapes agree). `merge(..., embeddings=...)` takes the same policies, as well as\n"
+         "`special_tokens=` and `norms=`."),
     Code("E305", "cannot export this", RECIPE,
          "`export` writes a model. The value is not a model (a delta, a corpus, a number), or the format\n"
          "(given with `as` or implied by the path's suffix) is not one recipec writes."),
@@ -143,6 +144,20 @@ _ENTRIES = [
          "and releases only a model's own files, so that a downloaded folder cannot make it read or ship\n"
          "arbitrary files. A Hugging Face cache snapshot's links into its own `blobs/` are fine. Copy the\n"
          "file into the directory (`cp -L`)."),
+    Code("E320", "parameter the method ignores", NO_EXIT,
+         "A warning: a `merge` parameter has no effect with the chosen method, e.g. `density` (TIES only)\n"
+         "with `method=\"linear\"`, or `weights` with `slerp` (which interpolates at `t`). The recipe\n"
+         "probably means another method; otherwise remove the parameter.",
+         severity="warning"),
+    Code("E321", "coefficient beyond fp32", RECIPE,
+         "The engine multiplies every weight by its coefficient in fp32, whose largest finite value is about\n"
+         "3.4e38. A folded coefficient (or one scaled by an `overrides` factor) beyond that cannot be\n"
+         "computed with; weights of magnitude 1 would be infinite anyway. Keep coefficients near 1."),
+    Code("E322", "dtype recipec cannot compute with", RECIPE,
+         "`combine`, model arithmetic and `merge` read every tensor into fp32, which recipec does for F64,\n"
+         "F32, BF16 and F16. FP8 (F8_E4M3, F8_E5M2), integer and quantized weights hold codes that need\n"
+         "scales or a dequantization recipec does not do: arithmetic on them would be noise. Convert the\n"
+         "model to a floating dtype first. Exporting such a model unchanged needs no arithmetic and works."),
     # Inputs: E4xx
     Code("E401", "missing model files", MISSING,
          "A local model reference points at a directory that does not exist, or that lacks config.json\n"
@@ -232,6 +247,12 @@ _ENTRIES += [
     Code("E531", "cache is not a directory", RUNTIME,
          "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
          "recipec creates it when it does not exist."),
+    Code("E540", "non-finite values", NO_EXIT,
+         "A warning from `run`: a result holds NaN or infinite values. When an input already held them, the\n"
+         "warning names the input, the tensor and how many; otherwise the arithmetic overflowed the output\n"
+         "dtype (fp16 ends at 65504), and `dtype=\"float32\"` or smaller factors avoid it. The run summary\n"
+         "counts the non-finite values written. A model with them generates NaN logits.",
+         severity="warning"),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

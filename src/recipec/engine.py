@@ -58,6 +58,8 @@ class NodeResult:
     status: str = "input"  # input | cached | built
     seconds: float = 0.0
     resolved: dict = field(default_factory=dict)  # for inputs: what the reference resolved to
+    warnings: list[Diagnostic] = field(default_factory=list)  # from building it (a cached node has none)
+    nonfinite: int = 0  # NaN and ±inf values its build wrote
 
 
 @dataclass
@@ -215,7 +217,7 @@ class Engine:
         self._check_locked(node, key=key)  # before anything is built
         cached = self.cache.lookup(key)
         started = time.monotonic()
-        status = "cached"
+        status, job = "cached", None
         if cached is None:
             status = "built"
             rule = rule_for(node.op)
@@ -235,7 +237,12 @@ class Engine:
                            self.cache.repair_hint(key))
         self._check_locked(node, digest=cached.digest)
         files = read_model_dir(cached.path)
-        return NodeResult(node, Artifact(cached.path, files, cached.digest), key, status, time.monotonic() - started)
+        result = NodeResult(node, Artifact(cached.path, files, cached.digest), key, status, time.monotonic() - started)
+        if job is not None:
+            span = node.spans[0] if node.spans else None
+            result.warnings = [Diagnostic(w.code, w.message, span, w.hint, severity="warning") for w in job.warnings]
+            result.nonfinite = job.nonfinite
+        return result
 
     def _export_all(self, results: list[NodeResult]) -> list[dict]:
         by_node = {r.node.id: r for r in results}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,9 +26,10 @@ import torch
 
 from .. import arch
 from ..ir.types import TensorSpec
-from ..ops.arithmetic import STREAM_CHUNK_ELEMENTS, output_signature
+from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, output_signature,
+                              overridden_coefficients, parse_overrides, uncomputable_message)
 from ..ops.sources import signature_of_files
-from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter
+from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, count_nonfinite
 from .job import Job, RunFailure
 from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
 
@@ -40,9 +42,10 @@ class TensorPlan:
 
     name: str
     sources: tuple[str | None, ...]  # per input, the tensor name to read (None: input lacks it)
-    coefficients: tuple[float, ...]
+    coefficients: tuple[float, ...]  # combine: one per input; merge: the weights, one per merged model
     rows: int | None = None  # combine only the first `rows` rows; the rest come from the first model
     row_overrides: tuple[tuple[int, int], ...] = ()  # (row, input index) copied verbatim
+    copy_first: bool = False  # a "keep" policy: the first model's tensor, unchanged
 
 
 def source_name(files, name: str) -> str | None:
@@ -54,17 +57,23 @@ def source_name(files, name: str) -> str | None:
 
 
 def _override_factor(name: str, overrides: list[str]) -> float | None:
-    for item in overrides:
-        pattern, _, value = item.rpartition("=")
-        if fnmatch.fnmatchcase(name, pattern):
-            return float(value)
-    return None
+    return next((factor for pattern, factor in parse_overrides(overrides) if fnmatch.fnmatchcase(name, pattern)),
+                None)
 
 
-def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
-    """Decide, for every output tensor, where its values come from; raises RunFailure on misfit inputs."""
+def combine_coefficients(params: dict, name: str) -> tuple[float, ...]:
+    """A combine's coefficients for tensor `name`, with its `overrides` factor applied."""
+    coefficients = tuple(params["coefficients"])
+    factor = _override_factor(name, params.get("overrides", []))
+    return coefficients if factor is None else overridden_coefficients(coefficients, factor)
+
+
+def tensor_plans(job: Job, out: list[TensorSpec], coefficients_of: Callable[[str], tuple[float, ...]]
+                 ) -> list[TensorPlan]:
+    """Decide, for every output tensor, where its values come from under the node's vocabulary policies
+    (`embeddings`, `norms`, `special_tokens`, shared by combine and merge); raises RunFailure on misfit
+    inputs. `coefficients_of(name)` gives the coefficients a tensor is combined with."""
     params = job.node.params
-    coefficients = list(params["coefficients"])
     inputs = [a.files for a in job.inputs]
     first = inputs[0]
     vocab_names = set(arch_vocab_tensors(first.config))
@@ -81,14 +90,16 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
             raise RunFailure("E502", f"`{t.name}` is missing from {missing[0]}",
                              "the inputs' weights no longer match what the plan read; re-run `recipec check`")
         shapes = [f.tensors[s].shape for f, s in zip(inputs, sources)]
-        keep_first = ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
-                      or (params["embeddings"] == "keep" and t.name in vocab_names))
-        coeffs = tuple(coefficients)
-        factor = _override_factor(t.name, params.get("overrides", []))
-        if factor is not None:
-            coeffs = (coeffs[0] + (1 - factor) * sum(coeffs[1:]),) + tuple(c * factor for c in coeffs[1:])
-        if keep_first:
-            plans.append(TensorPlan(t.name, sources, (1.0,) + (0.0,) * (len(inputs) - 1)))
+        # Checked at check time from the signatures; a hub model first resolved by this run is checked here.
+        odd = next((i for i, (f, s) in enumerate(zip(inputs, sources)) if f.tensors[s].dtype not in COMPUTE_DTYPES),
+                   None)
+        if odd is not None:
+            dtype = inputs[odd].tensors[sources[odd]].dtype
+            raise RunFailure("E322", uncomputable_message(job.node.inputs[odd].label, sources[odd], dtype),
+                             UNCOMPUTABLE_HINT)
+        if ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
+                or (params["embeddings"] == "keep" and t.name in vocab_names)):
+            plans.append(TensorPlan(t.name, sources, coefficients_of(t.name), copy_first=True))
             continue
         rows = None
         if len(set(shapes)) > 1:
@@ -108,8 +119,18 @@ def tensor_plans(job: Job, out: list[TensorSpec]) -> list[TensorPlan]:
         overrides = ()
         if rows is not None and special_source is not None:
             overrides = tuple((r, special_source) for r in special_rows if r < rows)
-        plans.append(TensorPlan(t.name, sources, coeffs, rows, overrides))
+        plans.append(TensorPlan(t.name, sources, coefficients_of(t.name), rows, overrides))
     return plans
+
+
+def finish_rows(whole: torch.Tensor, plan: TensorPlan, parts: list[torch.Tensor]) -> None:
+    """Complete a vocabulary tensor whose first `plan.rows` rows are computed: the rows past them are the
+    first model's, and special tokens' rows are copied from their source model."""
+    rows = plan.rows if plan.rows is not None else whole.shape[0]
+    if whole.shape[0] > rows:
+        whole[rows:].copy_(parts[0][rows:])
+    for row, source in plan.row_overrides:
+        whole[row].copy_(parts[source][row])
 
 
 def arch_vocab_tensors(config: dict) -> tuple[str, ...]:
@@ -158,8 +179,9 @@ def _compute(plan: TensorPlan, t: TensorSpec, readers: list[ModelReader], writer
              kernel: _Kernel) -> None:
     dtype = TORCH_DTYPES[t.dtype]
     parts = [r.tensor(s) for r, s in zip(readers, plan.sources)]
-    if plan.rows is None and not plan.row_overrides:
-        kernel.combine([p.reshape(-1) for p in parts], plan.coefficients, dtype,
+    coefficients = (1.0,) if plan.copy_first else plan.coefficients
+    if plan.copy_first or (plan.rows is None and not plan.row_overrides):
+        kernel.combine([p.reshape(-1) for p in parts[:len(coefficients)]], coefficients, dtype,
                        lambda chunk: writer.write(t.name, chunk))
         return
     # Vocabulary tensors under a row policy are assembled whole (in the output dtype), then written.
@@ -171,11 +193,8 @@ def _compute(plan: TensorPlan, t: TensorSpec, readers: list[ModelReader], writer
         flat[cursor[0]: cursor[0] + chunk.numel()].copy_(chunk)
         cursor[0] += chunk.numel()
 
-    kernel.combine([p[:rows].reshape(-1) for p in parts], plan.coefficients, dtype, place)
-    if t.shape[0] > rows:
-        whole[rows:].copy_(parts[0][rows:])
-    for row, source in plan.row_overrides:
-        whole[row].copy_(parts[source][row])
+    kernel.combine([p[:rows].reshape(-1) for p in parts], coefficients, dtype, place)
+    finish_rows(whole, plan, parts)
     writer.write(t.name, whole)
 
 
@@ -210,12 +229,47 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
                 for future in futures:
                     future.cancel()
                 raise
-        return writer.finish()
+        digest = writer.finish()
+        _report_nonfinite(job, readers, plans, writer.nonfinite)
+        return digest
     finally:
         torch.set_num_threads(previous_threads)
         writer.close()
         for r in readers:
             r.close()
+
+
+def _report_nonfinite(job: Job, readers: list[ModelReader], plans: list[TensorPlan], written: dict[str, int]) -> None:
+    """Warn about NaN and ±inf in a result: name each input that already held some (only the inputs of
+    the tensors that came out non-finite are read again), or say that the arithmetic overflowed."""
+    job.nonfinite = sum(written.values())
+    by_name = {p.name: p for p in plans}
+    in_inputs: dict[int, dict[str, int]] = {}  # input index -> its tensor -> non-finite count
+    overflowed: dict[str, int] = {}
+    for name in sorted(written):
+        found = False
+        for i, (reader, source) in enumerate(zip(readers, by_name[name].sources)):
+            count = count_nonfinite(reader.tensor(source))
+            if count:
+                in_inputs.setdefault(i, {})[source] = count
+                found = True
+        if not found:
+            overflowed[name] = written[name]
+    for i, tensors in sorted(in_inputs.items()):
+        job.warn("E540", f"input `{job.node.inputs[i].label}` holds {sum(tensors.values())} NaN or infinite "
+                         f"values: {_listing(tensors)}",
+                 f"the result holds {job.nonfinite} non-finite values; repair or replace the input")
+    if overflowed:
+        job.warn("E540", f"the result holds {sum(overflowed.values())} NaN or infinite values although its "
+                         f"inputs are finite: {_listing(overflowed)}",
+                 'the arithmetic overflowed the output dtype: write dtype="float32", or use smaller factors')
+
+
+def _listing(counts: dict[str, int], shown: int = 3) -> str:
+    """`a` (2), `b` (1) and 4 more tensors."""
+    items = [f"`{name}` ({count})" for name, count in sorted(counts.items())]
+    more = f" and {len(items) - shown} more tensors" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def output_tensors(job: Job) -> list[TensorSpec]:
@@ -228,7 +282,7 @@ def output_tensors(job: Job) -> list[TensorSpec]:
 
 def build_combine(job: Job) -> str:
     out = output_tensors(job)
-    plans = tensor_plans(job, out)
+    plans = tensor_plans(job, out, lambda name: combine_coefficients(job.node.params, name))
     digest = stream_tensors(job, out, plans, _compute, shard_size=job.node.params["shard_size"])
     copy_model_files(job, out)
     return digest

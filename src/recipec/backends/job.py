@@ -28,6 +28,15 @@ class Artifact:
     digest: str
 
 
+@dataclass(frozen=True)
+class RunWarning:
+    """A run-time warning from a rule; the engine reports it at the span of the op that built the node."""
+
+    code: str
+    message: str
+    hint: str | None = None
+
+
 @dataclass
 class Job:
     node: Node
@@ -36,3 +45,8 @@ class Job:
     threads: int
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: Callable[[int], None] = lambda nbytes: None  # called with bytes written as work advances
+    warnings: list[RunWarning] = field(default_factory=list)
+    nonfinite: int = 0  # NaN and ±inf values written into the result
+
+    def warn(self, code: str, message: str, hint: str | None = None) -> None:
+        self.warnings.append(RunWarning(code, message, hint))

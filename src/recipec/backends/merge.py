@@ -1,36 +1,44 @@
 """The rule for `merge`: per tensor, every input whole in fp32, a kernel from `merge_methods`, cast out.
 
 Selection-based methods (TIES' top-k, SLERP's angle) need each tensor whole, so peak memory is a few
-fp32 tensors per thread; the kernels are reproducible across thread counts (see merge_methods).
+fp32 tensors per thread; the kernels are reproducible across thread counts (see merge_methods). Which
+tensors and rows take part follows the vocabulary policies `combine` has (`tensor_plans`): under
+`embeddings="overlap"` the method merges the rows all models share, the first model's extra rows and
+the special tokens' rows are copied as `combine` copies them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .arithmetic import TensorPlan, output_tensors, source_name, stream_tensors
+from .arithmetic import TensorPlan, finish_rows, output_tensors, stream_tensors, tensor_plans
 from .job import Job, RunFailure
 from ..store.tensors import TORCH_DTYPES
 from .merge_methods import merge_tensor
 from .model_files import copy_model_files
 
 
+def merge_weights(params: dict, n_models: int) -> tuple[float, ...]:
+    """The weights as given, or the default: 1/n each for linear, 1 each otherwise."""
+    if params["weights"]:
+        return tuple(params["weights"])
+    return (1.0 / n_models if params["method"] == "linear" else 1.0,) * n_models
+
+
 def build_merge(job: Job) -> str:
     params = job.node.params
     with_base = params["with_base"]
-    n_models = len(job.inputs) - (1 if with_base else 0)
-    weights = params["weights"] or ([1.0 / n_models] * n_models if params["method"] == "linear" else [1.0] * n_models)
+    weights = merge_weights(params, len(job.inputs) - (1 if with_base else 0))
     out = output_tensors(job)
-    plans = []
-    for t in out:
-        sources = tuple(source_name(a.files, t.name) for a in job.inputs)
-        if None in sources:
-            missing = job.inputs[sources.index(None)].path
-            raise RunFailure("E502", f"`{t.name}` is missing from {missing}", "re-run `recipec check`")
-        plans.append(TensorPlan(t.name, sources, tuple(weights)))
+    plans = tensor_plans(job, out, lambda name: weights)
 
     def compute(plan: TensorPlan, t, readers, writer, kernel) -> None:
-        tensors = [r.tensor(s).to(torch.float32) for r, s in zip(readers, plan.sources)]
+        dtype = TORCH_DTYPES[t.dtype]
+        parts = [r.tensor(s) for r, s in zip(readers, plan.sources)]
+        if plan.copy_first:
+            writer.write(plan.name, parts[0].to(dtype))
+            return
+        tensors = [(p if plan.rows is None else p[:plan.rows]).to(torch.float32) for p in parts]
         base = tensors.pop() if with_base else None
         try:
             merged = merge_tensor(params["method"], plan.name, tensors, base, list(plan.coefficients),
@@ -38,7 +46,13 @@ def build_merge(job: Job) -> str:
                                   seed=params["seed"], normalize=params["normalize"])
         except ValueError as err:
             raise RunFailure("E502", str(err)) from None
-        writer.write(plan.name, merged.to(TORCH_DTYPES[t.dtype]))
+        if plan.rows is None and not plan.row_overrides:
+            writer.write(plan.name, merged.to(dtype))
+            return
+        whole = torch.empty(t.shape, dtype=dtype)
+        whole[:merged.shape[0]].copy_(merged)
+        finish_rows(whole, plan, parts)
+        writer.write(plan.name, whole)
 
     digest = stream_tensors(job, out, plans, compute, shard_size=params["shard_size"])
     copy_model_files(job, out)

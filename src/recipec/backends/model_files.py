@@ -34,9 +34,13 @@ def _chat_leaf(coefficients: list[float]) -> int | None:
 
 
 def chat_leaf(job: Job) -> int | None:
-    """Which input is the chat model of a chat-vector combination, if any."""
-    coefficients = job.node.params.get("coefficients")
-    return _chat_leaf(list(coefficients)) if coefficients else None
+    """Which input is the chat model of a chat-vector combination or of a merge, if any."""
+    params = job.node.params
+    if "coefficients" in params:
+        weights = params["coefficients"]
+    else:  # a merge: its models come first, weighted equally unless the recipe says otherwise
+        weights = params["weights"] or [1.0] * (len(job.inputs) - params["with_base"])
+    return _chat_leaf(list(weights)) if weights else None
 
 
 def copy_model_files(job: Job, out: list[TensorSpec]) -> None:

@@ -9,6 +9,7 @@ language and lives in lowering; this module checks that the leaves fit together.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -27,6 +28,56 @@ STREAM_THREADS = 2
 POLICY_HINT = ('wrap the expression to choose a vocabulary policy: combine(expr, embeddings="overlap") adds the '
                'delta on the shared rows only; embeddings="keep" keeps the first model\'s rows')
 
+# The dtypes the streaming engine reads into fp32 and writes back. Others (FP8, integer or quantized
+# weights) need scales or a dequantization recipec does not do; arithmetic on their raw codes is noise.
+COMPUTE_DTYPES = ("F64", "F32", "BF16", "F16")
+
+# The largest factor `overrides` and merge `weights` may give (see SCALE_HINT for why).
+MAX_SCALE = 1e6
+SCALE_HINT = (f"factors scale weights of magnitude about 1: past ±{MAX_SCALE:g} an output overflows fp16 (largest "
+              "65504) and fp32 accumulation drops the other terms' bits; useful factors lie near [0, 2]")
+FP32_MAX = 3.4028234663852886e38  # the largest finite fp32: what a coefficient must fit to be computed with
+
+
+class VocabularyPolicy(Params):
+    """The per-tensor policies `combine` and `merge` share: vocabulary rows, special tokens, norms."""
+
+    embeddings: Literal["add", "keep", "overlap"] = Field(
+        "add", description="what to do with vocabulary tensors: combine them like any tensor, keep the first "
+                           "model's, or combine the rows all models share and keep the first model's extra rows")
+    norms: Literal["add", "keep"] = Field(
+        "add", description="whether norm weights take part or stay the first model's")
+    special_tokens: Literal["chat", "first"] = Field(
+        "chat", description="where special-token embedding rows come from when vocabularies differ: the chat "
+                            "model (the largest weight after the first) or the first model")
+
+
+def out_of_scale(factors) -> float | None:
+    """The first user-given factor that is not finite or beyond ±MAX_SCALE, or None when all fit."""
+    return next((f for f in factors if not (math.isfinite(f) and abs(f) <= MAX_SCALE)), None)
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, float]]:
+    """`"pattern=factor"` items as (fnmatch pattern, factor); raises ValueError naming a malformed item."""
+    parsed = []
+    for item in items:
+        pattern, sep, factor = item.rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise ValueError(f'{item!r} is not "pattern=factor"')
+        parsed.append((pattern, value))
+    return parsed
+
+
+def overridden_coefficients(coefficients: tuple[float, ...], factor: float) -> tuple[float, ...]:
+    """The coefficients with the delta part scaled by `factor`: the first model takes up what the others
+    give away, so the weights still sum as before (factor 0 keeps the first model's tensor)."""
+    first, rest = coefficients[0], coefficients[1:]
+    return (first + (1 - factor) * sum(rest),) + tuple(c * factor for c in rest)
+
 
 @register
 class Combine(Op):
@@ -38,15 +89,8 @@ class Combine(Op):
     name = "combine"
     inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
 
-    class Params(Params):
+    class Params(VocabularyPolicy):
         coefficients: tuple[float, ...] = ()  # filled in by lowering from the expression, never by users
-        embeddings: Literal["add", "keep", "overlap"] = Field(
-            "add", description="what to do with vocabulary tensors: add the delta, keep the first model's, "
-                               "or add on the rows all models share")
-        norms: Literal["add", "keep"] = Field(
-            "add", description="whether norm weights take part or stay the first model's")
-        special_tokens: Literal["chat", "first"] = Field(
-            "chat", description="where special-token embedding rows come from when vocabularies differ")
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
             "auto", description="output dtype; auto keeps the first model's")
         overrides: list[str] = Field(
@@ -60,14 +104,7 @@ class Combine(Op):
         @field_validator("overrides")
         @classmethod
         def _overrides_parse(cls, value: list[str]) -> list[str]:
-            for item in value:
-                pattern, sep, factor = item.rpartition("=")
-                try:
-                    float(factor)
-                except ValueError:
-                    sep = ""
-                if not sep or not pattern:
-                    raise ValueError(f'{item!r} is not "pattern=factor"')
+            parse_overrides(value)
             return value
 
     internal = frozenset({"coefficients"})
@@ -80,6 +117,15 @@ class Combine(Op):
         if params.chat_template is not None and not (ctx.recipe_dir / params.chat_template).is_file():
             return ctx.error("E401", f"no chat template file {params.chat_template!r} (relative to {ctx.recipe_dir})",
                              "chat_template", "a chat template is a Jinja file, e.g. templates/chat.jinja")
+        bad = out_of_scale(f for _, f in parse_overrides(params.overrides))
+        if bad is not None:
+            return ctx.error("E203", f"`overrides` has the factor {bad:g}; factors must be finite and within "
+                                     f"±{MAX_SCALE:g}", "overrides", SCALE_HINT)
+        overflow = _coefficient_overflow(params, inputs)
+        if overflow:
+            return ctx.error("E321", overflow[1], overflow[0],
+                             f"the engine multiplies weights by each coefficient in fp32, whose largest value is "
+                             f"{FP32_MAX:.3g}; keep coefficients and override factors near 1")
         total = sum(c for c, n in zip(params.coefficients, inputs) if n.type.kind is Kind.MODEL)
         kind = Kind.MODEL if abs(total - 1) < 1e-9 else Kind.DELTA
         vocab_policy = params.embeddings in ("keep", "overlap")
@@ -112,13 +158,43 @@ class Combine(Op):
                     flops=2 * len(inputs) * sig.params)
 
 
+def _coefficient_overflow(params, inputs) -> tuple[str, str] | None:
+    """(argument, message) for the first coefficient, alone or under an override factor, that fp32 cannot
+    hold; None when all fit."""
+    coefficients = params.coefficients
+    if not coefficients:
+        return None
+    factors = [("expr", None)] + [("overrides", (p, f)) for p, f in parse_overrides(params.overrides)]
+    for arg, override in factors:
+        effective = coefficients if override is None else overridden_coefficients(coefficients, override[1])
+        for c, node in zip(effective, inputs):
+            if abs(c) > FP32_MAX:
+                under = f" under the override \"{override[0]}={override[1]:g}\"" if override else ""
+                return arg, f"the coefficient of `{node.label}` is {c:.3g}{under}, beyond what fp32 can hold"
+    return None
+
+
+UNCOMPUTABLE_HINT = (f"arithmetic and merges read {', '.join(COMPUTE_DTYPES)}; dequantize or convert the model "
+                     "first (exporting it unchanged needs no arithmetic and stays possible)")
+
+
+def uncomputable_message(model: str, tensor: str, dtype: str) -> str:
+    return f"`{model}` stores `{tensor}` as {dtype}, which recipec cannot compute with"
+
+
 def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: str = "models",
-                            vocab_policy: bool = False) -> Type:
+                            vocab_policy: bool = False, policy_hint: str = POLICY_HINT) -> Type:
     """The output type of an op over models that must share a signature (the first model's), or an error
     naming the first differing tensors; vocabulary-only differences pass when a policy handles them."""
     known = [n for n in inputs if n.type.signature is not None]
     if not known:
         return Type(kind, None)
+    for n in known:
+        odd = next((t for t in n.type.signature.tensors if t.dtype not in COMPUTE_DTYPES), None)
+        if odd is not None:
+            notes = (Note(f"`{n.label}` is defined here", n.spans[0]),) if n.spans else ()
+            return ctx.error("E322", uncomputable_message(n.label, odd.name, odd.dtype), arg, UNCOMPUTABLE_HINT,
+                             notes)
     first = known[0]
     if first.type.signature.tied_embeddings:
         untied = [n for n in known[1:] if "lm_head.weight" in n.type.signature.by_name]
@@ -135,7 +211,7 @@ def check_same_architecture(ctx: Context, inputs, kind: Kind, dtype: str, arg: s
             names = ", ".join(f"`{n}`" for n, _, _ in diff.changed)
             return ctx.error(
                 "E304", f"vocabularies differ: `{first.label}` has {first.type.signature.vocab_size} tokens, "
-                        f"`{other.label}` has {other.type.signature.vocab_size} ({names})", arg, POLICY_HINT, notes)
+                        f"`{other.label}` has {other.type.signature.vocab_size} ({names})", arg, policy_hint, notes)
         more = f" (and {diff.count - 1} more)" if diff.count > 1 else ""
         return ctx.error("E303", f"`{first.label}` and `{other.label}` have different architectures: "
                                  f"{diff.first()}{more}", arg,

@@ -7,10 +7,24 @@ from typing import Literal
 from pydantic import Field
 
 from ..ir.types import Kind
-from .arithmetic import check_same_architecture
-from .base import Context, Cost, Input, Op, Params, bytes_read, register
+from .arithmetic import MAX_SCALE, SCALE_HINT, VocabularyPolicy, check_same_architecture, out_of_scale
+from .base import Context, Cost, Input, Op, bytes_read, register
 
 NEEDS_BASE = {"task_arithmetic", "ties", "dare"}
+
+# The tuning parameters each method reads (the backend kernels' keyword options, and `weights`, which
+# slerp ignores); a test holds this table to the kernels' signatures.
+METHOD_PARAMS = {
+    "linear": ("weights", "normalize"),
+    "task_arithmetic": ("weights", "normalize"),
+    "ties": ("weights", "density", "normalize"),
+    "dare": ("weights", "drop_rate", "seed", "normalize"),
+    "slerp": ("t",),
+}
+TUNING_PARAMS = frozenset(name for names in METHOD_PARAMS.values() for name in names)
+
+MERGE_POLICY_HINT = ('choose a vocabulary policy: merge(..., embeddings="overlap") merges the shared rows only and '
+                     'keeps the first model\'s extra rows; embeddings="keep" keeps the first model\'s rows')
 
 
 @register
@@ -19,7 +33,8 @@ class Merge(Op):
 
     Methods: `linear` (Σ w_i m_i), `task_arithmetic` (base + Σ w_i (m_i − base)), `ties` (trim each task
     vector to its top `density`, elect signs, disjoint mean), `dare` (drop `drop_rate` of each task vector
-    at random, rescale, add), `slerp` (spherical interpolation of two models at `t`).
+    at random, rescale, add), `slerp` (spherical interpolation of two models at `t`). Models whose
+    vocabularies differ take the same policies as `combine` (`embeddings=`, `special_tokens=`, `norms=`).
     """
 
     name = "merge"
@@ -28,7 +43,7 @@ class Merge(Op):
               Input("base", Kind.MODEL, optional=True, doc="the common base (task_arithmetic, ties, dare)"))
     toolchain = ("torch", "numpy")
 
-    class Params(Params):
+    class Params(VocabularyPolicy):
         method: Literal["linear", "task_arithmetic", "ties", "dare", "slerp"] = Field(
             description="the merge method")
         weights: list[float] | None = Field(
@@ -59,10 +74,22 @@ class Merge(Op):
         if params.weights is not None and len(params.weights) != len(models):
             return ctx.error("E203", f"`weights` has {len(params.weights)} entries for {len(models)} models", "weights",
                              "give one weight per model, in order")
+        bad = out_of_scale(params.weights or ())
+        if bad is not None:
+            return ctx.error("E203", f"`weights` has {bad:g}; weights must be finite and within ±{MAX_SCALE:g}",
+                             "weights", SCALE_HINT)
+        for name in ctx.arg_spans:  # in the order the call gives them
+            if name in TUNING_PARAMS and name not in METHOD_PARAMS[method]:
+                users = [m for m, names in METHOD_PARAMS.items() if name in names]
+                ctx.warning("E320", f"method `{method}` does not use `{name}`", name,
+                            f"remove `{name}`, or choose a method that uses it: "
+                            + ", ".join(f'"{m}"' for m in users))
         if params.normalize and params.weights is not None and sum(params.weights) == 0:
             return ctx.error("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
                              "give weights that do not sum to 0, or drop `normalize`")
-        return check_same_architecture(ctx, list(inputs), Kind.MODEL, params.dtype)
+        vocab_policy = params.embeddings in ("keep", "overlap")
+        return check_same_architecture(ctx, list(inputs), Kind.MODEL, params.dtype, "models", vocab_policy,
+                                       MERGE_POLICY_HINT)
 
     @classmethod
     def node_params(cls, params, ctx):

@@ -4,7 +4,8 @@ Reading maps each file once and hands out zero-copy torch views, so a model is n
 Writing knows every output tensor's name, dtype and shape before any is computed (the plan has them),
 so each shard's header is written first and its space reserved with `posix_fallocate` (a full disk
 fails there, cleanly), then each tensor's bytes are written at their place as they are computed, with
-`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. Headers are
+`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. On the way the writer
+counts NaN and infinite values, so that a run can say where a result went wrong. Headers are
 canonical — sorted names, 8-byte aligned, metadata exactly `{"format": "pt"}` — so the same tensors
 always give the same bytes.
 """
@@ -119,6 +120,7 @@ class ModelWriter:
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._done: dict[str, int] = {}
         self._hashes: dict[str, hashlib._Hash] = {}
+        self.nonfinite: dict[str, int] = {}  # tensor name -> NaN and ±inf values written, where any
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):
             header, offsets = header_bytes(shard)
             size = len(header) + sum(t.nbytes for t in shard)
@@ -141,6 +143,9 @@ class ModelWriter:
         if offset + data.nbytes > t.nbytes:
             raise ValueError(f"too much data for tensor {name}")
         self._hashes[name].update(data)
+        bad = count_nonfinite(piece)
+        if bad:
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + bad
         written = 0
         while written < data.nbytes:  # pwrite may write less than asked
             written += os.pwrite(self._fds[k], data[written:], begin + offset + written)
@@ -174,6 +179,20 @@ class ModelWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def count_nonfinite(values: torch.Tensor) -> int:
+    """How many NaN and ±inf values a tensor holds (0 for integer dtypes).
+
+    The common case, none, costs one pass and no allocation: NaN and ±inf propagate through min and max,
+    so both are finite exactly when every value is. Only a tensor that has some is counted one by one.
+    """
+    if not values.is_floating_point() or values.numel() == 0:
+        return 0
+    low, high = torch.aminmax(values)
+    if torch.isfinite(low) and torch.isfinite(high):
+        return 0
+    return values.numel() - int(torch.isfinite(values).sum())
 
 
 def _load_sync_file_range():

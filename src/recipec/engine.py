@@ -24,6 +24,7 @@ from .ir.graph import Node
 from .ir.lower import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
+from .plan.plan import default_threads
 from .store.cache import Cache, file_identity
 from .store.filehash import hash_files
 from .store.hub import HubUnavailable, resolve
@@ -36,7 +37,7 @@ from .toolchain import toolchain_versions
 @dataclass
 class RunOptions:
     cache_dir: Path
-    threads: int = max(1, os.cpu_count() or 1)
+    threads: int = field(default_factory=default_threads)
     offline: bool = False
     write_exports: bool = True
     hash_input_files: bool = False  # file sha256s for the lock (a full read of every input)

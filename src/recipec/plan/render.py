@@ -64,8 +64,11 @@ def render_text(plan: Plan, color: bool = False) -> str:
     unknown = sum(s.status == BUILD and s.node.type.signature is None for s in plan.steps)
     lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
                   f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
-                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} unknown until locked)" if unknown else ""),
-              paint(plan.summary(), "1")]
+                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} unknown until locked)" if unknown else "")]
+    if plan.to_build:
+        lines.append(f"Peak: private memory of the run process at --threads {plan.threads}, Python and torch "
+                     "included, memory-mapped input files not counted.")
+    lines.append(paint(plan.summary(), "1"))
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +84,7 @@ def to_data(plan: Plan) -> dict:
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "recipe": plan.recipe,
+        "threads": plan.threads,  # peak_bytes: the run process's private memory on this many workers
         "steps": [
             {
                 "id": s.node.id, "label": s.node.label, "names": list(s.node.names), "op": s.node.op,

@@ -38,7 +38,7 @@ def golden(path: Path, actual: str) -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_plan_golden(recipe, fmt, capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
-    status, out, err = run(["plan", recipe] + (["--json"] if fmt == "json" else []), capsys)
+    status, out, err = run(["plan", "--threads", "2", recipe] + (["--json"] if fmt == "json" else []), capsys)
     assert status == 0 and err == ""
     golden(GOLDEN / "plan" / f"{Path(recipe).stem}.{'json' if fmt == 'json' else 'txt'}", out)
 

@@ -111,10 +111,11 @@ class Combine(Op):
         workers = min(threads, len(sig.tensors))
         # Per worker: the fp32 accumulator and an output-dtype staging buffer.
         chunks = workers * min(STREAM_CHUNK_ELEMENTS, largest) * (4 + widest)
-        # Under a row policy, each vocabulary tensor is assembled whole in the output dtype before it is
-        # written, as many at once as there are workers.
+        # Where vocabularies differ under embeddings="overlap", each vocabulary tensor is assembled whole in
+        # the output dtype before it is written, as many at once as there are workers.
+        vocab_sizes = {n.type.signature.vocab_size if n.type.signature else None for n in inputs}
         vocab = sorted((t.nbytes for t in sig.tensors if t.shape and t.shape[0] == sig.vocab_size), reverse=True)
-        whole = sum(vocab[:workers]) if params.embeddings != "add" else 0
+        whole = sum(vocab[:workers]) if params.embeddings == "overlap" and len(vocab_sizes) > 1 else 0
         # Before any tensor, the inputs' vocabularies are compared: every table held, one file parsed.
         tokens = (sig.vocab_size or 0) * (TOKENIZER_PARSE_BYTES_PER_TOKEN + len(inputs) * TOKEN_TABLE_BYTES_PER_TOKEN)
         return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,

@@ -65,9 +65,9 @@ def render_text(plan: Plan, color: bool = False) -> str:
     lines += ["", f"Totals: read {human_bytes(t.bytes_read)} · write {human_bytes(t.bytes_written)} · "
                   f"peak {human_bytes(t.peak_bytes)} · {human_count(t.flops, 'FLOP')}"
                   + (f" (+ {unknown} step{'s' if unknown != 1 else ''} unknown until locked)" if unknown else "")]
-    if plan.to_build:
-        lines.append(f"Peak: private memory of the run process at --threads {plan.threads}, Python and torch "
-                     "included, memory-mapped input files not counted.")
+    if t.peak_bytes:
+        lines.append(f"Peak: private memory of `recipec run --threads {plan.threads}`, Python and torch included, "
+                     "memory-mapped inputs not counted.")
     lines.append(paint(plan.summary(), "1"))
     return "\n".join(lines) + "\n"
 

@@ -124,6 +124,7 @@ def test_a_run_with_everything_cached_never_imports_torch(tmp_path, capsys):
     import shutil
 
     shutil.copy(ROOT / "examples" / "quickstart.rcp", tmp_path / "quickstart.rcp")
+    shutil.copytree(ROOT / "examples" / "tokenizers", tmp_path / "tokenizers")
     recipe = str(tmp_path / "quickstart.rcp")
     assert run(["run", recipe], capsys)[0] == 0  # builds (torch is used here)
     code = ("import sys, io, contextlib\nfrom recipec.cli import main\n"

@@ -6,8 +6,8 @@ model, for the number of worker threads the run will use. Rendering (text and JS
 
 Peak memory is what a user sees of `recipec run`: the private (anonymous) memory of the run process,
 interpreter and libraries included, memory-mapped input files not (the kernel can drop those pages at
-any time). A step's peak is the process's baseline, plus the libraries earlier steps' rules imported
-(they stay loaded), plus the step's own working memory; the run's peak is the largest step's, since
+any time). A step's peak is the process's baseline, plus the libraries its and earlier steps' rules
+imported (they stay loaded), plus the step's own working memory; the run's peak is the largest step's, since
 steps run one after another and each result is streamed to disk.
 """
 

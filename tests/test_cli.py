@@ -38,7 +38,7 @@ def golden(path: Path, actual: str) -> None:
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_plan_golden(recipe, fmt, capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
-    status, out, err = run(["plan", recipe] + (["--json"] if fmt == "json" else []), capsys)
+    status, out, err = run(["plan", "--threads", "2", recipe] + (["--json"] if fmt == "json" else []), capsys)
     assert status == 0
     # zh_chat's three hub models are not in the (empty) hub cache: the text plan says how to fetch each.
     assert err.count("note[E408]") == (3 if "zh_chat" in recipe and fmt == "text" else 0)
@@ -126,6 +126,7 @@ def test_a_run_with_everything_cached_never_imports_torch(tmp_path, capsys):
     import shutil
 
     shutil.copy(ROOT / "examples" / "quickstart.rcp", tmp_path / "quickstart.rcp")
+    shutil.copytree(ROOT / "examples" / "tokenizers", tmp_path / "tokenizers")
     recipe = str(tmp_path / "quickstart.rcp")
     assert run(["run", recipe], capsys)[0] == 0  # builds (torch is used here)
     code = ("import sys, io, contextlib\nfrom recipec.cli import main\n"

@@ -59,7 +59,7 @@ def cmd_plan(args) -> int:
 
     program = _lower(args.file)
     cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
-    plan = make_plan(program.graph, args.file, lambda node: node.id in cached)
+    plan = make_plan(program.graph, args.file, lambda node: node.id in cached, args.threads)
     if args.json:
         sys.stdout.write(render_json(plan))
     else:
@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("plan", cmd_plan, "show what a run would build and what it costs, reading no weight")
     p.add_argument("file")
     p.add_argument("--cache", help="cache directory to look up (default: as `run`)")
+    p.add_argument("--threads", type=_thread_count, default=0, help="plan for this many worker threads (default: as `run`)")
     p = verb("graph", cmd_graph, "print the op graph", json_flag=False)
     p.add_argument("file")
     p.add_argument("--format", choices=("dot", "mermaid"), default="dot")
@@ -346,7 +347,7 @@ def _cache_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--dry-run", action="store_true", help="show what would be removed; change nothing")
     q = action("verify", "re-hash every file of every object against the sha256 recorded when it was built",
                "a recipe (locates the cache)")
-    q.add_argument("--threads", type=int, default=0, help="hashing threads (default: all cores)")
+    q.add_argument("--threads", type=_thread_count, default=0, help="hashing threads (default: all cores)")
     action("rm", "remove objects by key (or a unique prefix, as `cache ls` shows)", None).add_argument(
         "keys", nargs="+", metavar="KEY")
 

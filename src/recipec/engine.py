@@ -27,6 +27,7 @@ from .exports import Problem, cache_place, keeps_code_references, leaves, place_
 from .ir.lower import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
+from .plan.plan import default_threads
 from .store.cache import Cache
 from .store.digests import covered_files, model_dir_digest, weights_identity
 from .store.filehash import hash_files
@@ -40,7 +41,7 @@ from .toolchain import toolchain_versions
 @dataclass
 class RunOptions:
     cache_dir: Path
-    threads: int = max(1, os.cpu_count() or 1)
+    threads: int = field(default_factory=default_threads)
     offline: bool = False
     write_exports: bool = True
     force: bool = False  # move aside (and keep) what is at an export target that recipec did not write

@@ -18,12 +18,16 @@ from .sources import tokenizer_digests
 
 from ..diagnostics import Note
 from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
+from ..store.safetensors_header import DTYPE_BYTES
 from .base import LINEAR, Context, Cost, Input, Op, Params, bytes_read, register
 
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
-# on a few threads at once: the planner's peak-memory estimate and the engine share these numbers.
+# on the run's threads: the planner's peak-memory estimate and the engine share this number.
 STREAM_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: measured fastest on this CPU (per-op overhead vs cache)
-STREAM_THREADS = 2
+# Parsing an input's tokenizer.json to compare vocabularies, and keeping its id → token table (Python
+# objects, generously: a vocabulary entry and its merge rule take a few hundred bytes).
+TOKENIZER_PARSE_BYTES_PER_TOKEN = 1024
+TOKEN_TABLE_BYTES_PER_TOKEN = 256
 
 POLICY_HINT = ('wrap the expression to choose a vocabulary policy: combine(expr, embeddings="overlap") adds the '
                'delta on the shared rows only; embeddings="keep" keeps the first model\'s rows')
@@ -144,18 +148,24 @@ class Combine(Op):
         return data
 
     @classmethod
-    def cost(cls, inputs, params, out):
+    def cost(cls, inputs, params, out, threads):
         sig = out.signature
         if sig is None:
             return Cost()
         largest = sig.largest_tensor.numel if sig.tensors else 0
-        # Per thread: the fp32 accumulator and an output-dtype staging buffer (at most as large).
-        chunk = min(STREAM_CHUNK_ELEMENTS, largest) * (4 + 4)
-        # Under a row policy, a vocabulary tensor is assembled whole before it is written.
-        whole = largest * 4 if params.embeddings != "add" else 0
+        widest = max((DTYPE_BYTES[t.dtype] for t in sig.tensors), default=4)
+        workers = min(threads, len(sig.tensors))
+        # Per worker: the fp32 accumulator and an output-dtype staging buffer.
+        chunks = workers * min(STREAM_CHUNK_ELEMENTS, largest) * (4 + widest)
+        # Where vocabularies differ under embeddings="overlap", each vocabulary tensor is assembled whole in
+        # the output dtype before it is written, as many at once as there are workers.
+        vocab_sizes = {n.type.signature.vocab_size if n.type.signature else None for n in inputs}
+        vocab = sorted((t.nbytes for t in sig.tensors if t.shape and t.shape[0] == sig.vocab_size), reverse=True)
+        whole = sum(vocab[:workers]) if params.embeddings == "overlap" and len(vocab_sizes) > 1 else 0
+        # Before any tensor, the inputs' vocabularies are compared: every table held, one file parsed.
+        tokens = (sig.vocab_size or 0) * (TOKENIZER_PARSE_BYTES_PER_TOKEN + len(inputs) * TOKEN_TABLE_BYTES_PER_TOKEN)
         return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,
-                    peak_bytes=STREAM_THREADS * chunk + whole,
-                    flops=2 * len(inputs) * sig.params)
+                    peak_bytes=max(chunks + whole, tokens), flops=2 * len(inputs) * sig.params)
 
 
 def _coefficient_overflow(params, inputs) -> tuple[str, str] | None:

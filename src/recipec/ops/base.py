@@ -44,7 +44,11 @@ LINEAR = "Linear"
 
 @dataclass(frozen=True)
 class Cost:
-    """What the planner needs from an op: bytes moved, working memory and arithmetic."""
+    """What the planner needs from an op: bytes moved, working memory and arithmetic.
+
+    `peak_bytes` is the step's working memory: the most private (anonymous) memory its rule holds at
+    once above what the process held before it, memory-mapped input files not counted. The planner adds
+    the process's own baseline (see plan.py)."""
 
     bytes_read: int = 0
     bytes_written: int = 0
@@ -84,6 +88,7 @@ class Op:
     positional: ClassVar[tuple[str, ...]] = ()  # parameters that may also be given by position
     builds: ClassVar[bool] = True  # False for inputs that exist already (load, hf)
     toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
+    runtime_bytes: ClassVar[int] = 0  # memory the libraries its rule imports add to the process, for good
     Params: ClassVar[type[Params]] = Params
 
     @classmethod
@@ -92,8 +97,8 @@ class Op:
         raise NotImplementedError
 
     @classmethod
-    def cost(cls, inputs: list[Node], params: Params, out: Type) -> Cost:
-        """Estimated cost of building the result."""
+    def cost(cls, inputs: list[Node], params: Params, out: Type, threads: int) -> Cost:
+        """Estimated cost of building the result on `threads` worker threads."""
         return Cost()
 
     @classmethod
@@ -116,6 +121,13 @@ def bytes_read(inputs: list[Node], out: Type) -> int:
     """What reading every input model costs; an input not yet resolved is assumed the output's size."""
     fallback = out.signature.nbytes if out.signature else 0
     return sum(n.type.signature.nbytes if n.type.signature else fallback for n in inputs)
+
+
+def concurrent_elements(out: Type, threads: int) -> int:
+    """The most elements of output tensors that `threads` workers hold at once: backends hand out tensors
+    largest first, so at worst the `threads` largest are in flight together."""
+    sizes = sorted((t.numel for t in out.signature.tensors), reverse=True)
+    return sum(sizes[:max(1, threads)])
 
 
 COMPUTE_DTYPE = "float32"  # every backend accumulates in fp32; part of every key

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from ..ir.types import Kind
 from .arithmetic import MAX_SCALE, SCALE_HINT, VocabularyPolicy, check_same_architecture, out_of_scale
-from .base import Context, Cost, Input, Op, bytes_read, register
+from .base import Context, Cost, Input, Op, bytes_read, concurrent_elements, register
 
 NEEDS_BASE = {"task_arithmetic", "ties", "dare"}
 
@@ -98,12 +98,34 @@ class Merge(Op):
         return data
 
     @classmethod
-    def cost(cls, inputs, params, out):
+    def cost(cls, inputs, params, out, threads):
         sig = out.signature
         if sig is None:
             return Cost()
-        largest = sig.largest_tensor.numel if sig.tensors else 0
-        # Methods that select or normalize need each tensor whole, in fp32, for every input.
+        n_models = len(inputs) - 1 if params.method in NEEDS_BASE else len(inputs)
+        # Every input tensor is upcast to a whole fp32 copy unless it is fp32 already (then it is a view).
+        upcast = 4 * sum(n.type.signature is None or n.type.signature.dtype != "F32" for n in inputs)
+        # A quarter more than the count: runs measured up to 8% above it (allocator retention).
+        per_element = (upcast + kernel_bytes_per_element(params.method, n_models)) * 5 / 4
+        dots = threads * SLERP_DOT_BYTES if params.method == "slerp" else 0
         return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,
-                    peak_bytes=(len(inputs) + 3) * largest * 4,
+                    peak_bytes=int(per_element * concurrent_elements(out, threads)) + dots,
                     flops=8 * len(inputs) * sig.params)
+
+
+# Working bytes per element of one tensor that each kernel in backends/merge_methods.py holds at once, over
+# its fp32 inputs (which are not counted here). Counted from the kernels and checked against measurement
+# (benchmarks/plan_memory.py): a weighted sum holds its total, the previous term and the next one; TIES
+# holds every trimmed task vector, and while trimming one, its |τ| and kthvalue's copy and int64 indices;
+# DARE adds the uniform draws and the keep mask. The cast to the output dtype needs less than any of these.
+def kernel_bytes_per_element(method: str, n_models: int) -> int:
+    """fp32 temporaries of the `method` kernel over `n_models` models (base excluded), in bytes per element."""
+    terms = min(n_models, 2)  # a weighted sum's live terms: its total, and the previous and next products
+    return {"linear": 4 * (1 + terms),
+            "task_arithmetic": 4 * (2 + terms),
+            "dare": 4 * (2 + terms) + 5,
+            "ties": 4 * n_models + 20,
+            "slerp": 8}[method]
+
+
+SLERP_DOT_BYTES = 4 << 20  # per thread: SLERP's float64 chunks for the dot products (a few 512 KiB arrays)

@@ -82,8 +82,11 @@ def render_text(plan: Plan, color: bool = False) -> str:
     lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · "
                   f"write {human_bytes(t.bytes_written)} · peak {human_bytes(t.peak_bytes)} · "
                   f"{human_count(t.flops, 'FLOP')}"
-                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else ""),
-              paint(plan.summary(), "1")]
+                  + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else "")]
+    if t.peak_bytes:
+        lines.append(f"Peak: private memory of `recipec run --threads {plan.threads}`, Python and torch included, "
+                     "memory-mapped inputs not counted.")
+    lines.append(paint(plan.summary(), "1"))
     return "\n".join(lines) + "\n"
 
 
@@ -119,6 +122,7 @@ def to_data(plan: Plan) -> dict:
     return {
         "format_version": PLAN_FORMAT_VERSION,
         "recipe": plan.recipe,
+        "threads": plan.threads,  # peak_bytes: the run process's private memory on this many workers
         "steps": [
             {
                 "id": s.node.id, "label": s.node.label, "names": list(s.node.names), "op": s.node.op,

@@ -1,0 +1,58 @@
+"""`plan`'s peak memory is a bound: every example, run at 1 and 2 threads, stays within what was planned.
+
+The run happens in its own process, as a user runs it; its private memory (RssAnon) is sampled every few
+milliseconds by the benchmarks' meter. The planned figure includes the interpreter and torch, as the
+measured one does. benchmarks/plan_memory.py does the same on larger models, method by method.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipec.cli import main
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import procmeter  # noqa: E402
+
+
+def planned_peak(recipe: Path, threads: int, capsys) -> int:
+    assert main(["plan", "--json", "--threads", str(threads), str(recipe)]) == 0
+    return json.loads(capsys.readouterr().out)["totals"]["peak_bytes"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.rcp")))
+def test_examples_stay_within_planned_peak(example, threads, tmp_path, capsys, monkeypatch):
+    for extra in ("tokenizers", "configs"):
+        shutil.copytree(ROOT / "examples" / extra, tmp_path / extra)
+    recipe = Path(shutil.copy(ROOT / "examples" / example, tmp_path / example))
+    planned = planned_peak(recipe, threads, capsys)
+    monkeypatch.setattr(procmeter, "POLL_SECONDS", 0.005)
+    result = procmeter.measure_process([sys.executable, "-m", "recipec", "run", "--threads", str(threads),
+                                        str(recipe)])
+    assert result["returncode"] == 0, result["output_tail"]
+    assert result["samples"] > 0
+    assert planned >= result["peak_anon_bytes"], (
+        f"planned {planned / 2**20:.0f} MiB, measured {result['peak_anon_bytes'] / 2**20:.0f} MiB")
+
+
+def test_plan_follows_threads_and_says_what_peak_means(capsys):
+    recipe = ROOT / "examples" / "merge_methods.rcp"
+    one, four = planned_peak(recipe, 1, capsys), planned_peak(recipe, 4, capsys)
+    assert four > one  # four workers hold four tensors' temporaries at once
+    assert main(["plan", "--threads", "4", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "Peak: private memory of `recipec run --threads 4`, Python and torch included" in out
+    assert "memory-mapped inputs not counted" in out
+
+
+def test_plan_defaults_to_the_threads_run_uses(capsys, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert main(["plan", "--json", str(ROOT / "examples" / "quickstart.rcp")]) == 0
+    assert json.loads(capsys.readouterr().out)["threads"] == 3

@@ -12,7 +12,7 @@ fixture files: a `use`able library, data files, good and broken model directorie
      stdout/stderr captured through real UTF-8 streams (stdout strict, stderr backslashreplace, as a
      Python process gets them). An "internal error" line, or any exception escaping `main`, is a bug;
      the input is then rerun with RECIPEC_DEBUG=1 to learn where it failed;
-  2. run through `recipec.ir.lower.lower_file(path)` directly: any exception other than RecipeError
+  2. run through `recipec.check.lower_file(path)` directly: any exception other than RecipeError
      is a bug; every diagnostic of a RecipeError (or every warning of a success) must have a code in
      `recipec.codes.CODES`, a span inside the text, and must render (`render_all`, `to_json`);
   3. parsed with `recipec.syntax.parse`; when it parses, `format_recipe` must be idempotent, keep the
@@ -59,7 +59,7 @@ os.environ["NO_COLOR"] = "1"
 from recipec import cli  # noqa: E402
 from recipec.codes import CODES  # noqa: E402
 from recipec.diagnostics import RecipeError, render_all, to_json  # noqa: E402
-from recipec.ir.lower import lower_file  # noqa: E402
+from recipec.check import lower_file  # noqa: E402
 from recipec.syntax import parse  # noqa: E402
 from recipec.syntax.format import format_recipe  # noqa: E402
 

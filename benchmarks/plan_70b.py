@@ -105,14 +105,14 @@ get_plugins(); mark("pydantic plugin discovery (entry points)")
 import lark; mark("import lark (+ regex if installed)")
 import recipec.ops; mark("import recipec.ops (op classes, pydantic models)")
 import recipec.plan, recipec.plan.render; mark("import recipec.plan")
-import recipec.ir.lower; mark("import recipec.ir.lower (+ syntax)")
+import recipec.check; mark("import recipec.check (+ syntax)")
 from recipec.syntax import parse_file
 parse_file(recipe); mark("parse_file (lark grammar build + parse)")
 from recipec.store.model_dir import read_model_dir
 for name in ("base", "chat", "cp"):
     read_model_dir(recipe.parent / name)
 mark("read_model_dir x3 (all headers)")
-program = recipec.ir.lower.lower_file(recipe); mark("lower_file (parse, type, headers again)")
+program = recipec.check.lower_file(recipe); mark("lower_file (parse, type, headers again)")
 is_cached = lambda node: False
 try:  # newer cmd_plan asks the cache which nodes are built already
     from recipec.plan.cache_status import cached_nodes

@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 from recipec import arch
-from recipec.store.safetensors_header import DTYPE_BYTES
+from recipec.dtypes import DTYPE_BYTES
 
 
 def safetensors_bytes(tensors: dict[str, tuple[str, tuple[int, ...]]], fill: bytes = b"\0") -> bytes:

@@ -153,7 +153,7 @@ def test_the_progress_bar_uses_binary_units_as_plan_does(tmp_path, capsys, monke
     from rich.progress import DownloadColumn
 
     from recipec import cli
-    from recipec.ir.lower import lower_file
+    from recipec.check import lower_file
 
     r = recipe(tmp_path, 'm = init("llama", size="tiny")\nexport m to "out/m"\n')
     monkeypatch.setattr(cli.sys.stderr, "isatty", lambda: True, raising=False)

@@ -129,7 +129,7 @@ def test_remote_code_is_never_run_or_copied(chat_vector, capsys):
 def test_a_hub_input_that_turns_out_not_to_fit_fails_at_run_time(tmp_path, capsys, monkeypatch):
     from recipec.engine import Engine, RunOptions
     from recipec.diagnostics import RecipeError
-    from recipec.ir.lower import lower_file
+    from recipec.check import lower_file
 
     tiny_llama(tmp_path / "base")
     recipe = tmp_path / "r.rcp"

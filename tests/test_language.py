@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from recipec.diagnostics import RecipeError
-from recipec.ir.lower import lower_file
+from recipec.check import lower_file
 from recipec.ir.types import Kind
 from recipec.syntax import ast, parse
 

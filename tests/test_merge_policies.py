@@ -228,7 +228,7 @@ def test_a_dtype_first_seen_while_running_is_refused_with_the_same_diagnostic(tm
     """A hub model that is not cached has no signature at check time: the run checks its dtypes."""
     from recipec.diagnostics import RecipeError
     from recipec.engine import Engine, RunOptions
-    from recipec.ir.lower import lower_file
+    from recipec.check import lower_file
 
     write_model(tmp_path / "models" / "f", preset_config("llama", "tiny"))
     write_model(tmp_path / "models" / "q", preset_config("llama", "tiny"))

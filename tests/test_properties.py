@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from recipec.codes import CODES
 from recipec.diagnostics import RecipeError, render_all, to_json
-from recipec.ir.lower import lower_file
+from recipec.check import lower_file
 from recipec.syntax import parse
 from recipec.syntax.format import format_recipe
 

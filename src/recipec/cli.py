@@ -21,7 +21,7 @@ from .diagnostics import RecipeError, render_all, to_data, to_json, use_color  #
 
 
 def _lower(path: str):
-    from .ir.lower import lower_file
+    from .check import lower_file
 
     return lower_file(Path(path))
 

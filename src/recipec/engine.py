@@ -24,7 +24,7 @@ from .backends import RULES, Artifact, Job, RunFailure, rule_for
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
-from .ir.lower import Program
+from .check import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
 from .plan.plan import default_threads

@@ -7,28 +7,19 @@ input, the cache or another export. The recipe's directory is the one place a ta
 recipe's directory; a recipe that means a place outside it says so with an absolute path. Paths are
 judged after resolving symlinks, by where they point.
 
-A release holds only data files recipec knows: weights, their index, configs, tokenizer files, the
-chat template, and what recipec writes itself (card, sums, marker). Code never travels, nor do
-references to it (`auto_map`), unless the recipe asks for them.
+What a release may contain is `recipec.store.release_files`'s to say.
 
 Pure functions over paths and small JSON files; no torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from .ops.sources import TOKENIZER_FILES
 from .store import hub
-from .store.model_dir import INDEX_FILE
 
-WEIGHT_SUFFIX = ".safetensors"
-RELEASE_DATA_FILES = frozenset(("config.json", INDEX_FILE, *TOKENIZER_FILES))
-CODE_FILES = ("config.json", "tokenizer_config.json")  # the files whose keys may point loaders at code
-CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 @dataclass(frozen=True)
@@ -132,16 +123,6 @@ def shown(path: Path, recipe_dir: Path) -> str:
         return str(path)
 
 
-def is_release_file(name: str) -> bool:
-    """Whether a file of a model directory belongs in a release."""
-    return name in RELEASE_DATA_FILES or (name.endswith(WEIGHT_SUFFIX) and not name.startswith("."))
-
-
-def is_weight_file(name: str) -> bool:
-    """Large files a release may share (read-only) with the cache instead of copying."""
-    return name.endswith(WEIGHT_SUFFIX)
-
-
 def leaves(node) -> list:
     """The source nodes (those without inputs) a graph node is built from, each once, in id order."""
     found = {}
@@ -159,23 +140,3 @@ def keeps_code_references(node) -> bool:
     return any(leaf.params.get("remote_code") for leaf in leaves(node))
 
 
-def code_references_of(model_dir: Path | None) -> list[tuple[str, list[str]]]:
-    """(file, keys) for each config file of a model directory that points loaders at code."""
-    found = []
-    for name in CODE_FILES if model_dir is not None else ():
-        try:
-            data = json.loads((model_dir / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and code_references(data):
-            found.append((name, code_references(data)))
-    return found
-
-
-def code_references(data: dict) -> list[str]:
-    """The keys of a config that point loaders at code."""
-    return [key for key in CODE_KEYS if key in data]
-
-
-def without_code_references(data: dict) -> dict:
-    return {k: v for k, v in data.items() if k not in CODE_KEYS}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .diagnostics import Diagnostic, RecipeError
 from .engine import Engine, RunOptions
-from .ir.lower import Program
+from .check import Program
 from .ops import REGISTRY
 from .store.filehash import hash_file
 from .store.lockfile import LockError, input_drift, lock_path, node_drift, output_drift, read_lock, release_order

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import arch
-from ..ir.types import TensorSpec
+from ..dtypes import TensorSpec
 from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, output_signature,
                               overridden_coefficients, parse_overrides, uncomputable_message)
 from ..ops.sources import signature_of_files

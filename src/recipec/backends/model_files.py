@@ -12,8 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from ..ir.types import DTYPE_CODES, TensorSpec
-from ..ops.sources import TOKENIZER_FILES
+from ..dtypes import DTYPE_CODES, TensorSpec
+from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import write_json
 from .job import Job
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .. import arch
-from ..ir.types import DTYPE_CODES, TensorSpec
-from ..ops.sources import TOKENIZER_FILES
+from ..dtypes import DTYPE_CODES, TensorSpec
+from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
 from .job import Job, RunFailure
 

@@ -8,15 +8,12 @@ are deferred rather than guessed.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 
-from ..store.safetensors_header import DTYPE_BYTES
+from ..dtypes import TensorSpec
 
 
-# dtype names as recipes and configs write them -> safetensors dtype codes
-DTYPE_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 class Kind(str, Enum):
@@ -29,21 +26,6 @@ class Kind(str, Enum):
     BOOL = "Bool"
     LIST = "List"
     ERROR = "Error"  # the type of an expression that already failed: accepted nowhere, reported once
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)

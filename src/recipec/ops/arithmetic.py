@@ -17,8 +17,8 @@ from pydantic import Field, field_validator
 from .sources import tokenizer_digests
 
 from ..diagnostics import Note
-from ..ir.types import DTYPE_CODES, Kind, Signature, Type, compare
-from ..store.safetensors_header import DTYPE_BYTES
+from ..dtypes import DTYPE_BYTES, DTYPE_CODES
+from ..ir.types import Kind, Signature, Type, compare
 from .base import LINEAR, Context, Cost, Input, Op, Params, bytes_read, register
 
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,

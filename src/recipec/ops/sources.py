@@ -15,10 +15,11 @@ from typing import Literal
 from pydantic import Field
 
 from .. import arch as archs
-from ..ir.types import DTYPE_CODES, Kind, Signature, Type
+from ..dtypes import DTYPE_CODES
+from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
-from ..store.model_dir import ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
+from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
 from .base import ERROR_TYPE, Context, Cost, Op, Params, register
 
 def signature_of_dir(root: Path) -> Signature:
@@ -252,9 +253,6 @@ class Init(Op):
         return Cost(bytes_written=sig.nbytes, peak_bytes=sig.params * 4 + cast, flops=sig.params * 8)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 
 
 def tokenizer_digests(root: Path) -> dict[str, str]:

@@ -14,10 +14,9 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..ops.sources import TOKENIZER_FILES
 from .cache import file_identity
 from .filehash import named_file_hashes
-from .model_dir import ModelFiles, weight_files
+from .model_dir import TOKENIZER_FILES, ModelFiles, weight_files
 
 DATA_FILES = ("config.json",) + TOKENIZER_FILES  # every non-weight file that can reach an output
 

@@ -1,7 +1,7 @@
 """Releases: an `export` written as a Hugging Face directory, atomically, never over anything else.
 
 The directory is assembled in a temporary sibling — the model's data files (only those a release may
-hold, see `recipec.exports`), a model card (`README.md`) whose front matter names the base models and
+hold, see `release_files`), a model card (`README.md`) whose front matter names the base models and
 whose body carries the recipe and its lock digest, the marker `.recipec-release`, and `SHA256SUMS` —
 each file fsynced, then swapped into place. A run killed at any point leaves the previous complete
 output or none; the next run removes the stale temporary. Runs writing into the same parent directory
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .. import exports
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
+from . import release_files
 from .filehash import hash_file
 
 MARKER = ".recipec-release"
@@ -167,20 +167,20 @@ def _without_code(source: Path) -> str | None:
         data = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not exports.code_references(data):
+    if not isinstance(data, dict) or not release_files.code_references(data):
         return None
-    return json.dumps(exports.without_code_references(data), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(release_files.without_code_references(data), indent=2, ensure_ascii=False) + "\n"
 
 
 def _release_file(entry: Path, dest: Path, shared: bool, keep_code: bool) -> bool:
     """Put one data file into the release; returns whether its bytes are the source's."""
-    if exports.is_weight_file(entry.name):
+    if release_files.is_weight_file(entry.name):
         if shared:
             _place(entry, dest)
         else:
             _copy(entry, dest, SHARED_MODE)
         return True
-    stripped = None if keep_code or entry.name not in exports.CODE_FILES else _without_code(entry)
+    stripped = None if keep_code or entry.name not in release_files.CODE_FILES else _without_code(entry)
     if stripped is not None:
         _write(dest, stripped)
         return False
@@ -205,7 +205,7 @@ def write_release(source: Path, target: Path, card: Card, known: dict[str, str] 
         try:
             sums = {}
             for entry in sorted(source.iterdir()):
-                if not entry.is_file() or not exports.is_release_file(entry.name):
+                if not entry.is_file() or not release_files.is_release_file(entry.name):
                     continue
                 same = _release_file(entry, tmp / entry.name, bool(known and entry.name in known), keep_code)
                 sums[entry.name] = known[entry.name] if same and known and entry.name in known else hash_file(

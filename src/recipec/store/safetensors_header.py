@@ -14,12 +14,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
+from ..dtypes import DTYPE_BYTES
+
 # Headers are JSON metadata; 100 MB is what the safetensors reference implementation allows.
 MAX_HEADER_BYTES = 100_000_000
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..ir.types import TensorSpec
+from ..dtypes import TensorSpec
 from .model_dir import INDEX_FILE, SINGLE_FILE, ModelFiles
 
 TORCH_DTYPES = {

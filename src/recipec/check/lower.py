@@ -28,10 +28,11 @@ from ..ops.sources import model_reference
 from ..source import Span
 from ..store.cache import default_cache_dir
 from ..store.hub import fetch_hint
+from ..store.release_files import code_references_of
 from ..syntax import ast, parse_file
 from ..syntax.parser import MAX_MAGNITUDE
-from .graph import ExportSpec, Graph, Node
-from .types import Kind, Type
+from ..ir.graph import ExportSpec, Graph, Node
+from ..ir.types import Kind, Type
 
 # --- values during lowering ---------------------------------------------------------------------------
 
@@ -601,7 +602,7 @@ class Lowerer:
             return
         for leaf in exports.leaves(spec.node):
             model_dir = exports.input_dir(leaf.op, leaf.params, module.dir)
-            for config, keys in exports.code_references_of(model_dir):
+            for config, keys in code_references_of(model_dir):
                 self.diags.warning("E313", f"the release drops {', '.join(f'`{k}`' for k in keys)} from "
                                    f"{exports.shown(model_dir / config, module.dir)}: references to code that "
                                    "recipec does not ship", stmt.path.span,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store.atomic import TMP_PREFIX, remove_stale_temporaries, write_text_atomic
+from ..store.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_text_atomic
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES
 from .encode import Encoded
@@ -70,9 +70,13 @@ def pack(docs: Iterable[Encoded]) -> TokenizedDocs:
 
 
 def save_tokenized(directory: Path, docs: TokenizedDocs) -> None:
+    """Write an entry's arrays and a meta.json with its counts, each file synced to disk."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
-        np.save(directory / f"{name}.npy", getattr(docs, name))
+        with open(directory / f"{name}.npy", "wb") as f:
+            np.save(f, getattr(docs, name))
+            f.flush()
+            os.fsync(f.fileno())  # the rename that publishes the entry must not outrun its contents
     write_text_atomic(directory / "meta.json", json.dumps({"documents": len(docs), "tokens": docs.tokens}) + "\n")
 
 
@@ -93,4 +97,5 @@ def cached_tokenization(root: Path, key: str, tokenize: Callable[[], Iterable[En
         os.replace(temporary, entry)
     except OSError:  # another process stored the same entry first: same key, same content
         shutil.rmtree(temporary, ignore_errors=True)
+    fsync_dir(Path(root))
     return load_tokenized(entry)

@@ -6,6 +6,7 @@ Tiny corpora written here, tokenizers of ~300 tokens trained in seconds; the com
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,12 @@ def piece(tokenizer, text: str) -> list[int]:
 
 def test_same_corpus_gives_the_same_bytes_even_in_another_process(tmp_path, trained):
     again = train_bpe(english() + chinese(), tmp_path / "again", vocab_size=300)
-    script = ("import sys; from pathlib import Path; sys.path.insert(0, 'src'); sys.path.insert(0, 'tests');"
-              "from test_textprep import english, chinese; from recipec.textprep.bpe import train_bpe;"
-              f"train_bpe(english() + chinese(), Path({str(tmp_path / 'other')!r}), vocab_size=300)")
+    # Another process has other hash seeds; it imports only the trainer (no torch), to stay fast.
+    (tmp_path / "corpus.json").write_text(json.dumps(english() + chinese()))
+    script = ("import json, sys; from pathlib import Path; sys.path.insert(0, 'src');"
+              "from recipec.textprep.bpe import train_bpe;"
+              f"train_bpe(json.loads(Path({str(tmp_path / 'corpus.json')!r}).read_text()),"
+              f" Path({str(tmp_path / 'other')!r}), vocab_size=300)")
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True)
     names = sorted(p.name for p in trained.iterdir())
     assert names == ["chat_template.jinja", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
@@ -170,6 +174,15 @@ def test_sft_mask_with_a_template_without_generation_markers():
     # <s>[user] w3</s> <s>[assistant] w4 w5</s> <s>[user] w6</s> <s>[assistant] w7</s>
     assert encoded.ids == [1, 0, 0, 0, 3, 2, 1, 0, 0, 0, 4, 5, 2, 1, 0, 0, 0, 6, 2, 1, 0, 0, 0, 7, 2]
     assert encoded.loss_mask == [0] * 10 + [1, 1, 1] + [0] * 10 + [1, 1]
+
+
+def test_whitespace_a_template_writes_between_turns_is_not_the_assistants(tok):
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    encoded = encode_conversation(chat_format(tok, chatml), TWO_TURNS)
+    kept = [i for i, m in zip(encoded.ids, encoded.loss_mask) if m]
+    assert kept == piece(tok, "sat on a mat.") + [tok.eos_token_id] + piece(tok, "ran over hills 台灣") + [tok.eos_token_id]
+    assert encoded.ids[-1] == piece(tok, "\n")[0] and encoded.loss_mask[-1] == 0
 
 
 def test_a_template_that_rewrites_earlier_turns_cannot_be_masked(tok):

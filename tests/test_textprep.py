@@ -17,8 +17,7 @@ from tokenizers import Tokenizer
 
 from recipec.textprep import TextPrepError
 from recipec.textprep.bpe import train_bpe
-from recipec.textprep.encode import (chat_format, encode_conversation, encode_document, load_tokenizer,
-                                     wrap_inscp)
+from recipec.textprep.encode import chat_format, encode_conversation, encode_document, load_tokenizer, wrap_inscp
 from recipec.textprep.templates import DEFAULT_CHAT_TEMPLATE, missing_markers, read_chat_template
 from recipec.textprep.tokcache import cached_tokenization, tokenization_key
 from recipec.textprep.vocab import extend_rows, extend_tokenizer
@@ -28,8 +27,9 @@ LLAMA = ROOT / "examples" / "tokenizers" / "llama"
 LLAMA_CHAT = ROOT / "examples" / "tokenizers" / "llama-chat"
 LLAMA_ZH = ROOT / "examples" / "tokenizers" / "llama-zh"
 
-WORDS = ("the cat sat on a mat while another dog ran over hills under bright morning light and "
-         "quiet rivers carried small boats past old stone bridges toward distant harbours").split()
+WORDS = ("the", "cat", "sat", "on", "a", "mat", "while", "another", "dog", "ran", "over", "hills", "under",
+         "bright", "morning", "light", "and", "quiet", "rivers", "carried", "small", "boats", "past",
+         "old", "stone", "bridges", "toward", "distant", "harbours")
 HANZI = "台灣的山很高我們一起去看海天氣晴朗大家都喜歡吃飯喝茶讀書寫字學習語言文化歷史"
 
 
@@ -143,7 +143,10 @@ def test_check_time_helpers_read_templates_and_test_markers_without_transformers
     assert read_chat_template(LLAMA_CHAT).startswith("{% for m in messages %}<s>")
     assert read_chat_template(LLAMA) is None
     fast = Tokenizer.from_file(str(LLAMA_CHAT / "tokenizer.json"))
-    encode = lambda text: fast.encode(text, add_special_tokens=False).ids  # noqa: E731
+
+    def encode(text: str) -> list[int]:
+        return fast.encode(text, add_special_tokens=False).ids
+
     assert missing_markers(read_chat_template(LLAMA_CHAT), encode) == []
     assert missing_markers(DEFAULT_CHAT_TEMPLATE, encode) == ["<|im_start|>"]
 

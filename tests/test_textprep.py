@@ -257,6 +257,14 @@ def test_extending_needs_one_compatible_source(tmp_path, english_only):
         extend_tokenizer(LLAMA_ZH, tmp_path / "x", add=5, other_dir=LLAMA)
 
 
+def test_a_missing_or_broken_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TextPrepError, match="no tokenizer directory"):
+        load_tokenizer(tmp_path / "absent")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TextPrepError, match="is not a tokenizer.json"):
+        extend_tokenizer(tmp_path, tmp_path / "out", add=5, corpus=["x"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_new_embedding_rows_are_the_mean_of_the_old_or_zero(dtype):
     weight = torch.arange(12, dtype=dtype).reshape(4, 3)

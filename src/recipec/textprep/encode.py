@@ -44,6 +44,8 @@ class ChatFormat:
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The tokenizer in a local directory, loaded by transformers."""
+    if not Path(directory).is_dir():
+        raise TextPrepError(f"no tokenizer directory at {directory}", "name a directory with tokenizer.json")
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -54,7 +56,9 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
 def chat_format(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> ChatFormat:
     """Pair a tokenizer with `template` (default: its own), refusing a missing template or missing tokens."""
     template = template if template is not None else tokenizer.chat_template
-    if not isinstance(template, str):  # None, or a dict of named templates transformers could not pick from
+    if isinstance(template, dict):  # named templates: a chat uses the one called "default"
+        template = template.get("default")
+    if not isinstance(template, str):
         raise TextPrepError("the tokenizer has no chat template",
                             "give the op `template=` (a Jinja file) or the model `chat_template=`")
     missing = missing_markers(template, lambda text: tokenizer.encode(text, add_special_tokens=False))

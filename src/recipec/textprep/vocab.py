@@ -51,8 +51,11 @@ def read_tokenizer_json(directory: Path) -> dict:
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
         raise TextPrepError(f"no tokenizer.json in {directory}", "extend_vocab needs a fast tokenizer's tokenizer.json")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    kind = data.get("model", {}).get("type")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        kind = data["model"]["type"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise TextPrepError(f"{path} is not a tokenizer.json ({e})", "repair the file or rebuild the tokenizer") from None
     if kind not in EXTENDABLE:
         raise TextPrepError(f"cannot extend a {kind} tokenizer ({path})", f"extend_vocab supports {', '.join(EXTENDABLE)}")
     return data

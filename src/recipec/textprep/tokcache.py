@@ -17,13 +17,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..store.atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_text_atomic
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES
-from .encode import Encoded
+
+if TYPE_CHECKING:  # only the type: the cache itself never needs transformers
+    from .encode import Encoded
 
 FORMAT = 1  # bump when the layout of an entry changes
 TOKENIZATION_FILES = tuple(name for name in TOKENIZER_FILES if name != "generation_config.json")
@@ -52,7 +55,11 @@ class TokenizedDocs:
 
 
 def tokenization_key(tokenizer_dir: Path, data_digest: str, mode: str, params: dict) -> str:
-    """The cache key of tokenizing data with `data_digest` by a tokenizer directory in a wrapping mode."""
+    """The cache key of tokenizing data with `data_digest` by a tokenizer directory in a wrapping mode.
+
+    `params` holds everything else that changes the tokens, JSON-serializable: for inscp the template text when
+    `template=` overrides the tokenizer's, the system prompt and the loss mode.
+    """
     pinned = {"format": FORMAT, "tokenizer": named_file_hashes(Path(tokenizer_dir), TOKENIZATION_FILES),
               "data": data_digest, "mode": mode, "params": params,
               "versions": {name: version(name) for name in ("tokenizers", "transformers")}}

@@ -14,6 +14,7 @@ FORBIDDEN = {
     "store": {"ir", "ops", "check", "backends", "engine", "plan", "syntax", "cli"},
     "ir": {"ops", "check", "backends", "engine", "plan", "syntax", "cli"},
     "dtypes": {"*"},
+    "textprep": {"syntax", "check", "ops", "backends", "engine", "plan", "cli"},
     "syntax": {"ir", "ops", "check", "backends", "engine", "plan", "store", "cli"},
 }
 

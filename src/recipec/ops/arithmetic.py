@@ -237,4 +237,4 @@ def output_signature(sig: Signature, dtype: str) -> Signature:
         return sig
     code = DTYPE_CODES[dtype]
     tensors = {t.name: (code if t.dtype in ("F32", "BF16", "F16") else t.dtype, t.shape) for t in sig.tensors}
-    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings)
+    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings, sig.facts)

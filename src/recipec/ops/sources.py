@@ -32,15 +32,25 @@ def signature_of_files(files: ModelFiles) -> Signature:
     tensors = {name: (t.dtype, t.shape) for name, t in files.tensors.items()}
     config = files.config
     tied = "lm_head.weight" not in tensors and bool(config.get("tie_word_embeddings", True))
-    return Signature.build(config["model_type"], tensors, _vocab_size(config), tied)
+    return Signature.build(config["model_type"], tensors, _vocab_size(config), tied, config_facts(config))
 
 
 def signature_of_config(config: dict, dtype: str | None = None) -> Signature:
     """The signature a config implies for a freshly initialized model (no files needed)."""
-    shapes = archs.tensor_shapes(config)
+    facts = archs.facts_from_config(config)
+    shapes = archs.tensor_shapes_from_facts(config["model_type"], facts)
     dt = dtype or archs.config_dtype(config)
     tied = bool(config.get("tie_word_embeddings", False))
-    return Signature.build(config["model_type"], {n: (dt, s) for n, s in shapes.items()}, _vocab_size(config), tied)
+    return Signature.build(config["model_type"], {n: (dt, s) for n, s in shapes.items()}, _vocab_size(config), tied,
+                           facts)
+
+
+def config_facts(config: dict) -> archs.ArchFacts | None:
+    """A config's shape facts, or None where recipec has no tensor table for its architecture."""
+    try:
+        return archs.facts_from_config(config)
+    except ValueError:
+        return None
 
 
 def _vocab_size(config: dict) -> int | None:

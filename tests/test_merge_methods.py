@@ -317,10 +317,6 @@ def test_slerp_colinear_and_degenerate_fall_back_to_lerp():
         (lambda m, b: merge_tensor("linear", "w", [m], None, [math.nan]), "finite"),
         (lambda m, b: merge_tensor("linear", "w", [m, m.double()], None, [1, 1]), "float32"),
         (lambda m, b: merge_tensor("task_arithmetic", "w", [m], b[:2], [1.0]), "shape"),
-        (lambda m, b: merge_tensor("ties", "w", [m], b, [1.0], density=1.5), "density must be"),
-        (lambda m, b: merge_tensor("dare", "w", [m], b, [1.0], drop_rate=1.0), "drop_rate must be"),
-        (lambda m, b: merge_tensor("dare", "w", [m], b, [1.0], seed=1.5), "seed must be an integer"),
-        (lambda m, b: merge_tensor("slerp", "w", [m, m], None, [], t=1.2), "t must be"),
     ],
 )
 def test_errors(call, message):

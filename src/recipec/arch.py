@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, replace
 
 ARCHS: tuple[str, ...] = ("llama", "bert", "gpt2")
 SIZES: tuple[str, ...] = ("tiny", "small", "base", "1b")
@@ -189,12 +190,108 @@ def _bert_config(hidden: int, layers: int, heads: int, intermediate: int, vocab:
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape `save_pretrained` writes for `config`, in state_dict order."""
-    model_type, settings = _settings(config)
+    return tensor_shapes_from_facts(config.get("model_type"), facts_from_config(config))
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """What a config says about a model's shape, per layer where layers may differ (pruned models).
+
+    Read from config.json alone (`facts_from_config`); ops that change shapes derive their output's facts
+    with `with_heads`, `with_intermediate` and `with_layers`, and its tensors with `tensor_shapes_from_facts`.
+    """
+
+    layers: int
+    hidden: int
+    heads: tuple[int, ...]  # query heads, per layer
+    kv_heads: tuple[int, ...]  # key/value heads, per layer (= heads without grouped-query attention)
+    head_dim: int
+    intermediate: tuple[int, ...]  # FFN width, per layer
+    vocab: int
+    tied: bool  # the output projection is the input embedding
+    positions: int | None = None  # learned position embeddings (gpt2, bert); None: rotary (llama)
+    type_vocab: int | None = None  # bert's token types
+    attention_bias: bool = False  # llama's q/k/v/o biases (gpt2 and bert always have them)
+    mlp_bias: bool = False
+
+    def with_heads(self, heads: tuple[int, ...], kv_heads: tuple[int, ...] | None = None) -> ArchFacts:
+        """These facts with `heads` query heads per layer; key/value heads keep each layer's group size
+        (queries per key/value head) unless given. Raises ValueError for a layer left without heads or a
+        count that breaks its groups."""
+        heads = self._per_layer("heads", heads)
+        if kv_heads is None:
+            groups = [h // kv for h, kv in zip(self.heads, self.kv_heads)]
+            for i, (h, g) in enumerate(zip(heads, groups)):
+                if h % g:
+                    raise ValueError(f"layer {i}: {h} heads do not fill groups of {g} queries per key/value head")
+            kv_heads = tuple(h // g for h, g in zip(heads, groups))
+        kv_heads = self._per_layer("kv_heads", kv_heads)
+        for i, (h, kv) in enumerate(zip(heads, kv_heads)):
+            if h % kv:
+                raise ValueError(f"layer {i}: {h} heads are not a multiple of {kv} key/value heads")
+        return replace(self, heads=heads, kv_heads=kv_heads)
+
+    def with_intermediate(self, intermediate: tuple[int, ...]) -> ArchFacts:
+        """These facts with an FFN width per layer."""
+        return replace(self, intermediate=self._per_layer("intermediate", intermediate))
+
+    def with_layers(self, kept: tuple[int, ...]) -> ArchFacts:
+        """These facts with only the layers `kept` (indices into the current layers, in order)."""
+        if not kept or list(kept) != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= self.layers:
+            raise ValueError(f"keep distinct layers in increasing order, within 0..{self.layers - 1}; got {list(kept)}")
+        pick = lambda values: tuple(values[i] for i in kept)  # noqa: E731
+        return replace(self, layers=len(kept), heads=pick(self.heads), kv_heads=pick(self.kv_heads),
+                       intermediate=pick(self.intermediate))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the same heads and width (a shape stock transformers can load)."""
+        return len({*zip(self.heads, self.kv_heads, self.intermediate)}) <= 1
+
+    def _per_layer(self, what: str, values) -> tuple[int, ...]:
+        values = tuple(values)
+        if len(values) != self.layers:
+            raise ValueError(f"{what}: {len(values)} values for {self.layers} layers")
+        if any(type(v) is not int or v <= 0 for v in values):
+            raise ValueError(f"{what}: every layer needs a positive count, got {list(values)}")
+        return values
+
+
+def facts_from_config(config: dict) -> ArchFacts:
+    """The shape facts of a llama, gpt2 or bert config.json (defaults filled in as transformers does).
+    Raises ValueError for a config recipec has no tensor table for."""
+    model_type, s = _settings(config)
     if model_type == "llama":
-        return _llama_shapes(settings)
+        hidden, heads = s["hidden_size"], s["num_attention_heads"]
+        _check_heads(hidden, heads, "llama")
+        kv = s["num_key_value_heads"] or heads
+        if heads % kv:
+            raise ValueError(f"llama config: {heads} attention heads are not a multiple of {kv} key/value heads")
+        layers = s["num_hidden_layers"]
+        return ArchFacts(layers, hidden, (heads,) * layers, (kv,) * layers, s["head_dim"] or hidden // heads,
+                         (s["intermediate_size"],) * layers, s["vocab_size"], s["tie_word_embeddings"],
+                         attention_bias=s["attention_bias"], mlp_bias=s["mlp_bias"])
     if model_type == "gpt2":
-        return _gpt2_shapes(settings)
-    return _bert_shapes(settings)
+        hidden, heads, layers = s["n_embd"], s["n_head"], s["n_layer"]
+        _check_heads(hidden, heads, "gpt2")
+        return ArchFacts(layers, hidden, (heads,) * layers, (heads,) * layers, hidden // heads,
+                         (s["n_inner"] or 4 * hidden,) * layers, s["vocab_size"], s["tie_word_embeddings"],
+                         positions=s["n_positions"])
+    hidden, heads, layers = s["hidden_size"], s["num_attention_heads"], s["num_hidden_layers"]
+    _check_heads(hidden, heads, "bert")
+    return ArchFacts(layers, hidden, (heads,) * layers, (heads,) * layers, hidden // heads,
+                     (s["intermediate_size"],) * layers, s["vocab_size"], s["tie_word_embeddings"],
+                     positions=s["max_position_embeddings"], type_vocab=s["type_vocab_size"])
+
+
+def tensor_shapes_from_facts(model_type: str, facts: ArchFacts) -> dict[str, tuple[int, ...]]:
+    """Every tensor name and shape of a `model_type` model with these facts, in state_dict order: what
+    `save_pretrained` writes for a stock config, and what a shape-changing op writes for derived facts."""
+    shapes = {"llama": _llama_shapes, "gpt2": _gpt2_shapes, "bert": _bert_shapes}.get(model_type)
+    if shapes is None:
+        raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
+                         f"{', '.join(sorted(_DEFAULTS))}")
+    return shapes(facts)
 
 
 def _settings(config: dict) -> tuple[str, dict]:
@@ -251,66 +348,60 @@ def _layer_norm(name: str, size: int) -> dict[str, tuple[int, ...]]:
     return {f"{name}.weight": (size,), f"{name}.bias": (size,)}
 
 
-def _llama_shapes(s: dict) -> dict[str, tuple[int, ...]]:
-    hidden, heads, vocab = s["hidden_size"], s["num_attention_heads"], s["vocab_size"]
-    _check_heads(hidden, heads, "llama")
-    kv_heads = s["num_key_value_heads"] or heads
-    if heads % kv_heads:
-        raise ValueError(f"llama config: {heads} attention heads are not a multiple of {kv_heads} key/value heads")
-    head_dim = s["head_dim"] or hidden // heads
-    inter, attn_bias, mlp_bias = s["intermediate_size"], s["attention_bias"], s["mlp_bias"]
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(s["num_hidden_layers"]):
+def _llama_shapes(f: ArchFacts) -> dict[str, tuple[int, ...]]:
+    hidden, d = f.hidden, f.head_dim
+    shapes = {"model.embed_tokens.weight": (f.vocab, hidden)}
+    for i in range(f.layers):
         p = f"model.layers.{i}."
-        shapes |= _linear(p + "self_attn.q_proj", hidden, heads * head_dim, attn_bias)
-        shapes |= _linear(p + "self_attn.k_proj", hidden, kv_heads * head_dim, attn_bias)
-        shapes |= _linear(p + "self_attn.v_proj", hidden, kv_heads * head_dim, attn_bias)
-        shapes |= _linear(p + "self_attn.o_proj", heads * head_dim, hidden, attn_bias)
-        shapes |= _linear(p + "mlp.gate_proj", hidden, inter, mlp_bias)
-        shapes |= _linear(p + "mlp.up_proj", hidden, inter, mlp_bias)
-        shapes |= _linear(p + "mlp.down_proj", inter, hidden, mlp_bias)
+        heads, kv, inter = f.heads[i], f.kv_heads[i], f.intermediate[i]
+        shapes |= _linear(p + "self_attn.q_proj", hidden, heads * d, f.attention_bias)
+        shapes |= _linear(p + "self_attn.k_proj", hidden, kv * d, f.attention_bias)
+        shapes |= _linear(p + "self_attn.v_proj", hidden, kv * d, f.attention_bias)
+        shapes |= _linear(p + "self_attn.o_proj", heads * d, hidden, f.attention_bias)
+        shapes |= _linear(p + "mlp.gate_proj", hidden, inter, f.mlp_bias)
+        shapes |= _linear(p + "mlp.up_proj", hidden, inter, f.mlp_bias)
+        shapes |= _linear(p + "mlp.down_proj", inter, hidden, f.mlp_bias)
         shapes[p + "input_layernorm.weight"] = (hidden,)
         shapes[p + "post_attention_layernorm.weight"] = (hidden,)
     shapes["model.norm.weight"] = (hidden,)
-    if not s["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, hidden)
+    if not f.tied:
+        shapes["lm_head.weight"] = (f.vocab, hidden)
     return shapes
 
 
-def _gpt2_shapes(s: dict) -> dict[str, tuple[int, ...]]:
-    hidden, vocab = s["n_embd"], s["vocab_size"]
-    _check_heads(hidden, s["n_head"], "gpt2")
-    inner = s["n_inner"] or 4 * hidden
-    shapes = {"transformer.wte.weight": (vocab, hidden), "transformer.wpe.weight": (s["n_positions"], hidden)}
-    for i in range(s["n_layer"]):
+def _gpt2_shapes(f: ArchFacts) -> dict[str, tuple[int, ...]]:
+    hidden = f.hidden
+    shapes = {"transformer.wte.weight": (f.vocab, hidden), "transformer.wpe.weight": (f.positions, hidden)}
+    for i in range(f.layers):
         p = f"transformer.h.{i}."
+        attention = f.heads[i] * f.head_dim
         shapes |= _layer_norm(p + "ln_1", hidden)
-        shapes |= _conv1d(p + "attn.c_attn", hidden, 3 * hidden)
-        shapes |= _conv1d(p + "attn.c_proj", hidden, hidden)
+        shapes |= _conv1d(p + "attn.c_attn", hidden, 3 * attention)
+        shapes |= _conv1d(p + "attn.c_proj", attention, hidden)
         shapes |= _layer_norm(p + "ln_2", hidden)
-        shapes |= _conv1d(p + "mlp.c_fc", hidden, inner)
-        shapes |= _conv1d(p + "mlp.c_proj", inner, hidden)
+        shapes |= _conv1d(p + "mlp.c_fc", hidden, f.intermediate[i])
+        shapes |= _conv1d(p + "mlp.c_proj", f.intermediate[i], hidden)
     shapes |= _layer_norm("transformer.ln_f", hidden)
-    if not s["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, hidden)
+    if not f.tied:
+        shapes["lm_head.weight"] = (f.vocab, hidden)
     return shapes
 
 
-def _bert_shapes(s: dict) -> dict[str, tuple[int, ...]]:
-    hidden, vocab, inter = s["hidden_size"], s["vocab_size"], s["intermediate_size"]
-    _check_heads(hidden, s["num_attention_heads"], "bert")
+def _bert_shapes(f: ArchFacts) -> dict[str, tuple[int, ...]]:
+    hidden, vocab = f.hidden, f.vocab
     shapes = {
         "bert.embeddings.word_embeddings.weight": (vocab, hidden),
-        "bert.embeddings.position_embeddings.weight": (s["max_position_embeddings"], hidden),
-        "bert.embeddings.token_type_embeddings.weight": (s["type_vocab_size"], hidden),
+        "bert.embeddings.position_embeddings.weight": (f.positions, hidden),
+        "bert.embeddings.token_type_embeddings.weight": (f.type_vocab, hidden),
     }
     shapes |= _layer_norm("bert.embeddings.LayerNorm", hidden)
-    for i in range(s["num_hidden_layers"]):
+    for i in range(f.layers):
         p = f"bert.encoder.layer.{i}."
-        shapes |= _linear(p + "attention.self.query", hidden, hidden, True)
-        shapes |= _linear(p + "attention.self.key", hidden, hidden, True)
-        shapes |= _linear(p + "attention.self.value", hidden, hidden, True)
-        shapes |= _linear(p + "attention.output.dense", hidden, hidden, True)
+        attention, inter = f.heads[i] * f.head_dim, f.intermediate[i]
+        shapes |= _linear(p + "attention.self.query", hidden, attention, True)
+        shapes |= _linear(p + "attention.self.key", hidden, attention, True)
+        shapes |= _linear(p + "attention.self.value", hidden, attention, True)
+        shapes |= _linear(p + "attention.output.dense", attention, hidden, True)
         shapes |= _layer_norm(p + "attention.output.LayerNorm", hidden)
         shapes |= _linear(p + "intermediate.dense", hidden, inter, True)
         shapes |= _linear(p + "output.dense", inter, hidden, True)
@@ -319,7 +410,7 @@ def _bert_shapes(s: dict) -> dict[str, tuple[int, ...]]:
     shapes["cls.predictions.bias"] = (vocab,)
     shapes |= _linear("cls.predictions.transform.dense", hidden, hidden, True)
     shapes |= _layer_norm("cls.predictions.transform.LayerNorm", hidden)
-    if not s["tie_word_embeddings"]:
+    if not f.tied:
         shapes |= _linear("cls.predictions.decoder", hidden, vocab, True)
     return shapes
 

@@ -99,13 +99,18 @@ def cmd_fmt(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .codes import CODES
+    from .codes import CODES, codes_markdown
 
     key = args.code.upper()
     if key == "OPS":
-        from .ops import REGISTRY
+        from .ops import REGISTRY, ops_markdown
 
-        sys.stdout.write("\n".join(_describe_op(op) for _, op in sorted(REGISTRY.items())))
+        sys.stdout.write(ops_markdown() if args.markdown else
+                         "\n".join(_describe_op(op) for _, op in sorted(REGISTRY.items())))
+        return 0
+    if key == "CODES":
+        sys.stdout.write(codes_markdown() if args.markdown else
+                         "".join(f"{c.code}  {c.title}\n" for c in sorted(CODES.values(), key=lambda c: c.code)))
         return 0
     code = CODES.get(key)
     if code is None:
@@ -308,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
     p.add_argument("--stdout", action="store_true", help="print the formatted recipe instead of rewriting it")
-    verb("explain", cmd_explain, "explain a diagnostic code (or `ops`)", json_flag=False).add_argument("code")
+    p = verb("explain", cmd_explain, "explain a diagnostic code (or list `ops` or `codes`)", json_flag=False)
+    p.add_argument("code")
+    p.add_argument("--markdown", action="store_true", help="with `ops` or `codes`: the README's table")
 
     def running(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("file")

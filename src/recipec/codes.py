@@ -258,6 +258,16 @@ _ENTRIES += [
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}
 
 
+def codes_markdown() -> str:
+    """The README's table of diagnostic codes, generated from the catalogue."""
+    rows = ["| code | meaning | exit |", "| --- | --- | --- |"]
+    for code in sorted(CODES.values(), key=lambda c: c.code):
+        meaning = code.title if code.severity == "error" else f"{code.title} ({code.severity})"
+        exit_ = str(code.exit_status) if code.severity == "error" else "–"
+        rows.append(f"| {code.code} | {meaning} | {exit_} |")
+    return "\n".join(rows) + "\n"
+
+
 def exit_status_for(codes: list[str]) -> int:
     """The process exit status for a batch of error codes: a recipe error wins over a missing input."""
     statuses = {CODES[c].exit_status for c in codes}

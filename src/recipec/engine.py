@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import RULES, Artifact, Job, RunFailure, rule_for
+from .backends import Artifact, Job, RunFailure, rule_for
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
@@ -90,7 +90,7 @@ class Engine:
         self.cancelled = threading.Event()
 
     def check_rules(self) -> None:
-        missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and n.op not in RULES]
+        missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and REGISTRY[n.op].rule is None]
         if missing:
             raise RecipeError([Diagnostic("E305", f"no rule for `{n.op}`: this recipec cannot build it yet",
                                           n.spans[0] if n.spans else None) for n in missing])
@@ -214,7 +214,7 @@ class Engine:
                            "run `recipec lock` to accept the change, or restore the lockfile")
 
     def _build(self, node: Node, inputs: list[Artifact]) -> NodeResult:
-        key = cache_key(node, [a.digest for a in inputs], self.versions)
+        key = cache_key(node, [a.digest for a in inputs])
         self._check_locked(node, key=key)  # before anything is built
         cached = self.cache.lookup(key)
         started = time.monotonic()

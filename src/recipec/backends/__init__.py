@@ -1,31 +1,37 @@
 """Backends: the rules that build each op's result.
 
-`RULES` maps an op name to its rule, as data (module and function), so that checking which ops can run
-imports nothing, and a run that finds everything cached never imports torch. An op with no rule is
-refused up front with `no rule for X`, never a failure somewhere deep in a run.
+An op names its rule as a string (`Op.rule = "merge:build_merge"`), resolved here on first use, so that
+checking which ops can run imports nothing and a run that finds everything cached never imports torch.
+An op with no rule is refused up front with `no rule for X`, never a failure somewhere deep in a run.
 
-A rule is `rule(job: Job) -> str`: it writes a complete model directory into `job.out` from the input
-artifacts in `job.inputs`, and returns the content digest of the weights it wrote (the engine makes the
-result's digest from it and the data files, store/digests.py).
+A rule is `rule(job: Job) -> str`: it reads the op's validated parameters with `Op.params_of(job.node)`,
+writes a complete result into `job.out` from the input artifacts in `job.inputs`, and returns the content
+digest of the weights it wrote (the engine makes the result's digest from it and the data files,
+store/digests.py).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from collections.abc import Callable
 
+from ..ops import REGISTRY
 from .job import Artifact, Job, RunFailure
 
-RULES: dict[str, tuple[str, str]] = {
-    "init": ("sources", "build_init"),
-    "combine": ("arithmetic", "build_combine"),
-    "merge": ("merge", "build_merge"),
-}
+
+def rule_module(op: str) -> tuple[str, str]:
+    """(module, function) of the rule that builds `op`: a module of this package when one has the name,
+    else an importable module of that name (a plugin's, a test's)."""
+    module, _, function = (REGISTRY[op].rule or "").partition(":")
+    local = f"{__name__}.{module}"
+    return (local if importlib.util.find_spec(local) is not None else module), function
 
 
-def rule_for(op: str):
+def rule_for(op: str) -> Callable[[Job], str]:
     """The rule that builds `op`, imported on first use."""
-    module, function = RULES[op]
-    return getattr(importlib.import_module(f".{module}", __name__), function)
+    module, function = rule_module(op)
+    return getattr(importlib.import_module(module), function)
 
 
-__all__ = ["Artifact", "Job", "RULES", "RunFailure", "rule_for"]
+__all__ = ["Artifact", "Job", "RunFailure", "rule_for", "rule_module"]

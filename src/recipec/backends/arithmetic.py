@@ -26,8 +26,8 @@ import torch
 
 from .. import arch
 from ..dtypes import TensorSpec
-from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, output_signature,
-                              overridden_coefficients, parse_overrides, uncomputable_message)
+from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, Combine, VocabularyPolicy,
+                              output_signature, overridden_coefficients, parse_overrides, uncomputable_message)
 from ..ops.sources import signature_of_files
 from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, count_nonfinite
 from .job import Job, RunFailure
@@ -61,25 +61,24 @@ def _override_factor(name: str, overrides: list[str]) -> float | None:
                 None)
 
 
-def combine_coefficients(params: dict, name: str) -> tuple[float, ...]:
+def combine_coefficients(params: Combine.Params, name: str) -> tuple[float, ...]:
     """A combine's coefficients for tensor `name`, with its `overrides` factor applied."""
-    coefficients = tuple(params["coefficients"])
-    factor = _override_factor(name, params.get("overrides", []))
-    return coefficients if factor is None else overridden_coefficients(coefficients, factor)
+    factor = _override_factor(name, params.overrides)
+    return params.coefficients if factor is None else overridden_coefficients(params.coefficients, factor)
 
 
-def tensor_plans(job: Job, out: list[TensorSpec], coefficients_of: Callable[[str], tuple[float, ...]]
-                 ) -> list[TensorPlan]:
-    """Decide, for every output tensor, where its values come from under the node's vocabulary policies
+def tensor_plans(job: Job, out: list[TensorSpec], policy: VocabularyPolicy, weights: tuple[float, ...],
+                 coefficients_of: Callable[[str], tuple[float, ...]]) -> list[TensorPlan]:
+    """Decide, for every output tensor, where its values come from under the vocabulary `policy`
     (`embeddings`, `norms`, `special_tokens`, shared by combine and merge); raises RunFailure on misfit
-    inputs. `coefficients_of(name)` gives the coefficients a tensor is combined with."""
-    params = job.node.params
+    inputs. `weights` are the inputs' (a merge's base left out), which say which one is the chat model;
+    `coefficients_of(name)` gives the coefficients a tensor is combined with."""
     inputs = [a.files for a in job.inputs]
     first = inputs[0]
     vocab_names = set(arch_vocab_tensors(first.config))
     # Under a row policy, special tokens' rows are copied whole from one model: the chat model's (the
     # chat-vector method's intent) or the first model's.
-    special_source = chat_leaf(job) if params["special_tokens"] == "chat" else 0
+    special_source = chat_leaf(weights) if policy.special_tokens == "chat" else 0
     special_rows = (sorted(tokenizer_rows(job.inputs[special_source].path, special=True))
                     if special_source is not None else [])
     plans, tokens_checked = [], False
@@ -97,13 +96,13 @@ def tensor_plans(job: Job, out: list[TensorSpec], coefficients_of: Callable[[str
             dtype = inputs[odd].tensors[sources[odd]].dtype
             raise RunFailure("E322", uncomputable_message(job.node.inputs[odd].label, sources[odd], dtype),
                              UNCOMPUTABLE_HINT)
-        if ((params["norms"] == "keep" and arch.is_norm_tensor(t.name))
-                or (params["embeddings"] == "keep" and t.name in vocab_names)):
+        if ((policy.norms == "keep" and arch.is_norm_tensor(t.name))
+                or (policy.embeddings == "keep" and t.name in vocab_names)):
             plans.append(TensorPlan(t.name, sources, coefficients_of(t.name), copy_first=True))
             continue
         rows = None
         if len(set(shapes)) > 1:
-            if not (params["embeddings"] == "overlap" and t.name in vocab_names
+            if not (policy.embeddings == "overlap" and t.name in vocab_names
                     and len({s[1:] for s in shapes}) == 1):
                 raise RunFailure("E502", f"`{t.name}` has shapes {[list(s) for s in shapes]} across the inputs",
                                  "the inputs changed since the plan was checked; re-run `recipec check`")
@@ -272,17 +271,18 @@ def _listing(counts: dict[str, int], shown: int = 3) -> str:
     return ", ".join(items[:shown]) + more
 
 
-def output_tensors(job: Job) -> list[TensorSpec]:
-    """The output's tensors: the node's signature (the first model's names and shapes, output dtype)."""
+def output_tensors(job: Job, dtype: str) -> list[TensorSpec]:
+    """The output's tensors: the node's signature (the first model's names and shapes, output `dtype`)."""
     sig = job.node.type.signature
     if sig is None:  # a hub input resolved only now: the first model decides, as check would have
-        sig = output_signature(signature_of_files(job.inputs[0].files), job.node.params["dtype"])
+        sig = output_signature(signature_of_files(job.inputs[0].files), dtype)
     return [TensorSpec(t.name, t.dtype, t.shape) for t in sig.tensors]
 
 
 def build_combine(job: Job) -> str:
-    out = output_tensors(job)
-    plans = tensor_plans(job, out, lambda name: combine_coefficients(job.node.params, name))
-    digest = stream_tensors(job, out, plans, _compute, shard_size=job.node.params["shard_size"])
-    copy_model_files(job, out)
+    params: Combine.Params = Combine.params_of(job.node)
+    out = output_tensors(job, params.dtype)
+    plans = tensor_plans(job, out, params, params.coefficients, lambda name: combine_coefficients(params, name))
+    digest = stream_tensors(job, out, plans, _compute, shard_size=params.shard_size)
+    copy_model_files(job, out, params.coefficients, params.tokenizer, params.chat_template)
     return digest

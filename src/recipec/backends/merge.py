@@ -13,24 +13,18 @@ import torch
 
 from .arithmetic import TensorPlan, finish_rows, output_tensors, stream_tensors, tensor_plans
 from .job import Job, RunFailure
+from ..ops.merge import Merge
 from ..store.tensors import TORCH_DTYPES
 from .merge_methods import merge_tensor
 from .model_files import copy_model_files
 
 
-def merge_weights(params: dict, n_models: int) -> tuple[float, ...]:
-    """The weights as given, or the default: 1/n each for linear, 1 each otherwise."""
-    if params["weights"]:
-        return tuple(params["weights"])
-    return (1.0 / n_models if params["method"] == "linear" else 1.0,) * n_models
-
-
 def build_merge(job: Job) -> str:
-    params = job.node.params
-    with_base = params["with_base"]
-    weights = merge_weights(params, len(job.inputs) - (1 if with_base else 0))
-    out = output_tensors(job)
-    plans = tensor_plans(job, out, lambda name: weights)
+    params: Merge.Params = Merge.params_of(job.node)
+    with_base = params.with_base
+    weights = params.model_weights(len(job.inputs) - (1 if with_base else 0))
+    out = output_tensors(job, params.dtype)
+    plans = tensor_plans(job, out, params, weights, lambda name: weights)
 
     def compute(plan: TensorPlan, t, readers, writer, kernel) -> None:
         dtype = TORCH_DTYPES[t.dtype]
@@ -41,9 +35,9 @@ def build_merge(job: Job) -> str:
         tensors = [(p if plan.rows is None else p[:plan.rows]).to(torch.float32) for p in parts]
         base = tensors.pop() if with_base else None
         try:
-            merged = merge_tensor(params["method"], plan.name, tensors, base, list(plan.coefficients),
-                                  density=params["density"], drop_rate=params["drop_rate"], t=params["t"],
-                                  seed=params["seed"], normalize=params["normalize"])
+            merged = merge_tensor(params.method, plan.name, tensors, base, list(plan.coefficients),
+                                  density=params.density, drop_rate=params.drop_rate, t=params.t,
+                                  seed=params.seed, normalize=params.normalize)
         except ValueError as err:
             raise RunFailure("E502", str(err)) from None
         if plan.rows is None and not plan.row_overrides:
@@ -54,6 +48,6 @@ def build_merge(job: Job) -> str:
         finish_rows(whole, plan, parts)
         writer.write(plan.name, whole)
 
-    digest = stream_tensors(job, out, plans, compute, shard_size=params["shard_size"])
-    copy_model_files(job, out)
+    digest = stream_tensors(job, out, plans, compute, shard_size=params.shard_size)
+    copy_model_files(job, out, weights)
     return digest

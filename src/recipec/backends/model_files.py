@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..dtypes import DTYPE_CODES, TensorSpec
+from ..ops.base import FileDigest, FileDigests
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import write_json
 from .job import Job
@@ -28,23 +29,17 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _chat_leaf(coefficients: list[float]) -> int | None:
-    best = max(range(1, len(coefficients)), key=lambda i: coefficients[i], default=None)
-    return best if best is not None and coefficients[best] > 0 else None
+def chat_leaf(weights: tuple[float, ...]) -> int | None:
+    """Which input is the chat model of a chat-vector combination or of a merge, if any: the one with the
+    largest positive weight after the first (`weights`: one per input, the base of a merge left out)."""
+    best = max(range(1, len(weights)), key=lambda i: weights[i], default=None)
+    return best if best is not None and weights[best] > 0 else None
 
 
-def chat_leaf(job: Job) -> int | None:
-    """Which input is the chat model of a chat-vector combination or of a merge, if any."""
-    params = job.node.params
-    if "coefficients" in params:
-        weights = params["coefficients"]
-    else:  # a merge: its models come first, weighted equally unless the recipe says otherwise
-        weights = params["weights"] or [1.0] * (len(job.inputs) - params["with_base"])
-    return _chat_leaf(list(weights)) if weights else None
-
-
-def copy_model_files(job: Job, out: list[TensorSpec]) -> None:
-    """Config, generation config, tokenizer and chat template for a combined model."""
+def copy_model_files(job: Job, out: list[TensorSpec], weights: tuple[float, ...],
+                     tokenizer: FileDigests | None = None, chat_template: FileDigest | None = None) -> None:
+    """Config, generation config, tokenizer and chat template for a combined model whose inputs take
+    `weights`; `tokenizer` and `chat_template` replace the first model's when given."""
     first = job.inputs[0].path
     config = dict(job.inputs[0].files.config)
     dtypes = {t.dtype for t in out}
@@ -53,20 +48,18 @@ def copy_model_files(job: Job, out: list[TensorSpec]) -> None:
         config["dtype"] = _DTYPE_NAMES[dominant]
         config.pop("torch_dtype", None)
     write_json(job.out / "config.json", config)
-    override = job.node.params.get("tokenizer")
-    source = Path(override["path"]) if override else first
+    source = Path(tokenizer.path) if tokenizer else first
     for name in TOKENIZER_FILES:
         if name != "generation_config.json" and (source / name).is_file():
             shutil.copyfile(source / name, job.out / name)
     generation = _read_json(first / "generation_config.json")
-    chat = chat_leaf(job)
+    chat = chat_leaf(weights)
     if chat is not None:
         _carry_chat_behaviour(job.inputs[chat].path, job.out, generation)
     elif generation is not None:
         write_json(job.out / "generation_config.json", generation)
-    template = job.node.params.get("chat_template")
-    if template:
-        _set_chat_template(job.out, Path(template["path"]).read_text(encoding="utf-8"))
+    if chat_template:
+        _set_chat_template(job.out, Path(chat_template.path).read_text(encoding="utf-8"))
 
 
 def _set_chat_template(out: Path, template: str) -> None:

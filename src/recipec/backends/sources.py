@@ -17,29 +17,23 @@ from .. import arch
 from ..dtypes import DTYPE_CODES, TensorSpec
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
+from ..ops.sources import Init
 from .job import Job, RunFailure
 
 _AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
 
 
-def init_config(params: dict) -> dict:
-    """The config an `init` node builds, with its dtype."""
-    config = dict(params["config"]) if params.get("config") else arch.preset_config(params["arch"], params["size"])
-    config["dtype"] = params["dtype"]
-    return config
-
-
 def build_init(job: Job) -> str:
     import transformers
 
-    params = job.node.params
-    config = init_config(params)
+    params: Init.Params = Init.params_of(job.node)
+    config = params.hf_config()
     hf_config = transformers.AutoConfig.for_model(**config)
     auto = getattr(transformers, _AUTO_CLASS[config["model_type"]])
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     model = auto.from_config(hf_config, dtype=torch.float32)
     state = model.state_dict()
-    dtype = DTYPE_CODES[params["dtype"]]
+    dtype = DTYPE_CODES[params.dtype]
     shapes = arch.tensor_shapes(config)
     layout = [TensorSpec(n, dtype, s) for n, s in shapes.items()]
     writer = ModelWriter(job.out, layout, shard_size=5 * 10**9)
@@ -51,9 +45,9 @@ def build_init(job: Job) -> str:
     finally:
         writer.close()
     write_json(job.out / "config.json", config)
-    if params.get("tokenizer"):
-        source = Path(params["tokenizer"]["path"])
-        for name, expected in params["tokenizer"]["files"].items():
+    if params.tokenizer is not None:
+        source = Path(params.tokenizer.path)
+        for name, expected in params.tokenizer.files.items():
             data = (source / name).read_bytes()
             if hashlib.sha256(data).hexdigest() != expected:
                 raise RunFailure("E502", f"{source / name} changed since the recipe was checked")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from ..arch import ArchFacts
 from ..dtypes import TensorSpec
 
 
@@ -30,18 +31,21 @@ class Kind(str, Enum):
 
 @dataclass(frozen=True)
 class Signature:
-    """What makes two checkpoints combinable: architecture and every tensor's name, shape and dtype."""
+    """What makes two checkpoints combinable: architecture and every tensor's name, shape and dtype; and
+    the config's shape facts (layers, heads per layer, widths), where recipec knows the architecture, for
+    ops that change shapes to derive their output from at check time."""
 
     model_type: str
     tensors: tuple[TensorSpec, ...]  # sorted by name
     vocab_size: int | None = None
     tied_embeddings: bool = False
+    facts: ArchFacts | None = None  # None for an architecture recipec has no tensor table for
 
     @classmethod
     def build(cls, model_type: str, tensors: dict[str, tuple[str, tuple[int, ...]]], vocab_size: int | None,
-              tied: bool) -> Signature:
+              tied: bool, facts: ArchFacts | None = None) -> Signature:
         specs = tuple(TensorSpec(n, d, tuple(s)) for n, (d, s) in sorted(tensors.items()))
-        return cls(model_type, specs, vocab_size, tied)
+        return cls(model_type, specs, vocab_size, tied, facts)
 
     @property
     def by_name(self) -> dict[str, TensorSpec]:

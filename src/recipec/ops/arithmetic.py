@@ -19,7 +19,7 @@ from .sources import tokenizer_digests
 from ..diagnostics import Note
 from ..dtypes import DTYPE_BYTES, DTYPE_CODES
 from ..ir.types import Kind, Signature, Type, compare
-from .base import LINEAR, Context, Cost, Input, Op, Params, bytes_read, register
+from .base import LINEAR, Context, Cost, FileDigest, FileDigests, Input, Op, Params, bytes_read, register
 
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
 # on the run's threads: the planner's peak-memory estimate and the engine share this number.
@@ -92,6 +92,7 @@ class Combine(Op):
 
     name = "combine"
     inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
+    rule = "arithmetic:build_combine"
 
     class Params(VocabularyPolicy):
         coefficients: tuple[float, ...] = ()  # filled in by lowering from the expression, never by users
@@ -101,9 +102,11 @@ class Combine(Op):
             [], description='per-tensor factors on the delta part, as "pattern=factor" (fnmatch patterns, '
                             'first match wins; 0 keeps the first model\'s tensor), e.g. ["lm_head.*=0.5"]')
         shard_size: int = Field(5 * 10**9, gt=0, description="the largest shard in bytes, e.g. 2G")
-        tokenizer: str | None = Field(None, description="a model directory whose tokenizer files the output "
-                                                        "ships instead of the first model's")
-        chat_template: str | None = Field(None, description="a Jinja file to use as the output's chat template")
+        # As the recipe gives them, paths; once checked, their content (see `node_params`).
+        tokenizer: str | FileDigests | None = Field(None, description="a model directory whose tokenizer files "
+                                                                      "the output ships instead of the first model's")
+        chat_template: str | FileDigest | None = Field(None, description="a Jinja file to use as the output's "
+                                                                         "chat template")
 
         @field_validator("overrides")
         @classmethod
@@ -137,15 +140,15 @@ class Combine(Op):
 
     @classmethod
     def node_params(cls, params, ctx):
-        data = params.model_dump(mode="json")
         # Files the output copies are keyed by content; their paths go along only to read them from.
+        resolved = {}
         if params.tokenizer is not None:
             root = (ctx.recipe_dir / params.tokenizer).resolve()
-            data["tokenizer"] = {"path": str(root), "files": tokenizer_digests(root)}
+            resolved["tokenizer"] = FileDigests(path=str(root), files=tokenizer_digests(root))
         if params.chat_template is not None:
             path = (ctx.recipe_dir / params.chat_template).resolve()
-            data["chat_template"] = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-        return data
+            resolved["chat_template"] = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        return params.model_copy(update=resolved).model_dump(mode="json")
 
     @classmethod
     def cost(cls, inputs, params, out, threads):
@@ -234,4 +237,4 @@ def output_signature(sig: Signature, dtype: str) -> Signature:
         return sig
     code = DTYPE_CODES[dtype]
     tensors = {t.name: (code if t.dtype in ("F32", "BF16", "F16") else t.dtype, t.shape) for t in sig.tensors}
-    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings)
+    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings, sig.facts)

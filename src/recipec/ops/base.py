@@ -1,10 +1,13 @@
 """What an op is: typed inputs and parameters, an output-type rule, a cost model and a cache key.
 
 Every op is a subclass of `Op` registered with `@register`. Its `Params` is a pydantic model whose
-fields are the op's keyword parameters (types, defaults and ranges in one place); `inputs` lists the
-graph inputs (models, corpora) it takes. Lowering binds a call's arguments against these declarations
-and reports every problem as a located diagnostic; the planner asks `cost`; backends key the cache with
-`cache_key`. Adding an op means writing one such class (STYLE.md, "adding an op").
+fields are the op's keyword parameters (types, defaults and ranges in one place: the one schema);
+`inputs` lists the graph inputs (models, corpora) it takes; `rule` names the backend function that
+builds it, as a string, so that nothing is imported until a run needs it. Lowering binds a call's
+arguments against these declarations and reports every problem as a located diagnostic; the planner asks
+`cost`; the engine keys the cache with `cache_key`; the rule reads the validated parameters back with
+`params_of`. Adding an op means writing one such class in a module of this package (it is found by
+itself) and its rule (README, "Adding an op").
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,12 +23,33 @@ from ..diagnostics import Diagnostics, Note
 from ..ir.graph import Node, canonical_json
 from ..ir.types import Kind, Type
 from ..source import Span
+from ..toolchain import package_version
 
 
 class Params(BaseModel):
     """Base of every op's parameters: strict types (a string is never silently a number), no extras."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class FileDigests(Params):
+    """A parameter naming a directory's files, once checked: where they are (to read them at run time)
+    and each file's sha256, which stands for them in the cache key (see `key_params`)."""
+
+    path: str
+    files: dict[str, str]
+
+
+class FileDigest(Params):
+    """A parameter naming one file, once checked: where it is and its sha256 (what the key holds)."""
+
+    path: str
+    sha256: str
+
+
+# The compute precision of an op that offers a choice (training): a parameter like any other, so it is
+# part of the op's key. Ops without the choice accumulate in fp32, which is part of their `version`.
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,9 @@ class Op:
     inputs: ClassVar[tuple[Input, ...]] = ()
     positional: ClassVar[tuple[str, ...]] = ()  # parameters that may also be given by position
     builds: ClassVar[bool] = True  # False for inputs that exist already (load, hf)
+    # The backend function that builds the result, "module:function": a module of recipec.backends, or
+    # any importable module (a plugin's, a test's). Resolved by backends on first use.
+    rule: ClassVar[str | None] = None
     toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
     runtime_bytes: ClassVar[int] = 0  # memory the libraries its rule imports add to the process, for good
     Params: ClassVar[type[Params]] = Params
@@ -103,8 +130,16 @@ class Op:
 
     @classmethod
     def node_params(cls, params: Params, ctx: Context) -> dict[str, Any]:
-        """The parameters recorded on the graph node (and hashed into its cache key)."""
+        """The parameters recorded on the graph node (and hashed into its cache key): the validated
+        `Params`, with anything resolved at check time (file contents, filled-in fields) put in its
+        fields by `model_copy(update=...)`, dumped as JSON data, so that `params_of` reads it back."""
         return params.model_dump(mode="json")
+
+    @classmethod
+    def params_of(cls, node: Node) -> Params:
+        """The node's parameters as this op's `Params`, read back from the node's JSON data (a rule's view,
+        in-process or in a launched worker): validated once at check time, typed here."""
+        return cls.Params.model_validate_json(canonical_json(node.params))
 
 
 REGISTRY: dict[str, type[Op]] = {}
@@ -130,9 +165,6 @@ def concurrent_elements(out: Type, threads: int) -> int:
     return sum(sizes[:max(1, threads)])
 
 
-COMPUTE_DTYPE = "float32"  # every backend accumulates in fp32; part of every key
-
-
 def is_file_param(value: Any) -> bool:
     """A parameter naming files the op reads at run time: `{"path": where, "files" or "sha256": content}`."""
     return isinstance(value, dict) and "path" in value and ("files" in value or "sha256" in value)
@@ -145,10 +177,16 @@ def key_params(params: dict[str, Any]) -> dict[str, Any]:
             for name, value in params.items()}
 
 
-def cache_key(node: Node, input_digests: list[str], versions: dict[str, str]) -> str:
-    """sha256 over canonical JSON of op, op version, parameters (file parameters by content), input
-    content digests, compute dtype and the versions of the packages that can change this op's bytes."""
+def key_toolchain(op: type[Op]) -> dict[str, str]:
+    """The versions a key of `op` holds: recipec's and those of the packages the op lists, as installed."""
+    return {package: package_version(package) for package in ("recipec", *op.toolchain)}
+
+
+def cache_key(node: Node, input_digests: list[str]) -> str:
+    """sha256 over canonical JSON of op, op version, parameters (file parameters by content; a compute
+    precision where the op has one), input content digests and the installed versions of the packages
+    that can change this op's bytes (`key_toolchain`)."""
     op = REGISTRY[node.op]
     doc = {"op": node.op, "version": op.version, "params": key_params(node.params), "inputs": input_digests,
-           "compute_dtype": COMPUTE_DTYPE, "toolchain": {k: versions[k] for k in ("recipec",) + op.toolchain}}
+           "toolchain": key_toolchain(op)}
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()

@@ -42,6 +42,7 @@ class Merge(Op):
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="the models to merge"),
               Input("base", Kind.MODEL, optional=True, doc="the common base (task_arithmetic, ties, dare)"))
     toolchain = ("torch", "numpy")
+    rule = "merge:build_merge"
 
     class Params(VocabularyPolicy):
         method: Literal["linear", "task_arithmetic", "ties", "dare", "slerp"] = Field(
@@ -55,6 +56,13 @@ class Merge(Op):
         normalize: bool = Field(False, description="divide by the sum of the weights")
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="output dtype")
         shard_size: int = Field(5 * 10**9, gt=0, description="the largest shard in bytes")
+        with_base: bool = False  # filled in from the call (whether `base=` was given), never by users
+
+        def model_weights(self, n_models: int) -> tuple[float, ...]:
+            """The weights as given, or the default: 1/n each for linear, 1 each otherwise."""
+            if self.weights:
+                return tuple(self.weights)
+            return (1.0 / n_models if self.method == "linear" else 1.0,) * n_models
 
     internal = frozenset({"with_base"})
 
@@ -93,9 +101,7 @@ class Merge(Op):
 
     @classmethod
     def node_params(cls, params, ctx):
-        data = params.model_dump(mode="json")
-        data["with_base"] = bool(ctx.given.get("base"))
-        return data
+        return params.model_copy(update={"with_base": bool(ctx.given.get("base"))}).model_dump(mode="json")
 
     @classmethod
     def cost(cls, inputs, params, out, threads):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import glob as globlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -20,7 +20,7 @@ from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
-from .base import ERROR_TYPE, Context, Cost, Op, Params, register
+from .base import ERROR_TYPE, Context, Cost, FileDigests, Op, Params, register
 
 def signature_of_dir(root: Path) -> Signature:
     """The signature of a local model directory, from config.json and safetensors headers."""
@@ -32,15 +32,25 @@ def signature_of_files(files: ModelFiles) -> Signature:
     tensors = {name: (t.dtype, t.shape) for name, t in files.tensors.items()}
     config = files.config
     tied = "lm_head.weight" not in tensors and bool(config.get("tie_word_embeddings", True))
-    return Signature.build(config["model_type"], tensors, _vocab_size(config), tied)
+    return Signature.build(config["model_type"], tensors, _vocab_size(config), tied, config_facts(config))
 
 
 def signature_of_config(config: dict, dtype: str | None = None) -> Signature:
     """The signature a config implies for a freshly initialized model (no files needed)."""
-    shapes = archs.tensor_shapes(config)
+    facts = archs.facts_from_config(config)
+    shapes = archs.tensor_shapes_from_facts(config["model_type"], facts)
     dt = dtype or archs.config_dtype(config)
     tied = bool(config.get("tie_word_embeddings", False))
-    return Signature.build(config["model_type"], {n: (dt, s) for n, s in shapes.items()}, _vocab_size(config), tied)
+    return Signature.build(config["model_type"], {n: (dt, s) for n, s in shapes.items()}, _vocab_size(config), tied,
+                           facts)
+
+
+def config_facts(config: dict) -> archs.ArchFacts | None:
+    """A config's shape facts, or None where recipec has no tensor table for its architecture."""
+    try:
+        return archs.facts_from_config(config)
+    except ValueError:
+        return None
 
 
 def _vocab_size(config: dict) -> int | None:
@@ -179,14 +189,23 @@ class Init(Op):
     name = "init"
     positional = ("arch",)
     toolchain = ("torch", "transformers")
+    rule = "sources:build_init"
 
     class Params(Params):
         arch: str = Field(description="the architecture family: " + ", ".join(archs.ARCHS))
         size: str | None = Field(None, description="a preset size: " + ", ".join(archs.SIZES))
-        config: str | None = Field(None, description="a config.json to build instead of a preset")
+        # As the recipe gives them, paths; once checked, their content (see `node_params`).
+        config: str | dict[str, Any] | None = Field(None, description="a config.json to build instead of a preset")
         seed: int = Field(0, ge=0, description="the random seed; the same seed gives the same weights")
         dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the weights' dtype")
-        tokenizer: str | None = Field(None, description="a directory whose tokenizer files the model ships with")
+        tokenizer: str | FileDigests | None = Field(None, description="a directory whose tokenizer files the "
+                                                                      "model ships with")
+
+        def hf_config(self) -> dict[str, Any]:
+            """The config.json this init builds (a preset's, or the given one's content), with its dtype."""
+            config = dict(self.config) if isinstance(self.config, dict) else archs.preset_config(self.arch, self.size)
+            config["dtype"] = self.dtype
+            return config
 
     @classmethod
     def config_for(cls, ctx: Context, params: Params) -> dict | None:
@@ -231,16 +250,16 @@ class Init(Op):
 
     @classmethod
     def node_params(cls, params, ctx):
-        data = params.model_dump(mode="json")
+        resolved: dict[str, Any] = {}
         if params.config is not None:
             # The config's content, not its path, decides the weights.
-            data["config"] = cls.config_for(ctx, params)
+            resolved["config"] = cls.config_for(ctx, params)
         if params.tokenizer is not None:
             # Likewise the tokenizer files' content; their path goes along only to copy them from, and the
             # cache key leaves it out (see `key_params`), so the key does not depend on where the files are.
             root = (ctx.recipe_dir / params.tokenizer).resolve()
-            data["tokenizer"] = {"path": str(root), "files": tokenizer_digests(root)}
-        return data
+            resolved["tokenizer"] = FileDigests(path=str(root), files=tokenizer_digests(root))
+        return params.model_copy(update=resolved).model_dump(mode="json")
 
     # Importing transformers and its model code (measured +140 MiB of private memory with transformers 5).
     runtime_bytes = 192 << 20

@@ -17,7 +17,6 @@ from ..store.cache import Cache
 from ..store.digests import remembered_model_dir_digest
 from ..store.hub import cached_snapshot
 from ..store.model_dir import ModelDirError, weight_files
-from ..toolchain import toolchain_versions
 
 
 def _input_dir(node: Node) -> Path | None:
@@ -33,7 +32,6 @@ def cached_keys(graph: Graph, cache: Cache) -> dict[int, str]:
     """Node id -> cache key, for every built node whose result the cache holds."""
     if not cache.objects.is_dir():  # an empty cache holds nothing: skip even looking at the inputs
         return {}
-    versions = toolchain_versions()
     known = cache.known_digests()
     digests: dict[int, str] = {}
     found: dict[int, str] = {}
@@ -49,7 +47,7 @@ def cached_keys(graph: Graph, cache: Cache) -> dict[int, str]:
             continue
         if not all(i.id in digests for i in node.inputs):
             continue
-        key = cache_key(node, [digests[i.id] for i in node.inputs], versions)
+        key = cache_key(node, [digests[i.id] for i in node.inputs])
         entry = cache.lookup(key)
         if entry is not None:
             digests[node.id] = entry.digest

@@ -4,9 +4,10 @@
 imports nothing, and a run that finds everything cached never imports torch. An op with no rule is
 refused up front with `no rule for X`, never a failure somewhere deep in a run.
 
-A rule is `rule(job: Job) -> str`: it writes a complete model directory into `job.out` from the input
-artifacts in `job.inputs`, and returns the content digest of the weights it wrote (the engine makes the
-result's digest from it and the data files, store/digests.py).
+A rule is `rule(job: Job) -> str | None`: it writes a complete result of its node's kind into `job.out`
+from the input artifacts in `job.inputs`. A model rule returns the content digest of the weights it wrote
+(the model kind makes the result's digest from it and the data files); other kinds digest their files
+(recipec/artifacts).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ RULES: dict[str, tuple[str, str]] = {
     "init": ("sources", "build_init"),
     "combine": ("arithmetic", "build_combine"),
     "merge": ("merge", "build_merge"),
+    "stats": ("analysis", "build_stats"),
 }
 
 

@@ -96,6 +96,8 @@ def test_a_same_size_edit_rebuilds_exactly_the_nodes_that_read_it(tmp_path, caps
     assert sorted(BUILT) == ["x", "y"]
     assert (tmp_path / "out/x/tally.txt").read_text() == "2 10\n"
     assert (tmp_path / "out/y/tally.txt").read_text() == "2 15\n"
+    # a kind registered outside recipec is released as its kind says: its files, the marker and the sums
+    assert sorted(os.listdir(tmp_path / "out/x")) == [".recipec-release", "SHA256SUMS", "tally.txt"]
     before = tomllib.loads((tmp_path / "r.rcp.lock").read_text())
 
     BUILT.clear()

@@ -104,6 +104,8 @@ def test_stats_report_is_built_printed_and_exported_without_a_model_export(tmp_p
                       'alone = stats(load("zeros"))\n')
     status, out, err = run(["check", str(recipe)], capsys)
     assert status == 0 and "E105" not in err  # a bound report is used: `run` shows it
+    status, out, _ = run(["plan", str(recipe)], capsys)
+    assert out.count("stats → Report · printed by `run`") == 2
     status, out, err = run(["run", str(recipe)], capsys)
     assert status == 0, err
     assert "| parameters | 205,120 | 205,120 (1.00×) | 205,120 (1.00×) |" in out

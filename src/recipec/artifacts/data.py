@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterator
 
 from ..ir.graph import canonical_json
+from ..ir.types import Type
 from ..store.cache import Cache, file_identity
 from ..store.filehash import hash_files
 from . import Artifact, ArtifactError, ArtifactKind, Problem
@@ -37,6 +38,10 @@ class DataKind(ArtifactKind):
     @classmethod
     def content_files(cls, path: Path) -> list[Path]:
         return [path / RECORDS]
+
+    @classmethod
+    def describe(cls, type_: Type) -> str:
+        return f"{type_} · read by content when run"
 
 
 def lines(path: Path, shown: str) -> Iterator[tuple[int, str | Problem]]:
@@ -110,15 +115,14 @@ def resolve_records(kind: type[DataKind], op: str, files: list[Path], options: d
     cached = cache.lookup(key)
     if cached is None:
         with cache.new_object(key) as tmp:
-            count = _write_records(tmp / RECORDS, files, read, shown)
+            _write_records(tmp / RECORDS, files, read, shown)
             cache.commit_meta(tmp, key, op, kind.digest(tmp), threads)
         cached = cache.lookup(key)
     return Artifact(kind.kind, cached.path, cached.digest, {"key": key}), sums
 
 
-def _write_records(dest: Path, files: list[Path], read: Callable[[Path], Records], shown: Callable[[Path], str]) -> int:
+def _write_records(dest: Path, files: list[Path], read: Callable[[Path], Records], shown: Callable[[Path], str]) -> None:
     problems: list[Problem] = []
-    count = 0
     with open(dest, "w", encoding="utf-8") as out:
         for path in files:
             for item in read(path):
@@ -126,10 +130,8 @@ def _write_records(dest: Path, files: list[Path], read: Callable[[Path], Records
                     problems.append(item)
                 elif not problems:  # once anything is wrong, only look for more problems
                     out.write(json.dumps(item, ensure_ascii=False, sort_keys=True) + "\n")
-                    count += 1
     if problems:
         raise ArtifactError(_capped(problems))
-    return count
 
 
 def _capped(problems: list[Problem]) -> list[Problem]:

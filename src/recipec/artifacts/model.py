@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..ir.types import Kind, Type
+from ..ir.types import Kind
 from ..store import release_files
 from ..store.cache import Cache
 from ..store.digests import covered_files, model_dir_digest, remembered_model_dir_digest, weights_identity
@@ -43,10 +43,6 @@ class ModelKind(ArtifactKind):
         """`built` is the weights' digest, which every model rule returns (it hashed them as it wrote them)."""
         assert built is not None, "a model rule returns its weights' digest"
         return model_dir_digest(path, built)
-
-    @classmethod
-    def describe(cls, type_: Type) -> str:
-        return str(type_)
 
     @classmethod
     def release_files(cls, artifact: Artifact, info: ReleaseInfo, fmt: str) -> list[ReleaseFile]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..ir.types import Kind
+from ..ir.types import Kind, Type
 from . import ArtifactError, ArtifactKind, Problem, register
 
 REPORT = Kind.register("Report")
@@ -26,6 +26,10 @@ class ReportKind(ArtifactKind):
     noun = "a report"
     formats = ("report",)
     root_when_bound = True
+
+    @classmethod
+    def describe(cls, type_: Type) -> str:
+        return f"{type_} · printed by `run`"
 
     @classmethod
     def read(cls, path: Path) -> dict:

@@ -164,6 +164,7 @@ def _progress(args, program):
 def cmd_run(args) -> int:
     import json
 
+    from .artifacts.report import page_of
     from .engine import Engine
     from .store.lockfile import lock_path
     from .verify import check_locked, check_outputs
@@ -202,12 +203,15 @@ def cmd_run(args) -> int:
                        "digest": r.artifact.digest if r.artifact else None, "seconds": round(r.seconds, 3)}
                       for r in result.results],
             "exports": [{"path": e["path"], "digest": e["digest"]} for e in result.exports],
+            "reports": {r.node.label: r.artifact.files for r in result.shown},  # each report's data
             "nonfinite": nonfinite, "warnings": [to_data(w) for w in warnings],
         }, indent=2) + "\n")
     else:
         _report(warnings, args)
         for e in result.exports:
             sys.stdout.write(f"{e['resolved']}\n")
+        for r in result.shown:  # the reports the recipe binds, as their pages
+            sys.stdout.write(f"\n{page_of(r.artifact.path)}")
         flagged = f"; {nonfinite} NaN or infinite value{'s' if nonfinite != 1 else ''} written" if nonfinite else ""
         sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
                          f"{result.seconds:.1f} s{flagged}; lock: {lock_path(recipe)}{' (matches)' if args.locked else ''}\n")

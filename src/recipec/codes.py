@@ -253,6 +253,23 @@ _ENTRIES += [
          "dtype (fp16 ends at 65504), and `dtype=\"float32\"` or smaller factors avoid it. The run summary\n"
          "counts the non-finite values written. A model with them generates NaN logits.",
          severity="warning"),
+    # Data inputs, read at run time: E55x (every problem of a source is reported together, each naming
+    # the file and line, at the data source's place in the recipe)
+    Code("E550", "data is not UTF-8", RECIPE,
+         "A line of a data file given to `text` or `chat` is not valid UTF-8. The message names the file,\n"
+         "the line and the first bad byte. Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."),
+    Code("E551", "data line is not JSON", RECIPE,
+         "A line of a JSON-lines file (`.jsonl`, `.json`, `.ndjson`) is not valid JSON. Each non-blank line\n"
+         "holds one JSON object; a file that is one JSON document spread over lines is not JSON lines."),
+    Code("E552", "text field missing", RECIPE,
+         "A line of a JSON-lines file given to `text` has no string field of the name `field=` gives\n"
+         "(\"text\" unless the recipe says otherwise). Name the right field: `text(\"data/*.jsonl\", field=\"body\")`."),
+    Code("E553", "not a chat record", RECIPE,
+         "A line of a file given to `chat` is not a conversation: it needs a non-empty `messages` list\n"
+         "of objects with a `role` (system, user, assistant or tool) and a string `content`."),
+    Code("E554", "data file gone", RECIPE,
+         "A file that the data source matched when the recipe was checked no longer exists when it is\n"
+         "read. The data changed under the run: run again."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

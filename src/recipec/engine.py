@@ -1,10 +1,11 @@
 """The executor behind `recipec run`, `lock` and `verify`: build the plan's nodes through the cache,
 write the releases, and record everything in the lockfile.
 
-Nodes run in plan order. An input (`load`, `hf`) resolves to a directory and a content digest; every
-other node's cache key is computed from its parameters and its inputs' digests, and it is built only
-when the cache lacks that key. Inputs and built results alike are known by one digest, that of their
-model directory (store/digests.py). Under `run --locked` every key is checked against the lock before
+Nodes run in plan order. An input op (`load`, `hf`, `text`, `chat`) resolves itself to an artifact
+through its `resolve` hook; every other node's cache key is computed from its parameters and its inputs'
+digests, and it is built only when the cache lacks that key. Every result is an `Artifact` of some kind
+(recipec/artifacts): its kind says how its directory is digested and what a release of it holds, so the
+engine never asks what an op or a result is. Every report the recipe binds is built, exported or not. Under `run --locked` every key is checked against the lock before
 its node is built, and every digest after. Failures become diagnostics at the span of the op that failed, and
 nothing partial is ever left where a finished result is expected.
 """
@@ -20,21 +21,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends import Artifact, Job, RunFailure, rule_for
+from .artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
+from .backends import Job, RunFailure, rule_for
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
 from .check import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
+from .ops.resolve import ResolveContext
 from .plan.plan import default_threads
 from .store.cache import Cache
-from .store.digests import covered_files, model_dir_digest, weights_identity
+from .store.digests import model_dir_digest
 from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
 from .store.lockfile import lock_digest, lock_path, node_drift
-from .store.model_dir import ModelDirError, pickled_weights, read_model_dir
-from .store.release import Card, TargetRefused, check_target, write_release
+from .store.model_dir import pickled_weights
+from .store.release import TargetRefused, check_target, write_release
 from .toolchain import toolchain_versions
 
 
@@ -69,10 +72,22 @@ class RunResult:
     exports: list[dict]
     lock: dict
     seconds: float
+    root_ids: frozenset[int] = frozenset()  # the graph's roots: what `run` shows besides writing exports
+
+    @property
+    def shown(self) -> list[NodeResult]:
+        """The results `run` prints: the reports the recipe binds."""
+        return [r for r in self.results if r.node.id in self.root_ids]
 
 
 def _failure(node: Node, code: str, message: str, hint: str | None = None) -> RecipeError:
     return RecipeError([Diagnostic(code, message, node.spans[0] if node.spans else None, hint)])
+
+
+def _artifact_failure(node: Node, err: ArtifactError) -> RecipeError:
+    """Every problem an input or a result had, at the span of the op that read it."""
+    span = node.spans[0] if node.spans else None
+    return RecipeError([Diagnostic(p.code, p.message, span, p.hint) for p in err.problems])
 
 
 def _os_failure(node: Node, err: OSError) -> RecipeError:
@@ -124,7 +139,8 @@ class Engine:
         finally:
             signal.signal(signal.SIGXFSZ, previous)
         lock = self.lock_data(results, exports)
-        return RunResult(results, exports, lock, time.monotonic() - started)
+        roots = frozenset(n.id for n in self.program.graph.roots)
+        return RunResult(results, exports, lock, time.monotonic() - started, roots)
 
     def _build_all(self) -> list[NodeResult]:
         by_id: dict[int, NodeResult] = {}
@@ -142,8 +158,9 @@ class Engine:
         """Every hub input, resolved before anything is built, so that all missing ones are reported at once."""
         first_use: dict[tuple[str, str | None], Node] = {}
         for node in self.program.graph.reachable():
-            if node.op == "hf":
-                first_use.setdefault((node.params["id"], node.params.get("revision")), node)
+            reference = REGISTRY[node.op].hub_reference(node.params)
+            if reference is not None:
+                first_use.setdefault(reference, node)
         resolved, missing = resolve_all(list(first_use), self.options.offline)
         if missing:
             spans = [first_use[(err.repo_id, err.revision)].spans for err in missing]
@@ -153,29 +170,16 @@ class Engine:
         return resolved
 
     def _resolve_input(self, node: Node) -> NodeResult:
-        params = node.params
-        resolved: dict = {}
-        if node.op == "load":
-            path = Path(params["path"])
-            resolved["path"] = os.path.relpath(path, self.recipe.resolve().parent)  # the lock moves with the project
-        elif node.op == "hf":
-            path, commit = self.hub_snapshots[(params["id"], params.get("revision"))]
-            resolved.update(id=params["id"], revision=params.get("revision") or "main", commit=commit)
-        else:  # data sources have no artifact until an op reads them
-            return NodeResult(node, None)
-        if params.get("allow_pickle") and pickled_weights(path) and not (path / "model.safetensors").exists():
-            path = self._converted_pickle(node, path)
-            resolved.update(converted_from_pickle=True, converted_key=path.name)  # a gc root keeps it
+        """An input op's artifact, from its own `resolve` hook."""
+        context = ResolveContext(self.recipe, self.cache, self.options.threads, self.options.hash_input_files,
+                                 self.hub_snapshots, lambda root: self._converted_pickle(node, root))
         try:
-            files = read_model_dir(path)
-        except ModelDirError as err:
-            raise _failure(node, err.code, err.message, err.hint) from None
-        digest = self._input_digest(files)
-        if self.options.hash_input_files:
-            sums = hash_files(covered_files(path), self.options.threads)
-            resolved["files"] = [{"name": p.name, "size": p.stat().st_size, "sha256": h}
-                                 for p, h in sorted(sums.items())]
-        return NodeResult(node, Artifact(path, files, digest), status="input", resolved=resolved)
+            resolved = REGISTRY[node.op].resolve(node, context)
+        except ArtifactError as err:
+            raise _artifact_failure(node, err) from None
+        except OSError as err:
+            raise _failure(node, "E505", f"cannot read the input of `{node.label}`: {err}", "check the input files") from None
+        return NodeResult(node, resolved.artifact, status="input", resolved=resolved.record)
 
     def _converted_pickle(self, node: Node, root: Path) -> Path:
         """Pickled weights converted once into a cache object, keyed by the pickle files' hashes."""
@@ -193,17 +197,6 @@ class Engine:
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
         return self.cache.lookup(key).path
-
-    def _input_digest(self, files) -> str:
-        """The input directory's digest; its weights are hashed only when their digest is not remembered."""
-        identity = weights_identity(files.root)
-        weights = self.cache.known_digests().get(identity)
-        if not weights or self.options.hash_input_files:
-            from .store.digests import hash_weights
-
-            weights = hash_weights(files, self.options.threads)
-            self.cache.remember_digest(identity, weights)
-        return model_dir_digest(files.root, weights)
 
     def _check_locked(self, node: Node, key: str | None = None, digest: str | None = None) -> None:
         if self.options.locked is None:
@@ -226,7 +219,7 @@ class Engine:
                 with self.cache.new_object(key) as tmp:
                     job = Job(node, inputs, tmp, self.options.threads, self.cancelled,
                               self.options.progress or (lambda n: None))
-                    digest = model_dir_digest(tmp, rule(job))
+                    digest = artifact_kind(node.type.kind).digest(tmp, rule(job))
                     self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
             except RunFailure as err:
                 raise _failure(node, err.code, err.message, err.hint) from None
@@ -237,8 +230,8 @@ class Engine:
             raise _failure(node, "E530", f"the cached result of `{node.label}` is damaged: {damage}",
                            self.cache.repair_hint(key))
         self._check_locked(node, digest=cached.digest)
-        files = read_model_dir(cached.path)
-        result = NodeResult(node, Artifact(cached.path, files, cached.digest), key, status, time.monotonic() - started)
+        artifact = Artifact(node.type.kind, cached.path, cached.digest)
+        result = NodeResult(node, artifact, key, status, time.monotonic() - started)
         if job is not None:
             span = node.spans[0] if node.spans else None
             result.warnings = [Diagnostic(w.code, w.message, span, w.hint, severity="warning") for w in job.warnings]
@@ -254,13 +247,13 @@ class Engine:
             result = by_node[export.node.id]
             artifact = result.artifact
             built = self.cache.lookup(result.key) if result.key else None
-            known = {name: info["sha256"] for name, info in built.files.items()} if built else None
-            relation = "merge" if export.node.op in ("combine", "merge") else "finetune"
-            card = Card(self._base_models(export.node, by_node), relation, self.recipe.name, recipe_text,
-                        lock_digest(partial_lock), artifact.digest)
+            info = ReleaseInfo(self.recipe.name, recipe_text, lock_digest(partial_lock),
+                               self._base_models(export.node, by_node), REGISTRY[export.node.op].card_relation,
+                               {name: f["sha256"] for name, f in built.files.items()} if built else {},
+                               keeps_code_references(export.node))
+            files = artifact_kind(artifact.kind).release_files(artifact, info, export.format)
             try:
-                sums, aside = write_release(artifact.path, export.path, card, known,
-                                            keeps_code_references(export.node), self.options.force)
+                sums, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force)
             except TargetRefused as err:
                 raise RecipeError([Diagnostic(err.code, err.message, export.span, err.hint)]) from None
             except OSError as err:
@@ -270,13 +263,15 @@ class Engine:
         return written
 
     def _base_models(self, node: Node, by_node: dict[int, NodeResult]) -> tuple[str, ...]:
-        return tuple(sorted({by_node[leaf.id].resolved["id"] for leaf in leaves(node) if leaf.op == "hf"}))
+        """What a card names as base models: each leaf input that names itself one (hub models)."""
+        names = (REGISTRY[leaf.op].base_model(by_node[leaf.id].resolved) for leaf in leaves(node))
+        return tuple(sorted({name for name in names if name}))
 
     def lock_data(self, results: list[NodeResult], exports: list[dict]) -> dict:
         recipe_bytes = self.recipe.read_bytes()
         inputs, nodes = {}, {}
         for r in results:
-            if r.status == "input" and r.artifact is not None:
+            if r.status == "input":
                 inputs[r.node.label] = {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
                                         **r.resolved}
             elif r.key is not None:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from .store import hub
+from .ops import REGISTRY
 
 
 
@@ -93,22 +93,13 @@ def cache_place(cache: Path) -> Place:
 
 
 def input_dir(op: str, params: dict, recipe_dir: Path) -> Path | None:
-    """The directory an input model (`load`, `hf` found in the hub cache) is read from."""
-    if op == "load":
-        return recipe_dir / params["path"]
-    if op == "hf":
-        cached = hub.cached_snapshot(params["id"], params.get("revision"))
-        return cached[0] if cached is not None else None
-    return None
+    """The model directory an input op reads (`load`, `hf` found in the hub cache), from its own hook."""
+    return REGISTRY[op].source_dir(params, recipe_dir)
 
 
-def input_places(op: str, label: str, params: dict, recipe_dir: Path) -> list[Place]:
+def input_places(op: str, label: str, params: dict, recipe_dir: Path) -> list[Path]:
     """The files and directories a node reads, from its parameters."""
-    paths: list[Path] = []
-    model_dir = input_dir(op, params, recipe_dir)
-    if model_dir is not None:
-        # For a hub snapshot, its whole repository: the snapshots and the blobs they link to.
-        paths.append(model_dir.parent.parent if op == "hf" else model_dir)
+    paths = REGISTRY[op].read_places(params, recipe_dir)
     for value in params.values():
         if isinstance(value, dict) and isinstance(value.get("path"), str):  # a tokenizer, a chat template
             paths.append(recipe_dir / value["path"])

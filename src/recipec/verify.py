@@ -77,7 +77,8 @@ def check_locked(engine: Engine) -> dict:
     hashing = Engine(engine.program, recipe, replace(engine.options, hash_input_files=True))
     reachable = engine.program.graph.reachable()
     with engine.cache.locked():
-        resolved = [hashing._resolve_input(n) for n in reachable if n.op in ("load", "hf")]
+        hashing.hub_snapshots = hashing._resolve_hub_inputs()
+        resolved = [hashing._resolve_input(n) for n in reachable if not REGISTRY[n.op].builds]
     now = hashing.lock_data(resolved, [])["inputs"]
     problems += [_drift(recipe, what) for what in inputs_drift(lock["inputs"], now)]
     built = {n.label for n in reachable if REGISTRY[n.op].builds}

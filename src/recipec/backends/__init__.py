@@ -4,10 +4,11 @@ An op names its rule as a string (`Op.rule = "merge:build_merge"`), resolved her
 checking which ops can run imports nothing and a run that finds everything cached never imports torch.
 An op with no rule is refused up front with `no rule for X`, never a failure somewhere deep in a run.
 
-A rule is `rule(job: Job) -> str`: it reads the op's validated parameters with `Op.params_of(job.node)`,
-writes a complete result into `job.out` from the input artifacts in `job.inputs`, and returns the content
-digest of the weights it wrote (the engine makes the result's digest from it and the data files,
-store/digests.py).
+A rule is `rule(job: Job) -> str | None`: it reads the op's validated parameters with
+`Op.params_of(job.node)` and writes a complete result of its node's kind into `job.out` from the
+input artifacts in `job.inputs`. A model rule returns the content digest of the weights it wrote (the
+model kind makes the result's digest from it and the data files); other kinds digest their files
+(recipec/artifacts).
 """
 
 from __future__ import annotations

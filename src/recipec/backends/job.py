@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..ir.graph import Node
-from ..store.model_dir import ModelFiles
+from ..artifacts import Artifact  # what a rule reads: its inputs' results, of any kind
 
 
 class RunFailure(Exception):
@@ -17,15 +17,6 @@ class RunFailure(Exception):
     def __init__(self, code: str, message: str, hint: str | None = None):
         super().__init__(message)
         self.code, self.message, self.hint = code, message, hint
-
-
-@dataclass
-class Artifact:
-    """A built or given model: a directory on disk, its tensor table and its content digest."""
-
-    path: Path
-    files: ModelFiles
-    digest: str
 
 
 @dataclass(frozen=True)

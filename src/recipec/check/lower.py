@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from .. import exports
+from ..artifacts import KINDS, exportable_kinds
 from ..diagnostics import Diagnostics, Note, RecipeError
 from ..ops import REGISTRY
 from ..ops.arithmetic import Combine
@@ -515,10 +516,17 @@ class Lowerer:
         # the plan, follow the recipe); `use`d recipes only as far as they are used.
         for owner, assign in list(module.scope.values()):
             if owner is module:
-                self.value_of(module, assign.name)
+                value = self.value_of(module, assign.name)
+                if isinstance(value, Graphed) and self._is_root(value.node):
+                    self.graph.roots.append(value.node)
         written = [stmt for stmt in module.recipe.statements if isinstance(stmt, ast.Export)]
         exported = [(stmt, spec) for stmt in written if (spec := self._export(module, stmt)) is not None]
         self._check_targets(module, exported)
+
+    def _is_root(self, node: Node) -> bool:
+        """Whether `run` builds and shows a bound value though nothing exports it (a report)."""
+        kind = KINDS.get(node.type.kind)
+        return kind is not None and kind.root_when_bound and node not in self.graph.roots
 
     def referenced(self, module: Module) -> set[str]:
         """Every name any loaded recipe mentions: what is not in it is bound but unused."""
@@ -547,20 +555,31 @@ class Lowerer:
         return names
 
     def _export(self, module: Module, stmt: ast.Export) -> ExportSpec | None:
+        """An export of any value whose artifact kind accepts the format asked for (artifacts/)."""
         value = self.expr(module, stmt.value)
-        fmt = stmt.format.id if stmt.format else ("onnx" if stmt.path.value.endswith(".onnx") else "hf")
-        if fmt != "hf":
-            where = stmt.format.span if stmt.format else stmt.path.span
-            self.diags.error("E305", f"export format `{fmt}` is not supported yet", where,
-                             "export to a directory (Hugging Face safetensors): `export m to \"out/model\"`")
-            return None
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA or (
                 isinstance(value, Linear) and value.terms and value.weight_sum == 0):
             self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
                              stmt.value.span, "add it to a model first: `export base + delta to ...`")
             return None
-        node = self.as_model(module, value, stmt.value)
+        if isinstance(value, Graphed) and value.node.type.kind is not Kind.MODEL:
+            node = value.node
+        else:  # a model, a model reference, an affine combination, or something that is none of those
+            node = self.as_model(module, value, stmt.value)
         if node is None:
+            return None
+        kind = KINDS.get(node.type.kind)
+        if kind is None or not kind.formats:
+            self.diags.error("E305", f"cannot export {kind.noun if kind else 'a ' + node.type.kind.value}: "
+                             "it is not a result that can be released", stmt.value.span,
+                             "export takes " + ", ".join(exportable_kinds()))
+            return None
+        fmt = stmt.format.id if stmt.format else ("onnx" if stmt.path.value.endswith(".onnx") else kind.formats[0])
+        if fmt not in kind.formats:
+            where = stmt.format.span if stmt.format else stmt.path.span
+            self.diags.error("E305", f"export format `{fmt}` is not supported for {kind.noun}", where,
+                             f"{kind.noun} is exported as " + " or ".join(f"`{f}`" for f in kind.formats)
+                             + ", to a directory: `export x to \"out/name\"`")
             return None
         spec = ExportSpec(node, (module.dir / stmt.path.value).resolve(), fmt, stmt.span, stmt.path.value)
         self.graph.exports.append(spec)
@@ -760,8 +779,9 @@ def lower_file(path: Path) -> Program:
                                "cache: its signature and costs are unknown until it is fetched",
                                node.spans[0] if node.spans else None, fetch_hint(repo_id, revision, _display(path)))
     referenced = lowerer.referenced(module)
+    shown = {name for node in lowerer.graph.roots for name in node.names}
     for name, (owner, assign) in module.scope.items():
-        if owner is module and name not in referenced:
+        if owner is module and name not in referenced and name not in shown:
             lowerer.diags.warning("E105", f"`{name}` is never used or exported", assign.name.span,
                                   f"export it (`export {name} to \"out/{name}\"`) or remove it")
     return Program(lowerer.graph, module, lowerer.diags.items)

@@ -63,6 +63,7 @@ class ExportSpec:
 class Graph:
     nodes: list[Node] = field(default_factory=list)
     exports: list[ExportSpec] = field(default_factory=list)
+    roots: list[Node] = field(default_factory=list)  # built and shown by `run` though not exported (reports)
     _index: dict[tuple, Node] = field(default_factory=dict, repr=False)
 
     def add(self, op: str, inputs: tuple[Node, ...], params: dict[str, Any], type_: Type,
@@ -79,9 +80,9 @@ class Graph:
         return node
 
     def reachable(self) -> list[Node]:
-        """Nodes the exports depend on, in creation order, which is topological (inputs come first)."""
+        """Nodes the exports and roots depend on, in creation order, which is topological (inputs first)."""
         seen: set[int] = set()
-        stack = [export.node for export in self.exports]
+        stack = [export.node for export in self.exports] + list(self.roots)
         while stack:
             node = stack.pop()
             if node.id not in seen:

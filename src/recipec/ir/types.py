@@ -9,24 +9,63 @@ are deferred rather than guessed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from typing import ClassVar
 
 from ..arch import ArchFacts
 from ..dtypes import TensorSpec
 
 
+class Kind(str):
+    """The kind of a value: Model, Delta, Corpus, ... Open: an op family registers a new one with
+    `Kind.register("Report")`. Kinds are interned, so `kind is Kind.MODEL` holds, and a kind is the
+    string of its name, so it compares, hashes and serializes as that name."""
+
+    _interned: ClassVar[dict[str, Kind]] = {}
+
+    MODEL: ClassVar[Kind]
+    DELTA: ClassVar[Kind]
+    CORPUS: ClassVar[Kind]
+    DATASET: ClassVar[Kind]
+    SCALAR: ClassVar[Kind]
+    STR: ClassVar[Kind]
+    BOOL: ClassVar[Kind]
+    LIST: ClassVar[Kind]
+    ERROR: ClassVar[Kind]
+
+    def __new__(cls, name: str) -> Kind:
+        """The registered kind called `name` (ValueError when there is none, as for an Enum)."""
+        try:
+            return cls._interned[name]
+        except KeyError:
+            raise ValueError(f"{name!r} is not a registered kind") from None
+
+    @classmethod
+    def register(cls, name: str) -> Kind:
+        """The kind called `name`, created on first registration; registering it again returns the same one."""
+        if name not in cls._interned:
+            cls._interned[name] = str.__new__(cls, name)
+        return cls._interned[name]
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Kind.{self.value}"
+
+    def __reduce__(self):  # copies and pickles stay the interned object
+        return (Kind.register, (self.value,))
 
 
-class Kind(str, Enum):
-    MODEL = "Model"
-    DELTA = "Delta"
-    CORPUS = "Corpus"
-    DATASET = "Dataset"
-    SCALAR = "Scalar"
-    STR = "Str"
-    BOOL = "Bool"
-    LIST = "List"
-    ERROR = "Error"  # the type of an expression that already failed: accepted nowhere, reported once
+Kind.MODEL = Kind.register("Model")
+Kind.DELTA = Kind.register("Delta")
+Kind.CORPUS = Kind.register("Corpus")
+Kind.DATASET = Kind.register("Dataset")
+Kind.SCALAR = Kind.register("Scalar")
+Kind.STR = Kind.register("Str")
+Kind.BOOL = Kind.register("Bool")
+Kind.LIST = Kind.register("List")
+Kind.ERROR = Kind.register("Error")  # the type of an expression that already failed: accepted nowhere, reported once
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,7 @@ class Combine(Op):
     """
 
     name = "combine"
+    card_relation = "merge"
     inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
     rule = "arithmetic:build_combine"
 

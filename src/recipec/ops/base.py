@@ -141,6 +141,41 @@ class Op:
         in-process or in a launched worker): validated once at check time, typed here."""
         return cls.Params.model_validate_json(canonical_json(node.params))
 
+    # Hooks of input ops (builds=False) and of releases; the engine, verify and plan ask these, never op names.
+
+    card_relation: ClassVar[str] = "finetune"  # a release's relation to its base models (the hub's vocabulary)
+
+    @classmethod
+    def resolve(cls, node: Node, ctx: Any) -> Any:
+        """An input op's artifact at run time: a `resolve.Resolved` from a `resolve.ResolveContext`."""
+        raise NotImplementedError(f"`{cls.name}` builds its result; only input ops resolve")
+
+    @classmethod
+    def remembered_digest(cls, node: Node, cache: Any) -> str | None:
+        """An input's digest without reading its data, when the cache (a `store.cache.Cache`) remembers it."""
+        return None
+
+    @classmethod
+    def hub_reference(cls, params: dict[str, Any]) -> tuple[str, str | None] | None:
+        """(repository id, revision) of a hub input, resolved with every other before anything runs."""
+        return None
+
+    @classmethod
+    def base_model(cls, record: dict[str, Any]) -> str | None:
+        """How a model card names this input as a base model (a hub id), from what it resolved to."""
+        return None
+
+    @classmethod
+    def source_dir(cls, params: dict[str, Any], recipe_dir: Path) -> Path | None:
+        """The model directory an input op reads, when it knows one without running."""
+        return None
+
+    @classmethod
+    def read_places(cls, params: dict[str, Any], recipe_dir: Path) -> list[Path]:
+        """Directories the op reads that an export must never replace (besides file parameters)."""
+        source = cls.source_dir(params, recipe_dir)
+        return [source] if source is not None else []
+
 
 REGISTRY: dict[str, type[Op]] = {}
 

@@ -38,6 +38,7 @@ class Merge(Op):
     """
 
     name = "merge"
+    card_relation = "merge"
     version = 1
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="the models to merge"),
               Input("base", Kind.MODEL, optional=True, doc="the common base (task_arithmetic, ties, dare)"))

@@ -15,12 +15,18 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .. import arch as archs
+from ..artifacts import Artifact
+from ..artifacts.corpus import CorpusKind, read_texts
+from ..artifacts.data import remembered_records_digest, resolve_records
+from ..artifacts.dataset import DatasetKind, read_conversations
+from ..artifacts.model import ModelKind, file_records, input_digest, remembered_input_digest
 from ..dtypes import DTYPE_CODES
 from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
 from .base import ERROR_TYPE, Context, Cost, FileDigests, Op, Params, register
+from .resolve import ResolveContext, Resolved
 
 def signature_of_dir(root: Path) -> Signature:
     """The signature of a local model directory, from config.json and safetensors headers."""
@@ -98,6 +104,19 @@ class Load(Op):
         return {"path": str((ctx.recipe_dir / params.path).resolve()), "allow_pickle": params.allow_pickle,
                 "remote_code": params.remote_code}
 
+    @classmethod
+    def source_dir(cls, params, recipe_dir):
+        return recipe_dir / params["path"]
+
+    @classmethod
+    def resolve(cls, node, ctx: ResolveContext) -> Resolved:
+        path = Path(node.params["path"])
+        return _resolve_model_dir(node, path, {"path": ctx.relative(path)}, ctx)
+
+    @classmethod
+    def remembered_digest(cls, node, cache):
+        return remembered_input_digest(Path(node.params["path"]), cache.known_digests())
+
 
 @register
 class Hf(Op):
@@ -124,6 +143,47 @@ class Hf(Op):
         if cached is None:
             return Type(Kind.MODEL, None)
         return _dir_type(ctx, cached[0], "id")
+
+    @classmethod
+    def hub_reference(cls, params):
+        return params["id"], params.get("revision")
+
+    @classmethod
+    def read_places(cls, params, recipe_dir):
+        # The whole repository in the hub cache: its snapshots and the blobs they link to.
+        return [snapshot.parent.parent for snapshot in super().read_places(params, recipe_dir)]
+
+    @classmethod
+    def source_dir(cls, params, recipe_dir):
+        cached = hub.cached_snapshot(params["id"], params.get("revision"))
+        return cached[0] if cached is not None else None
+
+    @classmethod
+    def resolve(cls, node, ctx: ResolveContext) -> Resolved:
+        path, commit = ctx.hub_snapshots[cls.hub_reference(node.params)]
+        record = {"id": node.params["id"], "revision": node.params.get("revision") or "main", "commit": commit}
+        return _resolve_model_dir(node, path, record, ctx)
+
+    @classmethod
+    def remembered_digest(cls, node, cache):
+        return remembered_input_digest(cls.source_dir(node.params, Path()), cache.known_digests())
+
+    @classmethod
+    def base_model(cls, record):
+        return record.get("id")
+
+
+def _resolve_model_dir(node, path: Path, record: dict, ctx: ResolveContext) -> Resolved:
+    """A model directory as an input artifact: pickles converted when allowed, weights hashed unless remembered."""
+    if node.params.get("allow_pickle") and pickled_weights(path) and not (path / "model.safetensors").exists():
+        path = ctx.convert_pickle(path)
+        record.update(converted_from_pickle=True, converted_key=path.name)  # a gc root keeps it
+    files = ModelKind.read(path)
+    artifact = Artifact(Kind.MODEL, path, input_digest(files, ctx.cache, ctx.threads, ctx.hash_files))
+    artifact.files = files  # read already
+    if ctx.hash_files:
+        record["files"] = file_records(path, ctx.threads)
+    return Resolved(artifact, record)
 
 
 def model_reference(ctx: Context, text: str) -> tuple[type[Op], Params] | None:
@@ -290,12 +350,14 @@ def _data_files(ctx: Context, pattern: str) -> list[Path] | None:
 
 
 class _DataSource(Op):
+    """Files read by content into normalized records (artifacts/data.py); the files are found at check time."""
+
     builds = False
-    kind: Kind
+    artifact_kind: type  # a DataKind
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
-        return Type(cls.kind) if _data_files(ctx, params.glob) is not None else ERROR_TYPE
+        return Type(cls.artifact_kind.kind) if _data_files(ctx, params.glob) is not None else ERROR_TYPE
 
     @classmethod
     def node_params(cls, params, ctx):
@@ -304,6 +366,32 @@ class _DataSource(Op):
         data["bytes"] = sum(Path(p).stat().st_size for p in data["files"])
         return data
 
+    @classmethod
+    def read_options(cls, params: dict) -> dict:
+        """The parameters that decide how the files are read into records (part of the records' key)."""
+        return {}
+
+    @classmethod
+    def reader(cls, params: dict, shown):
+        """A function from one file to its records and problems."""
+        raise NotImplementedError
+
+    @classmethod
+    def resolve(cls, node, ctx: ResolveContext) -> Resolved:
+        files = [Path(p) for p in node.params["files"]]
+        artifact, sums = resolve_records(cls.artifact_kind, cls.name, files, cls.read_options(node.params),
+                                         cls.reader(node.params, ctx.relative), ctx.relative, ctx.cache,
+                                         ctx.threads, ctx.hash_files)
+        record = {"glob": node.params["glob"], "converted_key": artifact.meta["key"]}  # a gc root keeps the records
+        if ctx.hash_files:
+            record["files"] = [{"name": ctx.relative(p), "size": p.stat().st_size, "sha256": sums[p]} for p in files]
+        return Resolved(artifact, record)
+
+    @classmethod
+    def remembered_digest(cls, node, cache):
+        files = [Path(p) for p in node.params["files"]]
+        return remembered_records_digest(cls.artifact_kind, files, cls.read_options(node.params), cache)
+
 
 @register
 class Text(_DataSource):
@@ -311,11 +399,19 @@ class Text(_DataSource):
 
     name = "text"
     positional = ("glob",)
-    kind = Kind.CORPUS
+    artifact_kind = CorpusKind
 
     class Params(Params):
         glob: str = Field(description="files to read, relative to the recipe (`**` recurses)")
         field: str = Field("text", description="the JSON field holding the text, for .jsonl files")
+
+    @classmethod
+    def read_options(cls, params):
+        return {"field": params["field"]}
+
+    @classmethod
+    def reader(cls, params, shown):
+        return lambda path: read_texts(path, shown(path), params["field"])
 
 
 @register
@@ -324,7 +420,11 @@ class Chat(_DataSource):
 
     name = "chat"
     positional = ("glob",)
-    kind = Kind.DATASET
+    artifact_kind = DatasetKind
 
     class Params(Params):
         glob: str = Field(description="files to read, relative to the recipe (`**` recurses)")
+
+    @classmethod
+    def reader(cls, params, shown):
+        return lambda path: read_conversations(path, shown(path))

@@ -1,47 +1,29 @@
 """Which nodes the cache already holds, decided without reading a weight or importing torch.
 
 A node's key needs its inputs' content digests: a built input's digest is in its cache object's
-metadata; a model directory's weights digest is remembered by file identity from an earlier run, and its
-small data files are hashed. Where a digest is not known, nothing downstream can be known to be cached,
+metadata; an input op's digest comes from its `remembered_digest` hook (a model directory's weights
+digest and a data source's records are remembered by file identity from an earlier run). Where a digest is not known, nothing downstream can be known to be cached,
 and the plan says "build".
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..ir.graph import Graph, Node
+from ..ir.graph import Graph
 from ..ops import REGISTRY
 from ..ops.base import cache_key
 from ..store.cache import Cache
-from ..store.digests import remembered_model_dir_digest
-from ..store.hub import cached_snapshot
-from ..store.model_dir import ModelDirError, weight_files
-
-
-def _input_dir(node: Node) -> Path | None:
-    if node.op == "load":
-        return Path(node.params["path"])
-    if node.op == "hf":
-        found = cached_snapshot(node.params["id"], node.params.get("revision"))
-        return found[0] if found else None
-    return None
 
 
 def cached_keys(graph: Graph, cache: Cache) -> dict[int, str]:
     """Node id -> cache key, for every built node whose result the cache holds."""
     if not cache.objects.is_dir():  # an empty cache holds nothing: skip even looking at the inputs
         return {}
-    known = cache.known_digests()
     digests: dict[int, str] = {}
     found: dict[int, str] = {}
     for node in graph.reachable():
-        if not REGISTRY[node.op].builds:
-            root = _input_dir(node)
-            try:
-                digest = remembered_model_dir_digest(root, known) if root and weight_files(root) else None
-            except (ModelDirError, OSError):
-                digest = None
+        op = REGISTRY[node.op]
+        if not op.builds:
+            digest = op.remembered_digest(node, cache)  # the input op knows what its digest depends on
             if digest:
                 digests[node.id] = digest
             continue

@@ -33,9 +33,11 @@ def key_params(node: Node) -> str:
     if node.op == "combine":
         terms = [f"{c:g}·{i.label}" for c, i in zip(node.params["coefficients"], node.inputs)]
         return " + ".join(terms).replace("+ -", "− ")
-    fields = REGISTRY[node.op].Params.model_fields
+    op = REGISTRY[node.op]
+    fields, internal = op.Params.model_fields, getattr(op, "internal", frozenset())
     shown = [f"{name}={_value_text(value)}" for name, value in node.params.items()
-             if name in fields and value != fields[name].default and _value_text(value) is not None]
+             if name in fields and name not in internal and value != fields[name].default
+             and _value_text(value) is not None]
     return " ".join(shown[:_MAX_PARAMS] + (["…"] if len(shown) > _MAX_PARAMS else []))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..artifacts import KINDS
 from ..ir.graph import Node
 from .plan import BUILD, CACHED, INPUT, Plan
 
@@ -51,7 +52,8 @@ def _type_line(node: Node) -> str:
             return f"{node.type} · {_why_unknown(node)}"
         return (f"{node.type} · {human_count(sig.params)} params · {len(sig.tensors)} tensors · "
                 f"{human_bytes(sig.nbytes)} {sig.dtype}")
-    return str(node.type)
+    kind = KINDS.get(node.type.kind)
+    return kind.describe(node.type) if kind else str(node.type)
 
 
 def render_text(plan: Plan, color: bool = False) -> str:

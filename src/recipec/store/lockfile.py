@@ -5,13 +5,14 @@ is named by hash. It pins
 
 - `[recipe]`: the recipe file's name and sha256;
 - `[toolchain]`: the versions of the packages that can change the bytes built;
-- `[inputs.NAME]`: each input as written, and as resolved (`path` relative to the recipe, or hub `id`,
-  `revision` and `commit`), its content digest, and (after `recipec lock`) every file the digest
-  covers with size and sha256;
+- `[inputs.NAME]`: each input as written, and as resolved (`path` relative to the recipe, hub `id`,
+  `revision` and `commit`, or a data source's `glob`), its content digest, and (after `recipec lock`)
+  every file the digest covers with size and sha256 (a data source's names relative to the recipe);
 - `[nodes.NAME]`: every built node's cache key and content digest;
 - `[outputs."PATH"]`: every export's node, digest and release files with their sha256 (after `run`).
 
-A digest is that of a model directory (store/digests.py): weights by content plus every data file.
+A digest is that of the input's artifact (recipec/artifacts): a model directory's weights by content
+plus every data file; a data source's normalized records.
 `run --locked` compares the present against it and names what drifted; `verify` rebuilds and compares.
 A lockfile that cannot be read, has the wrong shape or another format version is refused (E520)
 before anything is built.
@@ -61,6 +62,8 @@ class _Input(_Strict):
     revision: str | None = None
     commit: str | None = None
     converted_from_pickle: bool | None = None
+    converted_key: str | None = None  # the cache object the input was read into (converted pickles, data records)
+    glob: str | None = None  # a data source's files, as the recipe wrote them
     files: list[_File] | None = None
 
 
@@ -157,7 +160,7 @@ def node_drift(lock: dict, label: str, key: str | None = None, digest: str | Non
 
 def input_drift(label: str, locked: dict, current: dict) -> str | None:
     """Whether an input disagrees with the lock: the first differing file by name, else its content."""
-    for field in ("op", "path", "id", "revision", "commit"):
+    for field in ("op", "path", "glob", "id", "revision", "commit"):
         if locked.get(field) != current.get(field):
             return f"input `{label}` {field} {current.get(field)!r} (locked {locked.get(field)!r})"
     if "files" in locked and "files" in current:

@@ -1,9 +1,8 @@
-"""Releases: an `export` written as a Hugging Face directory, atomically, never over anything else.
+"""Releases: an `export` written as a directory, atomically, never over anything else.
 
-The directory is assembled in a temporary sibling — the model's data files (only those a release may
-hold, see `release_files`), a model card (`README.md`) whose front matter names the base models and
-whose body carries the recipe and its lock digest, the marker `.recipec-release`, and `SHA256SUMS` —
-each file fsynced, then swapped into place. A run killed at any point leaves the previous complete
+What a release holds is its artifact kind's to say (recipec/artifacts: a model's data files and card,
+a report's pages); this module writes it. The directory is assembled in a temporary sibling — those
+files, the marker `.recipec-release`, and `SHA256SUMS` — each file fsynced, then swapped into place. A run killed at any point leaves the previous complete
 output or none; the next run removes the stale temporary. Runs writing into the same parent directory
 take turns through a lock on that directory itself, which leaves no file behind.
 
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Iterator
 
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
-from . import release_files
 from .filehash import hash_file
 
 MARKER = ".recipec-release"
@@ -36,31 +34,15 @@ EDITABLE_MODE, SHARED_MODE = 0o644, 0o444  # copies are the user's to edit; shar
 
 
 @dataclass(frozen=True)
-class Card:
-    base_models: tuple[str, ...]
-    relation: str  # "merge", "finetune", "quantized", "adapter" (the hub's base_model_relation)
-    recipe_name: str
-    recipe_text: str
-    lock_digest: str
-    model_digest: str
+class ReleaseFile:
+    """One file of a release: copied from `source`, or written from `text`."""
 
-
-def card_text(card: Card) -> str:
-    front = ["---"]
-    if card.base_models:
-        front.append("base_model:")
-        front += [f"- {m}" for m in card.base_models]
-        front.append(f"base_model_relation: {card.relation}")
-    front += ["tags:", "- recipec", "---", ""]
-    body = [
-        f"# {card.recipe_name}", "",
-        "Built by recipec from this recipe:", "",
-        "```", card.recipe_text.rstrip("\n"), "```", "",
-        f"- lock digest: `{card.lock_digest}`",
-        f"- model digest: `{card.model_digest}` (covers every tensor and every data file: config, tokenizer, chat template)",
-        "", "`recipec verify` rebuilds this model from the recipe and its lockfile and compares it byte for byte.", "",
-    ]
-    return "\n".join(front + body)
+    name: str
+    source: Path | None = None
+    text: str | None = None
+    shared: bool = False  # a read-only hard link to `source` where possible (a committed cache object's file)
+    read_only: bool = False  # weights: an edit in place would change the cache and every release
+    sha256: str | None = None  # of `source`'s bytes, when already known
 
 
 class TargetRefused(Exception):
@@ -71,9 +53,9 @@ class TargetRefused(Exception):
         self.code, self.message, self.hint = code, message, hint
 
 
-def marker_text(card: Card) -> str:
+def marker_text(recipe_name: str, digest: str) -> str:
     """The marker that makes a directory recognizable as a release recipec wrote (deterministic)."""
-    marker = {"format": MARKER_FORMAT, "recipe": card.recipe_name, "model_digest": card.model_digest}
+    marker = {"format": MARKER_FORMAT, "recipe": recipe_name, "model_digest": digest}
     return json.dumps(marker, indent=2, sort_keys=True) + "\n"
 
 
@@ -161,42 +143,23 @@ def _write(dest: Path, text: str) -> None:
     os.chmod(dest, EDITABLE_MODE)
 
 
-def _without_code(source: Path) -> str | None:
-    """A config file's text with its code references removed, or None when it has none."""
-    try:
-        data = json.loads(source.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not release_files.code_references(data):
-        return None
-    return json.dumps(release_files.without_code_references(data), indent=2, ensure_ascii=False) + "\n"
+def _put(file: ReleaseFile, dest: Path) -> str:
+    """Write one release file; returns its sha256 (known, when its bytes are the source's)."""
+    if file.text is not None:
+        _write(dest, file.text)
+        return hash_file(dest)
+    mode = SHARED_MODE if file.read_only or file.shared else EDITABLE_MODE
+    if file.shared:
+        _place(file.source, dest)
+    else:
+        _copy(file.source, dest, mode)
+    return file.sha256 or hash_file(dest)
 
 
-def _release_file(entry: Path, dest: Path, shared: bool, keep_code: bool) -> bool:
-    """Put one data file into the release; returns whether its bytes are the source's."""
-    if release_files.is_weight_file(entry.name):
-        if shared:
-            _place(entry, dest)
-        else:
-            _copy(entry, dest, SHARED_MODE)
-        return True
-    stripped = None if keep_code or entry.name not in release_files.CODE_FILES else _without_code(entry)
-    if stripped is not None:
-        _write(dest, stripped)
-        return False
-    _copy(entry, dest)
-    return True
-
-
-def write_release(source: Path, target: Path, card: Card, known: dict[str, str] | None = None,
-                  keep_code: bool = False, force: bool = False) -> tuple[dict[str, str], Path | None]:
-    """Write the model in `source` to `target` as a release; returns (file -> sha256, where the target's
-    previous content was moved aside, if it was).
-
-    `known` gives the sha256 of source files already hashed (a cache object's); weights of a committed
-    cache object are linked, other files copied. Only release data files are taken from `source`, and
-    code references are removed from configs unless `keep_code`. Raises TargetRefused.
-    """
+def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, digest: str,
+                  force: bool = False) -> tuple[dict[str, str], Path | None]:
+    """Write `files` to `target` as a release of the artifact with `digest`; returns (file -> sha256,
+    where the target's previous content was moved aside, if it was). Raises TargetRefused."""
     with output_lock(target):
         check_target(target, force)  # again, under the lock: the target may have changed since the plan
         tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
@@ -204,15 +167,8 @@ def write_release(source: Path, target: Path, card: Card, known: dict[str, str] 
         tmp.mkdir()
         try:
             sums = {}
-            for entry in sorted(source.iterdir()):
-                if not entry.is_file() or not release_files.is_release_file(entry.name):
-                    continue
-                same = _release_file(entry, tmp / entry.name, bool(known and entry.name in known), keep_code)
-                sums[entry.name] = known[entry.name] if same and known and entry.name in known else hash_file(
-                    tmp / entry.name)
-            for name, text in (("README.md", card_text(card)), (MARKER, marker_text(card))):
-                _write(tmp / name, text)
-                sums[name] = hash_file(tmp / name)
+            for file in [*files, ReleaseFile(MARKER, text=marker_text(recipe_name, digest))]:
+                sums[file.name] = _put(file, tmp / file.name)
             _write(tmp / "SHA256SUMS", "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
             sums["SHA256SUMS"] = hash_file(tmp / "SHA256SUMS")
             os.chmod(tmp, 0o755)

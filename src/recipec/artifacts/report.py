@@ -1,0 +1,93 @@
+"""The report kind: what an analysis found, as JSON data, a rendered Markdown page and PNG figures.
+
+A report rule builds a `Report` and calls `write_report`: `report.json` holds the data (what `run --json`
+prints), `report.md` the page (what `run` prints), and each figure is a PNG beside them, drawn with
+matplotlib's Agg backend (no display needed). The digest covers all of them; a release is those files.
+Every report the main recipe binds is built and printed by `run` (reports are cheap), exported or not.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..ir.types import Kind, Type
+from . import ArtifactError, ArtifactKind, Problem, register
+
+REPORT = Kind.register("Report")
+DATA_FILE, PAGE_FILE = "report.json", "report.md"
+
+
+@register
+class ReportKind(ArtifactKind):
+    kind = REPORT
+    noun = "a report"
+    formats = ("report",)
+    root_when_bound = True
+
+    @classmethod
+    def describe(cls, type_: Type) -> str:
+        return f"{type_} · printed by `run`"
+
+    @classmethod
+    def read(cls, path: Path) -> dict:
+        """The report's data."""
+        try:
+            return json.loads((path / DATA_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ArtifactError([Problem("E505", f"cannot read {path / DATA_FILE}: {err}")]) from None
+
+
+@dataclass
+class Table:
+    """A table of the page: a header row and rows of cells already formatted."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join(" --- " for _ in self.header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in self.rows])
+
+
+@dataclass
+class Report:
+    title: str
+    data: dict[str, Any]
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, Callable[[Any], None]] = field(default_factory=dict)  # file stem -> draw(axes)
+
+    def page(self) -> str:
+        parts = [f"# {self.title}"] + [t.markdown() for t in self.tables]
+        parts += [f"![{name}]({name}.png)" for name in self.figures]
+        return "\n\n".join(parts) + "\n"
+
+
+def write_report(report: Report, out: Path) -> None:
+    """Write a report's data, page and figures into `out`, deterministically."""
+    (out / DATA_FILE).write_text(json.dumps(report.data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (out / PAGE_FILE).write_text(report.page(), encoding="utf-8")
+    for name, draw in report.figures.items():
+        _draw_png(draw, out / f"{name}.png")
+
+
+def _draw_png(draw: Callable[[Any], None], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
+    try:
+        draw(axes)
+        # No timestamps or software version in the file, so the same report gives the same bytes.
+        figure.savefig(dest, format="png", metadata={"Software": None})
+    finally:
+        pyplot.close(figure)
+
+
+def page_of(path: Path) -> str:
+    """The rendered page of a report directory."""
+    return (path / PAGE_FILE).read_text(encoding="utf-8")

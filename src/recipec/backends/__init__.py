@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from .job import Artifact, Job, RunFailure
+from .job import Artifact, Job, Meter, RunFailure
 
 RULES: dict[str, tuple[str, str]] = {
     "init": ("sources", "build_init"),
@@ -28,4 +28,4 @@ def rule_for(op: str):
     return getattr(importlib.import_module(f".{module}", __name__), function)
 
 
-__all__ = ["Artifact", "Job", "RULES", "RunFailure", "rule_for"]
+__all__ = ["Artifact", "Job", "Meter", "RULES", "RunFailure", "rule_for"]

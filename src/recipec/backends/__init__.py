@@ -22,10 +22,15 @@ RULES: dict[str, tuple[str, str]] = {
 }
 
 
+def rule_at(module: str, function: str):
+    """A rule by location: a module of this package (`merge`), or any importable module by its full
+    dotted name (`my_ops.rules`), so that an op family living elsewhere registers its rules here too."""
+    return getattr(importlib.import_module(module if "." in module else f".{module}", __name__), function)
+
+
 def rule_for(op: str):
     """The rule that builds `op`, imported on first use."""
-    module, function = RULES[op]
-    return getattr(importlib.import_module(f".{module}", __name__), function)
+    return rule_at(*RULES[op])
 
 
-__all__ = ["Artifact", "Job", "Meter", "RULES", "RunFailure", "rule_for"]
+__all__ = ["Artifact", "Job", "Meter", "RULES", "RunFailure", "rule_at", "rule_for"]

@@ -7,7 +7,8 @@ recipec.backends.worker SPEC`, which every such launcher accepts). The driver an
 files in `<work dir>/.recipec-launch/`, so nothing but a path crosses the process boundary:
 
 - `spec.json`: what the job is (op, label, params, input directories and digests, out and work
-  directories, threads) for people and tools, and the exact node and input objects for the worker;
+  directories, threads, the rule's module and function) for people and tools, and the exact node and
+  input objects for the worker;
 - `progress.jsonl`: one `{"done", "total", "unit"}` line per progress report, tailed by the driver;
 - `result.json`: the digest the rule returned, its warnings and non-finite count, written on success;
 - `failure.json`: the code, message and hint of a `RunFailure` (or of an unexpected error), so that the
@@ -31,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import RULES
 from .job import Job, RunFailure, RunWarning
 
 CONTROL = ".recipec-launch"
@@ -52,6 +54,7 @@ def write_spec(job: Job) -> Path:
         "format": 1, "op": job.node.op, "label": job.node.label, "params": job.node.params,
         "inputs": [{"path": str(a.path), "digest": a.digest} if a is not None else None for a in job.inputs],
         "out": str(job.out), "work": str(job.work), "threads": job.threads,
+        "rule": list(RULES[job.node.op]),  # where the worker imports it from, whoever registered it
         # The node (types, spans) and input artifacts exactly as the driver has them: the worker is the
         # same recipec on the same machine, and the file lies in the cache that only recipec writes.
         "objects": base64.b64encode(pickle.dumps((job.node, job.inputs))).decode("ascii"),

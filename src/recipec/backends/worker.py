@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from ..store.atomic import write_bytes_atomic
-from . import rule_for
+from . import rule_at
 from .job import Job, Meter, RunFailure
 
 
@@ -51,7 +51,7 @@ def run(spec_path: Path) -> int:
     job = Job(node, inputs, Path(spec["out"]), Path(spec["work"]), spec["threads"], progress=meter)
     failure_file = control / ("failure.json" if rank == 0 else f"failure-rank{rank}.json")
     try:
-        digest = rule_for(node.op)(job)
+        digest = rule_at(*spec["rule"])(job)
     except RunFailure as err:
         _write_json(failure_file, {"code": err.code, "message": err.message, "hint": err.hint})
         return 1

@@ -302,13 +302,11 @@ class Cache:
         with handle:
             if exclusive:
                 _flock(handle, fcntl.LOCK_EX, f"waiting for the runs using {self.root} to finish")
-            elif tidy and writable and _try_flock(handle, fcntl.LOCK_EX):
-                self.clean_temporaries()  # alone here: every temporary is a killed run's
-                tidy = False
+            alone = exclusive or _try_flock(handle, fcntl.LOCK_EX)
+            if tidy and writable and alone:
+                self.clean_temporaries()  # nobody else is here: every temporary is a killed run's
             if not exclusive:
                 _flock(handle, fcntl.LOCK_SH, f"waiting for a `recipec cache` command on {self.root}")
-            if tidy and writable:
-                self.clean_temporaries()
             yield
 
     def _open_lock_file(self):

@@ -103,7 +103,16 @@ def list_all(cache: Cache) -> int:
         note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
                 else "unused: `recipec cache gc` removes it")
         sys.stdout.write(_row(path, apparent_size(path), note))
+    stale = set(found.stale_work)
+    for path in cache.work_dirs():
+        note = ("stale: `recipec cache gc` removes it" if path in stale
+                else "checkpoints of an unfinished build: the next run resumes from them")
+        sys.stdout.write(f"{path.name[:16]}  {'work':<10} {human_bytes(_tree_size(path)):>10}  {note}\n")
     return 0
+
+
+def _tree_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
@@ -120,7 +129,9 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
         report = ([f"{verb} " + _row(p, apparent_size(p), "unused") for p in found.garbage]
                   + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is gone\n"
                      for r in found.dead_roots]
-                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries])
+                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries]
+                  + [f"{verb} work directory {p.name[:16]} ({human_bytes(_tree_size(p))}): no lockfile uses "
+                     "its key\n" for p in found.stale_work])
         if not dry_run:
             sweep(cache, found)
             for lock in extra:

@@ -58,8 +58,9 @@ def cmd_plan(args) -> int:
     from .store.cache import Cache, default_cache_dir
 
     program = _lower(args.file)
-    cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
-    plan = make_plan(program.graph, args.file, lambda node: node.id in cached, args.threads)
+    cache = Cache(default_cache_dir(Path(args.file), args.cache))
+    cached = cached_nodes(program.graph, cache)
+    plan = make_plan(program.graph, args.file, lambda node: node.id in cached, args.threads, cache.known_speeds())
     if args.json:
         sys.stdout.write(render_json(plan))
     else:
@@ -133,36 +134,48 @@ def _run_options(args, **overrides):
     return options
 
 
-def _progress(args, program):
-    """A rich progress bar on a terminal (bytes written, rate, ETA over what the plan will build)."""
+def _progress(args):
+    """On a terminal, a rich progress display with one bar per node being built, in that job's own
+    units (bytes, steps, tokens, ...) with its ETA, and the callable the engine reports through; the
+    engine supplies each total, so nothing is computed twice."""
     if args.json or not sys.stderr.isatty():
         return None, None
     from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, ProgressColumn
     from rich.text import Text
 
-    from .plan.render import human_bytes
+    from .plan.render import human_amount, human_seconds
 
-    class BinaryRate(ProgressColumn):  # rich's TransferSpeedColumn has decimal units only
+    class Amount(ProgressColumn):
         def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("?" if speed is None else f"{human_bytes(int(speed))}/s", style="progress.data.speed")
+            meter = task.fields["meter"]
+            total = human_amount(meter.total, meter.unit) if meter.total is not None else "?"
+            return Text(f"{human_amount(meter.done, meter.unit)} / {total}", style="progress.download")
 
-    from .plan import make_plan
-    from .plan.cache_status import cached_nodes
-    from .store.cache import Cache, default_cache_dir
+    class Eta(ProgressColumn):
+        def render(self, task) -> Text:
+            eta = task.fields["meter"].eta
+            return Text("eta ?" if eta is None else f"eta {human_seconds(eta)}", style="progress.remaining")
 
-    cached = cached_nodes(program.graph, Cache(default_cache_dir(Path(args.file), args.cache)))
-    plan = make_plan(program.graph, args.file, lambda node: node.id in cached)
-    total = sum(s.cost.bytes_written for s in plan.steps if s.status == "build") or None
-    # Binary units (KiB, MiB, GiB), as `plan` prints sizes.
-    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(binary_units=True),
-                        BinaryRate(), TimeRemainingColumn(), transient=True, console=Console(stderr=True))
-    return progress, progress.add_task(f"building {_count(plan.to_build, 'node')}", total=total)
+    progress = Progress("[progress.description]{task.description}", BarColumn(), Amount(), Eta(),
+                        transient=True, console=Console(stderr=True))
+    tasks: dict[int, int] = {}
+
+    def show(meter) -> None:
+        task = tasks.get(id(meter))
+        if task is None:
+            task = tasks[id(meter)] = progress.add_task(f"building {meter.label}", total=meter.total, meter=meter)
+        if meter.finished:
+            progress.remove_task(tasks.pop(id(meter)))
+        else:
+            progress.update(task, completed=meter.done, total=meter.total, meter=meter)
+
+    return progress, show
 
 
 def cmd_run(args) -> int:
     import json
+    import shlex
 
     from .artifacts.report import page_of
     from .engine import Engine
@@ -172,9 +185,9 @@ def cmd_run(args) -> int:
     recipe = Path(args.file)
     program = _lower(args.file)
     _report(program.diagnostics, args)
-    progress, task = _progress(args, program)
-    options = _run_options(args, progress=(lambda n: progress.advance(task, n)) if progress else None,
-                           force=args.force, verify_cache=args.locked)
+    progress, show = _progress(args)
+    options = _run_options(args, progress=show, force=args.force, verify_cache=args.locked,
+                           launch=shlex.split(args.launch or ""))
     engine = Engine(program, recipe, options)
     if args.locked:  # checked before anything is built; the engine then checks each node's key and digest
         options.locked = check_locked(engine)
@@ -333,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="export even where a folder recipec did not write is in the way: it is moved aside to "
                         "NAME.replaced-TIME and kept")
+    p.add_argument("--launch", metavar="PREFIX",
+                   help="run launchable ops (training) under this launcher, e.g. \"accelerate launch "
+                        "--num_processes 2\"; it is followed by `-m recipec.backends.worker SPEC`")
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))

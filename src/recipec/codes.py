@@ -270,6 +270,16 @@ _ENTRIES += [
     Code("E554", "data file gone", RECIPE,
          "A file that the data source matched when the recipe was checked no longer exists when it is\n"
          "read. The data changed under the run: run again."),
+    Code("E560", "launched job failed", RUNTIME,
+         "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
+         "could not be started, exited with an error status, was killed by a signal, or ended without\n"
+         "writing its result. Its own output is printed above. Nothing was committed to the cache; the\n"
+         "node's work directory (`<cache>/work/KEY`) keeps its checkpoints, so the next run resumes from\n"
+         "them. Check the launcher command: it is followed by `-m recipec.backends.worker SPEC`."),
+    Code("E561", "internal error in a launched job", RUNTIME,
+         "The rule running in a worker process raised an unexpected error: a bug in recipec or in the op's\n"
+         "rule. Rerun with RECIPEC_DEBUG=1 to have the worker print the traceback, and report it. The\n"
+         "node's work directory is kept, so a fixed recipec resumes from its checkpoints."),
 ]
 
 CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
-from .backends import Job, RunFailure, rule_for
+from .backends import Job, Meter, RunFailure, rule_for
+from .backends.launch import run_launched
 from .diagnostics import Diagnostic, RecipeError
 from .ir.graph import Node
 from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
@@ -30,7 +31,7 @@ from .check import Program
 from .ops import REGISTRY
 from .ops.base import cache_key
 from .ops.resolve import ResolveContext
-from .plan.plan import default_threads
+from .plan.plan import CALIBRATION_SECONDS, default_threads, modelled_seconds, step_cost
 from .store.cache import Cache
 from .store.digests import model_dir_digest
 from .store.filehash import hash_files
@@ -51,7 +52,8 @@ class RunOptions:
     hash_input_files: bool = False  # file sha256s for the lock (a full read of every input)
     verify_cache: bool = False  # re-hash every cached result used, against the sha256s recorded at commit
     locked: dict | None = None  # under `run --locked`: the lock every node's key and digest must match
-    progress: object = None  # a callable(bytes) or None
+    progress: object = None  # None, or a callable(Meter) told of every node's start, progress and finish
+    launch: list[str] = field(default_factory=list)  # launcher prefix for launchable ops (`run --launch`)
 
 
 @dataclass
@@ -133,7 +135,7 @@ class Engine:
         started = time.monotonic()
         previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit is an error, not a kill
         try:
-            with self.cache.locked():
+            with self.cache.locked(exclusive=False):  # each node is locked by its key as it is built
                 results = self._build_all()
                 exports = self._export_all(results) if self.options.write_exports else []
         finally:
@@ -209,24 +211,18 @@ class Engine:
     def _build(self, node: Node, inputs: list[Artifact]) -> NodeResult:
         key = cache_key(node, [a.digest for a in inputs])
         self._check_locked(node, key=key)  # before anything is built
-        cached = self.cache.lookup(key)
         started = time.monotonic()
         status, job = "cached", None
+        cached = self.cache.lookup(key)
         if cached is None:
-            status = "built"
-            rule = rule_for(node.op)
-            try:
-                with self.cache.new_object(key) as tmp:
-                    job = Job(node, inputs, tmp, self.options.threads, self.cancelled,
-                              self.options.progress or (lambda n: None))
-                    digest = artifact_kind(node.type.kind).digest(tmp, rule(job))
-                    self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
-            except RunFailure as err:
-                raise _failure(node, err.code, err.message, err.hint) from None
-            except OSError as err:
-                raise _os_failure(node, err) from None
-            cached = self.cache.lookup(key)
-        elif self.options.verify_cache and (damage := self.cache.damage(cached.path, self.options.threads)):
+            with self.cache.building(key):  # another run building this key finishes first
+                cached = self.cache.lookup(key)
+                if cached is None:
+                    status = "built"
+                    job = self._run_job(node, inputs, key)
+                    cached = self.cache.lookup(key)
+        if status == "cached" and self.options.verify_cache and (
+                damage := self.cache.damage(cached.path, self.options.threads)):
             raise _failure(node, "E530", f"the cached result of `{node.label}` is damaged: {damage}",
                            self.cache.repair_hint(key))
         self._check_locked(node, digest=cached.digest)
@@ -237,6 +233,38 @@ class Engine:
             result.warnings = [Diagnostic(w.code, w.message, span, w.hint, severity="warning") for w in job.warnings]
             result.nonfinite = job.nonfinite
         return result
+
+    def _run_job(self, node: Node, inputs: list[Artifact], key: str) -> Job:
+        """Build `key` (in this process, or launched when the op allows it) and commit it; its work
+        directory is removed once the result is committed, kept on failure when it holds anything."""
+        op = REGISTRY[node.op]
+        cost = step_cost(node, self.options.threads)
+        meter = Meter(node.label, total=cost.bytes_written or None, sink=self.options.progress or (lambda m: None))
+        started = time.monotonic()
+        try:
+            with self.cache.new_object(key) as tmp:
+                job = Job(node, inputs, tmp, self.cache.work_dir(key), self.options.threads, self.cancelled, meter)
+                meter.sink(meter)  # started: shown before its first report
+                weights = run_launched(job, self.options.launch) if op.launchable else rule_for(node.op)(job)
+                digest = artifact_kind(node.type.kind).digest(tmp, weights)
+                self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
+            self.cache.drop_work(key)
+            self._calibrate(node.op, cost, time.monotonic() - started)
+        except RunFailure as err:
+            raise _failure(node, err.code, err.message, err.hint) from None
+        except OSError as err:
+            raise _os_failure(node, err) from None
+        finally:
+            self.cache.drop_work_if_empty(key)
+            meter.finish()
+        return job
+
+    def _calibrate(self, op: str, cost, seconds: float) -> None:
+        """Remember how this machine compares with the plan's time model for `op`; only builds the model
+        says take a while count, as a tiny one's time is all start-up."""
+        modelled = modelled_seconds(cost, self.options.threads)
+        if modelled >= CALIBRATION_SECONDS:
+            self.cache.remember_speed(op, seconds / modelled)
 
     def _export_all(self, results: list[NodeResult]) -> list[dict]:
         by_node = {r.node.id: r for r in results}

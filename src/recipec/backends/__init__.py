@@ -18,7 +18,7 @@ import importlib.util
 from collections.abc import Callable
 
 from ..ops import REGISTRY
-from .job import Artifact, Job, RunFailure
+from .job import Artifact, Job, Meter, RunFailure
 
 
 def rule_module(op: str) -> tuple[str, str]:
@@ -26,13 +26,18 @@ def rule_module(op: str) -> tuple[str, str]:
     else an importable module of that name (a plugin's, a test's)."""
     module, _, function = (REGISTRY[op].rule or "").partition(":")
     local = f"{__name__}.{module}"
-    return (local if importlib.util.find_spec(local) is not None else module), function
+    is_local = "." not in module and importlib.util.find_spec(local) is not None
+    return (local if is_local else module), function
 
 
-def rule_for(op: str) -> Callable[[Job], str]:
-    """The rule that builds `op`, imported on first use."""
-    module, function = rule_module(op)
+def rule_at(module: str, function: str) -> Callable[[Job], str | None]:
+    """A rule by its location, as `rule_module` gives it (a launched worker finds its rule this way)."""
     return getattr(importlib.import_module(module), function)
 
 
-__all__ = ["Artifact", "Job", "RunFailure", "rule_for", "rule_module"]
+def rule_for(op: str) -> Callable[[Job], str | None]:
+    """The rule that builds `op`, imported on first use."""
+    return rule_at(*rule_module(op))
+
+
+__all__ = ["Artifact", "Job", "Meter", "RunFailure", "rule_at", "rule_for", "rule_module"]

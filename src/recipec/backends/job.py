@@ -1,8 +1,15 @@
-"""What a backend rule is given and what it may raise."""
+"""What a backend rule is given and what it may raise.
+
+A rule gets a `Job`: its node, the input artifacts, `out` (the directory its result is written into,
+committed to the cache only when the rule returns), `work` (the node's work directory, kept across
+failures so that a long job resumes from its checkpoints; the rule creates it if it wants one) and
+`progress`, a `Meter` that the rule advances in its own units.
+"""
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,13 +36,64 @@ class RunWarning:
 
 
 @dataclass
+class Meter:
+    """How far a job is, in its own unit (bytes, steps, tokens, documents), with a total when known.
+
+    `meter(n)` advances by n; `meter.update(done, total, unit)` says where the job stands (a resumed job
+    starts where its checkpoint was). Every change is passed to `sink`, which draws it. The rate, and so
+    the ETA, is measured from the first report on: work done before it (a checkpoint) took no time here."""
+
+    label: str = ""
+    total: int | None = None
+    unit: str = "bytes"
+    done: int = 0
+    sink: Callable[["Meter"], None] = lambda meter: None
+    finished: bool = False
+    _baseline: tuple[float, int] | None = None  # (when, done) at the first report
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # rules report from threads
+
+    def __call__(self, advance: int) -> None:
+        with self._lock:
+            self._set(self.done + advance, None, None)
+
+    def update(self, done: int, total: int | None = None, unit: str | None = None) -> None:
+        with self._lock:
+            self._set(done, total, unit)
+
+    def _set(self, done: int, total: int | None, unit: str | None) -> None:
+        if unit is not None and unit != self.unit:
+            self.unit, self._baseline = unit, None  # another unit: the rate so far means nothing
+        if self._baseline is None:
+            self._baseline = (time.monotonic(), done)
+        self.done = done
+        self.total = total if total is not None else self.total
+        self.sink(self)
+
+    def finish(self) -> None:
+        self.finished = True
+        self.sink(self)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left at the rate since the first report; None without a total or a rate yet."""
+        if self.total is None or self._baseline is None:
+            return None
+        since, start = self._baseline
+        elapsed, gained = time.monotonic() - since, self.done - start
+        if gained <= 0 or elapsed <= 0:
+            return None
+        return max(0.0, (self.total - self.done) * elapsed / gained)
+
+
+@dataclass
 class Job:
     node: Node
     inputs: list[Artifact]
     out: Path
+    work: Path  # the node's work directory: absent until the rule makes it, kept until the result is committed
     threads: int
     cancelled: threading.Event = field(default_factory=threading.Event)
-    progress: Callable[[int], None] = lambda nbytes: None  # called with bytes written as work advances
+    progress: Meter = field(default_factory=Meter)
     warnings: list[RunWarning] = field(default_factory=list)
     nonfinite: int = 0  # NaN and ±inf values written into the result
 

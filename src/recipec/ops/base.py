@@ -72,12 +72,14 @@ class Cost:
 
     `peak_bytes` is the step's working memory: the most private (anonymous) memory its rule holds at
     once above what the process held before it, memory-mapped input files not counted. The planner adds
-    the process's own baseline (see plan.py)."""
+    the process's own baseline (see plan.py). `accelerator_bytes` is the memory it needs on each
+    accelerator (GPU), None for an op that uses none."""
 
     bytes_read: int = 0
     bytes_written: int = 0
     peak_bytes: int = 0
     flops: int = 0
+    accelerator_bytes: int | None = None
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Op:
     rule: ClassVar[str | None] = None
     toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
     runtime_bytes: ClassVar[int] = 0  # memory the libraries its rule imports add to the process, for good
+    launchable: ClassVar[bool] = False  # its rule runs in a worker process, under `run --launch` if given
     Params: ClassVar[type[Params]] = Params
 
     @classmethod

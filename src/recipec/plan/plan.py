@@ -9,6 +9,11 @@ interpreter and libraries included, memory-mapped input files not (the kernel ca
 any time). A step's peak is the process's baseline, plus the libraries its and earlier steps' rules
 imported (they stay loaded), plus the step's own working memory; the run's peak is the largest step's, since
 steps run one after another and each result is streamed to disk.
+
+Time is a simple model: reading, writing and arithmetic one after another, at rates of a typical
+machine (`BASE_RATES`), multiplied by how much slower or faster this machine was at the same op in
+earlier runs (the cache remembers each op's ratio of measured to modelled time, `speed`). The run's
+time is the sum of its steps'.
 """
 
 from __future__ import annotations
@@ -35,11 +40,31 @@ def default_threads() -> int:
 
 
 @dataclass(frozen=True)
+class Rates:
+    """Throughputs the time model assumes before this machine has been measured."""
+
+    read_bytes_per_s: float = 1.0 * 2**30  # input weights, mostly from the page cache or an NVMe disk
+    write_bytes_per_s: float = 0.5 * 2**30  # results are fsynced
+    flops_per_thread_per_s: float = 1e9  # fp32 elementwise work, memory-bound
+
+
+BASE_RATES = Rates()
+CALIBRATION_SECONDS = 1.0  # a build the model says is shorter is dominated by start-up, not by rates
+
+
+def modelled_seconds(cost: Cost, threads: int, rates: Rates = BASE_RATES) -> float:
+    """A step's time before calibration: its reads, writes and arithmetic done one after another."""
+    return (cost.bytes_read / rates.read_bytes_per_s + cost.bytes_written / rates.write_bytes_per_s
+            + cost.flops / (rates.flops_per_thread_per_s * max(1, threads)))
+
+
+@dataclass(frozen=True)
 class Step:
     node: Node
     status: str
     cost: Cost
     description: str
+    seconds: float = 0.0  # estimated time to build it; 0 for inputs and cached steps
 
 
 @dataclass(frozen=True)
@@ -60,8 +85,15 @@ class Plan:
     @property
     def totals(self) -> Cost:
         built = [s.cost for s in self.steps if s.status == BUILD]
+        accelerator = [c.accelerator_bytes for c in built if c.accelerator_bytes is not None]
         return Cost(sum(c.bytes_read for c in built), sum(c.bytes_written for c in built),
-                    max((c.peak_bytes for c in built), default=0), sum(c.flops for c in built))
+                    max((c.peak_bytes for c in built), default=0), sum(c.flops for c in built),
+                    max(accelerator) if accelerator else None)
+
+    @property
+    def seconds(self) -> float:
+        """Estimated time of the whole run: steps run one after another."""
+        return sum(s.seconds for s in self.steps)
 
     def summary(self) -> str:
         n = len(self.exports)
@@ -75,27 +107,37 @@ def describe(node: Node) -> str:
     return node.op
 
 
+def step_cost(node: Node, threads: int) -> Cost:
+    """What building `node` costs by its op's model, working memory only (the process's baseline is the
+    plan's business); zero for an input."""
+    op = REGISTRY[node.op]
+    if not op.builds:
+        return Cost()
+    return op.cost(list(node.inputs), op.Params.model_construct(**node.params), node.type, threads)
+
+
 def make_plan(graph: Graph, recipe: str, is_cached: Callable[[Node], bool] = lambda node: False,
-              threads: int | None = None) -> Plan:
+              threads: int | None = None, speed: dict[str, float] | None = None) -> Plan:
     """The plan for a lowered graph on `threads` workers (default: as `run`); `is_cached` says which
-    built nodes the cache already holds."""
+    built nodes the cache already holds; `speed` is this machine's measured/modelled time ratio per op."""
     threads = threads or default_threads()
+    speed = speed or {}
     steps, process, imported = [], PROCESS_BYTES, set()
     for node in graph.reachable():
         op = REGISTRY[node.op]
-        params = op.Params.model_construct(**node.params)
         if not op.builds:
             status = INPUT
         elif is_cached(node):
             status = CACHED
         else:
             status = BUILD
-        cost = op.cost(list(node.inputs), params, node.type, threads) if op.builds else Cost()
+        cost, seconds = step_cost(node, threads), 0.0
         if status == BUILD:
             if op.name not in imported:  # a rule's libraries stay loaded for the rest of the run
                 process += op.runtime_bytes
                 imported.add(op.name)
             if node.type.signature is not None:
                 cost = replace(cost, peak_bytes=process + cost.peak_bytes)
-        steps.append(Step(node, status, cost, describe(node)))
+            seconds = modelled_seconds(cost, threads) * speed.get(op.name, 1.0)
+        steps.append(Step(node, status, cost, describe(node), seconds))
     return Plan(recipe, tuple(steps), tuple(graph.exports), threads)

@@ -28,6 +28,20 @@ def human_count(n: float, unit: str = "") -> str:
     return f"{int(n)} {unit}".rstrip()
 
 
+def human_seconds(seconds: float) -> str:
+    """A duration as people read it: 0.4 s, 12 s, 3.0 min, 2.5 h, 4.1 days, 3.2 years (a unit is used
+    from two of it on)."""
+    for unit, scale in (("years", 365 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * scale:
+            return f"{seconds / scale:.1f} {unit}"
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def human_amount(n: int, unit: str) -> str:
+    """A job's progress figure: bytes in binary units, anything else counted (1.2 K steps)."""
+    return human_bytes(n) if unit == "bytes" else human_count(n, f" {unit}").replace("  ", " ")
+
+
 def _unknown(node: Node) -> bool:
     """Whether a model's signature, and so its cost, cannot be known yet (an unfetched hub model, a pickle)."""
     return node.type.kind.value in ("Model", "Delta") and node.type.signature is None
@@ -76,20 +90,25 @@ def render_text(plan: Plan, color: bool = False) -> str:
         elif step.status == BUILD:
             c = step.cost
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
-                         f"peak {human_bytes(c.peak_bytes)} · {human_count(c.flops, 'FLOP')}")
+                         f"peak {human_bytes(c.peak_bytes)}{_accelerator(c)} · {human_count(c.flops, 'FLOP')} · "
+                         f"~{human_seconds(step.seconds)}")
     for export in plan.exports:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
     unknown = _unknown_builds(plan)
     lines += ["", f"Totals{' of the known steps' if unknown else ''}: read {human_bytes(t.bytes_read)} · "
-                  f"write {human_bytes(t.bytes_written)} · peak {human_bytes(t.peak_bytes)} · "
-                  f"{human_count(t.flops, 'FLOP')}"
+                  f"write {human_bytes(t.bytes_written)} · peak {human_bytes(t.peak_bytes)}{_accelerator(t)} · "
+                  f"{human_count(t.flops, 'FLOP')} · ~{human_seconds(plan.seconds)}"
                   + (f" (+ {unknown} step{'s' if unknown != 1 else ''} of unknown cost)" if unknown else "")]
     if t.peak_bytes:
         lines.append(f"Peak: private memory of `recipec run --threads {plan.threads}`, Python and torch included, "
                      "memory-mapped inputs not counted.")
     lines.append(paint(plan.summary(), "1"))
     return "\n".join(lines) + "\n"
+
+
+def _accelerator(cost) -> str:
+    return f" · accelerator {human_bytes(cost.accelerator_bytes)}" if cost.accelerator_bytes is not None else ""
 
 
 def _signature_data(node: Node) -> dict | None:
@@ -110,13 +129,14 @@ def _cost_data(step) -> dict | None:
         return None
     c = step.cost
     return {"bytes_read": c.bytes_read, "bytes_written": c.bytes_written, "peak_bytes": c.peak_bytes,
-            "flops": c.flops}
+            "flops": c.flops, "accelerator_bytes": c.accelerator_bytes, "seconds": round(step.seconds, 3)}
 
 
 def _totals_data(plan: Plan) -> dict:
     """The totals, or nulls when a step's cost is unknown (a sum without it would mislead)."""
     unknown = _unknown_builds(plan)
-    figures = {name: None if unknown else value for name, value in vars(plan.totals).items()}
+    figures = {name: None if unknown else value
+               for name, value in {**vars(plan.totals), "seconds": round(plan.seconds, 3)}.items()}
     return {**figures, "unknown": bool(unknown), "unknown_steps": unknown}
 
 

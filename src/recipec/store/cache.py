@@ -6,7 +6,14 @@ complete result. `digests.json` remembers input models' content digests by file 
 size, mtime, inode), so `plan` can tell what is cached without reading a weight and a rerun does not
 re-hash unchanged inputs. `roots/` names the lockfiles that use the cache (one small file each, named by
 the hash of the lock's absolute path): `cache gc` keeps what any of them references, as Nix keeps what
-its gc roots reach. A file lock serializes runs that share a cache: a second run waits.
+its gc roots reach.
+
+`work/<key>/` is a node's work directory: checkpoints of a long job, kept through a failure, Ctrl-C or
+SIGKILL so that the next build of the same key resumes from them, and removed when the result is
+committed (or by `cache gc` when no lock references the key). Locking is two-level: a run holds the
+cache's `.lock` shared for its whole length and `locks/<key>.lock` exclusively while it builds that key,
+so runs sharing a cache wait for each other only on the same node; `cache gc` and `cache rm` hold
+`.lock` exclusively, so nothing is removed under a running build.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class Cache:
         self.root = root
         self.objects = root / "objects"
         self.roots = root / "roots"
+        self.work = root / "work"
+        self.key_locks = root / "locks"
 
     def lookup(self, key: str) -> CachedObject | None:
         """The object under `key`, if it is there and unchanged since it was committed."""
@@ -141,13 +150,59 @@ class Cache:
             return
         shutil.rmtree(doomed, ignore_errors=True)
 
+    # work directories: what a long job keeps between attempts
+
+    def work_dir(self, key: str) -> Path:
+        """Where the job building `key` keeps its checkpoints; created by the job when it needs one."""
+        return self.work / key
+
+    def work_dirs(self) -> list[Path]:
+        """Every work directory: a build of its key that failed or was killed, resumable by the next run."""
+        if not self.work.is_dir():
+            return []
+        return sorted(p for p in self.work.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def drop_work(self, key: str) -> None:
+        """Remove a work directory; renamed away first, so a killed removal never leaves half a checkpoint
+        where the next run would resume from it."""
+        doomed = self.work / f"{TMP_PREFIX}removed-{key}"
+        try:
+            os.rename(self.work / key, doomed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def drop_work_if_empty(self, key: str) -> None:
+        """A job that kept nothing leaves nothing behind."""
+        try:
+            (self.work / key).rmdir()
+        except OSError:  # absent, or holds checkpoints worth resuming from
+            pass
+
+    @contextmanager
+    def building(self, key: str) -> Iterator[None]:
+        """Exclusive right to build `key`: a second run needing the same node waits here, saying so, and
+        then finds it cached. A cache where the lock cannot be created is not locked: nothing can be
+        built there anyway, and the build reports why."""
+        try:
+            self.key_locks.mkdir(parents=True, exist_ok=True)
+            handle = open(self.key_locks / f"{key}.lock", "a+")
+        except OSError as err:
+            if err.errno not in _UNWRITABLE:
+                raise
+            yield
+            return
+        with handle:
+            _flock(handle, fcntl.LOCK_EX, f"waiting for another run building {key[:16]} in {self.root}")
+            yield
+
     def temporaries(self) -> list[Path]:
         """What killed runs left behind: half-built objects and half-written files."""
-        places = (self.root, self.objects, self.roots)
+        places = (self.root, self.objects, self.roots, self.work)
         return sorted(p for d in places if d.is_dir() for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
 
     def clean_temporaries(self) -> int:
-        return sum(remove_stale_temporaries(d) for d in (self.root, self.objects, self.roots))
+        return sum(remove_stale_temporaries(d) for d in (self.root, self.objects, self.roots, self.work))
 
     def damage(self, path: Path, threads: int) -> str | None:
         """What is wrong with the object at `path`, judged by content: None when every file still has the
@@ -200,47 +255,58 @@ class Cache:
                 found.append((entry, None))
         return found
 
-    # input digests by file identity
+    # small memo tables: input digests by file identity, this machine's speed per op
 
-    def _digests_path(self) -> Path:
-        return self.root / "digests.json"
-
-    def known_digests(self) -> dict:
+    def _read_table(self, name: str) -> dict:
         try:
-            return json.loads(self._digests_path().read_text())
+            return json.loads((self.root / name).read_text())
         except (OSError, json.JSONDecodeError):
             return {}
 
-    def remember_digest(self, identity: str, digest: str) -> None:
-        """Memoize an input's digest; a cache that cannot be written (read-only) just re-hashes next time."""
-        table = self.known_digests()
-        table[identity] = digest
+    def _remember(self, name: str, entry: str, value) -> None:
+        """Set one entry of a memo table; a cache that cannot be written (read-only) just does without."""
+        table = self._read_table(name)
+        table[entry] = value
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self._digests_path(), json.dumps(table, indent=1, sort_keys=True).encode())
+            write_bytes_atomic(self.root / name, json.dumps(table, indent=1, sort_keys=True).encode())
         except OSError as err:
             if err.errno not in _UNWRITABLE:
                 raise
 
+    def known_digests(self) -> dict:
+        return self._read_table("digests.json")
+
+    def remember_digest(self, identity: str, digest: str) -> None:
+        """Memoize an input's digest; a read-only cache re-hashes next time."""
+        self._remember("digests.json", identity, digest)
+
+    def known_speeds(self) -> dict[str, float]:
+        """op -> measured / modelled build time on this machine, for `plan`'s time estimates."""
+        return self._read_table("speeds.json")
+
+    def remember_speed(self, op: str, ratio: float) -> None:
+        self._remember("speeds.json", op, round(ratio, 3))
+
     @contextmanager
-    def locked(self, tidy: bool = True) -> Iterator[None]:
-        """Exclusive use of this cache for one run; a second run waits, saying so. `tidy` removes what
-        killed runs left behind. A read-only cache is locked through a read-only handle (flock needs no
+    def locked(self, tidy: bool = True, exclusive: bool = True) -> Iterator[None]:
+        """Use of this cache for one command. `exclusive` (gc, rm) waits until no run uses the cache;
+        a run takes it shared, so runs proceed together and lock each key they build (`building`).
+        `tidy` removes what killed runs left behind, only when no other run is using the cache (their
+        temporaries are alive). A read-only cache is locked through a read-only handle (flock needs no
         write access) and left as it is: a run that finds everything cached needs to write nothing."""
         handle, writable = self._open_lock_file()
         if handle is None:  # no lock file and no right to create one: nobody writes here through recipec
             yield
             return
         with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                sys.stderr.write(f"recipec: waiting for another run using {self.root}\n")
-                started = time.monotonic()
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                sys.stderr.write(f"recipec: got the cache after {time.monotonic() - started:.1f} s\n")
-            if tidy and writable:
-                self.clean_temporaries()
+            if exclusive:
+                _flock(handle, fcntl.LOCK_EX, f"waiting for the runs using {self.root} to finish")
+            alone = exclusive or _try_flock(handle, fcntl.LOCK_EX)
+            if tidy and writable and alone:
+                self.clean_temporaries()  # nobody else is here: every temporary is a killed run's
+            if not exclusive:
+                _flock(handle, fcntl.LOCK_SH, f"waiting for a `recipec cache` command on {self.root}")
             yield
 
     def _open_lock_file(self):
@@ -256,6 +322,24 @@ class Cache:
             return open(path, "r"), False
         except OSError:
             return None, False
+
+
+def _try_flock(handle, mode: int) -> bool:
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _flock(handle, mode: int, waiting: str) -> None:
+    """Take a file lock, saying on stderr that we wait and for how long, when another holds it."""
+    if _try_flock(handle, mode):
+        return
+    sys.stderr.write(f"recipec: {waiting}\n")
+    started = time.monotonic()
+    fcntl.flock(handle, mode)
+    sys.stderr.write(f"recipec: went on after {time.monotonic() - started:.1f} s\n")
 
 
 def file_identity(path: Path) -> str:

@@ -3,7 +3,8 @@
 Every `run` and `lock` registers its lockfile as a root of the cache it used (`Cache.register_root`).
 An object is live when an existing root's lock names it: a node's `key`, or the object an input's
 pickled weights were converted into (`converted_key`). Everything else in `objects/` is garbage, and so
-are roots whose lockfile is gone and the temporaries of killed runs. A lock that cannot be read keeps
+are roots whose lockfile is gone, the temporaries of killed runs, and the work directories (checkpoints
+of failed or killed jobs) of keys no lock references. A lock that cannot be read keeps
 every object: gc never guesses what a root needs.
 """
 
@@ -32,6 +33,7 @@ class Collection:
     dead_roots: list[Root] = field(default_factory=list)  # the lockfile no longer exists
     unreadable: list[tuple[Root, str]] = field(default_factory=list)  # (root, why): everything is kept
     temporaries: list[Path] = field(default_factory=list)
+    stale_work: list[Path] = field(default_factory=list)  # work directories of keys no root references
 
 
 def references(lock: dict) -> dict[str, list[str]]:
@@ -86,6 +88,7 @@ def collect(cache: Cache, extra_locks: tuple[Path, ...] = ()) -> Collection:
             found.users.setdefault(key, []).extend((root.lock, label) for label in labels)
     if not found.unreadable:
         found.garbage = [p for p in cache.object_dirs() if p.name not in found.users]
+        found.stale_work = [p for p in cache.work_dirs() if p.name not in found.users]
     return found
 
 
@@ -102,6 +105,8 @@ def sweep(cache: Cache, found: Collection) -> None:
     """Remove what `collect` found; the caller holds the cache lock."""
     for path in found.garbage:
         cache.remove(path.name)
+    for path in found.stale_work:
+        cache.drop_work(path.name)
     for root in found.dead_roots:
         if root.entry.parent == cache.roots:  # only our own registrations, never a lockfile
             root.entry.unlink(missing_ok=True)

@@ -1,0 +1,166 @@
+"""Launched jobs: running an op's rule in a separate process, possibly under a launcher.
+
+An op whose class says `launchable = True` is built by a worker process (`python -m
+recipec.backends.worker SPEC`), so that it can run under `accelerate launch`, `torchrun` or `srun python`
+(`recipec run --launch "accelerate launch --num_processes 2"`: the prefix is followed by `-m
+recipec.backends.worker SPEC`, which every such launcher accepts). The driver and the worker talk through
+files in `<work dir>/.recipec-launch/`, so nothing but a path crosses the process boundary:
+
+- `spec.json`: what the job is (op, label, params, input directories and digests, out and work
+  directories, threads, the rule's module and function) for people and tools, and the exact node and
+  input objects for the worker;
+- `progress.jsonl`: one `{"done", "total", "unit"}` line per progress report, tailed by the driver;
+- `result.json`: the digest the rule returned, its warnings and non-finite count, written on success;
+- `failure.json`: the code, message and hint of a `RunFailure` (or of an unexpected error), so that the
+  driver reports it at the op's span like any in-process failure.
+
+Ctrl-C in the driver stops the worker (SIGINT, then SIGKILL if it lingers), and a worker whose driver
+dies is killed too (Linux's parent-death signal), so a killed run never leaves a job writing behind it.
+The control folder is removed when the job ends; the work directory around it is the rule's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import rule_module
+from .job import Job, RunFailure, RunWarning
+
+CONTROL = ".recipec-launch"
+WORKER_MODULE = "recipec.backends.worker"
+STOP_GRACE_SECONDS = 10.0
+POLL_SECONDS = 0.1
+
+
+def control_dir(work: Path) -> Path:
+    return work / CONTROL
+
+
+def write_spec(job: Job) -> Path:
+    """The job as JSON, in a fresh control folder inside its work directory."""
+    control = control_dir(job.work)
+    shutil.rmtree(control, ignore_errors=True)  # a previous attempt's messages are not this one's
+    control.mkdir(parents=True)
+    spec = {
+        "format": 1, "op": job.node.op, "label": job.node.label, "params": job.node.params,
+        "inputs": [{"path": str(a.path), "digest": a.digest} if a is not None else None for a in job.inputs],
+        "out": str(job.out), "work": str(job.work), "threads": job.threads,
+        "rule": list(rule_module(job.node.op)),  # where the worker imports it from, whoever registered it
+        # The node (types, spans) and input artifacts exactly as the driver has them: the worker is the
+        # same recipec on the same machine, and the file lies in the cache that only recipec writes.
+        "objects": base64.b64encode(pickle.dumps((job.node, job.inputs))).decode("ascii"),
+    }
+    path = control / "spec.json"
+    path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+    return path
+
+
+def command(spec: Path, prefix: list[str]) -> list[str]:
+    """The worker's command line: the launcher prefix (or this Python) then `-m worker SPEC`."""
+    return [*(prefix or [sys.executable]), "-m", WORKER_MODULE, str(spec)]
+
+
+def _environment() -> dict[str, str]:
+    """The worker imports this very recipec, wherever it was imported from."""
+    package_parent = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be killed when the driver dies (SIGKILL included), Linux only."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class _Tail:
+    """Reads the progress lines a worker appends, from where it last stopped; a line still being
+    written (no newline yet) waits for the next read."""
+
+    def __init__(self, path: Path, job: Job):
+        self.path, self.job, self.offset = path, job, 0
+
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            try:
+                report = json.loads(line)
+                self.job.progress.update(int(report["done"]), report.get("total"), report.get("unit"))
+            except (ValueError, KeyError, TypeError):
+                continue  # a malformed line is a lost progress report, not a failed job
+
+
+def run_launched(job: Job, prefix: list[str]) -> str:
+    """Build `job` in a worker process and return the digest its rule returned; a failure becomes a
+    `RunFailure`, as if the rule had raised it here."""
+    spec = write_spec(job)
+    control = spec.parent
+    tail = _Tail(control / "progress.jsonl", job)
+    try:
+        try:
+            child = subprocess.Popen(command(spec, prefix), env=_environment(), preexec_fn=_die_with_parent)
+        except OSError as err:
+            raise RunFailure("E560", f"cannot start the launched job for `{job.node.label}`: {err}",
+                             "check the --launch command: it must accept `-m MODULE ARGS` like python") from None
+        try:
+            while child.poll() is None:
+                tail.read()
+                if job.cancelled.is_set():
+                    _stop(child)
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # Ctrl-C, or any error here: the worker must not outlive the build
+            _stop(child)
+            raise
+        tail.read()
+        return _outcome(job, control, child.returncode)
+    finally:
+        shutil.rmtree(control, ignore_errors=True)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _outcome(job: Job, control: Path, status: int) -> str:
+    failures = sorted(control.glob("failure*.json"))  # failure.json from rank 0, failure-rankN.json others
+    if failures:
+        failure = json.loads(failures[0].read_text(encoding="utf-8"))
+        raise RunFailure(failure["code"], failure["message"], failure.get("hint"))
+    result_file = control / "result.json"
+    if status != 0 or not result_file.is_file():
+        how = (f"was killed by signal {-status}" if status < 0 else f"exited with status {status}" if status
+               else "ended without writing its result")
+        raise RunFailure("E560", f"the launched job for `{job.node.label}` {how}",
+                         f"its output is above; checkpoints in {job.work} are kept and the next run resumes "
+                         "from them")
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    job.warnings.extend(RunWarning(*w) for w in result["warnings"])
+    job.nonfinite = result["nonfinite"]
+    return result["digest"]

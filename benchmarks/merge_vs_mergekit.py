@@ -14,21 +14,35 @@ same inputs, and prints:
   one thread each (target: >= 50%);
 - agreement of the two outputs, in bf16 steps at the inputs' magnitude: mergekit rounds to bf16 after
   each of its ~5 operations (`base + 0.8*(chat - base) + (cp - base)`), recipec accumulates in fp32 and
-  rounds once, so a few steps apart is agreement within bf16 rounding (the check allows 4).
+  rounds once, so a few steps apart is agreement within bf16 rounding (the check allows 4);
+- the time the cold run spends hashing (wall seconds while any thread hashes, and CPU seconds, per
+  algorithm: BLAKE3 content digests, SHA-256 file sums), metered around every hash call
+  (hash_meter.py): it works alike on a recipec from before BLAKE3, so the two compare;
+- this machine's floor for the job, measured right before each recipec run: a fresh `import torch` plus
+  a durable write of the output's bytes (`dd if=/dev/zero ... conv=fsync`), and each run's ratio to its
+  floor (target for the cold run: <= 1.1x). `sync` runs before every timed step, so that no run pays
+  for another's write-back (mergekit never fsyncs).
 
 recipec makes every result durable (fsync) before it counts as built, as a release must be; mergekit leaves
 its output in the page cache. On a slow disk the fsync bounds recipec's time, so run it a second time
 with `--dir /dev/shm/recipec-bench --sizes 1.1b` to compare the computations without the disk.
 
 Usage: python benchmarks/merge_vs_mergekit.py [--dir /tmp/recipec-bench] [--repeats 2] [--keep]
+       [--sizes half,1.1b] [--skip-peer]
+
+`--sizes half --repeats 1 --skip-peer` is a sanity check that takes a few minutes: no mergekit, so no
+speed-up, memory ratio or agreement, only recipec's times, its hashing and its floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,19 +63,49 @@ export combine(cp + 0.8*(chat - base), shard_size=1G) to "out/recipec"
 """
 
 
-def run_recipec(root: Path, cache: Path, keep_digests: bool) -> dict:
-    """One end-to-end `recipec run` in a fresh process, metered like mergekit."""
+HASH_METER = Path(__file__).resolve().parent / "hash_meter.py"
+
+
+def run_recipec(root: Path, cache: Path, keep_digests: bool, output_bytes: int) -> dict:
+    """One end-to-end `recipec run` in a fresh process, metered like mergekit, every hash call timed, and
+    paired with the floor measured right before it."""
+    from recipec.store.cache import Cache
+
     shutil.rmtree(root / "out" / "recipec", ignore_errors=True)
     if not keep_digests:
         shutil.rmtree(cache, ignore_errors=True)
     else:
-        shutil.rmtree(cache / "objects", ignore_errors=True)
+        shutil.rmtree(Cache(cache).objects, ignore_errors=True)
+    floor = floor_seconds(root, output_bytes)
+    report = root / "hashing.json"
     env = dict(os.environ, RECIPEC_CACHE=str(cache))
-    result = measure_process([sys.executable, "-m", "recipec", "run", "--json", str(root / "chat_vector.rcp")],
-                             env=env)
+    os.sync()
+    result = measure_process([sys.executable, str(HASH_METER), str(report), "run", "--json",
+                              str(root / "chat_vector.rcp")], env=env)
     if result["returncode"] != 0:
         raise SystemExit(f"recipec failed: {result['output_tail']}")
+    result["floor_seconds"] = floor
+    result["hashing"] = json.loads(report.read_text())
+    report.unlink()
     return result
+
+
+def floor_seconds(root: Path, nbytes: int) -> float:
+    """The least any tool could take to write this result here: a fresh `import torch` plus a durable write
+    of `nbytes` (dd from /dev/zero with fsync), each timed after `sync`."""
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    seconds = time.perf_counter() - start
+    target = root / "floor.bin"
+    os.sync()
+    start = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={math.ceil(nbytes / 2**20)}",
+                    "conv=fsync", "status=none"], check=True)
+    seconds += time.perf_counter() - start
+    target.unlink()
+    os.sync()  # the unlink's metadata too, so the run that follows writes on a quiet disk
+    return seconds
 
 
 def outputs_agree(a: Path, b: Path, inputs: list[Path]) -> tuple[int, float]:
@@ -119,27 +163,48 @@ def kernel_vs_memcpy(root: Path) -> dict:
     return {"kernel_GBps": kernel_gbs, "memcpy_GBps": memcpy_gbs, "ratio": kernel_gbs / memcpy_gbs}
 
 
-def bench_size(root: Path, size: str, peer: Path, repeats: int) -> dict:
+def bench_size(root: Path, size: str, peer: Path | None, repeats: int) -> dict:
+    from recipec.store.model_dir import read_model_dir, weight_files
+
     models = make_llama_checkpoints(root, **SIZES[size])
     (root / "chat_vector.rcp").write_text(RECIPE)
     cache = root / "cache"
-    runs: dict[str, list[dict]] = {"recipec cold": [], "recipec known": [], "mergekit": []}
+    output_bytes = sum(p.stat().st_size for p in weight_files(models["base"]))  # the result has base's tensors
+    runs: dict[str, list[dict]] = {"recipec cold": [], "recipec known": []} | ({"mergekit": []} if peer else {})
     for _ in range(repeats):
-        runs["recipec cold"].append(run_recipec(root, cache, keep_digests=False))
-        out = root / "out" / "mergekit"
-        shutil.rmtree(out, ignore_errors=True)
-        runs["mergekit"].append(run_mergekit(peer, models["base"], models["chat"], models["cp"], out))
-        runs["recipec known"].append(run_recipec(root, cache, keep_digests=True))
-    count, steps = outputs_agree(root / "out" / "recipec", root / "out" / "mergekit",
-                                 [models["cp"], models["chat"], models["base"]])
-    summary = {name: {"seconds": statistics.median(r["seconds"] for r in rs),
-                      "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rs),
-                      "peak_anon_MB": max(r["peak_anon_bytes"] for r in rs) / 2**20} for name, rs in runs.items()}
-    summary["agreement"] = {"tensors": count, "max_bf16_steps": steps}
-    params = sum(t.numel for t in __import__("recipec.store.model_dir", fromlist=["x"]).read_model_dir(
-        models["base"]).tensors.values())
-    summary["params"] = params
+        runs["recipec cold"].append(run_recipec(root, cache, keep_digests=False, output_bytes=output_bytes))
+        if peer:
+            out = root / "out" / "mergekit"
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            runs["mergekit"].append(run_mergekit(peer, models["base"], models["chat"], models["cp"], out))
+        runs["recipec known"].append(run_recipec(root, cache, keep_digests=True, output_bytes=output_bytes))
+    summary: dict = {name: {"seconds": statistics.median(r["seconds"] for r in rs),
+                            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rs),
+                            "peak_anon_MB": max(r["peak_anon_bytes"] for r in rs) / 2**20} for name, rs in runs.items()}
+    for name in ("recipec cold", "recipec known"):
+        summary[name]["floor_seconds"] = statistics.median(r["floor_seconds"] for r in runs[name])
+        summary[name]["floor_ratio"] = statistics.median(r["seconds"] / r["floor_seconds"] for r in runs[name])
+    summary["hashing"] = {algorithm: {field: statistics.median(r["hashing"].get(algorithm, {}).get(field, 0)
+                                                               for r in runs["recipec cold"])
+                                      for field in ("bytes", "cpu_seconds", "wall_seconds")}
+                          for algorithm in sorted({a for r in runs["recipec cold"] for a in r["hashing"]})}
+    if peer:
+        count, steps = outputs_agree(root / "out" / "recipec", root / "out" / "mergekit",
+                                     [models["cp"], models["chat"], models["base"]])
+        summary["agreement"] = {"tensors": count, "max_bf16_steps": steps}
+    summary["params"] = sum(t.numel for t in read_model_dir(models["base"]).tensors.values())
+    summary["output_bytes"] = output_bytes
     return summary
+
+
+def hashing_line(size: str, hashing: dict) -> str:
+    """What the cold run spent hashing: wall time while any thread hashed (per algorithm; they run at
+    different moments), and bytes and CPU time per algorithm."""
+    parts = [f"{name} {h['bytes'] / 1e9:.2f} GB in {h['wall_seconds']:.2f} s wall, {h['cpu_seconds']:.2f} s CPU"
+             for name, h in hashing.items() if h["bytes"] >= 1 << 20]
+    wall = sum(h["wall_seconds"] for h in hashing.values())
+    return f"{size} cold run hashing: {wall:.2f} s wall in all ({'; '.join(parts)})"
 
 
 def main() -> int:
@@ -148,8 +213,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", default="half,1.1b")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for the next run")
+    parser.add_argument("--skip-peer", action="store_true", help="no mergekit: recipec's times, hashing and floor")
     args = parser.parse_args()
-    peer = ensure_mergekit_venv()
+    peer = None if args.skip_peer else ensure_mergekit_venv()
     results = {}
     try:
         for size in args.sizes.split(","):
@@ -159,12 +225,24 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(args.dir, ignore_errors=True)
     ok = True
-    print(f"\n{'size':<6} {'run':<14} {'wall s':>8} {'cpu s':>8} {'peak anon MB':>13}")
+    print(f"\n{'size':<6} {'run':<14} {'wall s':>8} {'cpu s':>8} {'peak anon MB':>13} {'floor s':>8} {'/ floor':>8}")
     for size, summary in results.items():
         for name in ("recipec cold", "recipec known", "mergekit"):
+            if name not in summary:
+                continue
             r = summary[name]
-            print(f"{size:<6} {name:<14} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} {r['peak_anon_MB']:>13.0f}")
+            floor = f"{r['floor_seconds']:>8.1f} {r['floor_ratio']:>7.2f}x" if "floor_seconds" in r else ""
+            print(f"{size:<6} {name:<14} {r['seconds']:>8.1f} {r['cpu_seconds']:>8.1f} {r['peak_anon_MB']:>13.0f} {floor}")
     for size, s in results.items():
+        cold = s["recipec cold"]
+        print(f"\n{hashing_line(size, s['hashing'])}")
+        print(f"{size} floor (import torch + dd conv=fsync of {s['output_bytes'] / 1e9:.2f} GB), measured before each "
+              f"run: cold run {cold['floor_ratio']:.2f}x its floor (target <= 1.1x), inputs known "
+              f"{s['recipec known']['floor_ratio']:.2f}x")
+        ok &= cold["floor_ratio"] <= 1.1
+    for size, s in results.items():
+        if "mergekit" not in s:
+            continue
         mk = s["mergekit"]
         cold = mk["seconds"] / s["recipec cold"]["seconds"]
         known = mk["seconds"] / s["recipec known"]["seconds"]

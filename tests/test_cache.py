@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_llama
+from recipec.store.cache import Cache
 from test_run import copy_example, run
 
 MERGES = 5  # merge_methods.rcp's merge nodes; its three inits are quickstart's too
@@ -24,7 +25,7 @@ def lock_keys(recipe: Path) -> dict[str, str]:
 
 
 def objects(cache: Path) -> set[str]:
-    return {p.name for p in (cache / "objects").iterdir() if not p.name.startswith(".")}
+    return {p.name for p in Cache(cache).objects.iterdir() if not p.name.startswith(".")}
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
     assert status == 0 and f"removed {MERGES} objects" in err and "used by 1 lockfile" in err
     assert f"forgot {merges.with_name(merges.name + '.lock').resolve()}: the lockfile is gone" in out
     assert objects(cache) == set(lock_keys(quickstart).values())
-    assert len(list((cache / "roots").iterdir())) == 1
+    assert len(list(Cache(cache).roots.iterdir())) == 1
 
 
 def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, capsys):
@@ -62,7 +63,7 @@ def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, ca
     old_model = lock_keys(recipe)["model"]
     recipe.write_text(recipe.read_text().replace("0.8*(chat - base)", "0.5*(chat - base)"))
     assert run(["run", str(recipe)], capsys)[0] == 0
-    leftover = cache / "objects" / ".recipec-tmp-0123456789abcdef-999999"
+    leftover = Cache(cache).objects / ".recipec-tmp-0123456789abcdef-999999"
     leftover.mkdir()
     status, out, err = run(["cache", "gc", "--dry-run", str(recipe)], capsys)
     assert status == 0 and f"would remove {old_model[:16]}  combine" in out and str(leftover) in out
@@ -121,7 +122,7 @@ def test_bit_rot_in_the_cache_is_refused_by_run_locked_and_found_by_cache_verify
     key = lock_keys(recipe)["model"]
     cache = Path(os.environ["RECIPEC_CACHE"])
     shutil.rmtree(tmp_path / "out")  # the release shares the cache's file; keep the damage to the cache
-    _rot(cache / "objects" / key / "model.safetensors")
+    _rot(Cache(cache).objects / key / "model.safetensors")
     status, out, err = run(["run", "--locked", str(recipe)], capsys)
     assert status == 1 and out == "" and not (tmp_path / "out" / "quickstart").exists()
     assert ("error[E530]: the cached result of `model` is damaged: model.safetensors does not have the sha256 "

@@ -152,7 +152,7 @@ def test_an_empty_folder_and_a_previous_release_are_replaced(project, capsys):
     r = recipe(project, MERGE + 'export m to "out/model"\n')
     assert run(["run", str(r)], capsys)[0] == 0
     marker = json.loads((target / ".recipec-release").read_text())
-    assert marker["format"] == 1 and marker["recipe"] == "r.rcp" and marker["model_digest"].startswith("sha256:")
+    assert marker["format"] == 1 and marker["recipe"] == "r.rcp" and marker["model_digest"].startswith("blake3:")
     r.write_text(r.read_text().replace("0.5*a + 0.5*b", "0.25*a + 0.75*b"))
     status, _, err = run(["run", str(r)], capsys)
     assert status == 0, err

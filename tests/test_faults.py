@@ -17,6 +17,7 @@ import torch
 from helpers import tiny_llama, write_model
 from recipec.arch import preset_config
 from recipec.cli import main
+from recipec.store.cache import Cache
 
 CHAT_VECTOR = ('recipec 1\nbase = load("models/base")\nchat = load("models/chat")\ncp = load("models/cp")\n'
                'export cp + 0.8*(chat - base) to "out/model"\n')
@@ -203,7 +204,7 @@ def _big_recipe(tmp_path: Path) -> Path:
 def test_sigint_exits_130_removes_temporaries_and_the_next_run_resumes(tmp_path):
     recipe = _big_recipe(tmp_path)
     cache = Path(os.environ["RECIPEC_CACHE"])
-    objects = cache / "objects"
+    objects = Cache(cache).objects
     proc = _cli(recipe)
     # `small` is built first; interrupt while `big` is being built.
     _wait_for(lambda: objects.is_dir() and sum(1 for p in objects.iterdir() if not p.name.startswith(".")) == 1
@@ -227,7 +228,7 @@ def test_sigkill_never_leaves_a_partial_release(tmp_path, capsys):
     previous = (tmp_path / "out" / "big" / "SHA256SUMS").read_text()
     recipe.write_text(recipe.read_text().replace("seed=1", "seed=5"))
     proc = _cli(recipe)
-    objects = Path(os.environ["RECIPEC_CACHE"]) / "objects"
+    objects = Cache(Path(os.environ["RECIPEC_CACHE"])).objects
 
     def writing() -> bool:  # the new result is being built in the cache, or assembled as a release
         return any(p.name.startswith(".recipec-tmp-") for d in (objects, tmp_path / "out") for p in d.iterdir())

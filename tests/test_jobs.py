@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers import tiny_llama
+from recipec.store.cache import Cache
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -146,15 +147,15 @@ def test_a_node_killed_mid_job_resumes_from_its_checkpoint(toy, capsys):
     child = _spawn(recipe, TOY_KILL_AT="3")
     child.communicate(timeout=120)
     assert child.returncode != 0
-    work = _cache() / "work"
+    work = Cache(_cache()).work
     [kept] = list(work.iterdir())
     assert json.loads((kept / "step.json").read_text()) == {"step": 3}
-    assert not list((_cache() / "objects").glob(kept.name))  # no result where a finished one is expected
+    assert not list((Cache(_cache()).objects).glob(kept.name))  # no result where a finished one is expected
 
     status, err = _run(recipe, capsys)
     assert status == 0, err
     assert [line.split(" pid")[0] for line in _log(toy)] == ["start a 0", "start a 3", "built a"]
-    assert (_cache() / "objects" / kept.name).is_dir() and not kept.exists()  # committed: work dir gone
+    assert (Cache(_cache()).objects / kept.name).is_dir() and not kept.exists()  # committed: work dir gone
     assert (toy / "out" / "a" / "model.safetensors").is_file()
 
 
@@ -163,7 +164,7 @@ def test_a_failed_job_keeps_its_checkpoint_and_gc_removes_it_when_no_lock_uses_t
     monkeypatch.setenv("TOY_FAIL", "2")
     status, err = _run(recipe, capsys)
     assert status == 1 and "toy failure at step 2" in err and "b.rcp:3:" in err  # located at the op
-    [kept] = list((_cache() / "work").iterdir())
+    [kept] = list((Cache(_cache()).work).iterdir())
     from recipec.cli import main
 
     assert main(["cache", "ls", "--cache", str(_cache())]) == 0
@@ -176,7 +177,7 @@ def test_a_failed_job_keeps_its_checkpoint_and_gc_removes_it_when_no_lock_uses_t
 def test_a_rule_that_keeps_nothing_leaves_no_work_directory(toy, capsys):
     recipe = _recipe(toy, "c", 'count(base, steps=0, tag="c")')
     assert _run(recipe, capsys)[0] == 0
-    assert not list((_cache() / "work").glob("*"))
+    assert not list((Cache(_cache()).work).glob("*"))
 
 
 def test_runs_of_different_recipes_on_one_cache_overlap(toy, capsys):
@@ -217,7 +218,7 @@ def test_a_launched_job_runs_in_a_worker_and_reports_steps(toy, tmp_path):
     pids = {line.split(" pid ")[1] for line in _log(toy) if " pid " in line}
     assert pids and str(os.getpid()) not in pids  # the rule ran in another process
     assert (6, 6, "steps") in seen
-    assert not list((_cache() / "work").glob("*"))  # control files and checkpoints gone with the commit
+    assert not list((Cache(_cache()).work).glob("*"))  # control files and checkpoints gone with the commit
 
 
 def test_a_launched_failure_is_located_at_the_op_and_the_prefix_is_used(toy, capsys, monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import tiny_llama
 from recipec.cli import main
+from recipec.store.cache import Cache
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -118,7 +119,7 @@ def test_run_locked_refuses_a_tampered_key_digest_or_output_and_never_writes_the
     node = lock["nodes"]["%2"]
     sums = {f["name"]: f["sha256"] for f in lock["outputs"]["out/m"]["files"]}
     cases = [(node["key"], "0" * 64, "the key of node `%2`"),
-             (node["digest"], "sha256:" + "0" * 64, "the digest of node `%2`"),
+             (node["digest"], "blake3:" + "0" * 64, "the digest of node `%2`"),
              (sums["config.json"], "0" * 64, "output out/m: file config.json")]
     for old, new, named in cases:
         tampered = tamper(project, old, new)
@@ -136,7 +137,7 @@ def test_a_tampered_key_is_refused_before_anything_is_built(project, capsys):
     shutil.rmtree(project.parent / "out", ignore_errors=True)
     status, out, err = run(["run", "--locked", "--cache", project.parent / "fresh", project], capsys)
     assert status == 65 and "the key of node `%2`" in err
-    objects = project.parent / "fresh" / "objects"
+    objects = Cache(project.parent / "fresh").objects
     assert not objects.exists() or not any(objects.iterdir())
     assert not (project.parent / "out").exists()
 
@@ -149,7 +150,7 @@ def test_verify_compares_keys_digests_and_output_hashes(project, capsys):
     lock = tomllib.loads(good)
     sums = {f["name"]: f["sha256"] for f in lock["outputs"]["out/m"]["files"]}
     cases = [(lock["nodes"]["%2"]["key"], "0" * 64, "the key of node `%2`"),
-             (lock["nodes"]["%2"]["digest"], "sha256:" + "0" * 64, "the digest of node `%2`"),
+             (lock["nodes"]["%2"]["digest"], "blake3:" + "0" * 64, "the digest of node `%2`"),
              (sums["model.safetensors"], "0" * 64, "output out/m: file model.safetensors")]
     for old, new, named in cases:
         tamper(project, old, new)
@@ -213,7 +214,7 @@ def test_locks_do_not_depend_on_where_the_project_lies(tmp_path, capsys):
     assert lock == lock_file(second / "chat_vector_zh.rcp").read_text()
     assert str(tmp_path) not in lock
     digests = [n["digest"] for n in tomllib.loads(lock)["nodes"].values()]
-    assert all(d.startswith("sha256:") for d in digests) and len(set(digests)) == len(digests)
+    assert all(d.startswith("blake3:") for d in digests) and len(set(digests)) == len(digests)
 
 
 def test_committed_locks_hold_at_any_path(tmp_path, capsys):

@@ -19,6 +19,7 @@ from helpers import write_model
 from recipec.arch import preset_config
 from recipec.backends.merge_methods import merge_tensor
 from recipec.cli import main
+from recipec.store.cache import Cache
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
@@ -45,7 +46,7 @@ def lock_of(recipe: Path) -> dict:
 def cached(recipe: Path, label: str) -> dict[str, torch.Tensor]:
     """The weights of a built node, from the cache (RECIPEC_CACHE is set per test)."""
     key = lock_of(recipe)["nodes"][label]["key"]
-    obj = Path(os.environ["RECIPEC_CACHE"]) / "objects" / key
+    obj = Cache(Path(os.environ["RECIPEC_CACHE"])).objects / key
     return load_file(str(obj / "model.safetensors"))
 
 
@@ -214,7 +215,7 @@ def test_local_sharded_inputs_and_tied_embeddings(tmp_path, capsys):
     assert "lm_head.weight" in a and "lm_head.weight" not in b  # the first model decides tying
     inputs = lock_of(recipe)["inputs"]
     assert sorted(i["path"] for i in inputs.values()) == ["tied", "untied"]  # relative to the recipe
-    assert all(i["digest"].startswith("sha256:") for i in inputs.values())
+    assert all(i["digest"].startswith("blake3:") for i in inputs.values())
 
 
 def test_tokenizer_and_chat_template_overrides(tmp_path, capsys):

@@ -1,12 +1,14 @@
 """The content-addressed cache: every built node's result, stored under its cache key.
 
-`objects/<key>/` holds a complete model directory plus `recipec-object.json` (key, op, content
-digest). An object appears by renaming a finished temporary directory, so a key present means a
-complete result. `digests.json` remembers input models' content digests by file identity (path,
-size, mtime, inode), so `plan` can tell what is cached without reading a weight and a rerun does not
-re-hash unchanged inputs. `roots/` names the lockfiles that use the cache (one small file each, named by
-the hash of the lock's absolute path): `cache gc` keeps what any of them references, as Nix keeps what
-its gc roots reach.
+Everything lives in `<cache>/v2/` (`LAYOUT`): a recipec whose stored things mean something else (other
+digests, other keys) uses another directory, so no recipec misreads another's cache; what another layout
+left in the cache directory is ignored, with a note. Inside, `objects/<key>/` holds a complete model
+directory plus `recipec-object.json` (key, op, content digest). An object appears by renaming a
+finished temporary directory, so a key present means a complete result. `digests.json` remembers input
+models' content digests by file identity (path, size, mtime, inode), so `plan` can tell what is cached
+without reading a weight and a rerun does not re-hash unchanged inputs. `roots/` names the lockfiles
+that use the cache (one small file each, named by the hash of the lock's absolute path): `cache gc`
+keeps what any of them references, as Nix keeps what its gc roots reach.
 
 `work/<key>/` is a node's work directory: checkpoints of a long job, kept through a failure, Ctrl-C or
 SIGKILL so that the next build of the same key resumes from them, and removed when the result is
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,6 +40,10 @@ from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes
 from .filehash import hash_files
 
 OBJECT_META = "recipec-object.json"
+# The directory of this cache layout inside a cache. A new one whenever what is stored changes meaning:
+# v2 has BLAKE3 content digests (v1 had SHA-256 ones, in objects/, roots/ and digests.json at the top).
+LAYOUT = "v2"
+_OLDER_LAYOUT = re.compile(r"objects|roots|digests\.json|v\d+")
 CACHE_ENV = "RECIPEC_CACHE"
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -79,11 +87,13 @@ class CachedObject:
 
 class Cache:
     def __init__(self, root: Path):
-        self.root = root
-        self.objects = root / "objects"
-        self.roots = root / "roots"
-        self.work = root / "work"
-        self.key_locks = root / "locks"
+        self.root = root  # the directory the user names, in every message
+        self.home = root / LAYOUT  # where this layout keeps everything
+        self.objects = self.home / "objects"
+        self.roots = self.home / "roots"
+        self.work = self.home / "work"
+        self.key_locks = self.home / "locks"
+        _note_older_layouts(root)
 
     def lookup(self, key: str) -> CachedObject | None:
         """The object under `key`, if it is there and unchanged since it was committed."""
@@ -198,11 +208,11 @@ class Cache:
 
     def temporaries(self) -> list[Path]:
         """What killed runs left behind: half-built objects and half-written files."""
-        places = (self.root, self.objects, self.roots, self.work)
+        places = (self.home, self.objects, self.roots, self.work)
         return sorted(p for d in places if d.is_dir() for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
 
     def clean_temporaries(self) -> int:
-        return sum(remove_stale_temporaries(d) for d in (self.root, self.objects, self.roots, self.work))
+        return sum(remove_stale_temporaries(d) for d in (self.home, self.objects, self.roots, self.work))
 
     def damage(self, path: Path, threads: int) -> str | None:
         """What is wrong with the object at `path`, judged by content: None when every file still has the
@@ -259,7 +269,7 @@ class Cache:
 
     def _read_table(self, name: str) -> dict:
         try:
-            return json.loads((self.root / name).read_text())
+            return json.loads((self.home / name).read_text())
         except (OSError, json.JSONDecodeError):
             return {}
 
@@ -268,8 +278,8 @@ class Cache:
         table = self._read_table(name)
         table[entry] = value
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomic(self.root / name, json.dumps(table, indent=1, sort_keys=True).encode())
+            self.home.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(self.home / name, json.dumps(table, indent=1, sort_keys=True).encode())
         except OSError as err:
             if err.errno not in _UNWRITABLE:
                 raise
@@ -311,9 +321,9 @@ class Cache:
 
     def _open_lock_file(self):
         """(handle, writable): the lock file opened for writing, else read-only, else (None, False)."""
-        path = self.root / ".lock"
+        path = self.home / ".lock"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.home.mkdir(parents=True, exist_ok=True)
             return open(path, "a+"), True
         except OSError as err:
             if err.errno not in _UNWRITABLE:
@@ -340,6 +350,18 @@ def _flock(handle, mode: int, waiting: str) -> None:
     started = time.monotonic()
     fcntl.flock(handle, mode)
     sys.stderr.write(f"recipec: went on after {time.monotonic() - started:.1f} s\n")
+
+
+@functools.cache  # once per cache and process, however often it is opened
+def _note_older_layouts(root: Path) -> None:
+    """Say that the cache directory holds what another recipec's layout stored: it is never read here."""
+    try:
+        others = sorted(p.name for p in root.iterdir() if _OLDER_LAYOUT.fullmatch(p.name) and p.name != LAYOUT)
+    except OSError:  # no cache yet, or one we may not list: nothing to say
+        return
+    if others:
+        sys.stderr.write(f"recipec: note: ignoring {', '.join(others)} in {root}: left by a recipec with another "
+                         f"cache layout (this one uses {LAYOUT}/); delete them to free the space\n")
 
 
 def file_identity(path: Path) -> str:

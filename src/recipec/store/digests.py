@@ -4,18 +4,17 @@ A model directory's digest covers every file that can reach an output: the weigh
 tensor names, dtypes, shapes and data hashes, so sharding does not matter) and the data files beside
 them (config, generation config, tokenizer files, chat template) by their bytes. Two directories with
 the same weights and another config have different digests. Hashing the weights is the expensive part,
-so their digest is remembered by file identity; the data files are small and hashed every time.
+so their digest is remembered by file identity; the data files are small and hashed every time. Every
+digest here is a content digest (BLAKE3, see filehash.py); a file's SHA-256 is for people, not for this.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cache import file_identity
-from .filehash import named_file_hashes
+from .filehash import content_digest, named_content_hashes
 from .model_dir import TOKENIZER_FILES, ModelFiles, weight_files
 
 DATA_FILES = ("config.json",) + TOKENIZER_FILES  # every non-weight file that can reach an output
@@ -23,8 +22,7 @@ DATA_FILES = ("config.json",) + TOKENIZER_FILES  # every non-weight file that ca
 
 def model_dir_digest(root: Path, weights_digest: str) -> str:
     """The digest of a model directory whose weights have `weights_digest` (see `hash_weights`)."""
-    pinned = {"weights": weights_digest, "files": named_file_hashes(root, DATA_FILES)}
-    return "sha256:" + hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+    return content_digest({"weights": weights_digest, "files": named_content_hashes(root, DATA_FILES)})
 
 
 def covered_files(root: Path) -> list[Path]:
@@ -44,7 +42,7 @@ def remembered_model_dir_digest(root: Path, known: dict[str, str]) -> str | None
 
 
 def hash_weights(files: ModelFiles, threads: int) -> str:
-    """The content digest of a model's weights: sha256 over sorted (name, dtype, shape, sha256 of bytes)."""
+    """The content digest of a model's weights (see `model_digest`), a tensor per thread at a time."""
     from .tensors import ModelReader, model_digest, tensor_digest  # torch's zero-copy views, only when needed
 
     reader = ModelReader(files)

@@ -13,7 +13,6 @@ always give the same bytes.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import mmap
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import TensorSpec
+from .filehash import content_digest, content_hash, content_hasher
 from .model_dir import INDEX_FILE, SINGLE_FILE, ModelFiles
 
 TORCH_DTYPES = {
@@ -108,7 +108,9 @@ class ModelWriter:
     """Writes a model's safetensors files into `directory`, tensor by tensor, into pre-allocated space.
 
     Each tensor arrives as one or more contiguous pieces, in order (`write`); the writer hashes the bytes
-    as they pass (the tensor digests for the model's content digest) and, once a tensor is complete,
+    as they pass, the only time they are content-hashed (the tensor digests for the model's content
+    digest; `SHA256SUMS` is the files' SHA-256, taken once when the object is committed), and, once a
+    tensor is complete,
     asks the kernel to start writing it back, so the final fsync has little left to do.
     """
 
@@ -119,7 +121,7 @@ class ModelWriter:
         self._fds: list[int] = []
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._done: dict[str, int] = {}
-        self._hashes: dict[str, hashlib._Hash] = {}
+        self._hashes: dict[str, object] = {}  # tensor name -> its content hasher
         self.nonfinite: dict[str, int] = {}  # tensor name -> NaN and ±inf values written, where any
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):
             header, offsets = header_bytes(shard)
@@ -133,7 +135,7 @@ class ModelWriter:
                 begin, _ = offsets[t.name]
                 self._where[t.name] = (k, len(header) + begin, t)
                 self._done[t.name] = 0
-                self._hashes[t.name] = hashlib.sha256()
+                self._hashes[t.name] = content_hasher()
 
     def write(self, name: str, piece: torch.Tensor) -> None:
         """Append the next contiguous piece of tensor `name`, already in its output dtype."""
@@ -225,18 +227,17 @@ def write_json(path: Path, data: object) -> None:
         os.close(fd)
 
 
-def digest_entry(name: str, dtype: str, shape: tuple[int, ...], sha256_hex: str) -> tuple:
-    """One tensor's entry in a model digest: (name, dtype, shape, sha256 of its bytes)."""
-    return (name, dtype, list(shape), sha256_hex)
+def digest_entry(name: str, dtype: str, shape: tuple[int, ...], content_hex: str) -> tuple:
+    """One tensor's entry in a model digest: (name, dtype, shape, content hash of its bytes)."""
+    return (name, dtype, list(shape), content_hex)
 
 
 def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> tuple:
     """One tensor's entry in a model digest, hashing its bytes."""
-    return digest_entry(name, dtype, shape, hashlib.sha256(data).hexdigest())
+    return digest_entry(name, dtype, shape, content_hash(data))
 
 
 def model_digest(entries: list[tuple]) -> str:
-    """A model's content digest: sha256 over sorted (name, dtype, shape, sha256 of bytes), so it does
-    not depend on how the model is sharded."""
-    blob = json.dumps(sorted(entries), separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(blob).hexdigest()
+    """A model's content digest: over sorted (name, dtype, shape, content hash of bytes), so it does not
+    depend on how the model is sharded."""
+    return content_digest(sorted(entries))

@@ -1,0 +1,109 @@
+"""Run recipec's command line with every hash it computes timed: how long a run spends hashing, and on what.
+
+Usage: python benchmarks/hash_meter.py REPORT.json run [recipec arguments...]
+
+SHA-256 (`hashlib.sha256`) and BLAKE3 (`blake3.blake3`, when installed) are replaced, before recipec is
+imported, by wrappers that time each call that hashes (`update`, `update_mmap`, or data given to the
+constructor) on its thread's CPU clock and on the wall clock. REPORT.json gets, per algorithm: bytes
+hashed, calls, CPU seconds, and wall seconds during which at least one thread was hashing (the union of
+the calls' intervals, so two threads hashing at once count once). Works the same on a recipec that hashes
+with SHA-256 only, so the numbers compare across versions. A wrapper costs a few microseconds per call;
+recipec's calls hash a tensor or a chunk of megabytes each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class _Meter:
+    """Per algorithm: bytes, calls, CPU seconds and the wall-clock intervals of hashing calls."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.totals: dict[str, dict] = {}
+
+    def timed(self, algorithm: str, nbytes: int, call):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        try:
+            return call()
+        finally:
+            cpu, end = time.thread_time() - cpu, time.perf_counter()
+            with self.lock:
+                entry = self.totals.setdefault(algorithm, {"bytes": 0, "calls": 0, "cpu_seconds": 0.0, "spans": []})
+                entry["bytes"] += nbytes
+                entry["calls"] += 1
+                entry["cpu_seconds"] += cpu
+                entry["spans"].append((wall, end))
+
+    def report(self) -> dict:
+        return {name: {"bytes": t["bytes"], "calls": t["calls"], "cpu_seconds": t["cpu_seconds"],
+                       "wall_seconds": union_seconds(t["spans"])} for name, t in self.totals.items()}
+
+
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _size(data) -> int:
+    return memoryview(data).nbytes
+
+
+def metered(meter: _Meter, algorithm: str, make):
+    """A stand-in for the hasher constructor `make` whose hashing calls are timed."""
+
+    class Hasher:
+        def __init__(self, data=None, **options):
+            self._inner = make(**options)
+            if data is not None:
+                self.update(data)
+
+        def update(self, data):
+            return meter.timed(algorithm, _size(data), lambda: self._inner.update(data))
+
+        def update_mmap(self, path, **options):
+            nbytes = os.stat(path).st_size
+            return meter.timed(algorithm, nbytes, lambda: self._inner.update_mmap(path, **options))
+
+        def __getattr__(self, name):  # digest, hexdigest, copy, ...: untimed, they hash nothing large
+            return getattr(self._inner, name)
+
+    return Hasher
+
+
+def install(meter: _Meter) -> None:
+    """Replace the hashers recipec uses, before it is imported."""
+    hashlib.sha256 = metered(meter, "sha256", hashlib.sha256)
+    try:
+        import blake3
+    except ImportError:  # a recipec from before BLAKE3
+        return
+    blake3.blake3 = metered(meter, "blake3", blake3.blake3)
+
+
+def main() -> int:
+    report, argv = Path(sys.argv[1]), sys.argv[2:]
+    meter = _Meter()
+    install(meter)
+    from recipec.cli import main as recipec_main
+
+    try:
+        return recipec_main(argv)
+    finally:
+        report.write_text(json.dumps(meter.report(), indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,8 +77,8 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
     work_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.precision)
     shape = batch_shape(config, accelerator.num_processes)
-    total = _checked_length(documents, config)
     _check_model(model, config.seq_len)
+    total = _checked_length(documents, config)
 
     torch.manual_seed(config.seed)  # dropout; a resume restores every RNG from the checkpoint instead
     optimizer, scheduler = optimizer_and_schedule(model, config, total)

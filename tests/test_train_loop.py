@@ -1,7 +1,8 @@
 """The training loop behind cp, inscp and sft: packing, loss, schedule, checkpoints, resume, failures.
 
 Models are tiny (hidden 64, 2 layers, vocabulary 256) and runs a handful of steps, in fp32 on one thread.
-Run as a script (`python tests/test_train_loop.py WORK KILL_AT`) it is the run the resume test kills.
+Run as a script it is a process of a test: `killed WORK STEP` (the run the resume test kills) or `pair WORK`
+(one of the two processes of the gloo test).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -293,11 +295,14 @@ def _resume_config() -> TrainConfig:
     return config(steps=RESUME_STEPS, save_every=RESUME_SAVE_EVERY, micro_batch=2)
 
 
+def _script_env(**extra: str) -> dict[str, str]:
+    source = str(Path(__file__).parents[1] / "src")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
 def _killed_run(work: Path, kill_at: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, __file__, str(work), str(kill_at)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, __file__, "killed", str(work), str(kill_at)], env=_script_env(),
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_a_killed_run_resumes_to_the_same_bytes(tmp_path):
@@ -314,14 +319,54 @@ def test_a_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert steps == list(range(1, RESUME_STEPS + 1))
 
 
-def _killed_script(work: Path, kill_at: int) -> None:
-    torch.set_num_threads(1)
+# --- two processes ------------------------------------------------------------------------------------
 
+def _pair_config() -> TrainConfig:
+    return config(steps=4, batch=4, micro_batch=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_match_one_with_doubled_accumulation(tmp_path):
+    port = str(_free_port())
+    workers = [subprocess.Popen([sys.executable, __file__, "pair", str(tmp_path / "pair")], env=_script_env(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outcomes = [worker.communicate(timeout=300) for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], outcomes
+    assert "world 2" in outcomes[0][0]
+
+    train(tiny_llama(), corpus(), _pair_config(), tmp_path / "single")
+    pair = read_metrics(tmp_path / "pair" / "metrics.jsonl")
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    assert [m["step"] for m in pair] == [1, 2, 3, 4]
+    for two, one in zip(pair, single):
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        assert two["tokens"] == one["tokens"]
+
+
+def _killed_script(work: Path, kill_at: int) -> None:
     def on_progress(progress):
         if progress.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     train(tiny_llama(), corpus(), _resume_config(), work, on_progress=on_progress)
 
 
+def _pair_script(work: Path) -> None:
+    from accelerate import PartialState
+
+    train(tiny_llama(), corpus(), _pair_config(), work)
+    print(f"world {PartialState().num_processes}")
+
+
 if __name__ == "__main__":
-    _killed_script(Path(sys.argv[1]), int(sys.argv[2]))
+    torch.set_num_threads(1)
+    if sys.argv[1] == "killed":
+        _killed_script(Path(sys.argv[2]), int(sys.argv[3]))
+    else:
+        _pair_script(Path(sys.argv[2]))

@@ -140,7 +140,10 @@ def _accelerator(precision: str):
         # nodes in turn may need another one for the next node.
         AcceleratorState._reset_state()
     # The scheduler steps once per optimizer step; by default accelerate would step it once per process.
-    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False)
+    # Without a GPU, `cpu=True` is what makes accelerate join processes started by torchrun (gloo); else
+    # each would train alone, unaware of the others.
+    return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False,
+                       cpu=not torch.cuda.is_available())
 
 
 def _checked_length(documents: DocumentSource, config: TrainConfig) -> int:

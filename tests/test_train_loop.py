@@ -7,6 +7,7 @@ Run as a script it is a process of a test: `killed WORK STEP` (the run the resum
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
@@ -19,8 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipec.backends.train import (Document, TrainConfig, TrainingError, batch_shape, pack, packing_isolates,
-                                    read_metrics, render_loss_curve, total_steps, train)
+from recipec.backends.train import (
+    Document,
+    TrainConfig,
+    TrainingError,
+    batch_shape,
+    pack,
+    packing_isolates,
+    read_metrics,
+    render_loss_curve,
+    total_steps,
+    train,
+)
 from recipec.backends.train.packing import IGNORE, Row, collate, row_stream
 from recipec.backends.train.schedule import decay_groups, lr_factor
 
@@ -54,7 +65,7 @@ def corpus(count: int = 40, longest: int = 50, seed: int = 1):
 
 
 def config(**overrides) -> TrainConfig:
-    settings = dict(seq_len=16, batch=4, lr=3e-3, steps=6, warmup=2, seed=0)
+    settings = {"seq_len": 16, "batch": 4, "lr": 3e-3, "steps": 6, "warmup": 2, "seed": 0}
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -112,7 +123,7 @@ def test_packed_logits_equal_each_document_alone(make_model):
         checked = 0
         for r, row in enumerate(rows):
             starts = [t for t, p in enumerate(row.positions) if p == 0] + [len(row.ids)]
-            for start, end in zip(starts, starts[1:]):
+            for start, end in itertools.pairwise(starts):
                 alone = model(input_ids=torch.tensor([row.ids[start:end]])).logits[0]
                 torch.testing.assert_close(packed[r, start:end], alone, atol=1e-5, rtol=1e-4)
                 checked += 1
@@ -190,7 +201,7 @@ def test_no_weight_decay_on_norms_and_biases():
 # --- training ------------------------------------------------------------------------------------------
 
 def test_training_learns_and_leaves_metrics_and_a_loss_curve(tmp_path):
-    repeated = lambda: (Document(list(range(16))) for _ in range(40))  # noqa: E731  one text, quickly learnt
+    repeated = lambda: (Document(list(range(16))) for _ in range(40))  # one text, quickly learnt
     progress = []
     model, summary = train(tiny_llama(), repeated, config(steps=8), tmp_path, on_progress=progress.append)
     metrics = read_metrics(tmp_path / "metrics.jsonl")
@@ -243,8 +254,8 @@ def test_a_damaged_checkpoint_is_passed_over_and_reported(tmp_path):
     notices = []
     model, summary = train(tiny_llama(), corpus(), config(save_every=2), work, on_notice=notices.append)
     assert summary.resumed_from == 2
-    assert notices == ["checkpoint step-00000004 is damaged (model.safetensors has "
-                       f"{written - 100} bytes, {written} were written); passed over",
+    assert notices == [(f"checkpoint step-00000004 is damaged (model.safetensors has {written - 100} bytes, "
+                        f"{written} were written); passed over"),
                        "resuming from step-00000002"]
     assert summary.notices == notices
     assert weights_bytes(model) == weights_bytes(expected)
@@ -268,16 +279,23 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_checkpoint(tmp_pat
 
 
 @pytest.mark.parametrize("settings, documents, message", [
-    (dict(), lambda: iter([Document([])]), "the corpus holds no tokens"),
-    (dict(steps=None, tokens=10**6), corpus(), r"tokens=1000000 is more than the corpus holds \(\d+ tokens\)"),
-    (dict(steps=1000), corpus(), "steps=1000 at batch=4 needs 4000 sequences of 16 tokens; the corpus fills"),
-    (dict(seq_len=512), corpus(), "seq_len=512 is beyond the model's 128 positions"),
-    (dict(steps=1, batch=1), lambda: iter([Document([1, 2, VOCAB + 5])]), "token ids beyond the model's vocabulary of 256"),
+    ({}, lambda: iter([Document([])]), "the corpus holds no tokens"),
+    ({"steps": None, "tokens": 10**6}, corpus(), r"tokens=1000000 is more than the corpus holds \(\d+ tokens\)"),
+    ({"steps": 1000}, corpus(), "steps=1000 at batch=4 needs 4000 sequences of 16 tokens; the corpus fills"),
+    ({"seq_len": 512}, corpus(), "seq_len=512 is beyond the model's 128 positions"),
+    ({"steps": 1, "batch": 1}, lambda: iter([Document([1, 2, VOCAB + 5])]), "token ids beyond the model's vocabulary of 256"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, settings, documents, message):
     with pytest.raises(TrainingError, match=message) as caught:
         train(tiny_llama(), documents, config(**settings), tmp_path)
     assert caught.value.hint
+
+
+def test_a_finished_run_called_again_returns_at_once(tmp_path):
+    _, first = train(tiny_llama(), corpus(), config(steps=2, save_every=2), tmp_path)
+    _, again = train(tiny_llama(), corpus(), config(steps=2, save_every=2), tmp_path)
+    assert (again.resumed_from, again.steps, again.final_loss) == (2, 2, first.final_loss)
+    assert len(read_metrics(tmp_path / "metrics.jsonl")) == 2
 
 
 def test_a_work_directory_from_other_settings_is_refused(tmp_path):

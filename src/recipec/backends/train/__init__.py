@@ -11,5 +11,18 @@ from .loop import Progress, TrainSummary, packing_isolates, train
 from .metrics import METRICS, read_metrics, render_loss_curve
 from .packing import Document, pack
 
-__all__ = ["Document", "METRICS", "Progress", "TrainConfig", "TrainSummary", "TrainingError", "batch_shape",
-           "pack", "packing_isolates", "read_metrics", "render_loss_curve", "total_steps", "train"]
+__all__ = [
+    "METRICS",
+    "Document",
+    "Progress",
+    "TrainConfig",
+    "TrainSummary",
+    "TrainingError",
+    "batch_shape",
+    "pack",
+    "packing_isolates",
+    "read_metrics",
+    "render_loss_curve",
+    "total_steps",
+    "train",
+]

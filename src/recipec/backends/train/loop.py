@@ -19,9 +19,9 @@ import contextlib
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +211,7 @@ def _resume(accelerator, work_dir: Path, config: TrainConfig, notices: list[str]
         notices.append(f"resuming from {directory.name}")
     if accelerator.is_main_process:
         truncate_metrics(work_dir / METRICS, state["step"])
-    position = _Position(**{k: state[k] for k in ("step", "rows_read", "tokens", "target_tokens", "seconds")})
+    position = _Position(**{k: state[k] for k in ("step", "rows_read", "tokens", "target_tokens", "seconds", "loss")})
     return position, position.step
 
 
@@ -222,7 +222,7 @@ def _settings(config: TrainConfig, world_size: int) -> dict:
 
 def _trainer_state(position: _Position, config: TrainConfig, world_size: int, seconds: float) -> dict:
     return {"step": position.step, "rows_read": position.rows_read, "tokens": position.tokens,
-            "target_tokens": position.target_tokens, "seconds": position.seconds + seconds,
+            "target_tokens": position.target_tokens, "seconds": position.seconds + seconds, "loss": position.loss,
             "settings": _settings(config, world_size)}
 
 

@@ -11,8 +11,8 @@ Only one shuffle buffer of rows is held at a time, so a corpus may be far larger
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 

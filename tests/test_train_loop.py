@@ -212,7 +212,9 @@ def test_training_learns_and_leaves_metrics_and_a_loss_curve(tmp_path):
     assert summary.steps == 8 and summary.tokens == 8 * 4 * 16 and summary.final_loss == metrics[-1]["loss"]
     assert metrics[0]["lr"] == pytest.approx(3e-3 / 2)  # the first warmup step
     render_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png")
+    render_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "again.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "loss.png").read_bytes() == (tmp_path / "again.png").read_bytes()
     assert isinstance(model, type(tiny_llama()))
 
 

@@ -39,16 +39,18 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def render_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    """Draw loss against step from a metrics file into a PNG (same metrics, same bytes)."""
+    """Draw loss against step from a metrics file into a PNG (same metrics and matplotlib, same bytes)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must be chosen before pyplot is imported
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = read_metrics(metrics_path)
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
     axes.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1.2)
     axes.set_xlabel("optimizer step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("loss (nats per target token)")
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -10,8 +10,6 @@ writer handle it without a change.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any, ClassVar
 
 from ..ir.types import Kind, Type
 from ..store.cache import OBJECT_META
-from ..store.filehash import hash_file
+from ..store.filehash import content_digest, content_file_hash
 from ..store.release import ReleaseFile
 
 
@@ -89,7 +87,7 @@ class ArtifactKind:
     @classmethod
     def digest(cls, path: Path, built: str | None = None) -> str:
         """The content digest of a directory of this kind; `built` is what its rule returned, if anything."""
-        return files_digest({p.name: hash_file(p) for p in cls.content_files(path)})
+        return files_digest({p.name: content_file_hash(p) for p in cls.content_files(path)})
 
     @classmethod
     def describe(cls, type_: Type) -> str:
@@ -103,8 +101,8 @@ class ArtifactKind:
 
 
 def files_digest(named: dict[str, str]) -> str:
-    """A digest over files by name and sha256 (their order and the directory's place do not matter)."""
-    return "sha256:" + hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()
+    """A content digest over files by name and hash (their order and the directory's place do not matter)."""
+    return content_digest(named)
 
 
 KINDS: dict[Kind, type[ArtifactKind]] = {}

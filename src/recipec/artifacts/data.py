@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Iterator
 from ..ir.graph import canonical_json
 from ..ir.types import Type
 from ..store.cache import Cache, file_identity
-from ..store.filehash import hash_files
+from ..store.filehash import content_digest, content_file_hash, hash_files
 from . import Artifact, ArtifactError, ArtifactKind, Problem
 
 RECORDS = "records.jsonl"
@@ -69,16 +69,15 @@ def json_lines(path: Path, shown: str) -> Iterator[tuple[int, object | Problem]]
 
 
 def raw_digest(files: list[Path], cache: Cache, threads: int, rehash: bool) -> tuple[str, dict[Path, str]]:
-    """A digest of the files' bytes, in order, and each file's sha256 when they were read; the digest is
-    remembered by the files' identity, so unchanged files are not read again (unless `rehash`)."""
+    """A content digest of the files' bytes, in order, remembered by the files' identity so that unchanged
+    files are not read again; with `rehash` (a lock's file list) each is read anew and its sha256 returned."""
     identity = _identity(files)
     known = cache.known_digests().get(identity)
     if known and not rehash:
         return known, {}
-    sums = hash_files(files, threads)
-    digest = "sha256:" + hashlib.sha256("\n".join(sums[p] for p in files).encode()).hexdigest()
+    digest = content_digest([content_file_hash(p) for p in files])
     cache.remember_digest(identity, digest)
-    return digest, sums
+    return digest, hash_files(files, threads) if rehash else {}
 
 
 def _identity(files: list[Path]) -> str:

@@ -1,0 +1,104 @@
+"""The training settings one loop needs, typed and checked, and the step counts that follow from them.
+
+cp, inscp and sft all reduce to this: the op turns its parameters into a `TrainConfig`; the loop reads
+nothing else. Batch arithmetic lives here so the loop and the plan agree on it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainingError(Exception):
+    """A training run that cannot go on: a message for the user and a hint phrased as an instruction."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters of one training run; exactly one of `steps`, `epochs`, `tokens` says how long."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq_len: int = Field(gt=1)
+    batch: int = Field(gt=0, description="sequences per optimizer step, over all processes")
+    micro_batch: int | None = Field(default=None, gt=0, description="sequences per forward pass")
+    grad_accum: int | None = Field(default=None, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: int = Field(default=0, ge=0, description="optimizer steps of linear warmup")
+    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    save_every: int | None = Field(default=None, gt=0, description="optimizer steps between checkpoints")
+    shuffle_buffer: int = Field(default=1024, gt=0, description="packed sequences shuffled together")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainConfig:
+        given = [name for name in ("steps", "epochs", "tokens") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of steps, epochs, tokens (got {', '.join(given) or 'none'})")
+        return self
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """How a global batch splits: per process, then into micro-batches accumulated before one step."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def per_process(self) -> int:
+        return self.micro_batch * self.grad_accum
+
+
+def batch_shape(config: TrainConfig, world_size: int) -> BatchShape:
+    """Micro-batch and accumulation for `world_size` processes; whichever is not given follows from `batch`."""
+    if config.batch % world_size:
+        raise TrainingError(f"batch={config.batch} does not split over {world_size} processes",
+                            f"make `batch` a multiple of {world_size}")
+    per_process = config.batch // world_size
+    micro, accum = config.micro_batch, config.grad_accum
+    if micro is None and accum is None:
+        micro, accum = per_process, 1
+    elif micro is None:
+        micro = per_process // accum
+    elif accum is None:
+        accum = per_process // micro
+    if micro < 1 or accum < 1 or micro * accum != per_process:
+        raise TrainingError(
+            f"batch={config.batch} over {world_size} process(es) is not micro_batch={config.micro_batch} "
+            f"× grad_accum={config.grad_accum}",
+            "give `batch` = micro_batch × grad_accum × processes, or only one of micro_batch and grad_accum")
+    return BatchShape(micro, accum, world_size)
+
+
+def sequences_in(total_tokens: int, seq_len: int) -> int:
+    """Packed sequences a corpus of `total_tokens` fills (the last one padded, never dropped)."""
+    return math.ceil(total_tokens / seq_len)
+
+
+def total_steps(config: TrainConfig, corpus_tokens: int) -> int:
+    """Optimizer steps the run takes, given the corpus size in tokens."""
+    if config.steps is not None:
+        return config.steps
+    if config.tokens is not None:
+        return math.ceil(config.tokens / (config.batch * config.seq_len))
+    return math.ceil(sequences_in(corpus_tokens, config.seq_len) * config.epochs / config.batch)
+
+
+def passes_needed(config: TrainConfig) -> int:
+    """Full passes over the corpus the data stream holds: `epochs` rounded up, else one."""
+    return math.ceil(config.epochs) if config.epochs is not None else 1

@@ -131,7 +131,7 @@ def test_lock_records_every_data_file_by_content(tmp_path, capsys, toy):
     entry = tomllib.loads((tmp_path / "r.rcp.lock").read_text())["inputs"]["corpus"]
     assert entry["op"] == "text" and entry["glob"] == "d/*.jsonl"
     assert [f["name"] for f in entry["files"]] == ["d/1.jsonl", "d/2.jsonl"]
-    assert entry["digest"].startswith("sha256:")
+    assert entry["digest"].startswith("blake3:")
     assert run(["run", "--locked", str(recipe)], capsys)[0] == 0
     (tmp_path / "d/2.jsonl").write_text('{"body": "c"}\n')
     status, _, err = run(["run", "--locked", str(recipe)], capsys)

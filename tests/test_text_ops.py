@@ -190,3 +190,12 @@ def test_ppl_filter_that_keeps_nothing_is_an_error_at_the_op(project, scorer, ca
     status, err = run(project, body, capsys)
     assert status == 1 and "error[E584]: ppl_filter keeps none of the 3 documents" in err
     assert "kept = ppl_filter(" in err and "Traceback" not in err
+
+
+def test_extend_vocab_offers_the_row_initializations_textprep_has():
+    from typing import get_args
+
+    from recipec.ops.text import ExtendVocab
+    from recipec.textprep.vocab import INIT_MODES
+
+    assert get_args(ExtendVocab.Params.model_fields["init"].annotation) == INIT_MODES

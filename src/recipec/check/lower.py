@@ -464,7 +464,8 @@ class Lowerer:
         variadic = next((i for i in op.inputs if i.variadic), None)
         slots = [i.name for i in op.inputs if not i.optional] + list(op.positional)  # optional inputs by keyword
         fields = set(op.Params.model_fields) - getattr(op, "internal", frozenset())
-        known = [i.name for i in op.inputs] + sorted(fields - {i.name for i in op.inputs})
+        keyword_inputs = {i.name for i in op.inputs if i.optional}
+        known = [i.name for i in op.inputs if not i.optional] + sorted(fields | keyword_inputs)
         bound: dict[str, ast.Expr] = {}
         ok = True
         positional = list(e.args)

@@ -18,7 +18,6 @@ from ..artifacts.tokenizer import TOKENIZER
 from ..ir.types import Kind, Signature, Type
 from ..textprep.bpe import BYTE_ALPHABET, special_token_list
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE
-from ..textprep.vocab import INIT_MODES
 from .base import Context, Cost, FileDigest, Input, Op, Params, bytes_read, register
 
 # The tensors whose rows are vocabulary entries (input embeddings and output projections), by architecture.
@@ -126,7 +125,9 @@ class ExtendVocab(Op):
 
     class Params(Params):
         add: int = Field(description="how many tokens to append")
-        init: Literal["mean", "zero"] = Field("mean", description="the new rows: " + " or ".join(INIT_MODES))
+        # textprep.vocab.INIT_MODES, written out so that checking a recipe never imports torch
+        init: Literal["mean", "zero"] = Field("mean", description="the new rows: the mean of the existing ones, "
+                                              "or zeros")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):

@@ -199,3 +199,17 @@ def test_extend_vocab_offers_the_row_initializations_textprep_has():
     from recipec.textprep.vocab import INIT_MODES
 
     assert get_args(ExtendVocab.Params.model_fields["init"].annotation) == INIT_MODES
+
+
+def test_the_extended_vocabulary_example_feeds_a_chat_vector(tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copy(root / "chat_vector_extended.rcp", tmp_path)
+    shutil.copytree(root / "data" / "chat_vector_extended", tmp_path / "data" / "chat_vector_extended")
+    assert main(["run", str(tmp_path / "chat_vector_extended.rcp")]) == 0, capsys.readouterr().err
+    out = tmp_path / "out" / "zh_chat"
+    weights = load_file(out / "model.safetensors")
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 320 + 48 == weights[EMBED].shape[0]

@@ -213,3 +213,28 @@ def test_the_extended_vocabulary_example_feeds_a_chat_vector(tmp_path, capsys):
     out = tmp_path / "out" / "zh_chat"
     weights = load_file(out / "model.safetensors")
     assert len(AutoTokenizer.from_pretrained(str(out))) == 320 + 48 == weights[EMBED].shape[0]
+
+
+def test_ppl_filter_scores_conversations_through_the_chat_template(project, scorer, tmp_path):
+    from recipec.artifacts import Artifact
+    from recipec.backends.job import Job
+    from recipec.backends.text import build_ppl_filter
+    from recipec.ir.graph import Node
+    from recipec.ir.types import Kind, Type
+
+    talks = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": REPEATED * 40}],
+             [{"role": "user", "content": english()[2]}, {"role": "assistant", "content": english()[3]}]]
+    data = tmp_path / "conversations"
+    data.mkdir()
+    lines = [json.dumps({"messages": m}, ensure_ascii=False, sort_keys=True) + "\n" for m in talks]
+    (data / "records.jsonl").write_text("".join(lines))
+    node = Node(1, "ppl_filter", (), {"max": 1e30, "min": None, "seq_len": 16, "batch": 3}, Type(Kind.DATASET))
+    out = tmp_path / "out"
+    out.mkdir()
+    job = Job(node, [Artifact(Kind.DATASET, data, "d"), Artifact(Kind.MODEL, scorer, "m")], out, tmp_path / "w", 1)
+    build_ppl_filter(job)
+    assert (out / "records.jsonl").read_text() == "".join(lines)  # kept as they were, in order
+    summary = json.loads((out / "ppl_filter.json").read_text())
+    assert summary["unit"] == "conversations" and summary["kept"] == 2
+    assert summary["min"] < summary["max"]  # the `~` answer is the likelier one
+    assert [w.code for w in job.warnings] == ["E580"]

@@ -283,7 +283,8 @@ def _describe_op(op) -> str:
     """An op's one-line summary, then its inputs and parameters with types, defaults and meaning."""
     lines = [f"{op.name}: {' '.join((op.__doc__ or '').split())}"]
     for inp in op.inputs:
-        kind = inp.kind.value if hasattr(inp.kind, "value") else inp.kind
+        kinds = inp.kind if isinstance(inp.kind, tuple) else (inp.kind,)
+        kind = " or ".join(k.value if hasattr(k, "value") else k for k in kinds)
         extra = ", several" if inp.variadic else ", optional" if inp.optional else ""
         lines.append(f"  {inp.name} ({kind}{extra}): {inp.doc}")
     for name, field in op.Params.model_fields.items():

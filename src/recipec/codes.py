@@ -176,6 +176,22 @@ _ENTRIES = [
          "where transformers needs an integer. The message names the field."),
     Code("E405", "no data files", MISSING,
          "A corpus or dataset glob matches no files. Globs are relative to the recipe's directory."),
+    Code("E440", "tokenizer vocabulary too small", RECIPE,
+         "`tokenizer(corpus, vocab_size=N)` trains a byte-level BPE: its vocabulary holds the 256 bytes, the\n"
+         "special tokens (`<s>`, `</s>`, `<pad>`, `special_tokens=`, the chat template's markers) and at least\n"
+         "one merge. Fix: raise `vocab_size` to the number the hint gives, or more."),
+    Code("E441", "extend_vocab adds no tokens", RECIPE,
+         "`extend_vocab(model, ..., add=N)` appends N tokens; N must be at least 1."),
+    Code("E442", "extend_vocab needs one source of tokens", RECIPE,
+         "`extend_vocab` takes its new tokens from another tokenizer (`tokenizer=`) or learns them from a corpus\n"
+         "(`corpus=`): give exactly one of the two."),
+    Code("E443", "vocabulary rows not found", RECIPE,
+         "`extend_vocab` grows the embedding and output matrices it knows by name (Llama's\n"
+         "`model.embed_tokens.weight` and `lm_head.weight`, GPT-2's `transformer.wte.weight`); this model has\n"
+         "none of them, or its config has no `vocab_size`."),
+    Code("E444", "bad perplexity bounds", RECIPE,
+         "`ppl_filter(data, model, max=, min=)` keeps what lies within [min, max]: at least one bound, each above\n"
+         "0, `max` above `min`; `seq_len` and `batch` at least 1."),
     Code("E406", "inconsistent sharded index", RECIPE,
          "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
          "tensor the index does not list."),
@@ -270,6 +286,25 @@ _ENTRIES += [
     Code("E554", "data file gone", RECIPE,
          "A file that the data source matched when the recipe was checked no longer exists when it is\n"
          "read. The data changed under the run: run again."),
+    Code("E580", "perplexity filter counts", NO_EXIT,
+         "A note from `run` each time `ppl_filter` is built: how many documents or conversations it kept, and\n"
+         "the range of perplexities seen. The counts and a histogram are kept with the result in\n"
+         "`ppl_filter.json`.", severity="warning"),
+    Code("E581", "corpus too small for the vocabulary", RUNTIME,
+         "`tokenizer(corpus, vocab_size=N)` found fewer than N tokens worth learning in the corpus. A model\n"
+         "built with `init(..., tokenizer=)` is sized to N at check time, so the tokenizer must have exactly\n"
+         "N. Fix: use the smaller size the message names, or a larger corpus."),
+    Code("E582", "text preparation failed", RUNTIME,
+         "A tokenizer, chat template, corpus or conversation could not be used as the op needs (an empty\n"
+         "corpus, a tokenizer that cannot be extended, a chat template missing or lacking its tokens). The\n"
+         "message says which and the hint how to fix it."),
+    Code("E583", "vocabulary cannot grow as asked", RUNTIME,
+         "`extend_vocab` found fewer new tokens than `add=` (the source has nothing more that the model's\n"
+         "tokenizer lacks), or the model's tokenizer does not end where its embedding rows end, so appended\n"
+         "ids would not match appended rows. Fix: the `add=` the message names, or a richer source."),
+    Code("E584", "perplexity filter keeps nothing", RUNTIME,
+         "Every document or conversation given to `ppl_filter` lies outside its bounds. The message gives the\n"
+         "range of perplexities seen: widen `max=`/`min=` or check that the model fits the data."),
     Code("E560", "launched job failed", RUNTIME,
          "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
          "could not be started, exited with an error status, was killed by a signal, or ended without\n"

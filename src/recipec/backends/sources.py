@@ -9,6 +9,8 @@ weights do not depend on the thread count.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from ..dtypes import DTYPE_CODES, TensorSpec
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
 from ..ops.sources import Init
+from ..textprep.vocab import read_tokenizer_json, vocabulary_size
 from .job import Job, RunFailure
 
 _AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
@@ -28,6 +31,9 @@ def build_init(job: Job) -> str:
 
     params: Init.Params = Init.params_of(job.node)
     config = params.hf_config()
+    tokenizer = job.inputs[0].path if job.inputs else None  # a tokenizer value: the model is sized to it
+    if tokenizer is not None:
+        config.update(tokenizer_facts(tokenizer))
     hf_config = transformers.AutoConfig.for_model(**config)
     auto = getattr(transformers, _AUTO_CLASS[config["model_type"]])
     torch.manual_seed(params.seed)
@@ -45,6 +51,10 @@ def build_init(job: Job) -> str:
     finally:
         writer.close()
     write_json(job.out / "config.json", config)
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).is_file():
+                shutil.copyfile(tokenizer / name, job.out / name)
     if params.tokenizer is not None:
         source = Path(params.tokenizer.path)
         for name, expected in params.tokenizer.files.items():
@@ -53,6 +63,16 @@ def build_init(job: Job) -> str:
                 raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
             (job.out / name).write_bytes(data)
     return digest
+
+
+def tokenizer_facts(directory: Path) -> dict:
+    """What a model's config takes from its tokenizer: the vocabulary size and the special tokens' ids."""
+    facts = {"vocab_size": vocabulary_size(read_tokenizer_json(directory))}
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        ids = json.loads(generation.read_text(encoding="utf-8"))
+        facts.update({k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in ids})
+    return facts
 
 
 def convert_pickle(files: list[Path], config_dir: Path, out: Path) -> str:

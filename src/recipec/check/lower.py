@@ -404,6 +404,9 @@ class Lowerer:
         ok = True
         for inp in op.inputs:
             arg = bound.pop(inp.name, None)
+            if isinstance(arg, ast.String) and inp.optional and inp.name in op.Params.model_fields:
+                bound[inp.name] = arg  # an input that is also a parameter: a string is the parameter's (a path)
+                arg = None
             ctx.given[inp.name] = arg is not None
             if arg is None and inp.optional:
                 continue
@@ -448,18 +451,21 @@ class Lowerer:
         value = self.expr(module, arg)
         if inp.kind is Kind.MODEL:
             return self.as_model(module, value, arg)
-        if isinstance(value, Graphed) and value.node.type.kind is inp.kind:
+        kinds = inp.kind if isinstance(inp.kind, tuple) else (inp.kind,)
+        if isinstance(value, Graphed) and value.node.type.kind in kinds:
             return value.node
         if not isinstance(value, Poison):
-            self.diags.error("E206", f"`{inp.name}` must be a {inp.kind.value}, got {_describe(value)}", arg.span)
+            wanted = " or ".join(k.value for k in kinds)
+            self.diags.error("E206", f"`{inp.name}` must be a {wanted}, got {_describe(value)}", arg.span)
         return None
 
     def _bind_arguments(self, op: type[Op], e: ast.Call) -> dict[str, ast.Expr] | None:
         """Map a call's arguments to the op's input and parameter names, reporting misuse."""
         variadic = next((i for i in op.inputs if i.variadic), None)
-        slots = [i.name for i in op.inputs] + list(op.positional)
+        slots = [i.name for i in op.inputs if not i.optional] + list(op.positional)  # optional inputs by keyword
         fields = set(op.Params.model_fields) - getattr(op, "internal", frozenset())
-        known = [i.name for i in op.inputs] + sorted(fields)
+        keyword_inputs = {i.name for i in op.inputs if i.optional}
+        known = [i.name for i in op.inputs if not i.optional] + sorted(fields | keyword_inputs)
         bound: dict[str, ast.Expr] = {}
         ok = True
         positional = list(e.args)

@@ -115,6 +115,7 @@ class Signature:
 class Type:
     kind: Kind
     signature: Signature | None = None  # Model and Delta only; None = unknown until locked
+    vocab_size: int | None = None  # a Tokenizer's size, where its op knows it at check time
 
     def __str__(self) -> str:
         if self.kind in (Kind.MODEL, Kind.DELTA):

@@ -20,8 +20,9 @@ _import_op_modules()
 
 def call_form(op: type[Op]) -> str:
     """How a call of `op` reads in a recipe: `merge(models..., method=, base=, ...)`."""
-    parts = [f"{i.name}..." if i.variadic else (f"{i.name}=" if i.optional else i.name) for i in op.inputs]
+    parts = [f"{i.name}..." if i.variadic else i.name for i in op.inputs if not i.optional]
     parts += list(op.positional)
+    parts += [f"{i.name}=" for i in op.inputs if i.optional]  # keyword only: they follow the positional ones
     hidden = getattr(op, "internal", frozenset())
     named = {i.name for i in op.inputs} | set(op.positional)
     parts += [f"{name}=" for name in op.Params.model_fields if name not in hidden and name not in named]

@@ -57,7 +57,7 @@ class Input:
     """A graph input of an op: a model, a corpus, a dataset, or a linear combination of models."""
 
     name: str
-    kind: Kind | str  # Kind, or "Linear" for an affine expression taken unevaluated
+    kind: Kind | tuple[Kind, ...] | str  # a Kind, any of several, or "Linear" for an affine expression unevaluated
     variadic: bool = False
     optional: bool = False  # an optional input comes last and is appended to the node's inputs
     doc: str = ""

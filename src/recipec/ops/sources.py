@@ -20,12 +20,13 @@ from ..artifacts.corpus import CorpusKind, read_texts
 from ..artifacts.data import remembered_records_digest, resolve_records
 from ..artifacts.dataset import DatasetKind, read_conversations
 from ..artifacts.model import ModelKind, file_records, input_digest, remembered_input_digest
+from ..artifacts.tokenizer import TOKENIZER
 from ..dtypes import DTYPE_CODES
 from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
-from .base import ERROR_TYPE, Context, Cost, FileDigests, Op, Params, register
+from .base import ERROR_TYPE, Context, Cost, FileDigests, Input, Op, Params, register
 from .resolve import ResolveContext, Resolved
 
 def signature_of_dir(root: Path) -> Signature:
@@ -248,6 +249,9 @@ class Init(Op):
 
     name = "init"
     positional = ("arch",)
+    # A tokenizer value (`tokenizer=tokenizer(corpus, ...)`) is an input, and the model's vocabulary follows its
+    # size; a string `tokenizer="dir"` stays the parameter of the same name, whose files are copied as they are.
+    inputs = (Input("tokenizer", TOKENIZER, optional=True, doc="a tokenizer the model is sized to and ships with"),)
     toolchain = ("torch", "transformers")
     rule = "sources:build_init"
 
@@ -303,6 +307,8 @@ class Init(Op):
         config = cls.config_for(ctx, params)
         if config is None:
             return ERROR_TYPE  # config_for said why
+        if ctx.given.get("tokenizer"):
+            config = {**config, "vocab_size": inputs[0].type.vocab_size}
         try:
             return Type(Kind.MODEL, signature_of_config(config, DTYPE_CODES[params.dtype]))
         except (KeyError, ValueError) as err:

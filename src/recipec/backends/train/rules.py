@@ -39,11 +39,12 @@ REPRODUCIBLE_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens")  # not token
 
 
 def build_train(job: Job) -> str | None:
-    import transformers
-
     op = REGISTRY[job.node.op]
     params: TrainParams = op.params_of(job.node)
     _check_world_size(params)
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # the job's own progress is in steps, drawn by the driver
     model_dir = job.inputs[0].path
     job.work.mkdir(parents=True, exist_ok=True)
     template = _template(params)

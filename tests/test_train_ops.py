@@ -1,0 +1,134 @@
+"""The training ops from a user's side: a recipe with `cp`, `inscp` and `sft` runs, its releases load with
+transformers and differ from the model they were trained from, a rerun is cached, a wrong process count is a
+located error, and the plan's cost follows the op's parameters.
+
+Models are the tiny Llama preset with the examples' word-level tokenizer, data the examples' tiny files, a few
+steps each. One recipe holds every op so the training workers start once per node, for the whole module.
+Check-time errors are golden cases (tests/golden/diagnostics/train_*.rcp).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from recipec.cli import main
+from recipec.ir.types import Kind, Type
+from recipec.ops import REGISTRY
+from recipec.ops.sources import signature_of_config
+from recipec.arch import preset_config
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+RECIPE = """recipec 1
+base = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")
+corpus = text("data/tiny_corpus.jsonl")
+tuned = cp(base, corpus, steps=3, seq_len=32, batch=2, lr=3e-3)
+wrapped = inscp(base, corpus, steps=3, seq_len=32, batch=2, lr=3e-3, system="w5 w6")
+chatted = sft(base, chat("data/tiny_chat.jsonl"), steps=3, seq_len=32, batch=2, lr=3e-3)
+export base to "out/base"
+export tuned to "out/cp"
+export wrapped to "out/inscp"
+export chatted to "out/sft"
+"""
+
+
+def workspace(root: Path, recipe: str) -> Path:
+    for extra in ("tokenizers", "data"):
+        shutil.copytree(EXAMPLES / extra, root / extra, dirs_exist_ok=True)
+    (root / "train.rcp").write_text(recipe)
+    return root / "train.rcp"
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    status = main(args)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The recipe run once, with its own cache: (recipe, stderr of the run)."""
+    root = tmp_path_factory.mktemp("train")
+    recipe = workspace(root, RECIPE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECIPEC_CACHE", str(root / "cache"))
+        status = main(["run", str(recipe)])
+    assert status == 0
+    return recipe
+
+
+@pytest.mark.parametrize("release", ["cp", "inscp", "sft"])
+def test_each_training_op_releases_a_loadable_model_that_learned(trained, release):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = trained.parent / "out"
+    folder = out / release
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model(torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 1024)
+    base, weights = load_file(str(out / "base" / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert weights.keys() == base.keys()
+    assert all(weights[n].dtype == base[n].dtype for n in base)
+    assert any(not torch.equal(weights[n], base[n]) for n in base)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    # training keeps the tokenizer, its chat template and the generation config
+    assert AutoTokenizer.from_pretrained(folder).chat_template == AutoTokenizer.from_pretrained(out / "base").chat_template
+    assert (folder / "generation_config.json").read_text() == (out / "base" / "generation_config.json").read_text()
+    metrics = [json.loads(line) for line in (folder / "training_metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert set(metrics[0]) == {"step", "loss", "lr", "grad_norm", "tokens"}  # nothing that depends on speed
+    assert (folder / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert "training_metrics.jsonl" in (folder / "SHA256SUMS").read_text()
+
+
+def test_the_three_ops_train_on_different_tokens(trained):
+    out = trained.parent / "out"
+    first = {r: json.loads((out / r / "training_metrics.jsonl").read_text().splitlines()[0]) for r in
+             ("cp", "inscp", "sft")}
+    assert len({m["loss"] for m in first.values()}) == 3
+
+
+def test_a_rerun_is_cached(trained, capsys, monkeypatch):
+    monkeypatch.setenv("RECIPEC_CACHE", str(trained.parent / "cache"))
+    status, _, err = run(["run", str(trained)], capsys)
+    assert status == 0, err
+    assert "Built 0, 4 cached" in err
+
+
+def test_a_process_count_other_than_the_recipes_is_a_located_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    recipe = workspace(tmp_path, RECIPE.split("wrapped =")[0].replace("lr=3e-3)", "lr=3e-3, processes=2)")
+                       + 'export tuned to "out/cp"\n')
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 1
+    assert "error[E572]: the run has 1 process(es) but the recipe says processes=2" in err
+    assert "train.rcp:4:" in err and "Traceback" not in err
+
+
+def _cost(op: str, **params):
+    sig = signature_of_config(preset_config("llama", "tiny"))
+    data = type("Data", (), {"params": {"bytes": 4000}})()
+    cls = REGISTRY[op]
+    values = cls.Params(seq_len=32, batch=4, lr=1e-3, **params)
+    return sig, cls.cost([None, data], values, Type(Kind.MODEL, sig), threads=1)
+
+
+def test_the_plan_costs_training_by_tokens_and_precision():
+    sig, by_steps = _cost("cp", steps=10)
+    tokens = 10 * 4 * 32
+    attention = 12 * sig.facts.layers * 32 * sig.facts.hidden
+    assert by_steps.flops == (6 * sig.params + attention) * tokens
+    assert _cost("cp", tokens=tokens)[1].flops == by_steps.flops
+    assert _cost("sft", epochs=2)[1].flops == (6 * sig.params + attention) * 2000  # 4000 bytes ≈ 1000 tokens
+    assert by_steps.accelerator_bytes is None and by_steps.peak_bytes > 16 * sig.params
+    _, bf16 = _cost("cp", steps=10, precision="bf16")
+    assert bf16.accelerator_bytes is not None and 16 * sig.params < bf16.accelerator_bytes < by_steps.peak_bytes
+    # a smaller micro-batch holds fewer activations
+    assert _cost("cp", steps=10, grad_accum=4)[1].peak_bytes < by_steps.peak_bytes

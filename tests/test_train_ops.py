@@ -132,3 +132,11 @@ def test_the_plan_costs_training_by_tokens_and_precision():
     assert bf16.accelerator_bytes is not None and 16 * sig.params < bf16.accelerator_bytes < by_steps.peak_bytes
     # a smaller micro-batch holds fewer activations
     assert _cost("cp", steps=10, grad_accum=4)[1].peak_bytes < by_steps.peak_bytes
+
+
+def test_the_plan_shows_tokens_steps_and_memory_per_device(tmp_path, capsys):
+    recipe = workspace(tmp_path, RECIPE.replace("steps=3, seq_len=32, batch=2", "tokens=8192, seq_len=32, batch=4, "
+                                                "grad_accum=2, precision=\"bf16\"", 1))
+    status, out, err = run(["plan", str(recipe)], capsys)
+    assert status == 0, err
+    assert "8.2 K tokens · 64 steps of 4 × 32 · micro-batch 2 × 2 on 1 process · bf16: weights, gradients, AdamW" in out

@@ -14,6 +14,7 @@ signature.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -96,12 +97,14 @@ class _Training(Op):
         if sig is None:
             return Cost()
         tokens = planned_tokens(params, inputs[1])
-        memory = training_memory(sig, params)
+        states, activations = training_memory(sig, params)
+        memory = states + activations
         bf16 = params.precision == "bf16"
         return Cost(bytes_read=sig.nbytes, bytes_written=sig.nbytes,
                     peak_bytes=sig.nbytes if bf16 else memory,  # on an accelerator the host holds one copy
                     flops=training_flops(sig, params.seq_len, tokens),
-                    accelerator_bytes=memory if bf16 else None)
+                    accelerator_bytes=memory if bf16 else None,
+                    detail=_plan_detail(params, tokens, states, activations))
 
 
 def check_training(ctx: Context, params: TrainParams) -> bool:
@@ -212,8 +215,21 @@ def training_flops(sig, seq_len: int, tokens: int) -> int:
     return (6 * sig.params + attention) * tokens
 
 
-def training_memory(sig, params: TrainParams) -> int:
-    """Bytes per device: fp32 weights and gradients, AdamW's two fp32 moments, activations of a micro-batch.
+def _plan_detail(params: TrainParams, tokens: int, states: int, activations: int) -> str:
+    from ..plan.render import human_bytes, human_count  # the plan's units; imported late: plan imports ops
+
+    shape = batch_shape(params, params.processes)
+    steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))
+    estimated = "≈" if params.epochs is not None else ""
+    return (f"{estimated}{human_count(tokens)} tokens · {estimated}{steps:,} steps of {params.batch} × "
+            f"{params.seq_len} · micro-batch {shape.micro_batch} × {shape.grad_accum} on {params.processes} "
+            f"process{'es' if params.processes != 1 else ''} · {params.precision}: weights, gradients, AdamW "
+            f"{human_bytes(states)} + activations {human_bytes(activations)} per device")
+
+
+def training_memory(sig, params: TrainParams) -> tuple[int, int]:
+    """Bytes per device, (optimizer states, activations): fp32 weights and gradients and AdamW's two fp32
+    moments; the activations of one micro-batch.
 
     Activations per layer follow Korthikanti et al. (34·s·b·h bytes in 16-bit plus 5·heads·s²·b for the
     attention scores), doubled in fp32; the logits and their gradient in fp32 come on top."""
@@ -221,13 +237,13 @@ def training_memory(sig, params: TrainParams) -> int:
     states = 16 * sig.params  # weights, gradients, exp_avg, exp_avg_sq: four fp32 copies
     facts = sig.facts
     if facts is None:
-        return states
+        return states, 0
     scale = 1 if params.precision == "bf16" else 2
     s, b = params.seq_len, shape.micro_batch
     heads = max(facts.heads, default=0)
     per_layer = 34 * s * b * facts.hidden + 5 * heads * s * s * b
     logits = 8 * s * b * facts.vocab
-    return states + scale * facts.layers * per_layer + logits
+    return states, scale * facts.layers * per_layer + logits
 
 
 @register

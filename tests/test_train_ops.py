@@ -10,7 +10,12 @@ Check-time errors are golden cases (tests/golden/diagnostics/train_*.rcp).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +145,39 @@ def test_the_plan_shows_tokens_steps_and_memory_per_device(tmp_path, capsys):
     status, out, err = run(["plan", str(recipe)], capsys)
     assert status == 0, err
     assert "8.2 K tokens · 64 steps of 4 × 32 · micro-batch 2 × 2 on 1 process · bf16: weights, gradients, AdamW" in out
+
+
+RESUMABLE = """recipec 1
+base = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")
+tuned = cp(base, text("data/tiny_corpus.jsonl"), epochs=3, seq_len=32, batch=2, lr=3e-3, save_every=2)
+export tuned to "out/cp"
+"""
+
+
+def _run_process(recipe: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "RECIPEC_CACHE": str(cache), "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-m", "recipec", "run", str(recipe)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
+    recipe = workspace(tmp_path, RESUMABLE)
+    killed = _run_process(recipe, tmp_path / "cache")
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "cache").glob("**/checkpoints/step-00000004")):
+        assert killed.poll() is None and time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "out" / "cp").exists()
+
+    resumed = _run_process(recipe, tmp_path / "cache")
+    assert resumed.wait() == 0, resumed.stderr.read().decode()
+    weights = (tmp_path / "out" / "cp" / "model.safetensors").read_bytes()
+    metrics = (tmp_path / "out" / "cp" / "training_metrics.jsonl").read_text()
+
+    clean = workspace(tmp_path / "clean", RESUMABLE)
+    uninterrupted = _run_process(clean, tmp_path / "clean" / "cache")
+    assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()
+    assert (clean.parent / "out" / "cp" / "model.safetensors").read_bytes() == weights
+    assert (clean.parent / "out" / "cp" / "training_metrics.jsonl").read_text() == metrics

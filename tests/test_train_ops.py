@@ -23,11 +23,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from recipec.arch import preset_config
 from recipec.cli import main
 from recipec.ir.types import Kind, Type
 from recipec.ops import REGISTRY
 from recipec.ops.sources import signature_of_config
-from recipec.arch import preset_config
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

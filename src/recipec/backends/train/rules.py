@@ -54,9 +54,9 @@ def build_train(job: Job) -> str | None:
         raise RunFailure("E571", f"cannot prepare the data of `{job.node.label}`: {err.message}", err.hint) from None
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     try:
-        trained, summary = train(model, documents, params.train_config(), job.work,
-                                 on_progress=lambda p: _report(job, p), on_notice=lambda text: _notice(job, text),
-                                 pad_id=pad_id)
+        trained, _ = train(model, documents, params.train_config(), job.work,
+                           on_progress=lambda p: _report(job, p), on_notice=lambda text: _notice(job, text),
+                           pad_id=pad_id)
     except TrainingError as err:
         raise RunFailure("E570", f"training `{job.node.label}` stopped: {err.message}", err.hint) from None
     if _rank() != 0:

@@ -181,3 +181,19 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()
     assert (clean.parent / "out" / "cp" / "model.safetensors").read_bytes() == weights
     assert (clean.parent / "out" / "cp" / "training_metrics.jsonl").read_text() == metrics
+
+
+def test_a_built_model_without_a_chat_template_is_a_located_error_when_run(tmp_path, capsys, monkeypatch):
+    # A combination's tokenizer is only known once built, so this is found at run time, not at check time.
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    recipe = workspace(tmp_path, """recipec 1
+a = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama")
+b = init("llama", size="tiny", seed=2, tokenizer="tokenizers/llama")
+mixed = 0.5*a + 0.5*b
+wrapped = inscp(mixed, text("data/tiny_corpus.jsonl"), steps=1, seq_len=32, batch=2, lr=1e-3)
+export wrapped to "out/inscp"
+""")
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 1
+    assert "train.rcp:5:11: error[E571]: cannot prepare the data of `wrapped`: the tokenizer has no chat template" in err
+    assert "hint: give the op `template=`" in err and "Traceback" not in err

@@ -29,7 +29,7 @@ def planned_peak(recipe: Path, threads: int, capsys) -> int:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "examples").glob("*.rcp")))
 def test_examples_stay_within_planned_peak(example, threads, tmp_path, capsys, monkeypatch):
-    for extra in ("tokenizers", "configs"):
+    for extra in ("tokenizers", "configs", "data"):
         shutil.copytree(ROOT / "examples" / extra, tmp_path / extra)
     recipe = Path(shutil.copy(ROOT / "examples" / example, tmp_path / example))
     planned = planned_peak(recipe, threads, capsys)

@@ -208,6 +208,25 @@ _ENTRIES = [
 
 _ENTRIES += [
     # Running: E5xx
+    Code("E430", "training length not given once", RECIPE,
+         "A training op (`cp`, `inscp`, `sft`) needs exactly one of `steps=` (optimizer steps), `epochs=`\n"
+         "(passes over the data) or `tokens=` (tokens trained on). Give one and remove the others."),
+    Code("E431", "no chat template", RECIPE,
+         "`inscp` and `sft` render their data with the model's chat template, and the model has none.\n"
+         "Give the op `template=\"chat.jinja\"` (a Jinja file beside the recipe), or give the model one\n"
+         "(`chat_template=` on a combination, or a tokenizer directory that ships one)."),
+    Code("E432", "chat template needs tokens the tokenizer lacks", RECIPE,
+         "The chat template writes special-token-shaped markers (`<|im_start|>`, `</s>`, ...) that the\n"
+         "model's tokenizer does not encode as one token, so every training example would be cut into\n"
+         "pieces the model never sees at inference. Use a template written for this tokenizer, or add its\n"
+         "markers to the tokenizer as special tokens first."),
+    Code("E433", "sequence length beyond the model's positions", RECIPE,
+         "`seq_len` is longer than the model's `max_position_embeddings`. Lower `seq_len` to at most\n"
+         "that; training cannot teach positions the model does not have."),
+    Code("E434", "batch does not split", RECIPE,
+         "`batch` is sequences per optimizer step over all processes; it must equal micro_batch ×\n"
+         "grad_accum × processes. Give `batch` a multiple of `processes`, and at most one of `micro_batch`\n"
+         "and `grad_accum` unless their product is the per-process batch."),
     Code("E501", "hub model unavailable", MISSING,
          "A hub model is not in the local Hugging Face cache and cannot be fetched: --offline or\n"
          "HF_HUB_OFFLINE is set, the network is unreachable, the id or revision does not exist, or it needs\n"
@@ -305,6 +324,25 @@ _ENTRIES += [
     Code("E584", "perplexity filter keeps nothing", RUNTIME,
          "Every document or conversation given to `ppl_filter` lies outside its bounds. The message gives the\n"
          "range of perplexities seen: widen `max=`/`min=` or check that the model fits the data."),
+    Code("E570", "training failed", RUNTIME,
+         "A training op could not go on: the data holds no tokens or fewer than `tokens=`/`steps=` need,\n"
+         "the loss became NaN or infinite (lower `lr`, raise `warmup`), the data holds ids beyond the model's\n"
+         "vocabulary, or checkpoints in the work directory were saved with other settings. The message names\n"
+         "the node and the step; the last good checkpoint in the work directory (`<cache>/work/KEY`) is kept\n"
+         "and the next run resumes from it."),
+    Code("E571", "training data cannot be prepared", RUNTIME,
+         "The data of a training op could not be tokenized: the tokenizer cannot be loaded, the chat\n"
+         "template is missing or does not fit the tokenizer (a model built by arithmetic is only checked\n"
+         "once built), or a conversation does not render. The hint says what to change."),
+    Code("E572", "process count differs from the recipe", RUNTIME,
+         "A training op was launched with another number of processes than its `processes=` says. The\n"
+         "process count decides how each batch splits, so it is part of the node's cache key: give the op\n"
+         "`processes=N` to match `--launch \"accelerate launch --num_processes N\"`, or launch with the\n"
+         "number the recipe says."),
+    Code("E573", "damaged checkpoint passed over", NO_EXIT,
+         "A checkpoint in a training node's work directory could not be read (a kill while writing it, a\n"
+         "damaged disk); training resumed from the newest good one, or started over if none was left.",
+         severity="warning"),
     Code("E560", "launched job failed", RUNTIME,
          "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
          "could not be started, exited with an error status, was killed by a signal, or ended without\n"
@@ -317,7 +355,7 @@ _ENTRIES += [
          "node's work directory is kept, so a fixed recipec resumes from its checkpoints."),
 ]
 
-CODES: dict[str, Code] = {c.code: c for c in _ENTRIES}
+CODES: dict[str, Code] = {c.code: c for c in sorted(_ENTRIES, key=lambda c: c.code)}
 
 
 def codes_markdown() -> str:

@@ -59,10 +59,10 @@ def copy_model_files(job: Job, out: list[TensorSpec], weights: tuple[float, ...]
     elif generation is not None:
         write_json(job.out / "generation_config.json", generation)
     if chat_template:
-        _set_chat_template(job.out, Path(chat_template.path).read_text(encoding="utf-8"))
+        set_chat_template(job.out, Path(chat_template.path).read_text(encoding="utf-8"))
 
 
-def _set_chat_template(out: Path, template: str) -> None:
+def set_chat_template(out: Path, template: str) -> None:
     """An explicit chat template wins over every default: in the file transformers 5 reads, and in
     tokenizer_config.json for older readers."""
     (out / "chat_template.jinja").write_text(template, encoding="utf-8")

@@ -80,6 +80,7 @@ class Cost:
     peak_bytes: int = 0
     flops: int = 0
     accelerator_bytes: int | None = None
+    detail: str = ""  # what else the plan shows about the step, on one line (a training run's tokens and steps)
 
 
 @dataclass

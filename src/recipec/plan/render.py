@@ -92,6 +92,8 @@ def render_text(plan: Plan, color: bool = False) -> str:
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "
                          f"peak {human_bytes(c.peak_bytes)}{_accelerator(c)} · {human_count(c.flops, 'FLOP')} · "
                          f"~{human_seconds(step.seconds)}")
+            if c.detail:
+                lines.append(f"{pad}{c.detail}")
     for export in plan.exports:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals

@@ -13,7 +13,8 @@ from pathlib import Path
 from .model_dir import INDEX_FILE, TOKENIZER_FILES
 
 WEIGHT_SUFFIX = ".safetensors"
-RELEASE_DATA_FILES = frozenset(("config.json", INDEX_FILE, *TOKENIZER_FILES))
+TRAINING_FILES = ("training_metrics.jsonl", "loss_curve.png")  # what a training op keeps beside its model
+RELEASE_DATA_FILES = frozenset(("config.json", INDEX_FILE, *TOKENIZER_FILES, *TRAINING_FILES))
 CODE_FILES = ("config.json", "tokenizer_config.json")  # the files whose keys may point loaders at code
 CODE_KEYS = ("auto_map", "custom_pipelines")
 

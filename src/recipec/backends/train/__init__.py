@@ -1,15 +1,29 @@
-"""The engine-independent training core that the cp, inscp and sft rules call.
+"""The engine-independent training core that the cp, inscp and sft rules call, and those rules.
 
 `train(model, documents, config, work_dir)` packs tokenized documents, trains a transformers causal LM
 through accelerate, checkpoints into the work directory and resumes from it; `render_loss_curve` draws
-the metrics it leaves there. Nothing here knows recipes, ops or the cache: failures are `TrainingError`
-(message and hint), which the rule turns into a diagnostic at its op's span.
+the metrics it leaves there. Nothing in the core knows recipes, ops or the cache: failures are
+`TrainingError` (message and hint), which the rules (rules.py, `build_train`) turn into a diagnostic at
+their op's span.
+
+Only the settings (config.py) and metrics are imported eagerly: the ops import `TrainConfig` as their
+schema at check time, which must not import torch. The loop, packing and rules load on first use.
 """
 
+import importlib
+
 from .config import TrainConfig, TrainingError, batch_shape, total_steps
-from .loop import Progress, TrainSummary, packing_isolates, train
 from .metrics import METRICS, read_metrics, render_loss_curve
-from .packing import Document, pack
+
+_LAZY = {"Progress": "loop", "TrainSummary": "loop", "packing_isolates": "loop", "train": "loop",
+         "Document": "packing", "pack": "packing", "build_train": "rules"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+
 
 __all__ = [
     "METRICS",
@@ -19,6 +33,7 @@ __all__ = [
     "TrainSummary",
     "TrainingError",
     "batch_shape",
+    "build_train",
     "pack",
     "packing_isolates",
     "read_metrics",

@@ -1,0 +1,283 @@
+"""Training ops: `cp` (continual pre-training), `inscp` (InsCP: documents wrapped in the chat template) and
+`sft` (supervised fine-tuning on conversations).
+
+All three are one loop (backends/train) on different data preparations (textprep), so they share one
+parameter schema: `TrainParams` is the loop's own `TrainConfig` plus what an op adds (the process count,
+and for the chat ops the template, system prompt and loss mode). Check time catches what would otherwise
+fail deep in a run, at the op's span: no length or two, a batch that does not split, a `seq_len` beyond
+the model's positions, a chat op on a model without a chat template or with one whose special tokens the
+tokenizer lacks. What check time cannot see (a model built by arithmetic, whose tokenizer is only known
+once built) the rule checks when it runs. Training keeps every shape: the output has the input's
+signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from ..backends.train.config import TrainConfig, TrainingError, batch_shape
+from ..ir.graph import Node
+from ..ir.types import Kind, Type
+from ..store.model_dir import ModelDirError, read_config
+from ..textprep.errors import TextPrepError
+from ..textprep.templates import missing_markers, read_chat_template
+from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, register
+from .sources import Init
+
+LENGTHS = ("steps", "epochs", "tokens")
+BYTES_PER_TOKEN = 4  # a corpus's tokens, estimated from its bytes before it is tokenized (BPE on prose: 3-5)
+
+
+class TrainParams(Params, TrainConfig):
+    """The loop's settings, as recipe parameters, and the process count the run is launched with."""
+
+    processes: int = Field(1, gt=0, description="the processes the run is launched with (world size): the "
+                                                "number `--launch` starts, part of the cache key")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainParams:
+        return self  # checked by `check_training` instead, where it is reported at the call (E430)
+
+    def train_config(self) -> TrainConfig:
+        """The loop's settings, already validated: these parameters less what only the op reads."""
+        return TrainConfig.model_construct(**{name: getattr(self, name) for name in TrainConfig.model_fields})
+
+
+class ChatTrainParams(TrainParams):
+    """Training on text rendered with a chat template."""
+
+    # As the recipe gives it, a path; once checked, its content (see `node_params`).
+    template: str | FileDigest | None = Field(None, description="a Jinja chat template file to render with "
+                                                                "instead of the model's own")
+    system: str | None = Field(None, description="a system prompt put before every example")
+
+
+class _Training(Op):
+    """What cp, inscp and sft share: inputs, output type, checks, cost, key."""
+
+    version = 1
+    launchable = True
+    toolchain = ("torch", "transformers", "accelerate", "tokenizers")
+    runtime_bytes = 320 << 20  # torch, transformers and accelerate imported into the process
+    rule = "train:build_train"
+    uses_template = False
+
+    @classmethod
+    def output_type(cls, ctx: Context, inputs, params):
+        model = inputs[0]
+        if not check_training(ctx, params):
+            return ERROR_TYPE
+        config = model_config(model, ctx.recipe_dir)
+        positions = _positions(model, config)
+        if positions is not None and params.seq_len > positions:
+            return ctx.error("E433", f"seq_len={params.seq_len} is beyond the model's {positions} positions",
+                             "seq_len", f"set `seq_len` to at most {positions}")
+        if cls.uses_template and not _check_template(ctx, model, params):
+            return ERROR_TYPE
+        return Type(Kind.MODEL, model.type.signature)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        template = getattr(params, "template", None)
+        if template is None:
+            return params.model_dump(mode="json")
+        # The template's content decides the tokens; its path goes along only to read it from.
+        path = (ctx.recipe_dir / template).resolve()
+        digest = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        return params.model_copy(update={"template": digest}).model_dump(mode="json")
+
+    @classmethod
+    def cost(cls, inputs, params, out, threads):
+        sig = out.signature
+        if sig is None:
+            return Cost()
+        tokens = planned_tokens(params, inputs[1])
+        states, activations = training_memory(sig, params)
+        memory = states + activations
+        bf16 = params.precision == "bf16"
+        return Cost(bytes_read=sig.nbytes, bytes_written=sig.nbytes,
+                    peak_bytes=sig.nbytes if bf16 else memory,  # on an accelerator the host holds one copy
+                    flops=training_flops(sig, params.seq_len, tokens),
+                    accelerator_bytes=memory if bf16 else None,
+                    detail=_plan_detail(params, tokens, states, activations))
+
+
+def check_training(ctx: Context, params: TrainParams) -> bool:
+    """The checks every training call needs, each reported at the call; True when all pass."""
+    given = [name for name in LENGTHS if getattr(params, name) is not None]
+    if len(given) != 1:
+        ctx.error("E430", f"give exactly one of `steps=`, `epochs=`, `tokens=` (got {', '.join(given) or 'none'})",
+                  given[1] if len(given) > 1 else None,
+                  "`steps` counts optimizer steps, `epochs` passes over the data, `tokens` tokens trained on")
+        return False
+    try:
+        batch_shape(params, params.processes)
+    except TrainingError as err:
+        ctx.error("E434", err.message, "batch", err.hint)
+        return False
+    return True
+
+
+def model_config(node: Node, recipe_dir: Path) -> dict | None:
+    """The config.json a model node will have, when check time can know it without building anything."""
+    op = REGISTRY[node.op]
+    if node.op == Init.name:
+        return Init.params_of(node).hf_config()
+    if issubclass(op, _Training):
+        return model_config(node.inputs[0], recipe_dir)
+    source = op.source_dir(node.params, recipe_dir)
+    if source is None:
+        return None
+    try:
+        return read_config(source)
+    except ModelDirError:
+        return None  # reported where the model is read
+
+
+def tokenizer_dir(node: Node, recipe_dir: Path) -> Path | None:
+    """The directory a model node's tokenizer files come from, when check time can know it."""
+    op = REGISTRY[node.op]
+    if node.op == Init.name:
+        tokenizer = node.params.get("tokenizer")
+        return Path(tokenizer["path"]) if tokenizer else None
+    if issubclass(op, _Training):
+        return tokenizer_dir(node.inputs[0], recipe_dir)
+    return op.source_dir(node.params, recipe_dir)
+
+
+def _positions(model: Node, config: dict | None) -> int | None:
+    facts = model.type.signature.facts if model.type.signature else None
+    if facts is not None and facts.positions is not None:
+        return facts.positions
+    value = (config or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) else None
+
+
+def _check_template(ctx: Context, model: Node, params: ChatTrainParams) -> bool:
+    """A chat op's template exists and fits the model's tokenizer, as far as check time can see."""
+    if params.template is not None and not (ctx.recipe_dir / params.template).is_file():
+        ctx.error("E401", f"no chat template file {params.template!r} (relative to {ctx.recipe_dir})",
+                  "template", "a chat template is a Jinja file, e.g. templates/chat.jinja")
+        return False
+    directory = tokenizer_dir(model, ctx.recipe_dir)
+    if directory is None:
+        return True  # a built model: its tokenizer is known once built, and checked then
+    try:
+        template = ((ctx.recipe_dir / params.template).read_text(encoding="utf-8") if params.template
+                    else read_chat_template(directory))
+    except TextPrepError as err:
+        ctx.error("E431", err.message, None, err.hint)
+        return False
+    if template is None:
+        ctx.error("E431", f"`{model.label}` has no chat template", None,
+                  "give the op `template=` (a Jinja file), or the model one (`chat_template=` on a combination)")
+        return False
+    encode = _encoder(directory)
+    missing = missing_markers(template, encode) if encode is not None else []
+    if missing:
+        names = ", ".join(f"`{m}`" for m in missing)
+        ctx.error("E432", f"the chat template writes {names}, which the tokenizer of `{model.label}` does not "
+                          "have as one token", "template" if params.template else None,
+                  "use a template written for this tokenizer, or add its tokens as special tokens")
+        return False
+    return True
+
+
+def _encoder(directory: Path):
+    """Text -> ids without special tokens added, by the directory's tokenizer.json (None without one)."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer  # light (no torch): check time may use it
+
+    tokenizer = Tokenizer.from_file(str(path))
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def planned_tokens(params: TrainParams, data: Node) -> int:
+    """Tokens the run trains on: as given, from the steps, or estimated from the data's size in bytes."""
+    if params.tokens is not None:
+        return params.tokens
+    if params.steps is not None:
+        return params.steps * params.batch * params.seq_len
+    return int(data.params.get("bytes", 0) / BYTES_PER_TOKEN * params.epochs)
+
+
+def training_flops(sig, seq_len: int, tokens: int) -> int:
+    """≈ 6·params per token (forward and backward) plus attention's 12·layers·seq_len·hidden per token."""
+    facts = sig.facts
+    attention = 12 * facts.layers * seq_len * facts.hidden if facts is not None else 0
+    return (6 * sig.params + attention) * tokens
+
+
+def _plan_detail(params: TrainParams, tokens: int, states: int, activations: int) -> str:
+    from ..plan.render import human_bytes, human_count  # the plan's units; imported late: plan imports ops
+
+    shape = batch_shape(params, params.processes)
+    steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))
+    estimated = "≈" if params.epochs is not None else ""
+    return (f"{estimated}{human_count(tokens)} tokens · {estimated}{steps:,} steps of {params.batch} × "
+            f"{params.seq_len} · micro-batch {shape.micro_batch} × {shape.grad_accum} on {params.processes} "
+            f"process{'es' if params.processes != 1 else ''} · {params.precision}: weights, gradients, AdamW "
+            f"{human_bytes(states)} + activations {human_bytes(activations)} per device")
+
+
+def training_memory(sig, params: TrainParams) -> tuple[int, int]:
+    """Bytes per device, (optimizer states, activations): fp32 weights and gradients and AdamW's two fp32
+    moments; the activations of one micro-batch.
+
+    Activations per layer follow Korthikanti et al. (34·s·b·h bytes in 16-bit plus 5·heads·s²·b for the
+    attention scores), doubled in fp32; the logits and their gradient in fp32 come on top."""
+    shape = batch_shape(params, params.processes)
+    states = 16 * sig.params  # weights, gradients, exp_avg, exp_avg_sq: four fp32 copies
+    facts = sig.facts
+    if facts is None:
+        return states, 0
+    scale = 1 if params.precision == "bf16" else 2
+    s, b = params.seq_len, shape.micro_batch
+    heads = max(facts.heads, default=0)
+    per_layer = 34 * s * b * facts.hidden + 5 * heads * s * s * b
+    logits = 8 * s * b * facts.vocab
+    return states, scale * facts.layers * per_layer + logits
+
+
+@register
+class Cp(_Training):
+    """Continual pre-training: next-token loss on every token of a corpus. Example: `cp(base, text("data/zh/*.jsonl"), tokens=1000000, seq_len=512, lr=2e-5, batch=8)`"""
+
+    name = "cp"
+    inputs = (Input("model", Kind.MODEL, doc="the model to train"),
+              Input("corpus", Kind.CORPUS, doc="the documents to train on"))
+    Params = TrainParams
+
+
+@register
+class Inscp(_Training):
+    """InsCP: continual pre-training with every document as the assistant's answer to an empty user turn, in the model's chat template. Example: `inscp(chat, text("data/zh/*.jsonl"), epochs=1, seq_len=512, lr=1e-5, batch=8)`"""
+
+    name = "inscp"
+    inputs = Cp.inputs
+    uses_template = True
+
+    class Params(ChatTrainParams):
+        loss: Literal["all", "assistant"] = Field("all", description="the tokens the loss counts: all, or the "
+                                                                     "document's only (the template masked)")
+
+
+@register
+class Sft(_Training):
+    """Supervised fine-tuning on conversations, loss on the assistant's tokens. Example: `sft(base, chat("data/sft/*.jsonl"), epochs=3, seq_len=512, lr=2e-5, batch=8)`"""
+
+    name = "sft"
+    inputs = (Input("model", Kind.MODEL, doc="the model to train"),
+              Input("dataset", Kind.DATASET, doc="the conversations to train on"))
+    uses_template = True
+
+    class Params(ChatTrainParams):
+        loss: Literal["all", "assistant"] = Field("assistant", description="the tokens the loss counts: the "
+                                                                           "assistant's turns, or all")

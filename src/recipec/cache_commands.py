@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .diagnostics import Diagnostic, RecipeError
-from .plan.render import human_bytes
+from .units import human_bytes
 from .store.cache import OBJECT_META, Cache, default_cache_dir
 from .store.gc import Collection, apparent_size, collect, freeable_size, read_references, sweep
 from .store.lockfile import lock_path

@@ -144,7 +144,7 @@ def _progress(args):
     from rich.progress import BarColumn, Progress, ProgressColumn
     from rich.text import Text
 
-    from .plan.render import human_amount, human_seconds
+    from .units import human_amount, human_seconds
 
     class Amount(ProgressColumn):
         def render(self, task) -> Text:

@@ -8,7 +8,6 @@ expects: a tokenizer directory, a model directory (canonical safetensors), norma
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..backends.train.config import TrainConfig, TrainingError, batch_shape
+from .train_config import TrainConfig, TrainingError, batch_shape
 from ..ir.graph import Node
 from ..ir.types import Kind, Type
 from ..store.model_dir import ModelDirError, read_config
@@ -216,7 +216,7 @@ def training_flops(sig, seq_len: int, tokens: int) -> int:
 
 
 def _plan_detail(params: TrainParams, tokens: int, states: int, activations: int) -> str:
-    from ..plan.render import human_bytes, human_count  # the plan's units; imported late: plan imports ops
+    from ..units import human_bytes, human_count
 
     shape = batch_shape(params, params.processes)
     steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))

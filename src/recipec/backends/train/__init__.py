@@ -6,13 +6,14 @@ the metrics it leaves there. Nothing in the core knows recipes, ops or the cache
 `TrainingError` (message and hint), which the rules (rules.py, `build_train`) turn into a diagnostic at
 their op's span.
 
-Only the settings (config.py) and metrics are imported eagerly: the ops import `TrainConfig` as their
-schema at check time, which must not import torch. The loop, packing and rules load on first use.
+The settings (`TrainConfig`) live in `recipec.ops.train_config`, as they are the training ops'
+parameter schema, read at check time without torch; metrics are imported eagerly, and the loop,
+packing and rules load on first use.
 """
 
 import importlib
 
-from .config import TrainConfig, TrainingError, batch_shape, total_steps
+from ...ops.train_config import TrainConfig, TrainingError, batch_shape, total_steps
 from .metrics import METRICS, read_metrics, render_loss_curve
 
 _LAZY = {"Progress": "loop", "TrainSummary": "loop", "packing_isolates": "loop", "train": "loop",

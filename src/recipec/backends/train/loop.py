@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import latest_good_checkpoint, remove_unfinished, save_checkpoint
-from .config import TrainConfig, TrainingError, batch_shape, passes_needed, sequences_in, total_steps
+from ...ops.train_config import TrainConfig, TrainingError, batch_shape, passes_needed, sequences_in, total_steps
 from .metrics import METRICS, append_metrics, truncate_metrics
 from .packing import IGNORE, DocumentSource, Row, collate, corpus_tokens, row_stream
 from .schedule import optimizer_and_schedule

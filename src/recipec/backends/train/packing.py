@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainingError
+from ...ops.train_config import TrainingError
 
 IGNORE = -100  # the label cross entropy skips
 

@@ -29,7 +29,7 @@ from ...store.tensors import TORCH_DTYPES, ModelWriter
 from ...textprep import TextPrepError
 from ..job import Job, RunFailure
 from ..model_files import set_chat_template
-from .config import TrainingError
+from ...ops.train_config import TrainingError
 from .loop import Progress, train
 from .metrics import METRICS, read_metrics, render_loss_curve
 from .packing import Document

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ...ops.train_config import TrainConfig
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:

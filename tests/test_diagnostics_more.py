@@ -14,7 +14,6 @@ import pytest
 from helpers import tiny_llama, write_model
 from recipec.arch import preset_config
 from recipec.cli import main
-from test_run import copy_example
 
 
 def run(args: list[str], capsys, cwd: Path | None = None) -> tuple[int, str, str]:
@@ -211,18 +210,6 @@ def test_config_fields_the_signature_reads_are_validated(tmp_path, capsys):
         r = recipe(tmp_path, 'export load("m") to "out/m"\n')
         status, _, err = run(["check", str(r)], capsys)
         assert status == 65 and f"error[E404]: config.json: `{field}` must be a positive integer" in err
-
-
-def test_vocabulary_mismatch_names_models_as_the_recipe_does(tmp_path, capsys):
-    copy_example(tmp_path, "chat_vector_zh.rcp")
-    shuffled = tmp_path / "tokenizers" / "llama-chat" / "tokenizer.json"
-    data = json.loads(shuffled.read_text())
-    vocab = data["model"]["vocab"]
-    vocab["w10"], vocab["w11"] = vocab["w11"], vocab["w10"]
-    shuffled.write_text(json.dumps(data))
-    status, _, err = run(["run", str(tmp_path / "chat_vector_zh.rcp")], capsys)
-    assert status == 65
-    assert "row 10 is token 'w10' in `zh_cp` but 'w11' in `chat`" in err
 
 
 # --- item 12: the grammar-table cache ---------------------------------------------------------------------

@@ -153,12 +153,7 @@ class Cache:
 
     def remove(self, key: str) -> None:
         """Delete an object; renamed away first, so a killed removal leaves a temporary, not half an object."""
-        doomed = self.objects / f"{TMP_PREFIX}removed-{key}"
-        try:
-            os.rename(self.objects / key, doomed)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove_renamed(self.objects, key)
 
     # work directories: what a long job keeps between attempts
 
@@ -175,12 +170,7 @@ class Cache:
     def drop_work(self, key: str) -> None:
         """Remove a work directory; renamed away first, so a killed removal never leaves half a checkpoint
         where the next run would resume from it."""
-        doomed = self.work / f"{TMP_PREFIX}removed-{key}"
-        try:
-            os.rename(self.work / key, doomed)
-        except FileNotFoundError:
-            return
-        shutil.rmtree(doomed, ignore_errors=True)
+        _remove_renamed(self.work, key)
 
     def drop_work_if_empty(self, key: str) -> None:
         """A job that kept nothing leaves nothing behind."""
@@ -368,3 +358,13 @@ def file_identity(path: Path) -> str:
     """What makes a file 'unchanged' for the digest memo: path, size, mtime and inode."""
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _remove_renamed(directory: Path, name: str) -> None:
+    """Remove `directory/name` by first renaming it to a temporary that the next run would clean up."""
+    doomed = directory / f"{TMP_PREFIX}removed-{name}"
+    try:
+        os.rename(directory / name, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
 from recipec import arch
+from recipec.cli import main
 from recipec.dtypes import DTYPE_BYTES
 
 
@@ -46,3 +48,18 @@ def write_model(root: Path, config: dict, dtype: str = "F32", shards: int = 1) -
 def tiny_llama(root: Path, **overrides) -> Path:
     config = arch.preset_config("llama", "tiny") | overrides
     return write_model(root, config)
+
+
+def run_cli(args: list, capsys, cwd: Path | None = None) -> tuple[int, str, str]:
+    """`recipec ARGS` in this process (from `cwd` if given): exit status, stdout, stderr. A bad input
+    is a diagnostic, never a traceback or an internal error."""
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        status = main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "internal error" not in err, err
+    return status, out, err

@@ -12,23 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_model
+from helpers import run_cli, write_model
 from recipec import arch
 from recipec.artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
 from recipec.artifacts.onnx import ONNX_MODEL
 from recipec.artifacts.report import REPORT, Report, Table, write_report
 from recipec.artifacts.tokenizer import TOKENIZER
-from recipec.cli import main
 from recipec.ir.types import Kind
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 INFO = ReleaseInfo("r.rcp", "recipec 1\n", "sha256:lock")
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    status = main(args)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 def test_kinds_are_open_and_interned():

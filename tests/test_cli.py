@@ -12,20 +12,14 @@ from pathlib import Path
 import pytest
 
 from recipec.cli import main
+from helpers import run_cli
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 
 
 def run(args, capsys, cwd=ROOT):
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        status = main(args)
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return status, out, err
+    return run_cli(args, capsys, cwd)
 
 
 def golden(path: Path, actual: str) -> None:

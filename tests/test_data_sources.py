@@ -13,9 +13,9 @@ import pytest
 from recipec.artifacts import Artifact, ArtifactKind, register as register_kind, KINDS
 from recipec.artifacts.corpus import iter_texts
 from recipec.artifacts.dataset import iter_conversations
-from recipec.cli import main
 from recipec.ir.types import Kind, Type
 from recipec.ops.base import REGISTRY, Cost, Input, Op, Params, register
+from helpers import run_cli
 
 TALLY = Kind.register("Tally")
 
@@ -68,10 +68,7 @@ def toy(monkeypatch):
     del KINDS[TALLY]
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    status = main(args)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 def write_recipe(root: Path, body: str) -> Path:

@@ -18,6 +18,7 @@ import pytest
 from helpers import safetensors_bytes, tiny_llama, write_model
 from recipec.arch import preset_config
 from recipec.cli import main
+from helpers import run_cli as run_in
 
 GOLDEN = Path(__file__).parent / "golden" / "diagnostics"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.rcp"))
@@ -58,13 +59,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def run_cli(args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        status = main(args)
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
+    status, out, err = run_in(args, capsys, cwd)
     return status, out.replace(str(cwd), "<tmp>"), err.replace(str(cwd), "<tmp>")
 
 

@@ -6,26 +6,16 @@ argument parsing, ordering)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama, write_model
+from helpers import run_cli, tiny_llama, write_model
 from recipec.arch import preset_config
 from recipec.cli import main
 
 
-def run(args: list[str], capsys, cwd: Path | None = None) -> tuple[int, str, str]:
-    old = Path.cwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        status = main(args)
-    finally:
-        os.chdir(old)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 def recipe(tmp_path: Path, text: str, name: str = "r.rcp") -> Path:

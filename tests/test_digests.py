@@ -12,9 +12,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from helpers import tiny_llama, write_model
+from helpers import run_cli, tiny_llama, write_model
 from recipec.arch import preset_config
-from recipec.cli import main
 from recipec.store.cache import LAYOUT, Cache
 from recipec.store.digests import weights_identity
 from recipec.store.filehash import content_file_hash, content_hash
@@ -24,10 +23,7 @@ WEIGHT_BYTES = 820_480  # one tiny Llama's fp32 weights
 SMALL = 64 << 10  # everything that is not weights, hashed in one run: configs, cards, sums, keys
 
 
-def run(args: list, capsys) -> tuple[int, str, str]:
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture

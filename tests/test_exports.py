@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama
-from recipec.cli import main
+from helpers import run_cli, tiny_llama
 
 MERGE = 'a = load("models/a")\nb = load("models/b")\nm = 0.5*a + 0.5*b\n'
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    status = main(args)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and "internal error" not in err, err
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture

@@ -14,20 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_llama, write_model
+from helpers import run_cli, tiny_llama, write_model
 from recipec.arch import preset_config
-from recipec.cli import main
 from recipec.store.cache import Cache
 
 CHAT_VECTOR = ('recipec 1\nbase = load("models/base")\nchat = load("models/chat")\ncp = load("models/cp")\n'
                'export cp + 0.8*(chat - base) to "out/model"\n')
 
 
-def run(args, capsys):
-    status = main(args)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return status, out, err
+run = run_cli
 
 
 def random_model(root: Path, seed: int, config: dict | None = None) -> Path:

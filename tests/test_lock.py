@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_llama
-from recipec.cli import main
+from helpers import run_cli, tiny_llama
 from recipec.store.cache import Cache
 
 ROOT = Path(__file__).parents[1]
@@ -26,11 +25,7 @@ DATA_FILES = {  # every non-weight file of an input that can reach the release, 
 }
 
 
-def run(args, capsys) -> tuple[int, str, str]:
-    status = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err and "internal error" not in err, err
-    return status, out, err
+run = run_cli
 
 
 def write_data_file(root: Path, name: str, value) -> None:

@@ -15,10 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import write_model
+from helpers import run_cli, write_model
 from recipec.arch import preset_config
 from recipec.backends.merge_methods import merge_tensor
-from recipec.cli import main
 from recipec.store.cache import Cache
 
 ROOT = Path(__file__).parents[1]
@@ -33,10 +32,7 @@ def copy_example(tmp_path: Path, name: str) -> Path:
     return tmp_path / name
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    status = main(args)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 def lock_of(recipe: Path) -> dict:

@@ -28,6 +28,7 @@ from recipec.cli import main
 from recipec.ir.types import Kind, Type
 from recipec.ops import REGISTRY
 from recipec.ops.sources import signature_of_config
+from helpers import run_cli
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -51,10 +52,7 @@ def workspace(root: Path, recipe: str) -> Path:
     return root / "train.rcp"
 
 
-def run(args: list[str], capsys) -> tuple[int, str, str]:
-    status = main(args)
-    out, err = capsys.readouterr()
-    return status, out, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")

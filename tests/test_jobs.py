@@ -159,7 +159,8 @@ def test_a_node_killed_mid_job_resumes_from_its_checkpoint(toy, capsys):
     assert (toy / "out" / "a" / "model.safetensors").is_file()
 
 
-def test_a_failed_job_keeps_its_checkpoint_and_gc_removes_it_when_no_lock_uses_the_key(toy, capsys, monkeypatch):
+def test_gc_keeps_the_checkpoints_of_a_failed_first_build_until_asked(toy, capsys, monkeypatch):
+    # The first build of a node has no lock yet: its checkpoints are what the next run resumes from.
     recipe = _recipe(toy, "b", 'count(base, steps=4, tag="b")')
     monkeypatch.setenv("TOY_FAIL", "2")
     status, err = _run(recipe, capsys)
@@ -170,7 +171,11 @@ def test_a_failed_job_keeps_its_checkpoint_and_gc_removes_it_when_no_lock_uses_t
     assert main(["cache", "ls", "--cache", str(_cache())]) == 0
     assert f"{kept.name[:16]}  work" in capsys.readouterr().out
     assert main(["cache", "gc", "--cache", str(_cache())]) == 0
-    assert "work directory" in capsys.readouterr().out
+    assert "kept 1 work directory" in capsys.readouterr().err and kept.is_dir()
+    assert main(["cache", "gc", "--checkpoints", "--dry-run", "--cache", str(_cache())]) == 0
+    assert "would remove work directory" in capsys.readouterr().out and kept.is_dir()
+    assert main(["cache", "gc", "--checkpoints", "--cache", str(_cache())]) == 0
+    assert "removed work directory" in capsys.readouterr().out
     assert not kept.exists()
 
 

@@ -30,7 +30,7 @@ def run_cache_action(args) -> int:
     if args.action == "verify":
         return verify_cache(cache, args.threads or os.cpu_count() or 1)
     try:
-        return collect_garbage(cache, recipe, args.dry_run) if args.action == "gc" else remove_objects(cache, args.keys)
+        return collect_garbage(cache, recipe, args.dry_run, args.checkpoints) if args.action == "gc" else remove_objects(cache, args.keys)
     except PermissionError as err:  # a read-only cache can be listed and used, not pruned
         sys.stderr.write(f"recipec: cannot change the cache {cache.root}: {err.strerror}: {err.filename}\n")
         return 1
@@ -57,7 +57,9 @@ def _row(path: Path, size: int, note: str) -> str:
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}s"
 
 
 def list_recipe(cache: Cache, recipe: Path) -> int:
@@ -105,7 +107,7 @@ def list_all(cache: Cache) -> int:
         sys.stdout.write(_row(path, apparent_size(path), note))
     stale = set(found.stale_work)
     for path in cache.work_dirs():
-        note = ("stale: `recipec cache gc` removes it" if path in stale
+        note = ("stale: `recipec cache gc --checkpoints` removes it" if path in stale
                 else "checkpoints of an unfinished build: the next run resumes from them")
         sys.stdout.write(f"{path.name[:16]}  {'work':<10} {human_bytes(_tree_size(path)):>10}  {note}\n")
     return 0
@@ -115,8 +117,9 @@ def _tree_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
-    """Remove what no lockfile uses; with `dry_run`, only say what that would be."""
+def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoints: bool = False) -> int:
+    """Remove what no lockfile uses; with `dry_run`, only say what that would be. Checkpoints of unfinished
+    builds go only with `checkpoints`."""
     own_lock = lock_path(recipe) if recipe else None
     extra = (own_lock,) if own_lock and own_lock.is_file() else ()
     with cache.locked(tidy=False):  # no run may commit an object between deciding and removing
@@ -125,22 +128,29 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool) -> int:
         kept = len(cache.object_dirs()) - len(found.garbage)
         freed = sum(freeable_size(p) for p in found.garbage)
         linked = sum(apparent_size(p) for p in found.garbage) - freed
+        work_sizes = {p: _tree_size(p) for p in found.stale_work}
         verb = "would remove" if dry_run else "removed"
         report = ([f"{verb} " + _row(p, apparent_size(p), "unused") for p in found.garbage]
                   + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is gone\n"
                      for r in found.dead_roots]
-                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries]
-                  + [f"{verb} work directory {p.name[:16]} ({human_bytes(_tree_size(p))}): no lockfile uses "
-                     "its key\n" for p in found.stale_work])
+                  + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries])
+        dropped = found.stale_work if checkpoints else []
         if not dry_run:
-            sweep(cache, found)
+            sweep(cache, found, checkpoints)
             for lock in extra:
                 cache.register_root(lock)
+    report += [f"{verb} work directory {p.name[:16]} ({human_bytes(work_sizes[p])}): checkpoints no lockfile "
+               "uses\n" for p in dropped]
     sys.stdout.write("".join(report))
     shared = f" ({human_bytes(linked)} more stays on disk: releases hard-link it)" if linked else ""
     sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
                      f"{'to free' if dry_run else 'freed'}{shared}; kept {kept} used by "
                      f"{_plural(len(found.live_roots), 'lockfile')}\n")
+    left = [p for p in found.stale_work if p not in dropped]
+    if left:
+        sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "
+                         "checkpoints of unfinished builds, which the next run resumes from"
+                         "; `recipec cache gc --checkpoints` removes them\n")
     return 0
 
 

@@ -373,6 +373,8 @@ def _cache_parser(p: argparse.ArgumentParser) -> None:
     q = action("gc", "remove every object that no registered lockfile uses, and leftovers of killed runs",
                "a recipe whose lockfile is kept as a root too (and whose directory locates the cache)")
     q.add_argument("--dry-run", action="store_true", help="show what would be removed; change nothing")
+    q.add_argument("--checkpoints", action="store_true",
+                   help="also remove checkpoints of unfinished builds no lockfile uses (never a running one's)")
     q = action("verify", "re-hash every file of every object against the sha256 recorded when it was built",
                "a recipe (locates the cache)")
     q.add_argument("--threads", type=_thread_count, default=0, help="hashing threads (default: all cores)")

@@ -3,9 +3,11 @@
 Every `run` and `lock` registers its lockfile as a root of the cache it used (`Cache.register_root`).
 An object is live when an existing root's lock names it: a node's `key`, or the object an input's
 pickled weights were converted into (`converted_key`). Everything else in `objects/` is garbage, and so
-are roots whose lockfile is gone, the temporaries of killed runs, and the work directories (checkpoints
-of failed or killed jobs) of keys no lock references. A lock that cannot be read keeps
-every object: gc never guesses what a root needs.
+are roots whose lockfile is gone and the temporaries of killed runs. Work directories (checkpoints of
+failed or killed jobs) of keys no lock references are garbage only when asked (`checkpoints=True`): the
+first build of an hours-long node has no lock yet, and its checkpoints are what the next run resumes
+from. No run builds meanwhile: gc holds the cache exclusively, every run holds it shared. A lock that
+cannot be read keeps every object: gc never guesses what a root needs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Collection:
     unreadable: list[tuple[Root, str]] = field(default_factory=list)  # (root, why): everything is kept
     temporaries: list[Path] = field(default_factory=list)
     stale_work: list[Path] = field(default_factory=list)  # work directories of keys no root references
+    # (removed by `sweep` only with checkpoints=True)
 
 
 def references(lock: dict) -> dict[str, list[str]]:
@@ -101,11 +104,12 @@ def freeable_size(directory: Path) -> int:
     return sum(st.st_size for st in (p.stat() for p in directory.iterdir() if p.is_file()) if st.st_nlink == 1)
 
 
-def sweep(cache: Cache, found: Collection) -> None:
-    """Remove what `collect` found; the caller holds the cache lock."""
+def sweep(cache: Cache, found: Collection, checkpoints: bool = False) -> None:
+    """Remove what `collect` found; the caller holds the cache lock. Work directories go only with
+    `checkpoints`."""
     for path in found.garbage:
         cache.remove(path.name)
-    for path in found.stale_work:
+    for path in found.stale_work if checkpoints else ():
         cache.drop_work(path.name)
     for root in found.dead_roots:
         if root.entry.parent == cache.roots:  # only our own registrations, never a lockfile

@@ -392,9 +392,10 @@ _ENTRIES += [
          "A model built by the recipe (a combination, a trained model) turned out to have no usable\n"
          "tokenizer, or, with prompts, no chat template, which check time could not see. Give the\n"
          "combination `tokenizer=` / `chat_template=`, or evaluate a model that ships them."),
-    Code("E606", "prompt and answer beyond the model's positions", RUNTIME,
-         "The longest prompt, rendered with the chat template, plus `max_new_tokens` is longer than the\n"
-         "model's `max_position_embeddings`. Lower `max_new_tokens` or shorten the prompts."),
+    Code("E606", "input beyond the model's positions", RUNTIME,
+         "A model built by the recipe has fewer positions (`max_position_embeddings`) than eval needs: the\n"
+         "perplexity window `seq_len`, or the longest prompt rendered with the chat template plus\n"
+         "`max_new_tokens`. Lower `seq_len` or `max_new_tokens`, or shorten the prompts."),
     Code("E607", "no prompt to answer", RECIPE,
          "No conversation of the prompt set has a user message; the prompt of a conversation is its turns\n"
          "up to the last user message."),

@@ -22,7 +22,7 @@ from ..artifacts.corpus import iter_texts
 from ..artifacts.dataset import iter_conversations
 from ..artifacts.report import Report, Table, bar_chart, cell_text, line_chart, write_report
 from ..ir.types import Kind
-from ..ops.evaluate import Eval, prompt_of_conversation, read_prompt_lines
+from ..ops.evaluate import DEFAULT_SEQ_LEN, Eval, prompt_of_conversation, read_prompt_lines
 from ..store.release_files import TRAINING_FILES
 from ..textprep.encode import ChatFormat, chat_format, encode_document, load_tokenizer
 from ..textprep.errors import TextPrepError
@@ -133,6 +133,13 @@ def greedy_answers(model, tokenizer, encoded: list[list[int]], max_new_tokens: i
     return answers
 
 
+def window_length(models: list[Artifact]) -> int:
+    """The default window: the fewest positions among the models (one window length for all), at most
+    DEFAULT_SEQ_LEN."""
+    positions = [a.files.config.get("max_position_embeddings") for a in models]
+    return min([DEFAULT_SEQ_LEN, *(p for p in positions if isinstance(p, int) and p >= 2)])
+
+
 def _positions(model) -> int | None:
     value = getattr(model.config, "max_position_embeddings", None)
     return value if isinstance(value, int) else None
@@ -154,8 +161,12 @@ def evaluate_model(label: str, artifact: Artifact, documents: list[str] | None, 
     torch.manual_seed(params.seed)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(artifact.path), dtype=torch.float32)
     model.eval()
+    positions = _positions(model)
     result: dict = {"label": label, "trained": _training_losses(artifact.path)}
     if documents is not None:
+        if positions is not None and params.seq_len > positions:
+            raise RunFailure("E606", f"seq_len={params.seq_len} is beyond the {positions} positions of `{label}`",
+                             f"set `seq_len` to at most {positions}, or leave it out (the models' positions)")
         nll, count = corpus_nll(model, tokenizer, documents, params.seq_len, params.stride or params.seq_len,
                                 params.batch)
         if count == 0:
@@ -166,7 +177,6 @@ def evaluate_model(label: str, artifact: Artifact, documents: list[str] | None, 
                       bits_per_byte=nll / math.log(2) / corpus_bytes)
     if prompts:
         encoded = rendered_prompts(fmt, prompts)
-        positions = _positions(model)
         longest = max(len(ids) for ids in encoded)
         if positions is not None and longest + params.max_new_tokens > positions:
             raise RunFailure("E606", f"the longest prompt is {longest} tokens for `{label}`; with "
@@ -317,6 +327,7 @@ def build_eval(job: Job) -> None:
     prompts = _prompts(job, params)
     models = [(node.label, artifact) for node, artifact in zip(job.node.inputs, job.inputs)
               if artifact.kind is Kind.MODEL]
+    params = params.model_copy(update={"seq_len": params.seq_len or window_length([a for _, a in models])})
     results = []
     for done, (label, artifact) in enumerate(models):
         job.progress.update(done, len(models), "models")

@@ -19,6 +19,7 @@ given prompts, without a chat template, and windows that do not fit the model.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Pa
 from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
 from .train import _encoder, model_config
 
+DEFAULT_SEQ_LEN = 1024  # the longest default window: longer ones cost memory (logits) for little change
 PROMPT_TOKENS = 64  # a prompt rendered with its template, for cost estimates only
 BYTES_PER_CONVERSATION = 256  # a chat dataset's conversations, estimated from its bytes for the cost only
 
@@ -170,7 +172,8 @@ class Eval(Op):
                                                        "(en, zh, ja, ...) or zh-Hant / zh-Hans")
         max_new_tokens: int = Field(64, gt=0, description="the longest answer, in tokens")
         seed: int = Field(0, ge=0, description="the seed torch is given before each model is evaluated")
-        seq_len: int = Field(512, ge=2, description="tokens per perplexity window")
+        seq_len: int | None = Field(None, ge=2, description="tokens per perplexity window (default: the fewest "
+                                                            f"positions among the models, at most {DEFAULT_SEQ_LEN})")
         stride: int | None = Field(None, gt=0, description="tokens between window starts (default `seq_len`: "
                                                            "windows do not overlap)")
         batch: int = Field(8, gt=0, description="windows or prompts per forward pass")
@@ -186,7 +189,7 @@ class Eval(Op):
                                   'prompts=chat("data/prompts.jsonl"), language="en")')
         if params.language is not None and not _check_language(ctx, params.language, has_prompts):
             return ERROR_TYPE
-        if params.stride is not None and params.stride > params.seq_len:
+        if params.stride is not None and params.seq_len is not None and params.stride > params.seq_len:
             return ctx.error("E480", f"stride={params.stride} is longer than seq_len={params.seq_len}: tokens "
                              "between windows would never be scored", "stride",
                              f"use a stride of at most {params.seq_len}")
@@ -219,7 +222,7 @@ class Eval(Op):
             prompts = 16  # a prompts file is read at check time; its size is not carried here
         per_model = tokens + prompts * (PROMPT_TOKENS + params.max_new_tokens)
         largest = max(models, key=lambda s: s.nbytes, default=None)
-        logits = params.batch * params.seq_len * max((s.vocab_size or 0 for s in models), default=0) * 4
+        logits = params.batch * (params.seq_len or DEFAULT_SEQ_LEN) * max((s.vocab_size or 0 for s in models), default=0) * 4
         return Cost(bytes_read=sum(s.nbytes for s in models) + (corpus_bytes(corpus) if corpus else 0),
                     flops=sum(2 * s.params * per_model for s in models),
                     peak_bytes=(largest.params * 4 if largest else 0) + 3 * logits,
@@ -230,8 +233,9 @@ class Eval(Op):
 
 def _check_language(ctx: Context, language: str, has_prompts: bool) -> bool:
     if canonical_language(language) is None:
+        close = difflib.get_close_matches(language, SUPPORTED_LANGUAGES, n=1)
         ctx.error("E474", f"unknown language code {language!r}", "language",
-                  "supported: " + ", ".join(SUPPORTED_LANGUAGES))
+                  (f"did you mean {close[0]!r}? " if close else "") + "supported: " + ", ".join(SUPPORTED_LANGUAGES))
         return False
     if not has_prompts:
         ctx.error("E481", "`language=` judges answers, but eval has no `prompts=` to answer", "language",
@@ -270,26 +274,24 @@ def _check_prompt_set(ctx: Context, inputs: list[Node], params) -> bool:
 
 def _check_model(ctx: Context, model: Node, params, has_corpus: bool, has_prompts: bool) -> bool:
     """A model has what eval needs of it: a tokenizer, a chat template for prompts, positions for a window."""
-    if has_corpus:
-        positions = _positions(model, ctx.recipe_dir)
-        if positions is not None and params.seq_len > positions:
-            ctx.error("E480", f"seq_len={params.seq_len} is beyond the {positions} positions of `{model.label}`",
-                      "seq_len", f"set `seq_len` to at most {positions}")
-            return False
     try:
         facts = tokenizer_facts(model, ctx.recipe_dir)
     except (OSError, TextPrepError) as err:
         ctx.error("E479", f"cannot read the chat template of `{model.label}`: {getattr(err, 'message', err)}")
         return False
-    if facts is None:
-        return True  # known once built; the rule checks it then (E605, E606)
-    if not facts.present:
+    if facts is not None and not facts.present:
         ctx.error("E478", f"`{model.label}` has no tokenizer, so eval cannot turn text into its tokens",
                   hint='give the model one: init(..., tokenizer="dir" or tokenizer(corpus, ...)), or a model '
                        "directory with tokenizer.json")
         return False
-    if not has_prompts:
-        return True
+    if has_corpus and params.seq_len is not None:
+        positions = _positions(model, ctx.recipe_dir)
+        if positions is not None and params.seq_len > positions:
+            ctx.error("E480", f"seq_len={params.seq_len} is beyond the {positions} positions of `{model.label}`",
+                      "seq_len", f"set `seq_len` to at most {positions}, or leave it out (the models' positions)")
+            return False
+    if facts is None or not has_prompts:
+        return True  # a tokenizer known once built is checked by the rule then (E605)
     if facts.template is None:
         ctx.error("E479", f"`{model.label}` has no chat template to render the prompts with",
                   "prompts", "evaluate a chat model, or give this one a template (`chat_template=` on a "

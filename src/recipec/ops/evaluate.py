@@ -218,8 +218,10 @@ class Eval(Op):
         dataset = next((n for n in inputs if n.type.kind is Kind.DATASET), None)
         tokens = int(corpus_bytes(corpus) * TOKENS_PER_CORPUS_BYTE) if corpus is not None else 0
         prompts = corpus_bytes(dataset) // BYTES_PER_CONVERSATION if dataset is not None else 0
-        if isinstance(params.prompts, str):
-            prompts = 16  # a prompts file is read at check time; its size is not carried here
+        file = params.prompts  # the planner passes the node's data unvalidated: a checked file is a dict here
+        path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+        if path is not None:
+            prompts = _prompt_count(Path(path))
         per_model = tokens + prompts * (PROMPT_TOKENS + params.max_new_tokens)
         largest = max(models, key=lambda s: s.nbytes, default=None)
         logits = params.batch * (params.seq_len or DEFAULT_SEQ_LEN) * max((s.vocab_size or 0 for s in models), default=0) * 4
@@ -229,6 +231,14 @@ class Eval(Op):
                     detail=f"{len(models)} model{'s' if len(models) != 1 else ''}"
                            + (f" · ≈{tokens:,} corpus tokens each" if corpus is not None else "")
                            + (f" · ≈{prompts:,} prompts × ≤{params.max_new_tokens} new tokens" if prompts else ""))
+
+
+def _prompt_count(path: Path) -> int:
+    """The prompts of a prompts file already checked (0 if it went away since: the run reports that)."""
+    try:
+        return len(read_prompt_lines(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, PromptError):
+        return 0
 
 
 def _check_language(ctx: Context, language: str, has_prompts: bool) -> bool:

@@ -231,3 +231,16 @@ def test_the_same_models_data_and_seed_give_the_same_report(printed, tmp_path, c
     _run(again, tmp_path / "cache", capsys)  # a fresh cache: everything is built again
     for name in ("report.json", "report.md", "perplexity.png", "bits_per_byte.png", "language_share.png"):
         assert (again / "out" / "eval" / name).read_bytes() == (root / "out" / "eval" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("call, code", [
+    ('eval(base, prompts="prompts.jsonl", max_new_tokens=125)', "E606"),  # the prompt + answer pass 128 positions
+    ('eval(base, prompts=chat("answers_only.jsonl"))', "E607"),  # no conversation has a user message
+])
+def test_what_only_the_run_can_see_fails_at_the_op(call, code, tmp_path, capsys):
+    root = _project(tmp_path)
+    (root / "answers_only.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "w1"}]}) + "\n")
+    (root / "r.rcp").write_text('recipec 1\nbase = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")\n'
+                                f"e = {call}\n")
+    status, _, err = run_cli(["run", "r.rcp"], capsys, cwd=root)
+    assert status != 0 and f"error[{code}]" in err and "r.rcp:3:5" in err, err

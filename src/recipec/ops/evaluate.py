@@ -39,6 +39,8 @@ from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
 from .train import _encoder, model_config
 
 DEFAULT_SEQ_LEN = 1024  # the longest default window: longer ones cost memory (logits) for little change
+# Files a tokenizer directory may hold that are no tokenizer by themselves.
+NOT_A_TOKENIZER = ("generation_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 PROMPT_TOKENS = 64  # a prompt rendered with its template, for cost estimates only
 BYTES_PER_CONVERSATION = 256  # a chat dataset's conversations, estimated from its bytes for the cost only
 
@@ -123,7 +125,7 @@ def tokenizer_facts(node: Node, recipe_dir: Path) -> TokenizerFacts | None:
 
 
 def _directory_facts(directory: Path) -> TokenizerFacts:
-    present = any((directory / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json")
+    present = any((directory / name).is_file() for name in TOKENIZER_FILES if name not in NOT_A_TOKENIZER)
     return TokenizerFacts(present, directory, read_chat_template(directory) if present else None)
 
 

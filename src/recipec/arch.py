@@ -7,9 +7,10 @@ and arithmetic: the `config.json` presets, and the exact tensors `save_pretraine
 It imports only the standard library (and recipec.modeling's torch-free config convention, for pruned and
 low-rank `recipec_*` configs).
 
-Each architecture has one head class, the one `init` builds and the only one `tensor_shapes` describes:
-llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel, bert -> BertForMaskedLM (a masked-LM head and no pooler,
-as in the published bert-base checkpoints).
+Each architecture has one head class, the one `init` builds: llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel,
+bert -> BertForMaskedLM (a masked-LM head and no pooler, as in the published bert-base checkpoints).
+`tensor_shapes` also describes each family's headless base class (LlamaModel, GPT2Model, BertModel with its
+pooler), whose tensor names lack the base-model prefix.
 
 What `save_pretrained` writes (checked against transformers 5.24 by tests/test_arch.py):
 - With `tie_word_embeddings` true it omits the tied copies: `lm_head.weight` for llama and gpt2, and for bert
@@ -74,6 +75,10 @@ _BERT_PRESETS = {
 }
 
 _HEAD_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}
+# Headless checkpoints (encoders are often published as `BertModel`): the base model's tensors without the
+# base-model prefix and without the head; BertModel adds its pooler.
+_BASE_CLASS = {"llama": "LlamaModel", "gpt2": "GPT2Model", "bert": "BertModel"}
+_BASE_PREFIX = {"llama": "model.", "gpt2": "transformer.", "bert": "bert."}
 
 # The HF config classes' defaults for every key that shapes a tensor: a config.json may omit any of them.
 # None means "derived" (kv heads = heads, head_dim = hidden / heads, n_inner = 4 * hidden).
@@ -193,8 +198,26 @@ def _bert_config(hidden: int, layers: int, heads: int, intermediate: int, vocab:
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape `save_pretrained` writes for `config`, in state_dict order."""
-    shapes = tensor_shapes_from_facts(config.get("model_type"), facts_from_config(config))
+    facts = facts_from_config(config)
+    shapes = tensor_shapes_from_facts(config.get("model_type"), facts)
+    if is_headless(config):
+        shapes = _headless_shapes(modeling.family(config["model_type"]), shapes, facts.hidden)
     return with_low_rank(shapes, config.get("recipec_low_rank") or {}, config.get("model_type"))
+
+
+def is_headless(config: dict) -> bool:
+    """Whether a config names its family's base model class (no task head, unprefixed tensor names)."""
+    fam = modeling.family(config.get("model_type"))
+    names = modeling.stock_config(config).get("architectures")
+    return fam is not None and names == [_BASE_CLASS[fam]]
+
+
+def _headless_shapes(fam: str, shapes: dict[str, tuple[int, ...]], hidden: int) -> dict[str, tuple[int, ...]]:
+    prefix = _BASE_PREFIX[fam]
+    out = {name.removeprefix(prefix): shape for name, shape in shapes.items() if name.startswith(prefix)}
+    if fam == "bert":
+        out |= _linear("pooler.dense", hidden, hidden, True)
+    return out
 
 
 def with_low_rank(shapes: dict[str, tuple[int, ...]], ranks: dict[str, int],
@@ -340,10 +363,10 @@ def _settings(config: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
                          f"{', '.join(sorted(_DEFAULTS))}")
     architectures = config.get("architectures")
-    if architectures is not None and (not isinstance(architectures, list)
-                                      or architectures != [_HEAD_CLASS[model_type]]):
+    if architectures is not None and (not isinstance(architectures, list) or architectures not in
+                                      ([_HEAD_CLASS[model_type]], [_BASE_CLASS[model_type]])):
         raise ValueError(f"{model_type} config names architectures {architectures!r}; recipec knows the "
-                         f"tensors of {_HEAD_CLASS[model_type]} only")
+                         f"tensors of {_HEAD_CLASS[model_type]} and {_BASE_CLASS[model_type]} only")
     if config.get("quantization_config") is not None:
         raise ValueError(f"{model_type} config is quantized; recipec knows the tensors of unquantized models only")
     settings = {}

@@ -51,7 +51,6 @@ RECIPEC_KEYS: tuple[str, ...] = ("recipec_heads", "recipec_kv_heads", "recipec_i
 # The stock keys holding each family's head count and FFN width.
 _HEAD_KEY = {"llama": "num_attention_heads", "gpt2": "n_head", "bert": "num_attention_heads"}
 _WIDTH_KEY = {"llama": "intermediate_size", "gpt2": "n_inner", "bert": "intermediate_size"}
-_HIDDEN_KEY = {"llama": "hidden_size", "gpt2": "n_embd", "bert": "hidden_size"}
 
 
 def family(model_type: str) -> str | None:
@@ -82,10 +81,10 @@ def loadable_config(config: dict, facts, low_rank: dict[str, int] | None = None)
         raise ValueError(f"no recipec model classes for model_type {config.get('model_type')!r}; "
                          f"supported families: {', '.join(FAMILIES)}")
     out = stock_config(config)
-    hidden = out.get(_HIDDEN_KEY[fam], out.get("hidden_size"))
+    hidden = facts.hidden
     if fam == "llama":
         out["head_dim"] = facts.head_dim  # explicit: it no longer follows from hidden / heads
-    if not low_rank and facts.uniform and _stock_expressible(fam, hidden, facts):
+    if not needs_recipec(fam, facts, bool(low_rank)):
         out[_HEAD_KEY[fam]] = facts.heads[0]
         if fam == "llama":
             out["num_key_value_heads"] = facts.kv_heads[0]
@@ -109,11 +108,19 @@ def loadable_config(config: dict, facts, low_rank: dict[str, int] | None = None)
     return out
 
 
-def _stock_expressible(fam: str, hidden: int, facts) -> bool:
-    heads = facts.heads[0]
-    if fam == "llama":
-        return hidden % heads == 0  # transformers 5 refuses other counts even with head_dim set
-    return heads * facts.head_dim == hidden  # gpt2/bert: the head size is hidden / heads
+def needs_recipec(model_type: str, facts, low_rank: bool = False) -> bool:
+    """Whether a model of this family with shape `facts` (and low-rank linears) needs recipec's classes."""
+    if low_rank or not facts.uniform:
+        return True
+    if family(model_type) == "llama":
+        return facts.hidden % facts.heads[0] != 0  # transformers 5 refuses other counts even with head_dim set
+    return facts.heads[0] * facts.head_dim != facts.hidden  # gpt2/bert: the head size is hidden / heads
+
+
+def output_model_type(model_type: str, facts, low_rank: bool = False) -> str:
+    """The model_type `loadable_config` writes for a model of `model_type`'s family with shape `facts`."""
+    fam = family(model_type)
+    return PREFIX + fam if needs_recipec(fam, facts, low_rank) else fam
 
 
 def auto_map(config: dict) -> dict[str, str]:

@@ -258,8 +258,8 @@ class Prune(Op):
         if family is None or sig.facts is None or layer_prefix(family, sig.by_name) is None:
             return ctx.error("E455", f"prune removes heads and neurons of llama, gpt2 and bert models, not of "
                              f"this {sig.model_type} model", "model",
-                             "supported: " + ", ".join(f"{f} ({', '.join(LAYOUTS[f].prefixes)})".replace("{}", "N")
-                                                       for f in modeling.FAMILIES))
+                             "supported: llama (with grouped-query attention), gpt2 and bert, with or without "
+                             "their task head")
         if has_low_rank(sig):
             return ctx.error("E455", "this model has low-rank linears; prune heads and neurons before `lowrank`",
                              "model", "reorder: lowrank(prune(model, heads=...), ...)")

@@ -30,6 +30,7 @@ RECIPE = """recipec 1
 llama = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")
 gpt2 = init("gpt2", size="tiny", seed=1)
 bert = init("bert", size="tiny", seed=1)
+bert_tok = init("bert", size="tiny", seed=2, tokenizer="tokenizers/llama-chat")
 encoder = load("models/encoder")
 corpus = text("data/tiny_corpus.jsonl")
 export llama to "out/llama"
@@ -42,6 +43,8 @@ export prune(llama, heads=0.5, ffn=0.5, score="gradient", data=corpus, uniform=f
 export prune(gpt2, heads=0.25, ffn=0.5) to "out/gpt2_pruned"
 export prune(gpt2, heads=0.5, uniform=false) to "out/gpt2_global"
 export prune(bert, heads=0.5, ffn=0.5) to "out/bert_pruned"
+export bert_tok to "out/bert_tok"
+export prune(bert_tok, heads=0.25, ffn=0.25, score="gradient", data=corpus, seq_len=16) to "out/bert_grad"
 export prune(bert, sparsity=0.5, pattern="2:4") to "out/bert_2_4"
 export prune(encoder, heads=0.25, ffn=0.25) to "out/encoder_pruned"
 export prune(llama, sparsity=0.3) to "out/llama_sparse"
@@ -90,7 +93,7 @@ def _outputs(model, ids):
     return result.logits if hasattr(result, "logits") else result.last_hidden_state
 
 
-@pytest.mark.parametrize("name", ["llama_heads", "llama_ffn", "llama_zero", "llama_grad", "gpt2_pruned",
+@pytest.mark.parametrize("name", ["llama_heads", "llama_ffn", "llama_zero", "llama_grad", "gpt2_pruned", "bert_grad",
                                   "gpt2_global", "bert_pruned", "bert_2_4", "encoder_pruned", "llama_sparse",
                                   "llama_4_8", "gpt2_layer"])
 def test_every_pruned_output_reloads_and_runs(out, name):
@@ -133,7 +136,8 @@ def _kept(original: torch.Tensor, pruned: torch.Tensor, dim: int) -> list[int]:
 
 @pytest.mark.parametrize("family, name, base", [("llama", "llama_heads", "llama"), ("llama", "llama_ffn", "llama"),
                                                 ("llama", "llama_grad", "llama"),
-                                                ("gpt2", "gpt2_pruned", "gpt2"), ("bert", "bert_pruned", "bert")])
+                                                ("gpt2", "gpt2_pruned", "gpt2"), ("bert", "bert_pruned", "bert"),
+                                                ("bert", "bert_grad", "bert_tok")])
 def test_structured_pruning_equals_zeroing_the_removed_output_columns(out, family, name, base):
     original, config = _load(out / base)
     pruned, _ = _load(out / name)
@@ -250,3 +254,12 @@ def test_bad_inputs_are_located_errors_with_hints(tmp_path, capsys):
                                         'export m to "out/m"\n')
         status, _, stderr = run_cli(["check", tmp_path / "r.rcp"], capsys)
         assert status == 65 and code in stderr and text in stderr and "hint:" in stderr, (call, stderr)
+
+
+def test_gradient_scores_need_the_models_tokenizer(tmp_path, capsys):
+    shutil.copytree(EXAMPLES / "data", tmp_path / "data")
+    (tmp_path / "r.rcp").write_text('recipec 1\ngpt2 = init("gpt2", size="tiny", seed=1)\n'
+                                    'm = prune(gpt2, heads=0.5, score="gradient", data=text("data/tiny_corpus.jsonl"))\n'
+                                    'export m to "out/m"\n')
+    status, _, stderr = run_cli(["run", tmp_path / "r.rcp"], capsys)
+    assert status == 1 and "error[E590]: gradient scores need the model's tokenizer" in stderr

@@ -31,6 +31,7 @@ from .model_files import copy_model_files
 SHARD_SIZE = 5 * 10**9
 CHUNK = 1 << 20  # elements per step of a histogram or mask pass: about a cache-sized slice
 BINS = 1 << 16
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
 def build_prune(job: Job) -> str:
@@ -324,10 +325,14 @@ def _gradient_scores(job: Job, params, family: str, prefix: str, facts: ArchFact
     from ..textprep.errors import TextPrepError
 
     model_dir = job.inputs[0].path
+    hint = "prune a model that carries its tokenizer, e.g. init(..., tokenizer=\"tokenizers/x\")"
+    if not any((model_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        # transformers 5 would build an empty tokenizer from config.json alone: every text would become <unk>.
+        raise RunFailure("E590", "gradient scores need the model's tokenizer, and this model has none", hint)
     try:
         tokenizer = load_tokenizer(model_dir)
     except TextPrepError as err:
-        raise RunFailure("E590", f"gradient scores need the model's tokenizer: {err}", err.hint) from None
+        raise RunFailure("E590", f"gradient scores need the model's tokenizer: {err}", err.hint or hint) from None
     sequences = _sequences(job, params, tokenizer)
     auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()

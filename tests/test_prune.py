@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import run_cli, safetensors_bytes, write_model
 from safetensors.torch import load_file
 
 import recipec  # noqa: F401  (registers recipec's model classes)
@@ -22,7 +23,6 @@ from recipec.arch import preset_config
 from recipec.backends.prune import keep_n_of_m, kth_magnitude
 from recipec.cli import main
 from recipec.ops.prune import LAYER_WEIGHT
-from helpers import run_cli, safetensors_bytes, write_model
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

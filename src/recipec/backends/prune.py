@@ -15,14 +15,14 @@ them; the config follows (`recipec.modeling.loadable_config`).
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .. import modeling
 from ..arch import ArchFacts, facts_from_config
 from ..artifacts.corpus import iter_texts
 from ..dtypes import TensorSpec
-from ..ops.prune import LAYOUTS, PATTERNS, Prune, groups, heads_removed, ffn_removed, input_dim, layer_prefix, \
-    targeted
+from ..ops.prune import LAYOUTS, PATTERNS, Prune, ffn_removed, groups, heads_removed, input_dim, layer_prefix, targeted
 from ..ops.sources import signature_of_files
 from ..store.tensors import ModelReader, ModelWriter, write_json
 from .job import Job, RunFailure
@@ -234,8 +234,8 @@ def _along(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 @torch.no_grad()
 def _l1_head_scores(reader, layout, prefix: str, facts: ArchFacts, layer: int) -> list[float]:
     """L1 norm of each unit's query, key and value rows (the output projection not counted)."""
-    units, per_unit = groups(facts, layer)
-    d, span = facts.head_dim, facts.heads[layer] * facts.head_dim
+    units, _ = groups(facts, layer)
+    span = facts.heads[layer] * facts.head_dim
     score = torch.zeros(units, dtype=torch.float64)
     for s in layout.heads:
         if not s.suffix.endswith(".weight") or s.suffix.startswith(layout.output_projection):

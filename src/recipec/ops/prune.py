@@ -13,7 +13,6 @@ or GPT-2's packed q|k|v).
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -298,9 +297,9 @@ class Prune(Op):
             return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,
                         peak_bytes=4 * 8 * largest + 2 * 8 * 65536, flops=4 * sig.params)
         if params.score == "gradient":
+            # The whole model in fp32 with its gradients and activations, forward and backward over the tokens.
             model = inputs[0].type.signature
-            tokens = params.seq_len * min(params.max_sequences, params.batch * math.ceil(params.max_sequences /
-                                                                                           params.batch))
+            tokens = params.seq_len * params.max_sequences
             return Cost(bytes_read=2 * read, bytes_written=sig.nbytes, peak_bytes=4 * 4 * model.params,
                         flops=6 * model.params * tokens)
         return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,

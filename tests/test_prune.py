@@ -186,7 +186,11 @@ def test_n_of_m_pattern_holds(out, name, n, m, conv1d):
 def test_n_of_m_runs_along_conv1d_inputs():
     weight = torch.randn(8, 6)  # Conv1D: (in, out)
     pruned = keep_n_of_m(weight, 2, 4, dim=0)
-    assert ((pruned.T.reshape(-1, 4) != 0).sum(1) == 2).all()
+    groups, kept = weight.T.reshape(-1, 4), pruned.T.reshape(-1, 4)
+    expected = torch.zeros_like(groups).scatter(1, groups.abs().topk(2, dim=1).indices, 1.0) * groups
+    assert torch.equal(kept, expected)
+    ties = keep_n_of_m(torch.tensor([[1.0, -1.0, 1.0, 1.0]]), 2, 4, dim=1)
+    assert ties.tolist() == [[1.0, -1.0, 0.0, 0.0]]  # equal magnitudes: the earlier weights stay
 
 
 def test_threshold_is_exact_and_the_same_at_any_thread_count():

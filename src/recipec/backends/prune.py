@@ -129,10 +129,16 @@ def keep_n_of_m(tensor: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     (ties: the earlier weight stays)."""
     moved = tensor.movedim(dim, -1)
     groups_ = moved.reshape(-1, m)
-    order = torch.argsort(groups_.float().abs(), dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(groups_, dtype=torch.bool).scatter_(1, order[:, :n], True)
-    pruned = torch.where(keep, groups_, torch.zeros((), dtype=tensor.dtype))
-    return pruned.reshape(moved.shape).movedim(-1, dim).contiguous()
+    out = torch.empty_like(groups_)
+    earlier_first = torch.arange(m - 1, -1, -1)  # among equal magnitudes, the earlier weight ranks higher
+    step = max(1, CHUNK // m)
+    for start in range(0, groups_.shape[0], step):
+        chunk = groups_[start:start + step]
+        # Keys unique within a group (magnitude bits, then position), so the n-th largest is one exact value.
+        keys = _magnitude_bits(chunk).view(chunk.shape).long() * m + earlier_first
+        nth = keys.topk(n, dim=1).values[:, -1:]
+        out[start:start + step] = torch.where(keys >= nth, chunk, torch.zeros((), dtype=tensor.dtype))
+    return out.reshape(moved.shape).movedim(-1, dim).contiguous()
 
 
 class _Transform:

@@ -250,7 +250,7 @@ def inspect_dir(root: Path, params: StatsParams) -> Report:
         facts = None
     problem = sequence_problem(str(files.config.get("model_type")), facts, params)
     if problem is not None:
-        raise RunFailure("E482", f"{root}: {problem[0]}", problem[1].replace("`seq_len`", "--seq-len")
+        raise RunFailure("E482", problem[0], problem[1].replace("`seq_len`", "--seq-len")
                          .replace("`decode_tokens`", "--decode-tokens"))
     settings = settings_of(params)
     return stats_report([model_stats(files, settings)], settings)

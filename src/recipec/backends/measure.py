@@ -44,7 +44,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 class Settings:
     """How every model of one report is run (the `stats` parameters)."""
 
-    seq_len: int = 128
+    seq_len: int = 64
     batch: int = 1
     threads: int = 1
     repeats: int = 5

@@ -29,7 +29,7 @@ _RUNTIME_BYTES = 320 << 20
 class StatsParams(Params):
     """How the models are run while they are measured: one settings for every model, so they compare."""
 
-    seq_len: int = Field(128, gt=0, description="the tokens of each measured prefill, and the context "
+    seq_len: int = Field(64, gt=0, description="the tokens of each measured prefill, and the context "
                                                 "decoding starts from")
     batch: int = Field(1, gt=0, description="the sequences run together in each measured step")
     threads: int = Field(1, gt=0, description="the torch threads latency is measured with: fixed, so that "

@@ -42,8 +42,8 @@ class StatsParams(Params):
 @register
 class Stats(Op):
     """Parameters, non-zeros, MACs per token (counted and from the architecture), measured prefill and
-    decode latency and peak memory of models side by side, with ratios to the first. Example:
-    `s = stats(base, pruned, seq_len=128, threads=1)`"""
+    decode latency and peak memory of models side by side, with ratios to the first.
+    Example: `s = stats(base, pruned, seq_len=128, threads=1)`"""
 
     name = "stats"
     version = 2

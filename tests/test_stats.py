@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, write_model
+from helpers import run_cli, safetensors_bytes, write_model
 from recipec import arch
 from recipec.backends.analysis import reproducible
 from recipec.cli import main
@@ -160,7 +160,14 @@ def test_inspect_refuses_what_it_cannot_measure(tmp_path, capsys):
     strange = write_model(tmp_path / "strange", arch.preset_config("gpt2", "tiny"))
     (strange / "config.json").write_text(json.dumps(arch.preset_config("gpt2", "tiny") | {"model_type": "nonesuch"}))
     status, _, err = run_cli(["inspect", strange], capsys)
-    assert status == 1 and "error[E610]: transformers cannot load strange" in err
+    assert status == 1 and f"error[E610]: transformers cannot load {strange}: " in err
+    lacking = write_model(tmp_path / "lacking", arch.preset_config("gpt2", "tiny"))
+    shapes = arch.tensor_shapes(arch.preset_config("gpt2", "tiny"))
+    del shapes["transformer.h.1.mlp.c_fc.weight"]
+    (lacking / "model.safetensors").write_bytes(safetensors_bytes({n: ("F32", s) for n, s in shapes.items()}))
+    status, _, err = run_cli(["inspect", lacking], capsys)
+    assert status == 1 and ("lacks 1 tensor(s) its GPT2LMHeadModel needs (first: `transformer.h.1.mlp.c_fc.weight`); "
+                            "transformers would fill them with random values") in err
 
 
 def _benchmark():

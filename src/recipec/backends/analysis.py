@@ -97,25 +97,29 @@ def architecture_macs(config: dict, keys: int) -> int | None:
     return macs_per_token(config.get("model_type", ""), facts, keys)
 
 
-def _macs_check(counted: int, analytic: int | None) -> str:
-    if analytic is None:
+def _macs_check(counted: tuple[int, int | None], analytic: tuple[int | None, int | None]) -> str:
+    """Whether the counted (prefill, decode) MACs per token equal the architecture's, in words."""
+    if analytic[0] is None:
         return "no architecture count to compare with"
     if counted == analytic:
         return "equal"
-    return f"counted {counted / analytic:.4f}× the architecture's count"
+    return "; ".join(f"{what}: counted {c / a:.4f}× the architecture's count"
+                     for what, c, a in zip(("prefill", "decode"), counted, analytic) if c != a and c and a)
 
 
-def model_stats(files: ModelFiles, settings: Settings, progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Everything `stats` reports about one model: its counts, then what running it showed."""
+def model_stats(files: ModelFiles, settings: Settings, name: str,
+                progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Everything `stats` reports about one model (`name` in messages): its counts, then what running it showed."""
     model = summarize(files, progress)
-    measured: Measurement = measure_model(files.root, settings)
+    measured: Measurement = measure_model(files.root, settings, name)
     analytic = architecture_macs(files.config, settings.seq_len)
     decode_analytic = architecture_macs(files.config, settings.seq_len + 1) if measured.causal else None
     model |= {"causal": measured.causal, "macs_per_token": measured.macs_per_token,
               "macs_per_token_architecture": analytic,
               "decode_macs_per_token": measured.decode_macs_per_token,
               "decode_macs_per_token_architecture": decode_analytic,
-              "macs_check": _macs_check(measured.macs_per_token, analytic),
+              "macs_check": _macs_check((measured.macs_per_token, measured.decode_macs_per_token),
+                                        (analytic, decode_analytic)),
               "macs_counted_with": f"{measured.counted_with} attention"}
     tokens = settings.batch * settings.seq_len
     model["measured"] = {
@@ -230,7 +234,9 @@ def settings_of(params: StatsParams) -> Settings:
 def build_stats(job: Job) -> str:
     """The rule of `stats`: the report, and (as its digest) the digest of its reproducible part."""
     settings = settings_of(Stats.params_of(job.node))
-    report = stats_report([model_stats(a.files, settings, job.progress) for a in job.inputs], settings)
+    models = [model_stats(a.files, settings, f"model {i + 1} (`{node.label}`)", job.progress)
+              for i, (a, node) in enumerate(zip(job.inputs, job.node.inputs))]
+    report = stats_report(models, settings)
     write_report(report, job.out)
     return content_digest(reproducible(report.data))
 
@@ -253,4 +259,4 @@ def inspect_dir(root: Path, params: StatsParams) -> Report:
         raise RunFailure("E482", problem[0], problem[1].replace("`seq_len`", "--seq-len")
                          .replace("`decode_tokens`", "--decode-tokens"))
     settings = settings_of(params)
-    return stats_report([model_stats(files, settings)], settings)
+    return stats_report([model_stats(files, settings, str(root))], settings)

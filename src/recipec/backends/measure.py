@@ -65,12 +65,12 @@ class Measurement:
     peak_bytes: int | None  # weights + the most the timed runs held above them; None where the platform cannot tell
 
 
-def measure_model(root: Path, settings: Settings) -> Measurement:
+def measure_model(root: Path, settings: Settings, name: str) -> Measurement:
     """Load the model folder at `root` and measure it; RunFailure E610 when it cannot be loaded, E611
-    when it fails while running."""
+    when it fails while running, its message naming the model as `name`."""
     import torch
 
-    model, causal = load_model(root)
+    model, causal = load_model(root, name)
     try:
         with _threads(settings.threads), torch.inference_mode():
             counted_with, macs, decode_macs = _count_macs(model, causal, settings)
@@ -78,7 +78,7 @@ def measure_model(root: Path, settings: Settings) -> Measurement:
             prefill, decode, working = _time(model, causal, settings)
         weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as err:
-        raise RunFailure("E611", f"{root.name}: the model failed while measured: {type(err).__name__}: {err}",
+        raise RunFailure("E611", f"{name} failed while measured: {type(err).__name__}: {err}",
                          "lower `seq_len` or `batch` if memory ran out; otherwise the model's weights or "
                          "config do not fit together") from None
     finally:
@@ -89,21 +89,27 @@ def measure_model(root: Path, settings: Settings) -> Measurement:
                        None if working is None else weights + working)
 
 
-def load_model(root: Path):
-    """(model in eval mode, whether it generates), from a model folder through transformers' Auto classes."""
+def load_model(root: Path, name: str):
+    """(model in eval mode, whether it generates), from a model folder through transformers' Auto classes;
+    RunFailure E610 when transformers refuses it or would fill tensors the folder lacks with random values."""
     import torch
     import transformers
 
+    hint = ("`stats` runs a model through transformers' Auto classes: its config's model_type must be one "
+            "transformers (or recipec's own model classes) knows, and its weights must be the ones its config "
+            "implies")
     try:
         config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
         auto = _auto_class(config, transformers)
         transformers.utils.logging.disable_progress_bar()  # run draws its own progress; a loading bar would garble it
-        model = auto.from_pretrained(str(root), config=config, dtype=torch.float32, local_files_only=True)
+        model, info = auto.from_pretrained(str(root), config=config, dtype=torch.float32, local_files_only=True,
+                                           output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
-        raise RunFailure("E610", f"transformers cannot load {root.name}: {err}",
-                         "`stats` runs a model through transformers' Auto classes: its config's model_type must be "
-                         "one transformers (or recipec's own model classes) knows, and its weights must match "
-                         "the config") from None
+        raise RunFailure("E610", f"transformers cannot load {name}: {err}", hint) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise RunFailure("E610", f"{name} lacks {len(missing)} tensor(s) its {type(model).__name__} needs (first: "
+                                 f"`{missing[0]}`); transformers would fill them with random values", hint)
     model.eval()
     return model, auto is transformers.AutoModelForCausalLM
 

@@ -40,8 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from recipec.cli import main as recipec  # noqa: E402
-from recipec.ops import REGISTRY  # noqa: E402
+from recipec.cli import main as recipec
+from recipec.ops import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -136,24 +136,25 @@ def markdown(rows: list[dict], report: dict, arch: str, size: str) -> str:
     """The table as Markdown, with what it was measured on."""
     dense = report["models"][0]
     settings, machine = report["settings"], report["measurement"]
-    lines = [f"# Compression table: {arch} {size} ({dense['params']:,} parameters)", "",
-             f"Ratios to the dense model. Prefill of {settings['batch']} × {settings['seq_len']} tokens, "
-             f"{settings['decode_tokens']} decode steps, median of {settings['repeats']} runs, "
-             f"{settings['threads']} thread(s), float32, on {machine['processor']} (torch {machine['torch']}, "
-             f"transformers {machine['transformers']}). Dense: {dense['macs_per_token']:,} MACs per token, "
-             f"{dense['measured']['prefill_seconds'] * 1000:.1f} ms per prefill.", "",
-             "| row | params | non-zeros | MACs/token | prefill latency | decode latency/token | peak memory | "
-             "latency cut / MAC cut |",
+    context = (f"Ratios to the dense model. Prefill of {settings['batch']} × {settings['seq_len']} tokens, "
+               f"{settings['decode_tokens']} decode steps, median of {settings['repeats']} runs, "
+               f"{settings['threads']} thread(s), float32, on {machine['processor']} (torch {machine['torch']}, "
+               f"transformers {machine['transformers']}). Dense: {dense['macs_per_token']:,} MACs per token, "
+               f"{dense['measured']['prefill_seconds'] * 1000:.1f} ms per prefill.")
+    header = ("| row | params | non-zeros | MACs/token | prefill latency | decode latency/token | peak memory | "
+              "latency cut / MAC cut |")
+    lines = [f"# Compression table: {arch} {size} ({dense['params']:,} parameters)", "", context, "", header,
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         verdict = "" if r["meets_target"] is None else (" ✓" if r["meets_target"] else f" ✗ (target {TARGET})")
         lines.append(f"| {r['row']} | {_fmt(r['params'])} | {_fmt(r['nonzero'])} | {_fmt(r['macs'])} | "
                      f"{_fmt(r['prefill'])} | {_fmt(r['decode'])} | {_fmt(r['memory'])} | "
                      f"{_fmt(r['efficiency'])}{verdict} |")
-    unstructured = [r["row"] for r in rows if not r["structured"] and r["row"] != "dense"]
-    if unstructured:
-        lines += ["", f"{', '.join(unstructured)}: zeros stored in dense tensors. Their MACs and latency stay those "
-                      "of the dense model: dense kernels multiply the zeros all the same."]
+    for r in rows:
+        if not r["structured"] and r["row"] != "dense":
+            lines += ["", (f"{r['row']}: {1 - r['nonzero']:.0%} fewer non-zeros, stored as zeros in dense tensors; "
+                           f"MACs {_fmt(r['macs'])}×, prefill latency {_fmt(r['prefill'])}× the dense model's: "
+                           "dense kernels multiply the zeros all the same.")]
     return "\n".join(lines) + "\n"
 
 

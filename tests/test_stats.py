@@ -12,8 +12,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-
 from helpers import run_cli, safetensors_bytes, write_model
+
 from recipec import arch
 from recipec.backends.analysis import reproducible
 from recipec.cli import main
@@ -191,3 +191,27 @@ def test_benchmark_dense_row_runs_and_missing_ops_are_named(tmp_path, capsys):
     text = bench.recipe_text(list(bench.ROWS), "llama", "base", {"seq_len": 8})
     assert 'row5 = prune(dense, sparsity=0.5, pattern="2:4")' in text
     assert "table = stats(row0, row1, row2, row3, row4, row5, row6, row7, seq_len=8)" in text
+
+
+def test_benchmark_table_judges_rows_by_measured_ratios():
+    bench = _benchmark()
+
+    def model(params, nonzero, macs, prefill):
+        return {"params": params, "nonzero": nonzero, "macs_per_token": macs, "macs_check": "equal",
+                "measured": {"prefill_seconds": prefill, "decode_seconds_per_token": prefill / 10,
+                             "peak_memory_bytes": 4 * params}}
+
+    report = {"models": [model(100, 100, 80, 1.0), model(50, 50, 40, 0.55), model(75, 75, 60, 0.9),
+                         model(100, 50, 80, 1.02)],
+              "settings": {"batch": 1, "seq_len": 8, "decode_tokens": 2, "repeats": 1, "threads": 1},
+              "measurement": {"processor": "cpu", "torch": "t", "transformers": "x"}}
+    rows = [bench.ROWS[0], bench.ROWS[7], bench.ROWS[3], bench.ROWS[4]]  # dense, layers, ffn, sparsity
+    table = bench.table_rows(rows, report)
+    assert table[1]["macs"] == 0.5 and table[1]["efficiency"] == pytest.approx(0.9) and table[1]["meets_target"]
+    assert table[2]["efficiency"] == pytest.approx(0.4) and table[2]["meets_target"] is False
+    assert table[3]["meets_target"] is None  # unstructured: no speed-up is expected, none is claimed
+    page = bench.markdown(table, report, "llama", "base")
+    assert "| layers 0.5 | 0.500 | 0.500 | 0.500 | 0.550 | 0.550 | 0.500 | 0.900 ✓ |" in page
+    assert "| ffn 0.5 | 0.750 | 0.750 | 0.750 | 0.900 | 0.900 | 0.750 | 0.400 ✗ (target 0.8) |" in page
+    assert ("sparsity 0.5: 50% fewer non-zeros, stored as zeros in dense tensors; MACs 1.000×, prefill latency "
+            "1.020× the dense model's") in page

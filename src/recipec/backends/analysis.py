@@ -15,10 +15,10 @@ report's digest (artifacts/report.py): the lock and `verify` compare it, not the
 from __future__ import annotations
 
 import platform
-from dataclasses import asdict
 import re
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -201,11 +201,12 @@ def _processor() -> str:
 def _notes(models: list[dict], settings: Settings) -> list[str]:
     """What the numbers mean, as sentences under the table."""
     decode = f", then {settings.decode_tokens} tokens decoded one at a time" if settings.decode_tokens else ""
-    notes = [f"Latency: median of {settings.repeats} runs after a warm-up, {settings.threads} thread"
-             f"{'s' if settings.threads != 1 else ''}, float32: a prefill of {settings.batch} × {settings.seq_len} "
-             f"tokens{decode} (causal models, with the KV cache). Peak memory is the model's weights plus the "
-             "most the timed runs held above them. Times and memory are measured: they differ from run to run "
-             "and are not part of the report's digest."]
+    timing = (f"Latency: median of {settings.repeats} runs after a warm-up, {settings.threads} thread"
+              f"{'s' if settings.threads != 1 else ''}, float32: a prefill of {settings.batch} × {settings.seq_len} "
+              f"tokens{decode} (causal models, with the KV cache). Peak memory is the model's weights plus the "
+              "most the timed runs held above them. Times and memory are measured: they differ from run to run "
+              "and are not part of the report's digest.")
+    notes = [timing]
     checks = {m["macs_check"] for m in models}
     if checks == {"equal"}:
         notes.append("MACs were counted by torch's FlopCounterMode with eager attention, and equal the count "

@@ -29,10 +29,10 @@ import inspect
 import re
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .job import RunFailure
 

@@ -263,6 +263,25 @@ def cmd_verify(args) -> int:
     return verify(Path(args.file), _lower(args.file), _run_options(args))
 
 
+def cmd_inspect(args) -> int:
+    """The `stats` report of one model folder: counts, MACs, measured latency and memory."""
+    import json
+
+    from .backends import RunFailure
+    from .backends.analysis import inspect_dir
+    from .diagnostics import Diagnostic
+    from .ops.analysis import StatsParams
+
+    given = {name: getattr(args, name) for name in ("seq_len", "batch", "threads", "repeats", "decode_tokens")}
+    params = StatsParams(**{name: value for name, value in given.items() if value is not None})
+    try:
+        report = inspect_dir(Path(args.dir), params)
+    except RunFailure as err:
+        raise RecipeError([Diagnostic(err.code, err.message, hint=err.hint, path=args.dir)]) from None
+    sys.stdout.write(json.dumps(report.data, indent=2, sort_keys=True) + "\n" if args.json else report.page())
+    return 0
+
+
 def cmd_cache(args) -> int:
     from .cache_commands import run_cache_action
 
@@ -353,8 +372,33 @@ def build_parser() -> argparse.ArgumentParser:
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))
+    _inspect_parser(verb("inspect", cmd_inspect, "count, run and time a model folder: the `stats` report, no recipe "
+                                                 "needed"))
     _cache_parser(verb("cache", cmd_cache, "list, check and prune the cache", json_flag=False))
     return parser
+
+
+def _count_at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {text!r}")
+        return value
+    return parse
+
+
+def _inspect_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a model folder (config.json and safetensors weights)")
+    # Defaults are the `stats` op's (`recipec explain ops`), filled in by cmd_inspect, so they live in one place.
+    for name, least, what in (("seq_len", 1, "tokens of each measured prefill"),
+                              ("batch", 1, "sequences run together"),
+                              ("threads", 1, "torch threads latency is measured with"),
+                              ("repeats", 1, "timed runs after one warm-up (the median is reported)"),
+                              ("decode_tokens", 0, "tokens decoded one at a time after each prefill")):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_count_at_least(least), help=what)
 
 
 def _cache_parser(p: argparse.ArgumentParser) -> None:

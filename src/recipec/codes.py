@@ -220,6 +220,10 @@ _ENTRIES = [
     Code("E457", "nothing to prune", RECIPE,
          "`targets=` globs match no tensor of the model (or the model has no layer weights). Globs match whole\n"
          "tensor names, e.g. `targets=[\"*.mlp.*.weight\"]`."),
+    Code("E482", "measured sequence beyond the model's positions", RECIPE,
+         "`stats` (and `recipec inspect`) runs each model on `seq_len` tokens, then decodes `decode_tokens`\n"
+         "more one at a time (causal models); together they must fit the model's learned position table\n"
+         "(GPT-2's `n_positions`, BERT's `max_position_embeddings`). Lower `seq_len` or `decode_tokens`."),
     Code("E406", "inconsistent sharded index", RECIPE,
          "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
          "tensor the index does not list."),
@@ -384,6 +388,16 @@ _ENTRIES += [
          "The rule running in a worker process raised an unexpected error: a bug in recipec or in the op's\n"
          "rule. Rerun with RECIPEC_DEBUG=1 to have the worker print the traceback, and report it. The\n"
          "node's work directory is kept, so a fixed recipec resumes from its checkpoints."),
+    Code("E610", "model cannot be loaded to be measured", RUNTIME,
+         "`stats` and `recipec inspect` load each model folder with transformers' Auto classes\n"
+         "(`AutoModelForCausalLM`, `AutoModelForMaskedLM` or `AutoModel`, by the config's `architectures`),\n"
+         "never with remote code. transformers refused this one: its `model_type` is unknown to it (recipec's\n"
+         "own model classes are known once recipec is imported, which it is), or its weights do not match\n"
+         "its config. The message carries transformers' own reason."),
+    Code("E611", "model failed while measured", RUNTIME,
+         "A model loaded, but running it for `stats` (the MAC count, a prefill or a decode step) failed:\n"
+         "memory ran out (lower `seq_len` or `batch`), or its weights and config do not fit together. The\n"
+         "message carries the error."),
 ]
 
 _ENTRIES += [

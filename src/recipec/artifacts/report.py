@@ -2,7 +2,9 @@
 
 A report rule builds a `Report` and calls `write_report`: `report.json` holds the data (what `run --json`
 prints), `report.md` the page (what `run` prints), and each figure is a PNG beside them, drawn with
-matplotlib's Agg backend (no display needed). The digest covers all of them; a release is those files.
+matplotlib's Agg backend (no display needed). The digest covers all of them, unless the rule returns one: a
+report holding measurements (times, memory: no two runs give the same) returns the digest of what is
+reproducible in it, so its node's digest, the lock and `verify` compare that. A release is those files.
 Every report the main recipe binds is built and printed by `run` (reports are cheap), exported or not.
 """
 
@@ -30,6 +32,11 @@ class ReportKind(ArtifactKind):
     @classmethod
     def describe(cls, type_: Type) -> str:
         return f"{type_} · printed by `run`"
+
+    @classmethod
+    def digest(cls, path: Path, built: str | None = None) -> str:
+        """`built`, when the rule returned the digest of its reproducible data; else that of every file."""
+        return built if built is not None else super().digest(path)
 
     @classmethod
     def read(cls, path: Path) -> dict:

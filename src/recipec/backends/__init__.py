@@ -8,7 +8,7 @@ A rule is `rule(job: Job) -> str | None`: it reads the op's validated parameters
 `Op.params_of(job.node)` and writes a complete result of its node's kind into `job.out` from the
 input artifacts in `job.inputs`. A model rule returns the content digest of the weights it wrote (the
 model kind makes the result's digest from it and the data files); other kinds digest their files
-(recipec/artifacts).
+(recipec/artifacts), except a report that holds measurements, whose rule returns the digest of the rest.
 """
 
 from __future__ import annotations

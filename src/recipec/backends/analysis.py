@@ -1,22 +1,36 @@
-"""Analysis rules: reports read from safetensors files a chunk at a time, with numpy; no model is
-instantiated and no torch is imported.
+"""Analysis rules: the `stats` report, and the same report of any model folder (`recipec inspect DIR`).
 
-`stats` counts, per model: parameters, non-zero parameters (a float is zero when every bit but the
-sign is clear, so -0.0 counts as zero), bytes, tensors, layers, and each dtype's share; every column
+Per model: parameters, non-zero parameters (a float is zero when every bit but the sign is clear, so -0.0
+counts as zero), bytes, tensors, layers and each dtype's share, read from the safetensors files a chunk at
+a time with numpy; then the model runs (backends/measure.py) for its MACs per token, counted and
+cross-checked against the count its architecture implies, its latency and its peak memory. Every column
 after the first gets its ratio to the first.
+
+What is reproducible and what is measured are kept apart: each model's `measured` entry and the report's
+`measurement` entry hold times and memory, which differ from run to run; everything else (counts, MACs,
+settings) is identical on every run, and the rule returns the digest of that part alone, which is the
+report's digest (artifacts/report.py): the lock and `verify` compare it, not the times.
 """
 
 from __future__ import annotations
 
+import platform
 import re
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from ..arch import facts_from_config
 from ..artifacts.report import Report, Table, write_report
 from ..dtypes import DTYPE_BYTES
+from ..ops.analysis import Stats, StatsParams, macs_per_token, sequence_problem
+from ..store.filehash import content_digest
 from ..store.model_dir import ModelFiles
-from .job import Job
+from ..units import human_bytes
+from .job import Job, RunFailure
+from .measure import Measurement, Settings, measure_model
 
 CHUNK_BYTES = 8 << 20
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -24,6 +38,11 @@ _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 _LAYER = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 METRICS = (("params", "parameters"), ("nonzero", "non-zero parameters"), ("bytes", "bytes"),
            ("tensors", "tensors"), ("layers", "layers"))
+MACS = (("macs_per_token", "MACs per token"), ("decode_macs_per_token", "MACs per decoded token"))
+TIMES = (("prefill_seconds", "prefill latency"), ("decode_seconds_per_token", "decode latency per token"),
+         ("peak_memory_bytes", "peak memory"))
+# Matrix weights this share zero or more are called sparse: dense kernels still multiply every zero.
+SPARSE_SHARE = 0.01
 
 
 def count_nonzero(path: Path, begin: int, nbytes: int, dtype: str) -> int:
@@ -39,46 +58,206 @@ def count_nonzero(path: Path, begin: int, nbytes: int, dtype: str) -> int:
     return count
 
 
-def summarize(files: ModelFiles, job: Job) -> dict:
-    """What `stats` reports about one model."""
+def summarize(files: ModelFiles, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """What `stats` reads from one model's files: counts by dtype, zeros, tensors and layers."""
     dtypes: dict[str, dict[str, int]] = {}
-    nonzero, layers = 0, set()
+    nonzero, matrix, matrix_nonzero, layers = 0, 0, 0, set()
     for name in sorted(files.tensors):
         entry = files.tensors[name]
         share = dtypes.setdefault(entry.dtype, {"params": 0, "bytes": 0})
         share["params"] += entry.numel
         share["bytes"] += entry.nbytes
-        nonzero += count_nonzero(files.shard_of[name], entry.begin, entry.nbytes, entry.dtype)
-        job.progress(entry.nbytes)
+        found = count_nonzero(files.shard_of[name], entry.begin, entry.nbytes, entry.dtype)
+        nonzero += found
+        if len(entry.shape) == 2:
+            matrix, matrix_nonzero = matrix + entry.numel, matrix_nonzero + found
+        progress(entry.nbytes)
         if match := _LAYER.search(name):
             layers.add(int(match.group(1)))
     config = files.config
-    return {"model_type": config.get("model_type"),
-            "params": sum(d["params"] for d in dtypes.values()), "nonzero": nonzero,
+    params = sum(d["params"] for d in dtypes.values())
+    return {"model_type": config.get("model_type"), "params": params, "nonzero": nonzero,
+            "zero_share": _share(params - nonzero, params),
+            "matrix_zero_share": _share(matrix - matrix_nonzero, matrix),
             "bytes": sum(d["bytes"] for d in dtypes.values()), "tensors": len(files.tensors),
             "layers": config.get("num_hidden_layers", config.get("n_layer", len(layers))), "dtypes": dtypes}
 
 
-def _ratios(model: dict, first: dict) -> dict[str, float | None]:
-    return {key: (round(model[key] / first[key], 6) if first[key] else None) for key, _ in METRICS}
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 6) if whole else 0.0
 
 
-def _cell(model: dict, key: str, first: bool) -> str:
-    value = f"{model[key]:,}"
-    ratio = model["ratios"][key]
-    return value if first or ratio is None else f"{value} ({ratio:.2f}×)"
+def architecture_macs(config: dict, keys: int) -> int | None:
+    """MACs per token the config's architecture implies (`ops.analysis.macs_per_token`), None when
+    recipec has no facts for it (an architecture or head it has no tensor table for)."""
+    try:
+        facts = facts_from_config(config)
+    except ValueError:
+        return None
+    return macs_per_token(config.get("model_type", ""), facts, keys)
 
 
-def stats_report(models: list[dict]) -> Report:
-    """The report of models summarized side by side, ratios to the first."""
+def _macs_check(counted: tuple[int, int | None], analytic: tuple[int | None, int | None]) -> str:
+    """Whether the counted (prefill, decode) MACs per token equal the architecture's, in words."""
+    if analytic[0] is None:
+        return "no architecture count to compare with"
+    if counted == analytic:
+        return "equal"
+    return "; ".join(f"{what}: counted {c / a:.4f}× the architecture's count"
+                     for what, c, a in zip(("prefill", "decode"), counted, analytic) if c != a and c and a)
+
+
+def model_stats(files: ModelFiles, settings: Settings, name: str,
+                progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Everything `stats` reports about one model (`name` in messages): its counts, then what running it showed."""
+    model = summarize(files, progress)
+    measured: Measurement = measure_model(files.root, settings, name)
+    analytic = architecture_macs(files.config, settings.seq_len)
+    decode_analytic = architecture_macs(files.config, settings.seq_len + 1) if measured.causal else None
+    model |= {"causal": measured.causal, "macs_per_token": measured.macs_per_token,
+              "macs_per_token_architecture": analytic,
+              "decode_macs_per_token": measured.decode_macs_per_token,
+              "decode_macs_per_token_architecture": decode_analytic,
+              "macs_check": _macs_check((measured.macs_per_token, measured.decode_macs_per_token),
+                                        (analytic, decode_analytic)),
+              "macs_counted_with": f"{measured.counted_with} attention"}
+    tokens = settings.batch * settings.seq_len
+    model["measured"] = {
+        "prefill_seconds": round(measured.prefill_seconds, 6),
+        "prefill_tokens_per_second": round(tokens / measured.prefill_seconds, 1),
+        "decode_seconds_per_token": None if measured.decode_seconds is None else round(measured.decode_seconds, 6),
+        "decode_tokens_per_second": (None if not measured.decode_seconds
+                                     else round(settings.batch / measured.decode_seconds, 1)),
+        "peak_memory_bytes": measured.peak_bytes,
+        "timed_with": f"{measured.timed_with} attention",
+    }
+    return model
+
+
+def _ratio(value, first) -> float | None:
+    return round(value / first, 6) if value is not None and first else None
+
+
+def _cell(value, ratio: float | None, first: bool, show: Callable = lambda v: f"{v:,}") -> str:
+    if value is None:
+        return "–"
+    return show(value) if first or ratio is None else f"{show(value)} ({ratio:.2f}×)"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms"
+
+
+def stats_report(models: list[dict], settings: Settings) -> Report:
+    """The report of models side by side, ratios to the first."""
+    first = models[0]
     for model in models:
-        model["ratios"] = _ratios(model, models[0])
+        model["ratios"] = {key: _ratio(model[key], first[key]) for key, _ in METRICS + MACS}
+        model["measured"]["ratios"] = {key: _ratio(model["measured"][key], first["measured"][key])
+                                       for key, _ in TIMES}
     header = ["", *(f"model {i + 1} ({m['model_type']})" for i, m in enumerate(models))]
-    rows = [[title, *(_cell(m, key, i == 0) for i, m in enumerate(models))] for key, title in METRICS]
+
+    def row(title: str, cells: Callable[[dict, bool], str]) -> list[str]:
+        return [title, *(cells(m, i == 0) for i, m in enumerate(models))]
+
+    rows = [row(title, lambda m, f, k=key: _cell(m[k], m["ratios"][k], f)) for key, title in METRICS]
+    rows.append(row("zeros", lambda m, f: f"{m['zero_share']:.1%}"))
+    rows.append(row(f"MACs per token (prefill of {settings.seq_len})",
+                    lambda m, f: _cell(m["macs_per_token"], m["ratios"]["macs_per_token"], f)))
+    rows.append(row("MACs per token, from the architecture", lambda m, f: _cell(m["macs_per_token_architecture"], None, True)))
+    rows.append(row("MACs per decoded token",
+                    lambda m, f: _cell(m["decode_macs_per_token"], m["ratios"]["decode_macs_per_token"], f)))
+    shows = {"prefill_seconds": _ms, "decode_seconds_per_token": _ms, "peak_memory_bytes": human_bytes}
+    for key, title in TIMES:
+        label = f"{title} ({settings.batch} × {settings.seq_len} tokens)" if key == "prefill_seconds" else title
+        rows.append(row(label, lambda m, f, k=key: _cell(m["measured"][k], m["measured"]["ratios"][k], f, shows[k])))
     for dtype in sorted({d for m in models for d in m["dtypes"]}):
-        rows.append([f"{dtype} parameters", *(f"{m['dtypes'].get(dtype, {}).get('params', 0):,}" for m in models)])
-    return Report("Model statistics", {"kind": "stats", "models": models}, [Table(header, rows)])
+        rows.append(row(f"{dtype} parameters", lambda m, f, d=dtype: f"{m['dtypes'].get(d, {}).get('params', 0):,}"))
+    data = {"kind": "stats", "settings": asdict(settings) | {"dtype": "float32", "warmup": 1},
+            "models": models, "measurement": _machine(settings)}
+    return Report("Model statistics", data, [Table(header, rows)], sections=_notes(models, settings))
 
 
-def build_stats(job: Job) -> None:
-    write_report(stats_report([summarize(a.files, job) for a in job.inputs]), job.out)
+def _machine(settings: Settings) -> dict:
+    """Where and how the times were measured: they mean something only with this."""
+    import torch
+    import transformers
+
+    return {"machine": platform.machine(), "processor": _processor(), "threads": settings.threads,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "note": "times and memory are measured and differ from run to run; the report's digest leaves "
+                    "them out"}
+
+
+def _processor() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else platform.processor()
+
+
+def _notes(models: list[dict], settings: Settings) -> list[str]:
+    """What the numbers mean, as sentences under the table."""
+    decode = f", then {settings.decode_tokens} tokens decoded one at a time" if settings.decode_tokens else ""
+    timing = (f"Latency: median of {settings.repeats} runs after a warm-up, {settings.threads} thread"
+              f"{'s' if settings.threads != 1 else ''}, float32: a prefill of {settings.batch} × {settings.seq_len} "
+              f"tokens{decode} (causal models, with the KV cache). Peak memory is the model's weights plus the "
+              "most the timed runs held above them. Times and memory are measured: they differ from run to run "
+              "and are not part of the report's digest.")
+    notes = [timing]
+    checks = {m["macs_check"] for m in models}
+    if checks == {"equal"}:
+        notes.append("MACs were counted by torch's FlopCounterMode with eager attention, and equal the count "
+                     "the architecture implies (attention counted over the whole seq_len × seq_len square, as "
+                     "eager attention computes it).")
+    else:
+        notes += [f"Model {i + 1}: MACs counted with {m['macs_counted_with']}: {m['macs_check']}."
+                  for i, m in enumerate(models) if m["macs_check"] != "equal"]
+    notes += [f"Model {i + 1}: {m['matrix_zero_share']:.1%} of its matrix weights are zeros stored in dense "
+              "tensors. Dense zeros bring no speed-up: dense kernels multiply them all the same, so its MACs "
+              "and latency count them, and it is no smaller on disk."
+              for i, m in enumerate(models) if m["matrix_zero_share"] >= SPARSE_SHARE]
+    return notes
+
+
+def reproducible(data: dict) -> dict:
+    """A stats report's data less what is measured: what two runs agree on byte for byte."""
+    models = [{k: v for k, v in m.items() if k != "measured"} for m in data["models"]]
+    return {k: v for k, v in data.items() if k != "measurement"} | {"models": models}
+
+
+def settings_of(params: StatsParams) -> Settings:
+    return Settings(params.seq_len, params.batch, params.threads, params.repeats, params.decode_tokens)
+
+
+def build_stats(job: Job) -> str:
+    """The rule of `stats`: the report, and (as its digest) the digest of its reproducible part."""
+    settings = settings_of(Stats.params_of(job.node))
+    models = [model_stats(a.files, settings, f"model {i + 1} (`{node.label}`)", job.progress)
+              for i, (a, node) in enumerate(zip(job.inputs, job.node.inputs))]
+    report = stats_report(models, settings)
+    write_report(report, job.out)
+    return content_digest(reproducible(report.data))
+
+
+def inspect_dir(root: Path, params: StatsParams) -> Report:
+    """The `stats` report of one model folder, no recipe needed (`recipec inspect`); RunFailure with the
+    code of what is wrong: a folder that is not a model (E4xx), a sequence beyond its positions (E482)."""
+    from ..store.model_dir import ModelDirError, read_model_dir
+
+    try:
+        files = read_model_dir(root)
+    except ModelDirError as err:
+        raise RunFailure(err.code, err.message, err.hint) from None
+    try:
+        facts = facts_from_config(files.config)
+    except ValueError:
+        facts = None
+    problem = sequence_problem(str(files.config.get("model_type")), facts, params)
+    if problem is not None:
+        raise RunFailure("E482", problem[0], problem[1].replace("`seq_len`", "--seq-len")
+                         .replace("`decode_tokens`", "--decode-tokens"))
+    settings = settings_of(params)
+    return stats_report([model_stats(files, settings, str(root))], settings)

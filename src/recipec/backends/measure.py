@@ -1,0 +1,245 @@
+"""Running a model to measure it: MACs per token counted by torch, latency and peak memory.
+
+A model folder is loaded the way anyone loads it, `AutoModelFor….from_pretrained(dir)` with no remote
+code: recipec's own model classes are registered with the Auto classes when `recipec` is imported (it is,
+being this module's package), so its pruned and low-rank outputs load the same way. The model runs in float32 on the CPU.
+
+- MACs: one forward pass of one sequence under `torch.utils.flop_counter.FlopCounterMode`, with eager
+  attention, since the counter does not see the CPU's fused scaled-dot-product attention. Exact for
+  matrix products; the count is half the FLOPs it reports.
+- Latency: with the model's own attention (the fast one a user gets), on a fixed number of threads, one
+  warm-up then `repeats` timed runs, the median: a prefill of batch × seq_len tokens, then (causal
+  models) `decode_tokens` steps of one token each on the prefill's KV cache.
+- Peak memory: the model's weights (parameters and buffers) plus the most the timed runs held above what
+  the process held after the warm-up: the peak resident memory (Linux `VmHWM`, restarted through
+  /proc/self/clear_refs) less the resident memory then, free heap returned to the system first. Measured
+  after the warm-up so that library code paged in and one-off allocations of the first run do not
+  count; not measured where the platform cannot restart the peak.
+
+Times differ from run to run and machine to machine; the caller keeps them apart from what is
+reproducible (the counts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import inspect
+import re
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .job import RunFailure
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How every model of one report is run (the `stats` parameters)."""
+
+    seq_len: int = 64
+    batch: int = 1
+    threads: int = 1
+    repeats: int = 5
+    decode_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What running one model showed. Counts are reproducible; seconds and bytes are measurements."""
+
+    causal: bool
+    macs_per_token: int  # prefill of one sequence of seq_len tokens, per token
+    decode_macs_per_token: int | None  # the first decoded token after that prefill; None for an encoder
+    counted_with: str  # the attention implementation MACs were counted with
+    timed_with: str  # the attention implementation latency was measured with
+    prefill_seconds: float  # median, one prefill of batch × seq_len tokens
+    decode_seconds: float | None  # median, one decode step of batch tokens
+    peak_bytes: int | None  # weights + the most the timed runs held above them; None where the platform cannot tell
+
+
+def measure_model(root: Path, settings: Settings, name: str) -> Measurement:
+    """Load the model folder at `root` and measure it; RunFailure E610 when it cannot be loaded, E611
+    when it fails while running, its message naming the model as `name`."""
+    import torch
+
+    model, causal = load_model(root, name)
+    try:
+        with _threads(settings.threads), torch.inference_mode():
+            counted_with, macs, decode_macs = _count_macs(model, causal, settings)
+            timed_with = _attention(model, None)
+            prefill, decode, working = _time(model, causal, settings)
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as err:
+        raise RunFailure("E611", f"{name} failed while measured: {type(err).__name__}: {err}",
+                         "lower `seq_len` or `batch` if memory ran out; otherwise the model's weights or "
+                         "config do not fit together") from None
+    finally:
+        del model
+        gc.collect()
+        _return_free_memory()
+    return Measurement(causal, macs, decode_macs, counted_with, timed_with, prefill, decode,
+                       None if working is None else weights + working)
+
+
+def load_model(root: Path, name: str):
+    """(model in eval mode, whether it generates), from a model folder through transformers' Auto classes;
+    RunFailure E610 when transformers refuses it or would fill tensors the folder lacks with random values."""
+    import torch
+    import transformers
+
+    hint = ("`stats` runs a model through transformers' Auto classes: its config's model_type must be one "
+            "transformers (or recipec's own model classes) knows, and its weights must be the ones its config "
+            "implies")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(root), local_files_only=True)
+        auto = _auto_class(config, transformers)
+        transformers.utils.logging.disable_progress_bar()  # run draws its own progress; a loading bar would garble it
+        model, info = auto.from_pretrained(str(root), config=config, dtype=torch.float32, local_files_only=True,
+                                           output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise RunFailure("E610", f"transformers cannot load {name}: {err}", hint) from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise RunFailure("E610", f"{name} lacks {len(missing)} tensor(s) its {type(model).__name__} needs (first: "
+                                 f"`{missing[0]}`); transformers would fill them with random values", hint)
+    model.eval()
+    return model, auto is transformers.AutoModelForCausalLM
+
+
+def _auto_class(config, transformers):
+    """The Auto class of the head a config's `architectures` names: causal LM, masked LM, else the bare model."""
+    names = config.architectures or []
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return transformers.AutoModelForCausalLM
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return transformers.AutoModelForMaskedLM
+    return transformers.AutoModel
+
+
+def _inputs(model, batch: int, length: int):
+    """Token ids that depend on nothing but the shape (every id within the vocabulary)."""
+    import torch
+
+    vocab = model.config.vocab_size
+    return (torch.arange(batch * length, dtype=torch.long).reshape(batch, length) * 7919) % vocab
+
+
+def _attention(model, implementation: str | None) -> str:
+    """Switch the model's attention to `implementation` where the class allows it; the one in use."""
+    if implementation is not None and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(implementation)
+        except (ValueError, ImportError):
+            pass  # a class that supports one implementation only: count with it, and say which
+    return str(getattr(model.config, "_attn_implementation", None) or "default")
+
+
+def _count_macs(model, causal: bool, settings: Settings) -> tuple[str, int, int | None]:
+    """(attention used, MACs per prefill token, MACs of the first decoded token) of one sequence."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    default = _attention(model, None)
+    used = _attention(model, "eager")
+    ids = _inputs(model, 1, settings.seq_len)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
+        prefill = counter.get_total_flops() // 2 // settings.seq_len
+        decode = None
+        if causal:
+            with FlopCounterMode(display=False) as counter:
+                _decode_step(model, ids[:, -1:], _cache_of(out))
+            decode = counter.get_total_flops() // 2
+    finally:
+        _attention(model, default)
+    return used, prefill, decode
+
+
+def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None, int | None]:
+    """Median seconds of a prefill and of one decode step over `repeats` runs after one warm-up, and the
+    most memory the timed runs held above what the process held after the warm-up (None: unknown)."""
+    ids = _inputs(model, settings.batch, settings.seq_len)
+    step = ids[:, -1:]
+    decoding = causal and settings.decode_tokens > 0
+    prefills, decodes, before = [], [], None
+    for run in range(1 + settings.repeats):
+        if run == 1:  # the first run warms caches and allocators up; memory is measured from here
+            _return_free_memory()
+            before = _status_bytes("VmRSS") if _restart_peak() else None
+        started = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
+        prefilled = time.perf_counter()
+        if decoding:
+            cache = _cache_of(out)
+            for _ in range(settings.decode_tokens):
+                cache = _cache_of(_decode_step(model, step, cache))
+            del cache
+        finished = time.perf_counter()
+        del out
+        if run:
+            prefills.append(prefilled - started)
+            decodes.append((finished - prefilled) / settings.decode_tokens if decoding else 0.0)
+    peak = _status_bytes("VmHWM")
+    working = None if before is None or peak is None else max(0, peak - before)
+    return statistics.median(prefills), statistics.median(decodes) if decoding else None, working
+
+
+def _decode_step(model, token, cache):
+    """One token on the KV cache."""
+    return model(input_ids=token, use_cache=True, **{_cache_keyword(type(model)): cache})
+
+
+@functools.cache
+def _cache_keyword(model_class) -> str:
+    # transformers 5 renamed `past_key_values` to `cache`; classes of either age are met.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _restart_peak() -> bool:
+    """Start the peak resident memory over from the current (Linux ≥ 4.0); False where it cannot be."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _return_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc), so resident memory is what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

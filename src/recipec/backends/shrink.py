@@ -159,7 +159,7 @@ def build_lowrank(job: Job) -> str:
             raise unsupported(model_type)
         linears = targeted(layer_linears(model_type, shapes), params.targets)
         if params.energy is None:
-            for linear in linears:
+            for linear in sorted(linears, key=lambda l: (l.break_even, l.path)):
                 fixed_rank(linear, params.rank, params.ratio)  # every size checked before any work
     except SelectionError as err:
         raise RunFailure("E597", err.message, err.hint) from None

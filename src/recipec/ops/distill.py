@@ -13,18 +13,25 @@ from pydantic import Field
 
 from ..ir.types import Kind, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, register
+from .train import (
+    TrainParams,
+    _plan_detail,
+    check_training,
+    model_config,
+    planned_tokens,
+    training_flops,
+    training_memory,
+)
 from .train_config import batch_shape
-from .train import TrainParams, _plan_detail, check_training, model_config, planned_tokens, training_flops, \
-    training_memory
 
 
 class DistillParams(TrainParams):
     """The training loop's parameters and the distillation's own."""
 
-    temperature: float = Field(1.0, gt=0, description="softens both distributions before they are compared; "
-                                                      "the KL term is scaled by its square")
-    alpha: float = Field(1.0, ge=0, le=1, description="the share of the KL term in the loss; the rest, 1 - alpha, "
-                                                      "is the student's own next-token loss")
+    temperature: float = Field(1.0, gt=0, description="the softmax temperature of both distributions (the KL "
+                                                      "term is scaled by its square)")
+    alpha: float = Field(1.0, ge=0, le=1, description="the share of the KL term in the loss (the rest, 1 - alpha, "
+                                                      "is the student's own next-token loss)")
 
 
 def _positions(node, ctx: Context) -> int | None:

@@ -326,7 +326,9 @@ class Lowrank(Op):
             linears = targeted(layer_linears(sig.model_type, shapes), params.targets)
             if params.energy is not None:
                 return Type(Kind.MODEL, None)  # ranks follow from the singular values: known once built
-            ranks = {l.path: fixed_rank(l, params.rank, params.ratio) for l in linears}
+            # The narrowest linear first: its error is the one that tells the most.
+            ranks = {l.path: fixed_rank(l, params.rank, params.ratio)
+                     for l in sorted(linears, key=lambda l: (l.break_even, l.path))}
         except SelectionError as err:
             return ctx.error("E463" if err.arg == "targets" else "E462", err.message, err.arg, err.hint)
         return Type(Kind.MODEL, factorized_signature(sig, ranks))
@@ -354,5 +356,5 @@ def factorized_signature(sig: Signature, ranks: dict[str, int]) -> Signature:
 
 def _source_name(name: str) -> str:
     """The dense tensor a factor comes from (`p.a.weight`, `p.b.weight` -> `p.weight`; `p.b.bias` -> `p.bias`)."""
-    path, factor, kind = name.rsplit(".", 2)
+    path, _factor, kind = name.rsplit(".", 2)
     return f"{path}.{kind}"

@@ -1,0 +1,190 @@
+"""drop_layers and lowrank on tiny llama, gpt2 and bert models (a headless BertModel included): the outputs
+reload and compute what the math says, the plan's signature is the built one, bad sizes are refused.
+
+One recipe builds every case once for the module (tiny `init` models, one thread). Check-time errors are the
+golden case tests/golden/diagnostics/shrink.rcp.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from recipec.cli import main
+from recipec.arch import facts_from_config
+from recipec.backends.shrink import calibration_rows, factorize, shallower_config
+from recipec.ops.shrink import (
+    Linear,
+    SelectionError,
+    energy_rank,
+    fixed_rank,
+    kept_layers,
+    renamed_layers,
+    shallower_signature,
+)
+from recipec.ops.sources import signature_of_dir
+
+RECIPE = """recipec 1
+llama = init("llama", size="tiny", seed=1)
+gpt2 = init("gpt2", size="tiny", seed=2)
+bert = init("bert", size="tiny", seed=3)
+headless = load("headless")
+export llama to "out/llama"
+export gpt2 to "out/gpt2"
+export bert to "out/bert"
+export drop_layers(llama, keep=1) to "out/llama_first"
+export drop_layers(llama, layers=[1]) to "out/llama_second"
+export drop_layers(gpt2, keep=0.5) to "out/gpt2_half"
+export drop_layers(bert, layers=[1]) to "out/bert_second"
+export drop_layers(headless, layers=[0, 2]) to "out/headless_two"
+"""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def headless_bert(root: Path) -> Path:
+    """A BertModel as encoders are often published: no task head, unprefixed names, an integer buffer saved."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(4)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=32))
+    model.save_pretrained(root)
+    tensors = load_file(str(root / "model.safetensors"))
+    tensors["embeddings.position_ids"] = torch.arange(32, dtype=torch.int64)[None]
+    save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The recipe run once, with its own cache: the folder its exports went to."""
+    root = tmp_path_factory.mktemp("shrink")
+    headless_bert(root / "headless")
+    (root / "shrink.rcp").write_text(RECIPE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECIPEC_CACHE", str(root / "cache"))
+        assert main(["run", str(root / "shrink.rcp"), "--threads", "1"]) == 0
+    return root / "out"
+
+
+# --- drop_layers: pure parts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("count, keep, expected", [
+    (12, 0.5, (0, 2, 4, 6, 8, 10)),  # every other layer, from the first
+    (12, 6, (0, 2, 4, 6, 8, 10)),
+    (12, 4, (0, 3, 6, 9)),
+    (4, 1, (0,)),
+    (4, 4, (0, 1, 2, 3)),
+    (5, 0.6, (0, 1, 3)),
+])
+def test_keep_spreads_the_kept_layers_evenly_from_the_first(count, keep, expected):
+    assert kept_layers(count, keep, None) == expected
+
+
+@pytest.mark.parametrize("count, keep, layers, message", [
+    (2, 0.1, None, "leaves no layer"),
+    (2, 3, None, "more layers than the model's 2"),
+    (4, 1.5, None, "a count of layers"),
+    (4, None, [0, 4], "layer 4 is not a layer"),
+    (4, None, [2, 1], "increasing order"),
+    (4, None, [1, 1], "increasing order"),
+    (4, None, [], "at least one layer"),
+    (4, 1, [0], "exactly one of"),
+    (4, None, None, "exactly one of"),
+])
+def test_a_selection_that_cannot_be_kept_is_refused(count, keep, layers, message):
+    with pytest.raises(SelectionError, match=message):
+        kept_layers(count, keep, layers)
+
+
+def test_renaming_renumbers_kept_layers_and_leaves_the_rest():
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.layers.2.mlp.up_proj.weight", "model.layers.10.mlp.up_proj.weight", "model.norm.weight"]
+    assert renamed_layers("llama", names, (1, 10)) == {
+        "model.embed_tokens.weight": "model.embed_tokens.weight",
+        "model.layers.1.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight",
+        "model.layers.10.mlp.up_proj.weight": "model.layers.1.mlp.up_proj.weight",
+        "model.norm.weight": "model.norm.weight"}
+    # Headless models name their layers without the family's prefix.
+    assert renamed_layers("bert", ["encoder.layer.2.output.dense.bias", "embeddings.position_ids"], (2,)) == {
+        "encoder.layer.2.output.dense.bias": "encoder.layer.0.output.dense.bias",
+        "embeddings.position_ids": "embeddings.position_ids"}
+
+
+def test_the_config_follows_the_layers_kept():
+    config = {"model_type": "llama", "num_hidden_layers": 4, "layer_types": ["a", "b", "c", "d"],
+              "num_attention_heads": [4, 2, 4, 2], "architectures": ["LlamaForCausalLM"],
+              "recipec_low_rank": {"model.layers.1.mlp.up_proj": 8, "model.layers.2.mlp.up_proj": 4}}
+    out = shallower_config(config, "llama", 4, (1, 3))
+    assert out["num_hidden_layers"] == 2
+    assert out["layer_types"] == ["b", "d"] and out["num_attention_heads"] == [2, 2]
+    assert out["architectures"] == ["LlamaForCausalLM"]
+    assert out["recipec_low_rank"] == {"model.layers.0.mlp.up_proj": 8}
+    assert shallower_config({"model_type": "gpt2", "n_layer": 4}, "gpt2", 4, (0,))["n_layer"] == 1
+
+
+# --- drop_layers: end to end -----------------------------------------------------------------------------
+
+def _sliced(model, kept: tuple[int, ...]):
+    """The reference: the same model with only the layers `kept`, sliced in torch."""
+    family = model.config.model_type
+    owner = model.model if family == "llama" else model.transformer if family == "gpt2" else \
+        getattr(model, "bert", model).encoder
+    attribute = {"llama": "layers", "gpt2": "h", "bert": "layer"}[family]
+    setattr(owner, attribute, torch.nn.ModuleList([getattr(owner, attribute)[i] for i in kept]))
+    return model
+
+
+def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("source, release, kept", [
+    ("llama", "llama_first", (0,)), ("llama", "llama_second", (1,)), ("gpt2", "gpt2_half", (0,)),
+    ("bert", "bert_second", (1,)), ("headless", "headless_two", (0, 2)),
+])
+def test_a_shallower_model_reloads_and_computes_what_its_kept_layers_compute(built, source, release, kept):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    loader = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModelForMaskedLM,
+              "headless": AutoModel}[source]
+    source_dir = built / source if source != "headless" else built.parent / "headless"
+    reference = _sliced(loader.from_pretrained(source_dir).eval(), kept)
+    student = loader.from_pretrained(built / release).eval()
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2]])
+    assert torch.allclose(_outputs(student, ids), _outputs(reference, ids), atol=1e-6)
+    config = json.loads((built / release / "config.json").read_text())
+    assert config.get("num_hidden_layers", config.get("n_layer")) == len(kept)
+    # The plan's signature is the one built, and its facts are the config's.
+    planned = shallower_signature(signature_of_dir(source_dir), kept)
+    assert signature_of_dir(built / release).tensors == planned.tensors
+    if planned.facts is not None:
+        assert facts_from_config(config) == planned.facts
+
+
+def test_kept_tensors_and_integer_buffers_are_carried_byte_for_byte(built):
+    source = built.parent / "headless" / "model.safetensors"
+    with safe_open(str(source), "pt") as before, safe_open(str(built / "headless_two" / "model.safetensors"), "pt") as after:
+        names = set(after.keys())
+        assert "embeddings.position_ids" in names and not any(n.startswith("bert.") for n in names)
+        assert after.get_tensor("embeddings.position_ids").dtype == torch.int64
+        assert torch.equal(after.get_tensor("embeddings.position_ids"), before.get_tensor("embeddings.position_ids"))
+        assert torch.equal(after.get_tensor("encoder.layer.1.output.dense.weight"),
+                           before.get_tensor("encoder.layer.2.output.dense.weight"))
+        assert not any(n.startswith("encoder.layer.2.") for n in names)
+    assert (built / "headless_two" / "config.json").is_file()

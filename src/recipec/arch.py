@@ -4,11 +4,13 @@
 know that model's signature — every tensor name, shape and dtype — to check and cost a recipe, and
 `recipec plan` must never import torch or build a model. So this module keeps that knowledge as plain data
 and arithmetic: the `config.json` presets, and the exact tensors `save_pretrained` writes for a config.
-It imports only the standard library.
+It imports only the standard library (and recipec.modeling's torch-free config convention, for pruned and
+low-rank `recipec_*` configs).
 
-Each architecture has one head class, the one `init` builds and the only one `tensor_shapes` describes:
-llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel, bert -> BertForMaskedLM (a masked-LM head and no pooler,
-as in the published bert-base checkpoints).
+Each architecture has one head class, the one `init` builds: llama -> LlamaForCausalLM, gpt2 -> GPT2LMHeadModel,
+bert -> BertForMaskedLM (a masked-LM head and no pooler, as in the published bert-base checkpoints).
+`tensor_shapes` also describes each family's headless base class (LlamaModel, GPT2Model, BertModel with its
+pooler), whose tensor names lack the base-model prefix.
 
 What `save_pretrained` writes (checked against transformers 5.24 by tests/test_arch.py):
 - With `tie_word_embeddings` true it omits the tied copies: `lm_head.weight` for llama and gpt2, and for bert
@@ -45,6 +47,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from . import modeling
+
 ARCHS: tuple[str, ...] = ("llama", "bert", "gpt2")
 SIZES: tuple[str, ...] = ("tiny", "small", "base", "1b")
 
@@ -71,6 +75,10 @@ _BERT_PRESETS = {
 }
 
 _HEAD_CLASS = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM"}
+# Headless checkpoints (encoders are often published as `BertModel`): the base model's tensors without the
+# base-model prefix and without the head; BertModel adds its pooler.
+_BASE_CLASS = {"llama": "LlamaModel", "gpt2": "GPT2Model", "bert": "BertModel"}
+_BASE_PREFIX = {"llama": "model.", "gpt2": "transformer.", "bert": "bert."}
 
 # The HF config classes' defaults for every key that shapes a tensor: a config.json may omit any of them.
 # None means "derived" (kv heads = heads, head_dim = hidden / heads, n_inner = 4 * hidden).
@@ -190,7 +198,45 @@ def _bert_config(hidden: int, layers: int, heads: int, intermediate: int, vocab:
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape `save_pretrained` writes for `config`, in state_dict order."""
-    return tensor_shapes_from_facts(config.get("model_type"), facts_from_config(config))
+    facts = facts_from_config(config)
+    shapes = tensor_shapes_from_facts(config.get("model_type"), facts)
+    if is_headless(config):
+        shapes = _headless_shapes(modeling.family(config["model_type"]), shapes, facts.hidden)
+    return with_low_rank(shapes, config.get("recipec_low_rank") or {}, config.get("model_type"))
+
+
+def is_headless(config: dict) -> bool:
+    """Whether a config names its family's base model class (no task head, unprefixed tensor names)."""
+    fam = modeling.family(config.get("model_type"))
+    names = modeling.stock_config(config).get("architectures")
+    return fam is not None and names == [_BASE_CLASS[fam]]
+
+
+def _headless_shapes(fam: str, shapes: dict[str, tuple[int, ...]], hidden: int) -> dict[str, tuple[int, ...]]:
+    prefix = _BASE_PREFIX[fam]
+    out = {name.removeprefix(prefix): shape for name, shape in shapes.items() if name.startswith(prefix)}
+    if fam == "bert":
+        out |= _linear("pooler.dense", hidden, hidden, True)
+    return out
+
+
+def with_low_rank(shapes: dict[str, tuple[int, ...]], ranks: dict[str, int],
+                  model_type: str) -> dict[str, tuple[int, ...]]:
+    """`shapes` with each linear named in `ranks` (module path -> rank) stored as two factors, as recipec's
+    model classes do: `<path>.a.weight` (rank, in), `<path>.b.weight` (out, rank), `<path>.b.bias`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        path, _, leaf = name.rpartition(".")
+        rank = ranks.get(path)
+        if rank is None:
+            out[name] = shape
+        elif leaf == "weight":
+            out_features, in_features = shape[::-1] if model_type.endswith("gpt2") else shape
+            out[f"{path}.a.weight"] = (rank, in_features)
+            out[f"{path}.b.weight"] = (out_features, rank)
+        else:
+            out[f"{path}.b.bias"] = shape
+    return out
 
 
 @dataclass(frozen=True)
@@ -260,6 +306,8 @@ class ArchFacts:
 def facts_from_config(config: dict) -> ArchFacts:
     """The shape facts of a llama, gpt2 or bert config.json (defaults filled in as transformers does).
     Raises ValueError for a config recipec has no tensor table for."""
+    if str(config.get("model_type")).startswith(modeling.PREFIX):
+        return _recipec_facts(config)
     model_type, s = _settings(config)
     if model_type == "llama":
         hidden, heads = s["hidden_size"], s["num_attention_heads"]
@@ -284,10 +332,24 @@ def facts_from_config(config: dict) -> ArchFacts:
                      positions=s["max_position_embeddings"], type_vocab=s["type_vocab_size"])
 
 
+def _recipec_facts(config: dict) -> ArchFacts:
+    # A recipec_* config is its family's stock geometry with per-layer counts (see recipec.modeling).
+    facts = facts_from_config(modeling.stock_config(config))
+    try:
+        if config.get("recipec_heads") is not None:
+            facts = facts.with_heads(tuple(config["recipec_heads"]), config.get("recipec_kv_heads")
+                                     and tuple(config["recipec_kv_heads"]))
+        if config.get("recipec_intermediate") is not None:
+            facts = facts.with_intermediate(tuple(config["recipec_intermediate"]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config['model_type']} config: {err}") from None
+    return facts
+
+
 def tensor_shapes_from_facts(model_type: str, facts: ArchFacts) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of a `model_type` model with these facts, in state_dict order: what
     `save_pretrained` writes for a stock config, and what a shape-changing op writes for derived facts."""
-    shapes = {"llama": _llama_shapes, "gpt2": _gpt2_shapes, "bert": _bert_shapes}.get(model_type)
+    shapes = {"llama": _llama_shapes, "gpt2": _gpt2_shapes, "bert": _bert_shapes}.get(modeling.family(model_type))
     if shapes is None:
         raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
                          f"{', '.join(sorted(_DEFAULTS))}")
@@ -301,10 +363,10 @@ def _settings(config: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported model_type {model_type!r}; recipec knows the tensors of: "
                          f"{', '.join(sorted(_DEFAULTS))}")
     architectures = config.get("architectures")
-    if architectures is not None and (not isinstance(architectures, list)
-                                      or architectures != [_HEAD_CLASS[model_type]]):
+    if architectures is not None and (not isinstance(architectures, list) or architectures not in
+                                      ([_HEAD_CLASS[model_type]], [_BASE_CLASS[model_type]])):
         raise ValueError(f"{model_type} config names architectures {architectures!r}; recipec knows the "
-                         f"tensors of {_HEAD_CLASS[model_type]} only")
+                         f"tensors of {_HEAD_CLASS[model_type]} and {_BASE_CLASS[model_type]} only")
     if config.get("quantization_config") is not None:
         raise ValueError(f"{model_type} config is quantized; recipec knows the tensors of unquantized models only")
     settings = {}
@@ -428,7 +490,7 @@ def config_dtype(config: dict) -> str:
 def vocab_tensors(config: dict) -> tuple[str, ...]:
     """Names of the saved tensors whose first dimension is the vocabulary (embeddings and LM-head rows)."""
     shapes = tensor_shapes(config)
-    return tuple(name for name in _VOCAB_TENSORS[config["model_type"]] if name in shapes)
+    return tuple(name for name in _VOCAB_TENSORS[modeling.family(config["model_type"])] if name in shapes)
 
 
 def is_norm_tensor(name: str) -> bool:

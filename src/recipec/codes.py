@@ -192,6 +192,34 @@ _ENTRIES = [
     Code("E444", "bad perplexity bounds", RECIPE,
          "`ppl_filter(data, model, max=, min=)` keeps what lies within [min, max]: at least one bound, each above\n"
          "0, `max` above `min`; `seq_len` and `batch` at least 1."),
+    Code("E450", "bad pruning fraction", RECIPE,
+         "`prune(model, sparsity=, heads=, ffn=)` takes fractions to remove, each in [0, 1): 0 keeps everything,\n"
+         "1 would remove all. An N:M `pattern` zeroes exactly 1 - N/M of the weights (2:4 and 4:8: 0.5), so\n"
+         "`sparsity` must be that value."),
+    Code("E451", "N:M pattern does not fit a tensor", RECIPE,
+         "`pattern=\"2:4\"` (or 4:8) keeps N of every M consecutive weights along a linear's input dimension; a\n"
+         "targeted tensor's input dimension is not a multiple of M. Use `pattern=\"unstructured\"` or `targets=`\n"
+         "globs that leave the tensor out."),
+    Code("E452", "heads fraction does not fit the layers", RECIPE,
+         "`prune(model, heads=f)` removes the fraction f of every layer's attention heads. With grouped-query\n"
+         "attention a key/value head goes only with its whole query group, so f times the number of key/value\n"
+         "heads must be a whole number, and at least one group must stay. The hint lists the valid fractions."),
+    Code("E453", "ffn fraction empties a layer", RECIPE,
+         "`prune(model, ffn=f)` removes the fraction f of every layer's FFN neurons; at least one must stay."),
+    Code("E454", "bad scoring data", RECIPE,
+         "`score=\"gradient\"` ranks heads and neurons by |<dL/dctx, ctx>| summed over a corpus: it needs `data=`,\n"
+         "and `data=` is read by nothing else. Gradient scores also need the model's LM head (a causal LM or\n"
+         "BertForMaskedLM); `seq_len`, `batch` and `max_sequences` are at least 1."),
+    Code("E455", "model family not supported by prune", RECIPE,
+         "Removing heads and neurons needs to know the layout of a model's layers: recipec knows llama (with\n"
+         "grouped-query attention), gpt2 and bert, with or without their task head, and not yet models whose\n"
+         "linears were factored by `lowrank` (prune before lowrank)."),
+    Code("E456", "prune needs one kind of pruning", RECIPE,
+         "`prune` zeroes weights by magnitude (`sparsity=`) or removes heads and neurons (`heads=`, `ffn=`, which\n"
+         "may come together). Give one of them; for both, chain two calls."),
+    Code("E457", "nothing to prune", RECIPE,
+         "`targets=` globs match no tensor of the model (or the model has no layer weights). Globs match whole\n"
+         "tensor names, e.g. `targets=[\"*.mlp.*.weight\"]`."),
     # Shrinking ops (drop_layers, distill, lowrank), at check time
     Code("E458", "model family the op does not support", RECIPE,
          "`drop_layers` and `lowrank` know where the layers and linear weights of Llama, GPT-2 and BERT models\n"
@@ -353,6 +381,9 @@ _ENTRIES += [
     Code("E584", "perplexity filter keeps nothing", RUNTIME,
          "Every document or conversation given to `ppl_filter` lies outside its bounds. The message gives the\n"
          "range of perplexities seen: widen `max=`/`min=` or check that the model fits the data."),
+    Code("E590", "pruning scores cannot be computed", RUNTIME,
+         "`prune(..., score=\"gradient\", data=)` needs the model's tokenizer and a corpus with text; the message\n"
+         "says which is missing."),
     # Shrinking ops (drop_layers, distill, lowrank), at run time
     Code("E595", "layers cannot be dropped as asked", RUNTIME,
          "`drop_layers` learned the model's layers only when it ran (a model built by an earlier step, or a\n"

@@ -1,0 +1,308 @@
+"""`prune`: magnitude pruning of linear weights (unstructured or N:M), and structured removal of attention heads
+and FFN neurons, for llama (with grouped-query attention), gpt2 and bert-style encoders (with or without head).
+
+Its rule is in backends/prune.py. Here: the parameters, the check-time rules (every bad fraction, pattern or
+family is a located error before any weight is read), the output's signature (structured pruning shrinks
+tensors: the pruned shapes are known from the config facts at check time) and the cost.
+
+The tensor layout every structured rule works from lives here too (`LAYOUTS`), as data: which tensors of a
+layer hold attention heads or FFN neurons, along which dimension, and in which part (queries, keys/values,
+or GPT-2's packed q|k|v).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field
+
+from .. import modeling
+from ..arch import ArchFacts
+from ..ir.types import Kind, Signature, Type
+from .base import Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
+
+PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
+# Linear weights inside the transformer layers: what magnitude pruning targets unless `targets=` says otherwise
+# (embeddings, norms, the output projection and BERT's pooler stay).
+LAYER_WEIGHT = re.compile(r"(?:^|\.)(?:layers|h|layer)\.\d+\..*\.weight$")
+CONV1D_FAMILIES = ("gpt2",)  # weights stored (in, out): the input dimension is 0
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A tensor of a layer that holds heads or neurons: its name after the layer prefix, the dimension the heads
+    or neurons run along, and which part of the attention it belongs to ("q", "kv", "qkv" packed; "ffn")."""
+
+    suffix: str
+    dim: int
+    part: str
+
+
+@dataclass(frozen=True)
+class Layout:
+    prefixes: tuple[str, ...]  # a layer's tensor-name prefix, with and without the base-model prefix
+    heads: tuple[Slice, ...]
+    ffn: tuple[Slice, ...]
+    output_projection: str  # the attention's output projection, whose input is the heads' context
+    ffn_output: str  # the FFN's output projection, whose input is the neurons' activations
+
+
+def _slices(part: str, dim: int, *modules: str, bias: bool = True) -> tuple[Slice, ...]:
+    suffixes = [f"{m}.weight" for m in modules] + ([f"{m}.bias" for m in modules] if bias else [])
+    return tuple(Slice(s, 0 if s.endswith(".bias") else dim, part) for s in suffixes)
+
+
+LAYOUTS = {
+    "llama": Layout(("model.layers.{}.", "layers.{}."),
+                    _slices("q", 0, "self_attn.q_proj") + _slices("kv", 0, "self_attn.k_proj", "self_attn.v_proj")
+                    + (Slice("self_attn.o_proj.weight", 1, "q"),),
+                    _slices("ffn", 0, "mlp.gate_proj", "mlp.up_proj") + (Slice("mlp.down_proj.weight", 1, "ffn"),),
+                    "self_attn.o_proj", "mlp.down_proj"),
+    "gpt2": Layout(("transformer.h.{}.", "h.{}."),
+                   (Slice("attn.c_attn.weight", 1, "qkv"), Slice("attn.c_attn.bias", 0, "qkv"),
+                    Slice("attn.c_proj.weight", 0, "q")),
+                   (Slice("mlp.c_fc.weight", 1, "ffn"), Slice("mlp.c_fc.bias", 0, "ffn"),
+                    Slice("mlp.c_proj.weight", 0, "ffn")),
+                   "attn.c_proj", "mlp.c_proj"),
+    "bert": Layout(("bert.encoder.layer.{}.", "encoder.layer.{}."),
+                   _slices("q", 0, "attention.self.query") + _slices("kv", 0, "attention.self.key",
+                                                                     "attention.self.value")
+                   + (Slice("attention.output.dense.weight", 1, "q"),),
+                   _slices("ffn", 0, "intermediate.dense") + (Slice("output.dense.weight", 1, "ffn"),),
+                   "attention.output.dense", "output.dense"),
+}
+
+
+def layer_prefix(family: str, names: set[str] | dict) -> str | None:
+    """The tensor-name prefix of layer {} in a model with these tensor names (prefixed or headless)."""
+    first = LAYOUTS[family].heads[0].suffix
+    return next((p for p in LAYOUTS[family].prefixes if p.format(0) + first in names), None)
+
+
+def groups(facts: ArchFacts, layer: int) -> tuple[int, int]:
+    """(removable units, query heads per unit) of a layer: a unit is one key/value head with its query group."""
+    return facts.kv_heads[layer], facts.heads[layer] // facts.kv_heads[layer]
+
+
+def part_size(part: str, heads: int, kv_heads: int, head_dim: int, width: int) -> int:
+    """The length along its dimension of a tensor of `part` with these counts."""
+    return {"q": heads * head_dim, "kv": kv_heads * head_dim, "qkv": (2 * kv_heads + heads) * head_dim,
+            "ffn": width}[part]
+
+
+def pruned_signature(sig: Signature, facts: ArchFacts) -> Signature:
+    """`sig` with the per-layer heads and FFN widths of `facts` (every other tensor unchanged)."""
+    family = modeling.family(sig.model_type)
+    layout, names = LAYOUTS[family], sig.by_name
+    prefix = layer_prefix(family, names)
+    tensors = {t.name: (t.dtype, t.shape) for t in sig.tensors}
+    for i in range(facts.layers):
+        for s in (*layout.heads, *layout.ffn):
+            name = prefix.format(i) + s.suffix
+            if name in tensors:
+                dtype, shape = tensors[name]
+                size = part_size(s.part, facts.heads[i], facts.kv_heads[i], facts.head_dim, facts.intermediate[i])
+                tensors[name] = (dtype, tuple(size if d == s.dim else n for d, n in enumerate(shape)))
+    model_type = modeling.output_model_type(sig.model_type, facts)
+    return Signature.build(model_type, tensors, sig.vocab_size, sig.tied_embeddings, facts)
+
+
+def has_low_rank(sig: Signature) -> bool:
+    """Whether a model stores some linear as two low-rank factors (recipec's `<path>.a/.b` convention)."""
+    names = sig.by_name
+    return any(n.endswith(".a.weight") and n.removesuffix(".a.weight") + ".b.weight" in names for n in names)
+
+
+def heads_removed(facts: ArchFacts, fraction: float) -> list[int] | str:
+    """Units (key/value heads with their query groups) removed per layer for a uniform `fraction`, or why not."""
+    removed = []
+    for i in range(facts.layers):
+        units, per_unit = groups(facts, i)
+        count = fraction * units
+        if abs(count - round(count)) > 1e-9 or round(count) >= units:
+            choices = ", ".join(f"{k / units:g}" for k in range(units))
+            what = (f"{units} key/value heads, each with {per_unit} query heads" if per_unit > 1
+                    else f"{units} heads")
+            return (f"layer {i} has {what}: heads={fraction:g} "
+                    + ("would leave it empty" if round(count) >= units else "does not remove whole "
+                       + ("query groups" if per_unit > 1 else "heads"))
+                    + f"; valid fractions: {choices}")
+        removed.append(round(count))
+    return removed
+
+
+def ffn_removed(facts: ArchFacts, fraction: float) -> list[int] | str:
+    """FFN neurons removed per layer for a uniform `fraction`, or why not."""
+    removed = [round(fraction * width) for width in facts.intermediate]
+    for i, (r, width) in enumerate(zip(removed, facts.intermediate)):
+        if r >= width:
+            return f"layer {i} has {width} FFN neurons: ffn={fraction:g} would remove all of them"
+    return removed
+
+
+def targeted(sig: Signature, targets: list[str] | None) -> list[str]:
+    """Names of the tensors magnitude pruning touches: `targets` globs, or the layers' linear weights."""
+    if targets:
+        return [t.name for t in sig.tensors if any(fnmatch.fnmatchcase(t.name, g) for g in targets)]
+    return [t.name for t in sig.tensors if len(t.shape) == 2 and LAYER_WEIGHT.search(t.name)]
+
+
+def input_dim(model_type: str, name: str, ndim: int) -> int:
+    """The dimension along which an N:M group runs: a linear's input (Conv1D: 0; nn.Linear: last)."""
+    conv1d = modeling.family(model_type) in CONV1D_FAMILIES and ".a.weight" not in name and ".b.weight" not in name
+    return 0 if conv1d and ndim == 2 and LAYER_WEIGHT.search(name) else ndim - 1
+
+
+@register
+class Prune(Op):
+    """Prune a model: zero its smallest weights, or remove attention heads and FFN neurons.
+    Example: `small = prune(model, heads=0.5)`; `sparse = prune(model, sparsity=0.5, pattern="2:4")`
+
+    `sparsity=` zeroes that fraction of the targeted weights (the linear weights of the layers unless `targets=`
+    lists tensor-name globs) by magnitude, ranked over all of them (`scope="global"`) or per tensor
+    (`scope="layer"`); `pattern="2:4"`/`"4:8"` keeps the N largest of every M consecutive input weights. The
+    output stays dense, with zeros: it is no faster (see `stats`). Ties are broken by tensor name and position,
+    so the bytes are the same at any thread count.
+
+    `heads=` and `ffn=` remove that fraction of attention heads and FFN neurons physically (q/k/v rows and the
+    output projection's columns; FFN input rows and output columns): the model gets smaller and faster. Heads go
+    with their whole grouped-query group (the query-per-key/value ratio stays). `score="l1"` ranks by the L1 norm
+    of the weights, `score="gradient"` by |<dL/dctx, ctx>| summed over `data=` (a corpus), normalized per layer.
+    `uniform=true` removes the same count in every layer; `uniform=false` ranks across layers (then the pruned
+    shapes are known only once built). Shapes stock transformers cannot load use recipec's model classes
+    (`model_type: "recipec_llama"`, ...): `import recipec` before `from_pretrained`.
+    """
+
+    name = "prune"
+    inputs = (Input("model", Kind.MODEL, doc="the model to prune"),
+              Input("data", Kind.CORPUS, optional=True, doc="a corpus for `score=\"gradient\"`"))
+    toolchain = ("torch", "transformers", "tokenizers")
+    rule = "prune:build_prune"
+
+    class Params(Params):
+        sparsity: float | None = Field(None, description="the fraction of targeted weights set to zero, in [0, 1)")
+        pattern: Literal["unstructured", "2:4", "4:8"] = Field("unstructured", description="which weights may "
+                                                                "be zeroed: any, or N of every M consecutive")
+        scope: Literal["global", "layer"] = Field("global", description="rank all targeted weights together, "
+                                                  "or each tensor on its own")
+        targets: list[str] | None = Field(None, description="tensor-name globs to prune by magnitude (default: "
+                                          "the layers' linear weights)")
+        heads: float | None = Field(None, description="the fraction of attention heads to remove, in [0, 1)")
+        ffn: float | None = Field(None, description="the fraction of FFN neurons to remove, in [0, 1)")
+        score: Literal["l1", "gradient"] = Field("l1", description="how heads and neurons are ranked")
+        uniform: bool = Field(True, description="remove the same count in every layer")
+        seq_len: int = Field(128, description="tokens per sequence when scoring on `data`")
+        batch: int = Field(4, description="sequences per scoring step")
+        max_sequences: int = Field(64, description="at most this many sequences of `data` are scored")
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        structured = params.heads is not None or params.ffn is not None
+        if params.sparsity is None and not structured:
+            return ctx.error("E456", "prune needs `sparsity=`, `heads=` or `ffn=`",
+                             hint="e.g. prune(model, sparsity=0.5) or prune(model, heads=0.25, ffn=0.5)")
+        if params.sparsity is not None and structured:
+            return ctx.error("E456", "prune zeroes weights (`sparsity=`) or removes heads and neurons "
+                             "(`heads=`, `ffn=`), not both in one call", "sparsity",
+                             "chain two calls: prune(prune(model, heads=0.25), sparsity=0.5)")
+        if params.score == "gradient" and not ctx.given.get("data"):
+            return ctx.error("E454", "`score=\"gradient\"` needs `data=`: the gradient is taken on a corpus",
+                             "score", "e.g. prune(model, heads=0.25, score=\"gradient\", data=text(\"d/*.txt\"))")
+        if ctx.given.get("data") and not (structured and params.score == "gradient"):
+            return ctx.error("E454", "`data=` is only read by `score=\"gradient\"`", "data",
+                             "add score=\"gradient\" (with heads= or ffn=), or drop data=")
+        for name in ("seq_len", "batch", "max_sequences"):
+            if getattr(params, name) < 1:
+                return ctx.error("E454", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
+        for name in ("sparsity", "heads", "ffn"):
+            value = getattr(params, name)
+            if value is not None and not 0 <= value < 1:
+                return ctx.error("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
+                                 f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
+        sig = inputs[0].type.signature
+        if sig is None:
+            return Type(Kind.MODEL, None)  # known once the model is locked
+        if params.sparsity is not None:
+            return cls._magnitude_type(ctx, sig, params)
+        return cls._structured_type(ctx, sig, params)
+
+    @classmethod
+    def _magnitude_type(cls, ctx: Context, sig: Signature, params) -> Type:
+        nm = PATTERNS[params.pattern]
+        if nm is not None and abs(params.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            return ctx.error("E450", f"pattern {params.pattern} zeroes {1 - nm[0] / nm[1]:g} of the weights, not "
+                             f"sparsity={params.sparsity:g}", "sparsity", f"use sparsity={1 - nm[0] / nm[1]:g}")
+        names = targeted(sig, params.targets)
+        if not names:
+            return ctx.error("E457", "no tensor of the model matches `targets`" if params.targets else
+                             f"this {sig.model_type} model has no layer weights to prune", "targets",
+                             "targets are globs over tensor names, e.g. [\"*.mlp.*.weight\"]")
+        if nm is not None:
+            by_name = sig.by_name
+            for name in names:
+                shape = by_name[name].shape
+                dim = input_dim(sig.model_type, name, len(shape))
+                if not shape or shape[dim] % nm[1]:
+                    return ctx.error("E451", f"pattern {params.pattern} groups {nm[1]} input weights, but "
+                                     f"`{name}` has {shape[dim] if shape else 0} along its input dimension",
+                                     "pattern", "use pattern=\"unstructured\", or targets= that leave it out")
+        return Type(Kind.MODEL, sig)
+
+    @classmethod
+    def _structured_type(cls, ctx: Context, sig: Signature, params) -> Type:
+        family = modeling.family(sig.model_type)
+        if family is None or sig.facts is None or layer_prefix(family, sig.by_name) is None:
+            return ctx.error("E455", f"prune removes heads and neurons of llama, gpt2 and bert models, not of "
+                             f"this {sig.model_type} model", "model",
+                             "supported: " + ", ".join(f"{f} ({', '.join(LAYOUTS[f].prefixes)})".replace("{}", "N")
+                                                       for f in modeling.FAMILIES))
+        if has_low_rank(sig):
+            return ctx.error("E455", "this model has low-rank linears; prune heads and neurons before `lowrank`",
+                             "model", "reorder: lowrank(prune(model, heads=...), ...)")
+        if params.score == "gradient" and layer_prefix(family, sig.by_name) != LAYOUTS[family].prefixes[0]:
+            return ctx.error("E454", f"`score=\"gradient\"` needs a loss, and this headless {family} model has no "
+                             "LM head", "score", "use score=\"l1\", or prune the model with its task head")
+        facts = sig.facts
+        if params.heads:
+            removed = heads_removed(facts, params.heads)
+            if isinstance(removed, str):
+                return ctx.error("E452", removed, "heads", "heads= is the fraction of key/value groups removed "
+                                 "in every layer (uniform=false ranks across layers)")
+            if not params.uniform:
+                return Type(Kind.MODEL, None)
+            kept = [facts.kv_heads[i] - r for i, r in enumerate(removed)]
+            facts = facts.with_heads(tuple(k * groups(facts, i)[1] for i, k in enumerate(kept)), tuple(kept))
+        if params.ffn:
+            removed = ffn_removed(facts, params.ffn)
+            if isinstance(removed, str):
+                return ctx.error("E453", removed, "ffn", "use a smaller fraction")
+            if not params.uniform:
+                return Type(Kind.MODEL, None)
+            facts = facts.with_intermediate(tuple(w - r for w, r in zip(facts.intermediate, removed)))
+        return Type(Kind.MODEL, pruned_signature(sig, facts))
+
+    @classmethod
+    def cost(cls, inputs, params, out, threads):
+        sig = out.signature or inputs[0].type.signature
+        if sig is None:
+            return Cost()
+        read = bytes_read(inputs[:1], out)
+        largest = max((t.numel for t in sig.tensors), default=0)
+        if params.sparsity is not None:
+            # Two passes over the targeted weights: histograms of their magnitudes' bits (2 x 65536 counts),
+            # then the masked copy; a few fp32 copies of the largest tensor at a time.
+            return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,
+                        peak_bytes=4 * 8 * largest + 2 * 8 * 65536, flops=4 * sig.params)
+        if params.score == "gradient":
+            model = inputs[0].type.signature
+            tokens = params.seq_len * min(params.max_sequences, params.batch * math.ceil(params.max_sequences /
+                                                                                           params.batch))
+            return Cost(bytes_read=2 * read, bytes_written=sig.nbytes, peak_bytes=4 * 4 * model.params,
+                        flops=6 * model.params * tokens)
+        return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,
+                    peak_bytes=8 * concurrent_elements(out, 1) if out.signature else 8 * largest,
+                    flops=2 * sig.params)

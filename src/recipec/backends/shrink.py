@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
+from ..arch import facts_from_config
 from ..dtypes import TensorSpec
+from ..modeling import loadable_config
 from ..ops.shrink import (
-    SUPPORTED,
     TRANSPOSED_FAMILIES,
     DropLayers,
     Linear,
@@ -30,6 +31,7 @@ from ..ops.shrink import (
     SelectionError,
     energy_rank,
     factorized_shapes,
+    family,
     fixed_rank,
     kept_layers,
     layer_count,
@@ -62,7 +64,7 @@ def copy_data_files(source: Path, out: Path) -> None:
 def shallower_config(config: dict, model_type: str, count: int, kept: tuple[int, ...]) -> dict:
     """config.json for the layers `kept` of `count`: the layer count, per-layer lists, low-rank paths."""
     config = dict(config)
-    keys = [k for k in ("num_hidden_layers", "n_layer") if k in config] or [LAYER_COUNT_KEYS[model_type]]
+    keys = [k for k in ("num_hidden_layers", "n_layer") if k in config] or [LAYER_COUNT_KEYS[family(model_type)]]
     for key in keys:
         config[key] = len(kept)
     for key, value in list(config.items()):
@@ -79,7 +81,7 @@ def build_drop_layers(job: Job) -> str:
     files = job.inputs[0].files
     model_type = files.config.get("model_type")
     try:
-        if model_type not in SUPPORTED:
+        if family(model_type) is None:
             raise unsupported(model_type)
         count = layer_count(model_type, files.tensors)
         kept = kept_layers(count, params.keep, params.layers)
@@ -122,7 +124,7 @@ def factorize(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = None
 def _dense(reader: ModelReader, name: str, model_type: str) -> torch.Tensor:
     """A linear's weight in nn.Linear's (out, in) orientation."""
     weight = reader.tensor(name)
-    return weight.t() if model_type in TRANSPOSED_FAMILIES else weight
+    return weight.t() if family(model_type) in TRANSPOSED_FAMILIES else weight
 
 
 def _ranks(job: Job, reader: ModelReader, model_type: str, linears: list[Linear], params,
@@ -155,14 +157,18 @@ def build_lowrank(job: Job) -> str:
     model_type = files.config.get("model_type")
     shapes = {name: tuple(e.shape) for name, e in files.tensors.items()}
     try:
-        if model_type not in SUPPORTED:
+        if family(model_type) is None:
             raise unsupported(model_type)
         linears = targeted(layer_linears(model_type, shapes), params.targets)
         if params.energy is None:
             for linear in sorted(linears, key=lambda l: (l.break_even, l.path)):
                 fixed_rank(linear, params.rank, params.ratio)  # every size checked before any work
+        facts_from_config(files.config)  # recipec's classes must be able to describe it
     except SelectionError as err:
         raise RunFailure("E597", err.message, err.hint) from None
+    except ValueError as err:
+        raise RunFailure("E597", f"lowrank's output loads through recipec's model classes, which cannot describe "
+                                 f"this model: {err}") from None
     scales = activation_scales(job, linears, params) if len(job.inputs) > 1 else {}
     reader = ModelReader(files)
     try:
@@ -203,9 +209,12 @@ def _source(name: str, ranks: dict[str, int]) -> str:
 
 
 def low_rank_config(config: dict, ranks: dict[str, int]) -> dict:
-    """config.json of the factorized model: the input's, with the factorized linears' ranks by module path."""
+    """config.json of the factorized model: the input's as recipec's classes read it (`recipec_<family>`),
+    with every factorized linear's rank by module path (those of an earlier `lowrank` kept)."""
+    if not ranks:
+        return dict(config)
     merged = {**(config.get(LOW_RANK_KEY) or {}), **ranks}
-    return {**config, LOW_RANK_KEY: dict(sorted(merged.items()))}
+    return loadable_config(config, facts_from_config(config), merged)
 
 
 # --- calibration ------------------------------------------------------------------------------------------
@@ -220,12 +229,15 @@ def activation_scales(job: Job, linears: list[Linear], params) -> dict[str, torc
     transformers.logging.disable_progress_bar()
     model_dir, corpus = job.inputs[0].path, job.inputs[1]
     tokenizer = load_tokenizer(model_dir)
+    config = job.inputs[0].files.config
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    seq_len = min(params.seq_len, positions) if isinstance(positions, int) else params.seq_len
     rows = calibration_rows((encode_document(tokenizer, text).ids for text in iter_texts(corpus)),
-                            params.seq_len, params.tokens)
+                            seq_len, params.tokens)
     if not rows:
         raise RunFailure("E599", f"the corpus of `{job.node.label}` gives no tokens to calibrate on",
                          "give `data=` a corpus with text the model's tokenizer reads")
-    model = _load_model(model_dir, job.inputs[0].files.config)
+    model = _load_model(model_dir, config)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     modules = dict(model.named_modules())

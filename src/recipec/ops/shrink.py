@@ -18,11 +18,13 @@ from typing import Literal
 
 from pydantic import Field
 
+from .. import modeling
 from ..ir.types import Kind, Signature, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, register
 
 # Where a family's layers are: a tensor name is `<prefix><index>.<rest>`; the prefix's first part is absent
-# in a headless model (LlamaModel, GPT2Model, BertModel).
+# in a headless model (LlamaModel, GPT2Model, BertModel). A family's recipec_* models (pruned, low-rank) name
+# their tensors as the stock ones do.
 LAYER_NAMES = {
     "llama": re.compile(r"^((?:model\.)?layers\.)(\d+)\.(.+)$"),
     "gpt2": re.compile(r"^((?:transformer\.)?h\.)(\d+)\.(.+)$"),
@@ -42,6 +44,12 @@ class SelectionError(ValueError):
         self.message, self.hint, self.arg = message, hint, arg
 
 
+def family(model_type: str) -> str | None:
+    """The family whose layers the ops know (`llama` for llama and recipec_llama), or None."""
+    found = modeling.family(model_type)
+    return found if found in LAYER_NAMES else None
+
+
 def unsupported(model_type: str) -> SelectionError:
     return SelectionError(f"this op does not support {model_type!r} models",
                           f"supported families: {', '.join(SUPPORTED)} (with or without their task head)")
@@ -49,7 +57,7 @@ def unsupported(model_type: str) -> SelectionError:
 
 def layer_of(model_type: str, name: str) -> tuple[str, int, str] | None:
     """(prefix, layer index, rest) of a tensor or module name inside a layer, None outside the layers."""
-    match = LAYER_NAMES[model_type].match(name)
+    match = LAYER_NAMES[family(model_type)].match(name)
     return (match.group(1), int(match.group(2)), match.group(3)) if match else None
 
 
@@ -111,14 +119,14 @@ def renamed_layers(model_type: str, names, kept: tuple[int, ...]) -> dict[str, s
 
 def _check_supported(ctx: Context, sig: Signature) -> int | None:
     """The model's layer count, or None after reporting why the op cannot work on it."""
-    if sig.model_type not in LAYER_NAMES:
+    if family(sig.model_type) is None:
         err = unsupported(sig.model_type)
         ctx.error("E458", err.message, "model", err.hint)
         return None
     count = layer_count(sig.model_type, (t.name for t in sig.tensors))
     if count == 0:
         ctx.error("E458", f"no layers found in this {sig.model_type} model", "model",
-                  f"the op looks for tensors named like {LAYER_NAMES[sig.model_type].pattern}")
+                  f"the op looks for tensors named like {LAYER_NAMES[family(sig.model_type)].pattern}")
         return None
     return count
 
@@ -195,13 +203,15 @@ class Linear:
 
 
 def layer_linears(model_type: str, shapes: dict[str, tuple[int, ...]]) -> list[Linear]:
-    """Every linear weight inside the layers (2-D `.weight` of a module that is not a norm), by module path."""
+    """Every dense linear weight inside the layers (2-D `.weight` of a module that is neither a norm nor a
+    factor of a linear factorized before), by module path."""
     found = []
     for name, shape in sorted(shapes.items()):
         path = name.removesuffix(".weight")
-        if path == name or len(shape) != 2 or layer_of(model_type, name) is None or NORM_MODULE.search(path):
+        if (path == name or len(shape) != 2 or layer_of(model_type, name) is None or NORM_MODULE.search(path)
+                or path.endswith((".a", ".b"))):
             continue
-        out_f, in_f = (shape[1], shape[0]) if model_type in TRANSPOSED_FAMILIES else shape
+        out_f, in_f = (shape[1], shape[0]) if family(model_type) in TRANSPOSED_FAMILIES else shape
         found.append(Linear(path, out_f, in_f))
     return found
 
@@ -287,7 +297,8 @@ class LowrankParams(Params):
                                                         "linear inside the layers)")
     scaling: Literal["rms"] = Field("rms", description="with `data`: each input feature scaled by its root mean "
                                                        "square over the corpus before the SVD, and back after")
-    seq_len: int = Field(256, gt=1, description="with `data`: tokens per calibration sequence")
+    seq_len: int = Field(256, gt=1, description="with `data`: tokens per calibration sequence (at most the "
+                                                "model's positions)")
     tokens: int = Field(16384, gt=0, description="with `data`: calibration tokens read from the corpus")
 
 
@@ -321,6 +332,10 @@ class Lowrank(Op):
             return Type(Kind.MODEL, None)
         if _check_supported(ctx, sig) is None:
             return ERROR_TYPE
+        if sig.facts is None:
+            return ctx.error("E458", f"lowrank's output loads through recipec's {family(sig.model_type)} classes, "
+                                     "which do not know this model's config", "model",
+                             "recipec's classes cover the families' causal-LM, masked-LM and headless models")
         shapes = {t.name: t.shape for t in sig.tensors}
         try:
             linears = targeted(layer_linears(sig.model_type, shapes), params.targets)
@@ -346,12 +361,13 @@ class Lowrank(Op):
 
 
 def factorized_signature(sig: Signature, ranks: dict[str, int]) -> Signature:
-    """`sig` with the linears `ranks` names as two factors each. Its facts are dropped: recipec's tables of
-    tensors describe dense models only."""
+    """`sig` with the linears `ranks` names as two factors each: a model of recipec's classes for its family
+    (`recipec_llama`, ...: see recipec.modeling), with the same facts (heads, widths, layers)."""
     dtypes = {t.name: t.dtype for t in sig.tensors}
     shapes = factorized_shapes(sig.model_type, {t.name: t.shape for t in sig.tensors}, ranks)
     tensors = {name: (dtypes.get(name) or dtypes[_source_name(name)], shape) for name, shape in shapes.items()}
-    return Signature.build(sig.model_type, tensors, sig.vocab_size, sig.tied_embeddings, None)
+    model_type = modeling.PREFIX + family(sig.model_type) if ranks else sig.model_type
+    return Signature.build(model_type, tensors, sig.vocab_size, sig.tied_embeddings, sig.facts)
 
 
 def _source_name(name: str) -> str:

@@ -8,7 +8,6 @@ golden case tests/golden/diagnostics/shrink.rcp.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from recipec.cli import main
 from recipec.arch import facts_from_config
 from recipec.backends.shrink import calibration_rows, factorize, shallower_config
+from recipec.cli import main
 from recipec.ops.shrink import (
     Linear,
     SelectionError,
     energy_rank,
+    factorized_signature,
     fixed_rank,
     kept_layers,
     renamed_layers,
@@ -43,6 +43,11 @@ export drop_layers(llama, layers=[1]) to "out/llama_second"
 export drop_layers(gpt2, keep=0.5) to "out/gpt2_half"
 export drop_layers(bert, layers=[1]) to "out/bert_second"
 export drop_layers(headless, layers=[0, 2]) to "out/headless_two"
+export lowrank(llama, ratio=0.5) to "out/llama_lowrank"
+export lowrank(gpt2, rank=8, targets=["*.mlp.*"]) to "out/gpt2_lowrank"
+export lowrank(bert, rank=8) to "out/bert_lowrank"
+export lowrank(headless, rank=4, targets=["*.attention.*"]) to "out/headless_lowrank"
+export drop_layers(lowrank(llama, rank=4), layers=[1]) to "out/llama_lowrank_second"
 """
 
 
@@ -188,3 +193,137 @@ def test_kept_tensors_and_integer_buffers_are_carried_byte_for_byte(built):
                            before.get_tensor("encoder.layer.2.output.dense.weight"))
         assert not any(n.startswith("encoder.layer.2.") for n in names)
     assert (built / "headless_two" / "config.json").is_file()
+
+
+# --- lowrank: the math -------------------------------------------------------------------------------------
+
+def _weight(out_features=24, in_features=40, seed=0) -> torch.Tensor:
+    return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+
+
+def test_full_rank_reproduces_the_weight_and_a_lower_rank_errs_by_the_discarded_singular_values():
+    w = _weight()
+    a, b, sigma = factorize(w, 24)
+    assert a.shape == (24, 40) and b.shape == (24, 24)
+    assert torch.allclose(b @ a, w.double(), atol=1e-10)
+    for rank in (1, 5, 12):
+        a, b, sigma = factorize(w, rank)
+        assert (a.shape, b.shape) == ((rank, 40), (24, rank))
+        error = torch.linalg.matrix_norm(w.double() - b @ a)
+        assert float(error) == pytest.approx(float(sigma[rank:].square().sum().sqrt()), rel=1e-9)
+        # √Σ split: both factors carry the same singular values.
+        assert torch.allclose(torch.linalg.svdvals(a), sigma[:rank].sqrt(), rtol=1e-9)
+        assert torch.allclose(torch.linalg.svdvals(b), sigma[:rank].sqrt(), rtol=1e-9)
+
+
+def test_activation_scaling_spends_the_rank_where_the_inputs_are():
+    w = _weight()
+    # Inputs whose features differ in scale by three orders of magnitude, as LLM activations do.
+    x = torch.randn(512, 40, generator=torch.Generator().manual_seed(1)).double() * torch.logspace(-2, 1, 40)
+    rms = x.square().mean(0).sqrt()
+    plain, scaled = factorize(w, 8), factorize(w, 8, rms)
+    output_error = [float(torch.linalg.matrix_norm(x @ (w.double() - b @ a).T)) for a, b, _ in (plain, scaled)]
+    assert output_error[1] < 0.5 * output_error[0]
+    a, b, _ = factorize(w, 24, rms)  # at full rank the scaling is undone exactly
+    assert torch.allclose(b @ a, w.double(), atol=1e-9)
+
+
+def test_sizes_follow_rank_ratio_and_energy():
+    square = Linear("m", 64, 64)  # break-even at rank 32
+    assert fixed_rank(square, None, 0.5) == 16 and fixed_rank(square, 31, None) == 31
+    with pytest.raises(SelectionError, match="saves nothing"):
+        fixed_rank(square, 32, None)
+    with pytest.raises(SelectionError, match="above the rank"):
+        fixed_rank(Linear("m", 8, 400), 9, None)
+    with pytest.raises(SelectionError, match="no rank at all"):
+        fixed_rank(square, None, 0.01)
+    assert energy_rank([9.0, 4.0, 1.0, 1.0, 0.0], 0.6) == 1
+    assert energy_rank([9.0, 4.0, 1.0, 1.0, 0.0], 0.61) == 2
+    assert energy_rank([9.0, 4.0, 1.0, 1.0, 0.0], 1.0) == 4
+
+
+def test_calibration_reads_the_first_tokens_in_rows():
+    documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert calibration_rows(documents, 4, 7) == [[1, 2, 3, 4], [5, 6, 7]]
+    assert calibration_rows(documents, 4, 5) == [[1, 2, 3, 4]]  # a row of one token predicts nothing
+
+
+# --- lowrank: end to end -----------------------------------------------------------------------------------
+
+LOWRANK_CASES = [("llama", "llama_lowrank"), ("gpt2", "gpt2_lowrank"), ("bert", "bert_lowrank"),
+                 ("headless", "headless_lowrank")]
+
+
+def _loader(source: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModelForMaskedLM,
+            "headless": AutoModel}[source]
+
+
+def _source_dir(built: Path, source: str) -> Path:
+    return built / source if source != "headless" else built.parent / "headless"
+
+
+@pytest.mark.parametrize("source, release", LOWRANK_CASES)
+def test_a_low_rank_model_reloads_through_recipec_and_errs_as_its_singular_values_say(built, source, release):
+    import recipec  # noqa: F401  (registers recipec's classes: the folder needs nothing else)
+
+    model = _loader(source).from_pretrained(built / release).eval()
+    assert type(model).__name__.startswith("Recipec")
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2]])
+    original = _loader(source).from_pretrained(_source_dir(built, source)).eval()
+    assert _outputs(model, ids).shape == _outputs(original, ids).shape
+    config = json.loads((built / release / "config.json").read_text())
+    ranks = config["recipec_low_rank"]
+    assert ranks and config["model_type"].startswith("recipec_")
+    before = load_file(str(_source_dir(built, source) / "model.safetensors"))
+    after = load_file(str(built / release / "model.safetensors"))
+    for path, rank in ranks.items():
+        w = before[f"{path}.weight"].double()
+        w = w.T if source == "gpt2" else w
+        product = after[f"{path}.b.weight"].double() @ after[f"{path}.a.weight"].double()
+        discarded = torch.linalg.svdvals(w)[rank:].square().sum().sqrt()
+        assert float(torch.linalg.matrix_norm(w - product)) == pytest.approx(float(discarded), rel=1e-4)
+        assert f"{path}.weight" not in after
+        if f"{path}.bias" in before:
+            assert torch.equal(after[f"{path}.b.bias"], before[f"{path}.bias"])
+    untouched = [n for n in before if n.rsplit(".", 1)[0] not in ranks]
+    assert all(torch.equal(after[n], before[n]) for n in untouched)  # position_ids and every other tensor
+    # The plan's signature is the one built.
+    planned = factorized_signature(signature_of_dir(_source_dir(built, source)), ranks)
+    assert signature_of_dir(built / release).tensors == planned.tensors
+    assert signature_of_dir(built / release).model_type == planned.model_type
+
+
+def test_dropping_layers_of_a_low_rank_model_keeps_its_factors(built):
+    from transformers import AutoModelForCausalLM
+
+    import recipec  # noqa: F401
+
+    config = json.loads((built / "llama_lowrank_second" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    assert set(config["recipec_low_rank"]) == {f"model.layers.0.{m}" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj")}
+    model = AutoModelForCausalLM.from_pretrained(built / "llama_lowrank_second")
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 1024)
+
+
+def test_at_full_rank_the_model_computes_what_the_original_does(tmp_path, monkeypatch):
+    """Full rank saves nothing, so the op refuses it; with that rule lifted, the factors reproduce the outputs."""
+    from transformers import AutoModelForCausalLM
+
+    import recipec  # noqa: F401
+
+    monkeypatch.setattr(Linear, "saves", lambda self, rank: True)
+    (tmp_path / "full.rcp").write_text('recipec 1\nbase = init("llama", size="tiny", seed=1)\n'
+                                       'export base to "out/base"\n'
+                                       'export lowrank(base, rank=64, targets=["*.mlp.*"]) to "out/full"\n')
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    assert main(["run", str(tmp_path / "full.rcp"), "--threads", "1"]) == 0
+    ids = torch.tensor([[3, 17, 5, 9, 30, 2, 44, 1000]])
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "full").eval()
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base").eval()
+    assert type(full).__name__ == "RecipecLlamaForCausalLM"
+    assert torch.allclose(_outputs(full, ids), _outputs(base, ids), atol=1e-5)

@@ -216,16 +216,24 @@ def test_full_rank_reproduces_the_weight_and_a_lower_rank_errs_by_the_discarded_
         assert torch.allclose(torch.linalg.svdvals(b), sigma[:rank].sqrt(), rtol=1e-9)
 
 
-def test_activation_scaling_spends_the_rank_where_the_inputs_are():
+def test_activation_aware_factors_spend_the_rank_where_the_inputs_are():
+    from recipec.backends.shrink import rms_scale, whitening
+
     w = _weight()
-    # Inputs whose features differ in scale by three orders of magnitude, as LLM activations do.
-    x = torch.randn(512, 40, generator=torch.Generator().manual_seed(1)).double() * torch.logspace(-2, 1, 40)
-    rms = x.square().mean(0).sqrt()
-    plain, scaled = factorize(w, 8), factorize(w, 8, rms)
-    output_error = [float(torch.linalg.matrix_norm(x @ (w.double() - b @ a).T)) for a, b, _ in (plain, scaled)]
-    assert output_error[1] < 0.5 * output_error[0]
-    a, b, _ = factorize(w, 24, rms)  # at full rank the scaling is undone exactly
-    assert torch.allclose(b @ a, w.double(), atol=1e-9)
+    # Inputs whose features differ in scale by three orders of magnitude and are correlated, as LLM activations.
+    mix = torch.randn(40, 40, generator=torch.Generator().manual_seed(2)).double() * 0.05 + torch.eye(40)
+    x = torch.randn(512, 40, generator=torch.Generator().manual_seed(1)).double() * torch.logspace(-2, 1, 40) @ mix
+    moment = x.T @ x / len(x)
+    errors = {}
+    for name, scale in (("plain", None), ("rms", rms_scale(moment.diagonal())), ("whiten", whitening(moment))):
+        a, b, _ = factorize(w, 8, scale)
+        errors[name] = float(torch.linalg.matrix_norm(x @ (w.double() - b @ a).T))
+        a, b, _ = factorize(w, 24, scale)  # at full rank the scaling is undone exactly
+        assert torch.allclose(b @ a, w.double(), atol=1e-8)
+    assert errors["rms"] < 0.7 * errors["plain"]
+    # Whitening is the best any rank-8 pair can do on these inputs: the discarded singular values of W·L.
+    best = float(torch.linalg.svdvals(w.double() @ whitening(moment))[8:].square().sum().sqrt()) * len(x) ** 0.5
+    assert errors["whiten"] == pytest.approx(best, rel=1e-4) and errors["whiten"] < errors["rms"]  # damping: 1e-6
 
 
 def test_sizes_follow_rank_ratio_and_energy():
@@ -242,10 +250,11 @@ def test_sizes_follow_rank_ratio_and_energy():
     assert energy_rank([9.0, 4.0, 1.0, 1.0, 0.0], 1.0) == 4
 
 
-def test_calibration_reads_the_first_tokens_in_rows():
-    documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
-    assert calibration_rows(documents, 4, 7) == [[1, 2, 3, 4], [5, 6, 7]]
-    assert calibration_rows(documents, 4, 5) == [[1, 2, 3, 4]]  # a row of one token predicts nothing
+def test_calibration_reads_the_first_tokens_document_by_document():
+    documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]
+    assert calibration_rows(documents, 4, 100) == [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    assert calibration_rows(documents, 4, 7) == [[1, 2, 3], [4, 5], [6, 7]]  # each document alone
+    assert calibration_rows(documents, 4, 6) == [[1, 2, 3], [4, 5]]  # a piece of one token holds no context
 
 
 # --- lowrank: end to end -----------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ per-layer list (`layer_types`, per-layer head counts and widths) and the paths o
 
 `lowrank` factorizes one linear at a time: W (out×in, nn.Linear's orientation; GPT-2's Conv1D weights are
 transposed first) in fp64 as U·Σ·Vᵀ, truncated at rank r, and stores B = U_r·√Σ_r (out×r) and A = √Σ_r·V_rᵀ
-(r×in), so that B·A is the best rank-r approximation: ‖W − B·A‖_F = √(Σ_{i>r} σ_i²). With `data`, it is
-activation-aware in the manner of ASVD (Yuan et al., 2023), with the root mean square as the scale: each
-input feature j is scaled by s_j, the RMS of that feature's activations over the calibration tokens, the
-scaled W·diag(s) is factorized, and A is scaled back by diag(s)⁻¹. Directions the inputs barely use then
-count for little, so the rank goes where the outputs need it.
+(r×in), so that B·A is the best rank-r approximation: ‖W − B·A‖_F = √(Σ_{i>r} σ_i²).
+
+With `data`, the factorization is activation-aware: W·S is factorized instead of W and A is multiplied by
+S⁻¹ afterwards, where S comes from the linear's inputs X over the calibration tokens, so that directions the
+inputs barely use count for little and the rank goes where the outputs need it:
+- `scaling="whiten"` (the default; SVD-LLM, Wang et al., 2024): S = L, the Cholesky factor of XᵀX/n. Then
+  ‖(W − B·A)·Xᵀ‖_F is the smallest any rank-r pair can make it on the calibration tokens.
+- `scaling="rms"` (ASVD-style, Yuan et al., 2023, with the root mean square as the scale): S = diag(s), s_j
+  the RMS of input feature j. Holds a vector per linear instead of an in×in matrix.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ LAYER_COUNT_KEYS = {"llama": "num_hidden_layers", "gpt2": "n_layer", "bert": "nu
 PER_LAYER_KEYS = ("layer_types", "num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim")
 LOW_RANK_KEY = "recipec_low_rank"
 SCALE_FLOOR = 1e-6  # relative to the largest scale: features never seen still get a finite, tiny weight
+# Added to the diagonal of XᵀX/n, relative to its mean, so that its Cholesky factor exists (rank-deficient inputs).
+WHITEN_DAMPING = 1e-6
 
 
 def copy_data_files(source: Path, out: Path) -> None:
@@ -106,18 +112,26 @@ def build_drop_layers(job: Job) -> str:
 
 # --- lowrank ----------------------------------------------------------------------------------------------
 
+def scaled(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """W·S in fp64: S = diag(scale) for a vector, the lower-triangular matrix itself for a matrix."""
+    w = weight.double()
+    if scale is None:
+        return w
+    return w * scale.double()[None, :] if scale.dim() == 1 else w @ scale.double()
+
+
 def factorize(weight: torch.Tensor, rank: int, scale: torch.Tensor | None = None):
     """(A, B, σ) with B·A the rank-`rank` approximation of `weight` (out×in) and σ the singular values
-    factorized (of weight·diag(scale) when a scale is given; A is then scaled back). Computed in fp64."""
-    w = weight.double()
-    if scale is not None:
-        w = w * scale.double()[None, :]
-    u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+    factorized: of W·S when a scale S is given (a vector for a diagonal S, or a lower-triangular matrix), with
+    A multiplied by S⁻¹ afterwards. Computed in fp64."""
+    u, sigma, vh = torch.linalg.svd(scaled(weight, scale), full_matrices=False)
     root = sigma[:rank].sqrt()
     b = u[:, :rank] * root[None, :]
     a = root[:, None] * vh[:rank]
-    if scale is not None:
+    if scale is not None and scale.dim() == 1:
         a = a / scale.double()[None, :]
+    elif scale is not None:
+        a = torch.linalg.solve_triangular(scale.double(), a, upper=False, left=False)  # a·L⁻¹
     return a, b, sigma
 
 
@@ -134,9 +148,7 @@ def _ranks(job: Job, reader: ModelReader, model_type: str, linears: list[Linear]
         return {l.path: fixed_rank(l, params.rank, params.ratio) for l in linears}
     ranks, dense = {}, []
     for linear in linears:
-        w = _dense(reader, f"{linear.path}.weight", model_type).double()
-        if linear.path in scales:
-            w = w * scales[linear.path].double()[None, :]
+        w = scaled(_dense(reader, f"{linear.path}.weight", model_type), scales.get(linear.path))
         squared = (torch.linalg.svdvals(w) ** 2).tolist()
         rank = energy_rank(squared, params.energy)
         if linear.saves(rank):
@@ -220,7 +232,8 @@ def low_rank_config(config: dict, ranks: dict[str, int]) -> dict:
 # --- calibration ------------------------------------------------------------------------------------------
 
 def activation_scales(job: Job, linears: list[Linear], params) -> dict[str, torch.Tensor]:
-    """path -> the RMS of each input feature of that linear over the calibration tokens (floored above 0)."""
+    """path -> that linear's scale S from its inputs over the calibration tokens: the Cholesky factor of their
+    second moments (`whiten`) or each feature's RMS (`rms`), floored or damped so that S is invertible."""
     import transformers
 
     from ..artifacts.corpus import iter_texts
@@ -238,14 +251,15 @@ def activation_scales(job: Job, linears: list[Linear], params) -> dict[str, torc
         raise RunFailure("E599", f"the corpus of `{job.node.label}` gives no tokens to calibrate on",
                          "give `data=` a corpus with text the model's tokenizer reads")
     model = _load_model(model_dir, config)
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}  # Σ xᵀx (whiten) or Σ x² per feature (rms)
     counts: dict[str, int] = {}
     modules = dict(model.named_modules())
+    whiten = params.scaling == "whiten"
 
     def hook(path):
         def record(module, args):
             x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            sums[path] = sums.get(path, 0) + (x * x).sum(0)
+            sums[path] = sums.get(path, 0) + (x.T @ x if whiten else (x * x).sum(0))
             counts[path] = counts.get(path, 0) + x.shape[0]
         return record
 
@@ -258,21 +272,39 @@ def activation_scales(job: Job, linears: list[Linear], params) -> dict[str, torc
     finally:
         for handle in handles:
             handle.remove()
-    scales = {}
-    for path, total in sums.items():
-        rms = (total / counts[path]).sqrt()
-        scales[path] = rms.clamp_min(SCALE_FLOOR * float(rms.max()) or SCALE_FLOOR)
-    return scales
+    return {path: (whitening if whiten else rms_scale)(total / counts[path]) for path, total in sums.items()}
+
+
+def rms_scale(mean_square: torch.Tensor) -> torch.Tensor:
+    """Each feature's RMS, floored so that a feature never seen still has a finite inverse."""
+    rms = mean_square.sqrt()
+    return rms.clamp_min(SCALE_FLOOR * float(rms.max()) or SCALE_FLOOR)
+
+
+def whitening(second_moment: torch.Tensor) -> torch.Tensor:
+    """The lower Cholesky factor L of XᵀX/n (L·Lᵀ), damped until it exists."""
+    scale = float(second_moment.diagonal().mean()) or 1.0
+    damping = WHITEN_DAMPING
+    eye = torch.eye(second_moment.shape[0], dtype=second_moment.dtype)
+    while True:
+        factor, info = torch.linalg.cholesky_ex(second_moment + damping * scale * eye)
+        if int(info) == 0:
+            return factor
+        damping *= 10
 
 
 def calibration_rows(documents, seq_len: int, tokens: int) -> list[list[int]]:
-    """The first `tokens` tokens of the concatenated documents, in rows of `seq_len` (the last may be shorter)."""
-    stream: list[int] = []
+    """The corpus's first `tokens` tokens, each document on its own in pieces of at most `seq_len` (a model sees
+    one document at a time, as it will when used); pieces of one token, which hold no context, are left out."""
+    rows: list[list[int]] = []
+    left = tokens
     for ids in documents:
-        stream.extend(ids[:tokens - len(stream)])
-        if len(stream) >= tokens:
+        ids = list(ids[:left])
+        left -= len(ids)
+        rows += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) > 1]
+        if left <= 0:
             break
-    return [stream[i:i + seq_len] for i in range(0, len(stream), seq_len) if len(stream[i:i + seq_len]) > 1]
+    return rows
 
 
 def _load_model(model_dir: Path, config: dict):

@@ -295,8 +295,9 @@ class LowrankParams(Params):
                                                                "values kept (its rank follows, per linear)")
     targets: list[str] | None = Field(None, description="fnmatch patterns over module paths (default: every "
                                                         "linear inside the layers)")
-    scaling: Literal["rms"] = Field("rms", description="with `data`: each input feature scaled by its root mean "
-                                                       "square over the corpus before the SVD, and back after")
+    scaling: Literal["whiten", "rms"] = Field(
+        "whiten", description="with `data`: how inputs weigh in the SVD: whitened by the Cholesky factor of their "
+                              "second moments (SVD-LLM), or each feature scaled by its RMS (ASVD-style)")
     seq_len: int = Field(256, gt=1, description="with `data`: tokens per calibration sequence (at most the "
                                                 "model's positions)")
     tokens: int = Field(16384, gt=0, description="with `data`: calibration tokens read from the corpus")
@@ -308,8 +309,9 @@ class Lowrank(Op):
     Example: `small = lowrank(base, ratio=0.5, data=corpus)`
 
     Give one of `rank=`, `ratio=` (the share of each linear's parameters kept) or `energy=` (the share of squared
-    singular values kept). With `data=`, the SVD is activation-aware: input features are scaled by their RMS
-    over the corpus (ASVD-style), which keeps what the inputs actually use. The output loads with
+    singular values kept). With `data=`, the SVD is activation-aware: it minimizes the error on the inputs the
+    corpus gives each linear (`scaling="whiten"`, SVD-LLM) or weighs input features by their RMS
+    (`scaling="rms"`, ASVD-style). The output loads with
     `import recipec` + `AutoModelForCausalLM.from_pretrained`.
     """
 
@@ -356,7 +358,13 @@ class Lowrank(Op):
         largest = source.largest_tensor.numel if source.tensors else 0
         written = out.signature.nbytes if out.signature else source.nbytes
         # An SVD in fp64 of the largest weight: the matrix, its two factors and workspace.
-        return Cost(bytes_read=bytes_read(inputs[:1], out), bytes_written=written, peak_bytes=4 * 8 * largest,
+        peak = 4 * 8 * largest
+        if len(inputs) > 1:
+            # Calibration: the model in fp32, and per targeted linear an fp64 in×in matrix (whiten) or vector.
+            linears = layer_linears(source.model_type, {t.name: t.shape for t in source.tensors})
+            widths = [l.in_features for l in linears]
+            peak += 4 * source.params + 8 * sum(w * w if params.scaling == "whiten" else w for w in widths)
+        return Cost(bytes_read=bytes_read(inputs[:1], out), bytes_written=written, peak_bytes=peak,
                     flops=sum(4 * t.numel * min(t.shape) for t in source.tensors if len(t.shape) == 2))
 
 

@@ -8,10 +8,12 @@ golden case tests/golden/diagnostics/shrink.rcp.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,10 +32,13 @@ from recipec.ops.shrink import (
 )
 from recipec.ops.sources import signature_of_dir
 
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
 RECIPE = """recipec 1
-llama = init("llama", size="tiny", seed=1)
+llama = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")
 gpt2 = init("gpt2", size="tiny", seed=2)
-bert = init("bert", size="tiny", seed=3)
+bert = init("bert", size="tiny", seed=3, tokenizer="tokenizers/llama-chat")
+docs = text("data/tiny_corpus.jsonl")
 headless = load("headless")
 export llama to "out/llama"
 export gpt2 to "out/gpt2"
@@ -48,6 +53,8 @@ export lowrank(gpt2, rank=8, targets=["*.mlp.*"]) to "out/gpt2_lowrank"
 export lowrank(bert, rank=8) to "out/bert_lowrank"
 export lowrank(headless, rank=4, targets=["*.attention.*"]) to "out/headless_lowrank"
 export drop_layers(lowrank(llama, rank=4), layers=[1]) to "out/llama_lowrank_second"
+export lowrank(llama, ratio=0.5, data=docs) to "out/llama_whitened"
+export lowrank(bert, rank=8, data=docs, scaling="rms") to "out/bert_rms"
 """
 
 
@@ -78,6 +85,8 @@ def built(tmp_path_factory) -> Path:
     """The recipe run once, with its own cache: the folder its exports went to."""
     root = tmp_path_factory.mktemp("shrink")
     headless_bert(root / "headless")
+    for extra in ("tokenizers", "data"):
+        shutil.copytree(EXAMPLES / extra, root / extra)
     (root / "shrink.rcp").write_text(RECIPE)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RECIPEC_CACHE", str(root / "cache"))
@@ -336,3 +345,35 @@ def test_at_full_rank_the_model_computes_what_the_original_does(tmp_path, monkey
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base").eval()
     assert type(full).__name__ == "RecipecLlamaForCausalLM"
     assert torch.allclose(_outputs(full, ids), _outputs(base, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("source, calibrated, plain", [("llama", "llama_whitened", "llama_lowrank"),
+                                                      ("bert", "bert_rms", "bert_lowrank")])
+def test_calibrated_factors_trade_weight_error_for_output_error_and_reload(built, source, calibrated, plain):
+    import recipec  # noqa: F401
+
+    config = json.loads((built / calibrated / "config.json").read_text())
+    assert config["recipec_low_rank"] == json.loads((built / plain / "config.json").read_text())["recipec_low_rank"]
+    before = load_file(str(built / source / "model.safetensors"))
+    factors = {name: load_file(str(built / release / "model.safetensors")) for name, release in
+               (("calibrated", calibrated), ("plain", plain))}
+    for path in config["recipec_low_rank"]:
+        w = before[f"{path}.weight"].double()
+        error = {name: float(torch.linalg.matrix_norm(w - f[f"{path}.b.weight"].double() @ f[f"{path}.a.weight"].double()))
+                 for name, f in factors.items()}
+        # Plain SVD is the best in the weights' own norm; calibration pays for fitting the inputs there.
+        assert error["calibrated"] >= error["plain"] * (1 - 1e-5)
+    assert any(not torch.equal(factors["calibrated"][n], factors["plain"][n]) for n in factors["plain"])
+    model = _loader(source).from_pretrained(built / calibrated).eval()
+    assert torch.isfinite(_outputs(model, torch.tensor([[3, 17, 5, 9]]))).all()
+
+
+def test_energy_that_would_save_nothing_keeps_linears_dense_and_says_so(tmp_path, capsys, monkeypatch):
+    (tmp_path / "e.rcp").write_text('recipec 1\nbase = init("gpt2", size="tiny", seed=1)\nexport base to "out/base"\n'
+                                    'export lowrank(base, energy=1.0, targets=["*.attn.*"]) to "out/dense"\n')
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    status, _, err = run_cli(["run", tmp_path / "e.rcp", "--threads", "1"], capsys)
+    assert status == 0 and "warning[E598]" in err and "kept dense" in err
+    assert load_file(str(tmp_path / "out" / "dense" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "out" / "base" / "model.safetensors")).keys()
+    assert json.loads((tmp_path / "out" / "dense" / "config.json").read_text())["model_type"] == "gpt2"

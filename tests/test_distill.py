@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 from test_train_loop import corpus, tiny_llama, weights_bytes  # the loop tests' tiny pieces
 
 from recipec.backends.train import TrainConfig, read_metrics, train
@@ -149,6 +150,25 @@ def test_distill_from_a_recipe_releases_a_trained_shallower_student(tmp_path):
     metrics = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert (out / "loss_curve.png").is_file()
+
+
+def test_a_teacher_whose_tokens_differ_is_refused_when_the_run_reads_them(tmp_path, capsys):
+    for extra in ("tokenizers", "data"):
+        shutil.copytree(EXAMPLES / extra, tmp_path / extra)
+    # The same size, two ids swapped: check time cannot tell, the run must.
+    other = tmp_path / "tokenizers" / "swapped"
+    shutil.copytree(tmp_path / "tokenizers" / "llama-chat", other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    vocab["w10"], vocab["w11"] = vocab["w11"], vocab["w10"]
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    (tmp_path / "d.rcp").write_text(RECIPE.replace('tokenizer="tokenizers/llama-chat")', 'tokenizer="tokenizers/swapped")\n'
+                                                   'plain = init("llama", size="tiny", seed=1, tokenizer='
+                                                   '"tokenizers/llama-chat")').replace("drop_layers(teacher", "drop_layers(plain"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+        status, _, err = run_cli(["run", tmp_path / "d.rcp"], capsys)
+    assert status == 1 and "error[E596]" in err and "for the teacher `teacher`" in err
 
 
 if __name__ == "__main__":

@@ -320,6 +320,7 @@ class Lowrank(Op):
               Input("data", Kind.CORPUS, optional=True, doc="a corpus to calibrate the scaling on"))
     toolchain = ("torch", "transformers", "tokenizers")
     rule = "shrink:build_lowrank"
+    runtime_bytes = 192 << 20  # transformers and its model code, imported to calibrate (as for `init`)
     Params = LowrankParams
 
     @classmethod
@@ -359,13 +360,18 @@ class Lowrank(Op):
         written = out.signature.nbytes if out.signature else source.nbytes
         # An SVD in fp64 of the largest weight: the matrix, its two factors and workspace.
         peak = 4 * 8 * largest
+        try:
+            linears = targeted(layer_linears(source.model_type, {t.name: t.shape for t in source.tensors}),
+                               params.targets)
+        except (SelectionError, KeyError):
+            linears = []  # reported by the type rule
         if len(inputs) > 1:
             # Calibration: the model in fp32, and per targeted linear an fp64 in×in matrix (whiten) or vector.
-            linears = layer_linears(source.model_type, {t.name: t.shape for t in source.tensors})
             widths = [l.in_features for l in linears]
             peak += 4 * source.params + 8 * sum(w * w if params.scaling == "whiten" else w for w in widths)
-        return Cost(bytes_read=bytes_read(inputs[:1], out), bytes_written=written, peak_bytes=peak,
-                    flops=sum(4 * t.numel * min(t.shape) for t in source.tensors if len(t.shape) == 2))
+        # An SVD of an m×n matrix (m ≥ n) takes about 4·m·n² operations.
+        svd = sum(4 * l.in_features * l.out_features * min(l.in_features, l.out_features) for l in linears)
+        return Cost(bytes_read=bytes_read(inputs[:1], out), bytes_written=written, peak_bytes=peak, flops=svd)
 
 
 def factorized_signature(sig: Signature, ranks: dict[str, int]) -> Signature:

@@ -366,7 +366,7 @@ def _settings(config: dict) -> tuple[str, dict]:
     if architectures is not None and (not isinstance(architectures, list) or architectures not in
                                       ([_HEAD_CLASS[model_type]], [_BASE_CLASS[model_type]])):
         raise ValueError(f"{model_type} config names architectures {architectures!r}; recipec knows the "
-                         f"tensors of {_HEAD_CLASS[model_type]} and {_BASE_CLASS[model_type]} only")
+                         f"tensors of {_BASE_CLASS[model_type]} and {_HEAD_CLASS[model_type]} only")
     if config.get("quantization_config") is not None:
         raise ValueError(f"{model_type} config is quantized; recipec knows the tensors of unquantized models only")
     settings = {}

@@ -48,6 +48,9 @@ class ModelKind(ArtifactKind):
     def release_files(cls, artifact: Artifact, info: ReleaseInfo, fmt: str) -> list[ReleaseFile]:
         files = [_release_file(entry, info) for entry in sorted(artifact.path.iterdir())
                  if entry.is_file() and release_files.is_release_file(entry.name)]
+        own_code = release_files.recipec_code_file(_read_config(artifact.path / "config.json"))
+        if own_code is not None:
+            files.append(ReleaseFile(own_code[0], text=own_code[1].decode("utf-8")))
         return files + [ReleaseFile("README.md", text=card_text(info, artifact.digest))]
 
 
@@ -96,15 +99,23 @@ def _release_file(entry: Path, info: ReleaseInfo) -> ReleaseFile:
     return ReleaseFile(entry.name, source=entry, sha256=known)
 
 
-def _without_code(source: Path) -> str | None:
-    """A config file's text with its code references removed, or None when it has none."""
+def _read_config(source: Path) -> dict:
     try:
         data = json.loads(source.read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _without_code(source: Path) -> str | None:
+    """A config file's text with its code references removed (a recipec_* config.json then names recipec's
+    own modeling file), or None when that changes nothing."""
+    data = _read_config(source)
+    cleaned = (release_files.with_recipec_code(data) if source.name == "config.json"
+               else release_files.without_code_references(data))
+    if cleaned == data:
         return None
-    if not isinstance(data, dict) or not release_files.code_references(data):
-        return None
-    return json.dumps(release_files.without_code_references(data), indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n"
 
 
 def card_text(info: ReleaseInfo, model_digest: str) -> str:

@@ -15,14 +15,14 @@ them; the config follows (`recipec.modeling.loadable_config`).
 from __future__ import annotations
 
 import math
+
 import torch
 
 from .. import modeling
 from ..arch import ArchFacts, facts_from_config
 from ..artifacts.corpus import iter_texts
 from ..dtypes import TensorSpec
-from ..ops.prune import LAYOUTS, PATTERNS, Prune, groups, heads_removed, ffn_removed, input_dim, layer_prefix, \
-    targeted
+from ..ops.prune import LAYOUTS, PATTERNS, Prune, ffn_removed, groups, heads_removed, input_dim, layer_prefix, targeted
 from ..ops.sources import signature_of_files
 from ..store.tensors import ModelReader, ModelWriter, write_json
 from .job import Job, RunFailure
@@ -31,6 +31,7 @@ from .model_files import copy_model_files
 SHARD_SIZE = 5 * 10**9
 CHUNK = 1 << 20  # elements per step of a histogram or mask pass: about a cache-sized slice
 BINS = 1 << 16
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
 def build_prune(job: Job) -> str:
@@ -128,10 +129,16 @@ def keep_n_of_m(tensor: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     (ties: the earlier weight stays)."""
     moved = tensor.movedim(dim, -1)
     groups_ = moved.reshape(-1, m)
-    order = torch.argsort(groups_.float().abs(), dim=1, descending=True, stable=True)
-    keep = torch.zeros_like(groups_, dtype=torch.bool).scatter_(1, order[:, :n], True)
-    pruned = torch.where(keep, groups_, torch.zeros((), dtype=tensor.dtype))
-    return pruned.reshape(moved.shape).movedim(-1, dim).contiguous()
+    out = torch.empty_like(groups_)
+    earlier_first = torch.arange(m - 1, -1, -1)  # among equal magnitudes, the earlier weight ranks higher
+    step = max(1, CHUNK // m)
+    for start in range(0, groups_.shape[0], step):
+        chunk = groups_[start:start + step]
+        # Keys unique within a group (magnitude bits, then position), so the n-th largest is one exact value.
+        keys = _magnitude_bits(chunk).view(chunk.shape).long() * m + earlier_first
+        nth = keys.topk(n, dim=1).values[:, -1:]
+        out[start:start + step] = torch.where(keys >= nth, chunk, torch.zeros((), dtype=tensor.dtype))
+    return out.reshape(moved.shape).movedim(-1, dim).contiguous()
 
 
 class _Transform:
@@ -233,8 +240,8 @@ def _along(tensor: torch.Tensor, dim: int) -> torch.Tensor:
 @torch.no_grad()
 def _l1_head_scores(reader, layout, prefix: str, facts: ArchFacts, layer: int) -> list[float]:
     """L1 norm of each unit's query, key and value rows (the output projection not counted)."""
-    units, per_unit = groups(facts, layer)
-    d, span = facts.head_dim, facts.heads[layer] * facts.head_dim
+    units, _ = groups(facts, layer)
+    span = facts.heads[layer] * facts.head_dim
     score = torch.zeros(units, dtype=torch.float64)
     for s in layout.heads:
         if not s.suffix.endswith(".weight") or s.suffix.startswith(layout.output_projection):
@@ -324,10 +331,14 @@ def _gradient_scores(job: Job, params, family: str, prefix: str, facts: ArchFact
     from ..textprep.errors import TextPrepError
 
     model_dir = job.inputs[0].path
+    hint = "prune a model that carries its tokenizer, e.g. init(..., tokenizer=\"tokenizers/x\")"
+    if not any((model_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):
+        # transformers 5 would build an empty tokenizer from config.json alone: every text would become <unk>.
+        raise RunFailure("E590", "gradient scores need the model's tokenizer, and this model has none", hint)
     try:
         tokenizer = load_tokenizer(model_dir)
     except TextPrepError as err:
-        raise RunFailure("E590", f"gradient scores need the model's tokenizer: {err}", err.hint) from None
+        raise RunFailure("E590", f"gradient scores need the model's tokenizer: {err}", err.hint or hint) from None
     sequences = _sequences(job, params, tokenizer)
     auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()

@@ -22,8 +22,18 @@ bert: hidden size / heads) and the layers' counts where no `recipec_*` list is g
 from __future__ import annotations
 
 from torch import nn
-from transformers import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel, GPT2Config,
-                          GPT2LMHeadModel, GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+)
 from transformers.pytorch_utils import Conv1D
 
 

@@ -13,7 +13,6 @@ or GPT-2's packed q|k|v).
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -258,8 +257,8 @@ class Prune(Op):
         if family is None or sig.facts is None or layer_prefix(family, sig.by_name) is None:
             return ctx.error("E455", f"prune removes heads and neurons of llama, gpt2 and bert models, not of "
                              f"this {sig.model_type} model", "model",
-                             "supported: " + ", ".join(f"{f} ({', '.join(LAYOUTS[f].prefixes)})".replace("{}", "N")
-                                                       for f in modeling.FAMILIES))
+                             "supported: llama (with grouped-query attention), gpt2 and bert, with or without "
+                             "their task head")
         if has_low_rank(sig):
             return ctx.error("E455", "this model has low-rank linears; prune heads and neurons before `lowrank`",
                              "model", "reorder: lowrank(prune(model, heads=...), ...)")
@@ -298,9 +297,9 @@ class Prune(Op):
             return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,
                         peak_bytes=4 * 8 * largest + 2 * 8 * 65536, flops=4 * sig.params)
         if params.score == "gradient":
+            # The whole model in fp32 with its gradients and activations, forward and backward over the tokens.
             model = inputs[0].type.signature
-            tokens = params.seq_len * min(params.max_sequences, params.batch * math.ceil(params.max_sequences /
-                                                                                           params.batch))
+            tokens = params.seq_len * params.max_sequences
             return Cost(bytes_read=2 * read, bytes_written=sig.nbytes, peak_bytes=4 * 4 * model.params,
                         flops=6 * model.params * tokens)
         return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,

@@ -2,7 +2,9 @@
 
 A release holds weights, their index, configs, tokenizer files and the chat template, plus what recipec
 writes itself (card, sums, marker). Code never travels, nor do the config keys that point loaders at
-code (`auto_map`), unless the recipe asks for them.
+code (`auto_map`), unless the recipe asks for them. The one exception is recipec's own: a model whose shape
+needs recipec's classes (`model_type: "recipec_*"`) carries recipec's modeling file, written from recipec's
+package, and an `auto_map` naming it, so that it loads with `trust_remote_code=True` where recipec is absent.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import modeling
 from .model_dir import INDEX_FILE, TOKENIZER_FILES
 
 WEIGHT_SUFFIX = ".safetensors"
@@ -49,3 +52,14 @@ def code_references(data: dict) -> list[str]:
 
 def without_code_references(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in CODE_KEYS}
+
+
+def with_recipec_code(data: dict) -> dict:
+    """A config without code references of its own; a recipec_* config then names recipec's modeling file."""
+    clean = without_code_references(data)
+    return clean | {"auto_map": modeling.auto_map(clean)} if modeling.is_recipec_config(clean) else clean
+
+
+def recipec_code_file(config: dict) -> tuple[str, bytes] | None:
+    """(file name, bytes) of recipec's own modeling file, for a release of a recipec_* model; else None."""
+    return (modeling.MODELING_FILE, modeling.modeling_source()) if modeling.is_recipec_config(config) else None

@@ -220,6 +220,35 @@ _ENTRIES = [
     Code("E457", "nothing to prune", RECIPE,
          "`targets=` globs match no tensor of the model (or the model has no layer weights). Globs match whole\n"
          "tensor names, e.g. `targets=[\"*.mlp.*.weight\"]`."),
+    # Shrinking ops (drop_layers, distill, lowrank), at check time
+    Code("E458", "model family the op does not support", RECIPE,
+         "`drop_layers` and `lowrank` know where the layers and linear weights of Llama, GPT-2 and BERT models\n"
+         "are (with or without their task head: `BertModel` as published, with unprefixed names, included).\n"
+         "The model is of another family, or has no layers the op can find. The message lists the families\n"
+         "it supports."),
+    Code("E459", "bad layer selection", RECIPE,
+         "`drop_layers(model, keep=N)` keeps N layers (a whole number) or that fraction of them (a number below\n"
+         "1), evenly spaced from the first; `layers=[...]` names the layers kept, by index, in increasing order.\n"
+         "Give exactly one of the two; the selection must keep at least one layer and name only layers the\n"
+         "model has. The hint gives the valid range."),
+    Code("E460", "teacher and student vocabularies differ", RECIPE,
+         "`distill(teacher, student, corpus)` compares the two models' distributions over the next token, so\n"
+         "both must have the same vocabulary (the same size here; the same tokens, which the run checks with\n"
+         "E596). Make the student from the teacher (`drop_layers`, `prune`, `lowrank`) or `init` it with the\n"
+         "teacher's tokenizer."),
+    Code("E461", "low-rank size not given once", RECIPE,
+         "`lowrank` needs exactly one of `rank=` (the same rank for every targeted linear), `ratio=` (the share\n"
+         "of each linear's parameters kept, in (0, 1)) or `energy=` (the share of each weight's squared\n"
+         "singular values kept, in (0, 1])."),
+    Code("E462", "rank too high", RECIPE,
+         "A linear of shape out×in factorized at rank r stores r·(in + out) numbers instead of in·out: a rank\n"
+         "at or above in·out/(in + out) saves nothing, and none can exceed min(in, out). A `ratio=` so small\n"
+         "that some linear would keep rank 0 is refused too. The message names the smallest targeted linear\n"
+         "and the hint the largest useful rank."),
+    Code("E463", "targets match no linear", RECIPE,
+         "`lowrank(..., targets=[...])` factorizes the linears inside the model's layers whose module path\n"
+         "(as in `model.named_modules()`, e.g. `model.layers.0.mlp.up_proj`) matches one of the fnmatch\n"
+         "patterns; a pattern matched none of them. The hint lists a few paths the model has."),
     Code("E482", "measured sequence beyond the model's positions", RECIPE,
          "`stats` (and `recipec inspect`) runs each model on `seq_len` tokens, then decodes `decode_tokens`\n"
          "more one at a time (causal models); together they must fit the model's learned position table\n"
@@ -359,6 +388,26 @@ _ENTRIES += [
     Code("E590", "pruning scores cannot be computed", RUNTIME,
          "`prune(..., score=\"gradient\", data=)` needs the model's tokenizer and a corpus with text; the message\n"
          "says which is missing."),
+    # Shrinking ops (drop_layers, distill, lowrank), at run time
+    Code("E595", "layers cannot be dropped as asked", RUNTIME,
+         "`drop_layers` learned the model's layers only when it ran (a model built by an earlier step, or a\n"
+         "hub model not yet cached at check time), and the selection does not fit them, or the model is of a\n"
+         "family it does not support. The message says which; E458 and E459 explain the rules."),
+    Code("E596", "teacher cannot teach this student", RUNTIME,
+         "`distill` found, once the models were built, that the teacher and the student give some token id\n"
+         "different tokens (or have vocabularies of different sizes), or that the teacher's attention lets\n"
+         "packed documents see each other. Distill into a student made from the teacher, with its tokenizer."),
+    Code("E597", "low-rank factorization impossible as asked", RUNTIME,
+         "`lowrank` learned the shapes of its linears only when it ran, and a `rank=` or `ratio=` does not fit\n"
+         "one of them (see E462), or the model is of a family it does not support (see E458)."),
+    Code("E598", "linears kept dense", NO_EXIT,
+         "A warning from `lowrank(..., energy=)`: keeping the share of energy asked needs, for the linears\n"
+         "named, a rank at which the two factors would hold as many numbers as the dense weight, so they are\n"
+         "kept dense. Lower `energy` to factorize them.", severity="warning"),
+    Code("E599", "no activations to calibrate with", RUNTIME,
+         "`lowrank(..., data=corpus)` scales each linear's inputs by their root mean square over the corpus\n"
+         "before factorizing; the corpus gave no tokens to run the model on (empty, or not tokenizable by the\n"
+         "model's tokenizer)."),
     Code("E570", "training failed", RUNTIME,
          "A training op could not go on: the data holds no tokens or fewer than `tokens=`/`steps=` need,\n"
          "the loss became NaN or infinite (lower `lr`, raise `warmup`), the data holds ids beyond the model's\n"

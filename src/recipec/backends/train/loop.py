@@ -69,11 +69,23 @@ class _Position:
     loss: float = math.nan
 
 
+# A training objective: (logits, input_ids, position_ids, labels) of one micro-batch, all on the model's device,
+# -> the loss summed over the batch's target tokens (labels other than IGNORE); the loop divides by their count.
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy in fp32 summed over the target tokens: the objective of cp, inscp and sft."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
 def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path, *,
           on_progress: Callable[[Progress], None] | None = None,
           on_notice: Callable[[str], None] | None = None,
-          pad_id: int = 0) -> tuple[torch.nn.Module, TrainSummary]:
-    """Train `model` on `documents` as `config` says, checkpointing into `work_dir`; resumes if it can."""
+          pad_id: int = 0, objective: Objective = next_token_loss) -> tuple[torch.nn.Module, TrainSummary]:
+    """Train `model` on `documents` as `config` says, checkpointing into `work_dir`; resumes if it can.
+    `objective` is what a step minimizes (next-token cross entropy unless given: distill passes its own)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.precision)
     shape = batch_shape(config, accelerator.num_processes)
@@ -100,7 +112,7 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
         if not global_rows:
             break
         loss, grad_norm, target_tokens = _optimizer_step(accelerator, model, optimizer, config, shape,
-                                                         global_rows, vocab, pad_id, position.step)
+                                                         global_rows, vocab, pad_id, position.step, objective)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         elapsed = time.monotonic() - started
@@ -237,7 +249,7 @@ def _micro_batches(global_rows: list[Row], shape, process: int, pad_id: int) -> 
 
 
 def _optimizer_step(accelerator, model, optimizer, config: TrainConfig, shape, global_rows: list[Row],
-                    vocab: int, pad_id: int, step: int) -> tuple[float, float, int]:
+                    vocab: int, pad_id: int, step: int, objective: Objective) -> tuple[float, float, int]:
     """One optimizer step over a global batch; returns its loss, the gradient norm and its target count."""
     micro = _micro_batches(global_rows, shape, accelerator.process_index, pad_id)
     if max(int(m.input_ids.max()) for m in micro) >= vocab:
@@ -251,11 +263,10 @@ def _optimizer_step(accelerator, model, optimizer, config: TrainConfig, shape, g
     for index, batch in enumerate(micro):
         last = index == len(micro) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            logits = model(input_ids=batch.input_ids.to(accelerator.device),
-                           position_ids=batch.position_ids.to(accelerator.device),
-                           attention_mask=None, use_cache=False).logits
-            summed = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.to(accelerator.device).flatten(),
-                                     ignore_index=IGNORE, reduction="sum")
+            input_ids, position_ids, labels = (t.to(accelerator.device)
+                                               for t in (batch.input_ids, batch.position_ids, batch.labels))
+            logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).logits
+            summed = objective(logits, input_ids, position_ids, labels)
             accelerator.backward(summed * scale)
         loss_sum += summed.detach()
     loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(global_targets, 1)

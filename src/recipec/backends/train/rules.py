@@ -30,7 +30,7 @@ from ...textprep import TextPrepError
 from ..job import Job, RunFailure
 from ..model_files import set_chat_template
 from ...ops.train_config import TrainingError
-from .loop import Progress, train
+from .loop import Objective, Progress, next_token_loss, train
 from .metrics import METRICS, read_metrics, render_loss_curve
 from .packing import Document
 
@@ -38,7 +38,8 @@ RELEASED_METRICS, LOSS_CURVE = TRAINING_FILES
 REPRODUCIBLE_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens")  # not tokens_per_s: the machine's speed
 
 
-def build_train(job: Job) -> str | None:
+def build_train(job: Job, objective: Objective = next_token_loss) -> str | None:
+    """Train the model `job.inputs[0]` on the data `job.inputs[1]`; `distill` passes its own objective."""
     op = REGISTRY[job.node.op]
     params: TrainParams = op.params_of(job.node)
     _check_world_size(params)
@@ -56,7 +57,7 @@ def build_train(job: Job) -> str | None:
     try:
         trained, _ = train(model, documents, params.train_config(), job.work,
                            on_progress=lambda p: _report(job, p), on_notice=lambda text: _notice(job, text),
-                           pad_id=pad_id)
+                           pad_id=pad_id, objective=objective)
     except TrainingError as err:
         raise RunFailure("E570", f"training `{job.node.label}` stopped: {err.message}", err.hint) from None
     if _rank() != 0:
@@ -100,7 +101,7 @@ def _tokenized(job: Job, mode: str, params: TrainParams, model_dir: Path, templa
     tokenizer = load_tokenizer(model_dir)
     data = job.inputs[1]
     options: dict = {}
-    if mode == "cp":
+    if not isinstance(params, ChatTrainParams):  # plain documents: cp, distill
         def encoded():
             return (encode_document(tokenizer, text) for text in iter_texts(data))
     else:

@@ -1,7 +1,7 @@
 """The ONNX model kind: `model.onnx`, the external data file its tensors may live in, and what it takes to
 use it without recipec — the model's config and tokenizer files, and `parity.json`, what the parity check
 against PyTorch measured. The `onnx` op (ops/export.py) builds one; its digest covers every file, and a
-release holds them all, the graph and its data as read-only links shared with the cache (as weights are).
+release holds them all, the graph and its data read-only (as weights are).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class OnnxKind(ArtifactKind):
         files = []
         for path in cls.content_files(artifact.path):
             known = info.known.get(path.name)
-            large = path.name in (GRAPH_FILE, DATA_FILE)  # an edit in place would change the cache's copy
-            files.append(ReleaseFile(path.name, source=path, shared=large and known is not None, read_only=large,
-                                     sha256=known))
+            # onnx refuses external data in a file with several hard links (a "hardlink attack"), so the data
+            # file is copied; the graph may be shared with the cache, read-only like weights.
+            shared = path.name == GRAPH_FILE and known is not None
+            files.append(ReleaseFile(path.name, source=path, shared=shared,
+                                     read_only=path.name in (GRAPH_FILE, DATA_FILE), sha256=known))
         return files

@@ -142,7 +142,7 @@ def test_a_parity_failure_names_the_worst_position_and_leaves_no_onnx(tmp_path, 
     monkeypatch.setattr(onnx_export, "RTOL", 0.0)
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)  # the data file must not be left behind either
     (tmp_path / "r.rcp").write_text('recipec 1\nm = init("gpt2", size="tiny", seed=5)\nexport m to "out/m.onnx"\n')
-    status, _, err = run_cli(["run", tmp_path / "r.rcp"], capsys, tmp_path)
+    status, _, err = run_cli(["run", "--cache", tmp_path / "cache", tmp_path / "r.rcp"], capsys, tmp_path)
     assert status == 1 and "error[E601]" in err
     assert "`logits` at batch 0, position " in err and "input 1x5, no padding" in err
     assert not (tmp_path / "out" / "m.onnx").exists()

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifacts.onnx import GRAPH_FILE, PARITY_FILE
-from ..ops.export import Onnx
+from ..ops.export import Onnx, family_problem
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.release_files import CODE_FILES, code_references, without_code_references
 from .job import Job, RunFailure
@@ -258,6 +258,9 @@ def export_checked(job: Job, staging: Path) -> None:
         raise RunFailure("E603", f"transformers cannot load `{label}` for export: {_first_line(err)}",
                          "the model directory must load with transformers' Auto classes (after `import "
                          "recipec`, for recipec's own model classes)") from None
+    problem = family_problem(model.config.model_type)  # a hub model whose type check time could not read
+    if problem is not None:
+        raise RunFailure("E467", *problem)
     module, output = graph_module(model)
     job.progress.update(1)
     external = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_ABOVE

@@ -18,6 +18,15 @@ from .base import Cost, Input, Op, Params, register
 # ships model classes for (pruned, low rank) adds its model type here once its export is tested.
 ONNX_FAMILIES = frozenset({"llama", "gpt2", "bert"})
 
+def family_problem(model_type: str) -> tuple[str, str] | None:
+    """(message, hint) when the exporter does not support a model type (E467), else None."""
+    if model_type in ONNX_FAMILIES:
+        return None
+    return (f"the ONNX exporter does not support `{model_type}` models",
+            "recipec exports " + ", ".join(f"`{f}`" for f in sorted(ONNX_FAMILIES))
+            + " models to ONNX; export this one as a Hugging Face directory instead")
+
+
 # The parity check's inputs: two shapes, small, whatever the model's size (see backends/onnx_export.py).
 PARITY_TOKENS = 1 * 5 + 3 * 11
 
@@ -44,10 +53,9 @@ class Onnx(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         signature = inputs[0].type.signature
-        if signature is not None and signature.model_type not in ONNX_FAMILIES:
-            return ctx.error("E467", f"the ONNX exporter does not support `{signature.model_type}` models",
-                             hint="recipec exports " + ", ".join(f"`{f}`" for f in sorted(ONNX_FAMILIES))
-                             + " models to ONNX; export this one as a Hugging Face directory instead")
+        problem = family_problem(signature.model_type) if signature is not None else None
+        if problem is not None:
+            return ctx.error("E467", problem[0], hint=problem[1])
         return Type(ONNX_MODEL)
 
     @classmethod

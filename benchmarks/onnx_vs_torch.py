@@ -52,6 +52,7 @@ def bench_model(out: Path, size: str, lengths: list[int], threads: int, reps: in
     import torch
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(out / size, dtype=torch.float32).eval()
     options = onnxruntime.SessionOptions()

@@ -142,16 +142,15 @@ def quiet():
     optional torchvision ops and its deprecation and axis-naming warnings — which say nothing about the model."""
     from transformers.utils import logging as transformers_logging
 
-    logger = logging.getLogger("torch.onnx")
-    level, bars = logger.level, transformers_logging.is_progress_bar_enabled()
-    logger.setLevel(logging.ERROR)
+    bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
+    logging.disable(logging.WARNING)  # torch sets its loggers' levels itself: only this reaches them all
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(logging.NOTSET)
         if bars:
             transformers_logging.enable_progress_bar()
 

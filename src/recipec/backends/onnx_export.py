@@ -249,7 +249,7 @@ def build_onnx(job: Job) -> None:
 def export_checked(job: Job, staging: Path) -> None:
     """Export the job's model into `staging` and check it there; raises RunFailure when it is wrong."""
     params = Onnx.params_of(job.node)
-    source, label = job.inputs[0].path, job.node.label
+    source, label = job.inputs[0].path, job.node.inputs[0].label  # messages name the model, as the recipe does
     job.progress.update(0, STAGES, "stages")
     try:
         model = load_model(source)

@@ -253,6 +253,18 @@ _ENTRIES = [
          "`stats` (and `recipec inspect`) runs each model on `seq_len` tokens, then decodes `decode_tokens`\n"
          "more one at a time (causal models); together they must fit the model's learned position table\n"
          "(GPT-2's `n_positions`, BERT's `max_position_embeddings`). Lower `seq_len` or `decode_tokens`."),
+    Code("E466", "cannot export this as ONNX", RECIPE,
+         "Only a model has an ONNX graph: a delta (`chat - base`) is a difference between models, and a report,\n"
+         "a corpus or a tokenizer are not models. Add a delta to a model first (`export base + delta to\n"
+         "\"out/m.onnx\"`); export anything else to a directory."),
+    Code("E467", "family the ONNX exporter does not support", RECIPE,
+         "`export m to \"out/m.onnx\"` (or `onnx(m)`) exports Llama, GPT-2 and BERT-style models, whose export\n"
+         "and parity recipec tests. The message names the model's type and the supported ones; export other\n"
+         "models as a Hugging Face directory."),
+    Code("E468", "unknown export format", RECIPE,
+         "`export x to \"path\" as NAME` names a format no result has, or the path ends in a model-file suffix\n"
+         "recipec does not write (`.gguf`, `.bin`, `.pt`, `.safetensors`, ...). recipec writes directories\n"
+         "(`as hf` for models, `as report` for reports) and ONNX (`\"out/m.onnx\"` or `as onnx`)."),
     Code("E406", "inconsistent sharded index", RECIPE,
          "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
          "tensor the index does not list."),
@@ -427,6 +439,21 @@ _ENTRIES += [
          "A checkpoint in a training node's work directory could not be read (a kill while writing it, a\n"
          "damaged disk); training resumed from the newest good one, or started over if none was left.",
          severity="warning"),
+    Code("E600", "ONNX export failed", RUNTIME,
+         "torch.onnx (dynamo) could not trace or translate the model: its code uses something torch.export\n"
+         "does not follow. The message gives the exporter's first line. Try another opset (`onnx(m,\n"
+         "opset=20)`), or export the model as a Hugging Face directory. Nothing was kept."),
+    Code("E601", "ONNX graph disagrees with PyTorch", RUNTIME,
+         "The parity check ran the exported graph in onnxruntime and the model in PyTorch on two inputs (1×5\n"
+         "unpadded; 3×11 with left and right padding) and compared the output where `attention_mask` is 1:\n"
+         "fp32, |onnx − torch| ≤ 1e-4 + 1e-3·|torch|. The message names the output, the worst position and\n"
+         "the difference. The graph was not kept: no `.onnx` is written where a validated one is expected."),
+    Code("E602", "invalid ONNX graph", RUNTIME,
+         "The exported graph fails `onnx.checker` (run on the file, so external data is checked where it\n"
+         "lies). This is an exporter bug: report it with the model's config. Nothing was kept."),
+    Code("E603", "model cannot be loaded for export", RUNTIME,
+         "The ONNX export loads the model with transformers' Auto classes (after `import recipec`, which\n"
+         "registers recipec's own model classes); this one did not load. The message says why."),
     Code("E560", "launched job failed", RUNTIME,
          "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
          "could not be started, exited with an error status, was killed by a signal, or ended without\n"

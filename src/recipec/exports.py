@@ -56,6 +56,32 @@ def written_problem(written: str) -> Problem | None:
     return None
 
 
+# Suffixes of single-file model formats recipec does not write. A target ending in one is a mistake (the
+# user expects that format), not the name of a directory; `.onnx` names the ONNX format.
+SUFFIX_FORMATS = {".onnx": "onnx"}
+FOREIGN_SUFFIXES = (".gguf", ".ggml", ".bin", ".pt", ".pth", ".ckpt", ".safetensors", ".tflite", ".ort",
+                    ".mlmodel", ".mlpackage", ".h5", ".keras", ".pb", ".engine", ".trt")
+
+
+def suffix_format(written: str) -> str | None:
+    """The format an export path's suffix names (`out/m.onnx` -> "onnx"), or None."""
+    return SUFFIX_FORMATS.get(PurePath(written).suffix.lower())
+
+
+def format_problem(written: str, asked: str | None, known: list[str]) -> Problem | None:
+    """What is wrong with the format an export asks for (`as NAME`) or its path's suffix implies."""
+    if asked is not None and asked not in known:
+        return Problem("E468", f"unknown export format `{asked}`",
+                       "recipec exports as " + ", ".join(f"`{f}`" for f in known))
+    suffix = PurePath(written).suffix.lower()
+    if asked is None and suffix in FOREIGN_SUFFIXES:
+        return Problem("E468", f"recipec cannot write `{suffix}` files: export path {written!r} names a format "
+                       "it does not know",
+                       "export to a directory (\"out/name\", a Hugging Face model) or to \"out/name.onnx\" "
+                       "(ONNX); other formats are converted from those by their own tools")
+    return None
+
+
 def place_problem(target: Path, written: str, place: Place) -> Problem | None:
     """What an export to `target` would destroy of `place`, if anything."""
     if is_within(place.path, target):

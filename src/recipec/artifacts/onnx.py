@@ -1,15 +1,21 @@
-"""The ONNX model kind: `model.onnx` and the external data files its tensors live in, digested and
-released as those files. No op builds one yet; export to ONNX (a later op) produces it."""
+"""The ONNX model kind: `model.onnx`, the external data file its tensors may live in, and what it takes to
+use it without recipec — the model's config and tokenizer files, and `parity.json`, what the parity check
+against PyTorch measured. The `onnx` op (ops/export.py) builds one; its digest covers every file, and a
+release holds them all, the graph and its data read-only (as weights are).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..ir.types import Kind
-from . import ArtifactError, ArtifactKind, Problem, register
+from ..store.release import ReleaseFile
+from . import Artifact, ArtifactError, ArtifactKind, Problem, ReleaseInfo, register
 
 ONNX_MODEL = Kind.register("OnnxModel")
 GRAPH_FILE = "model.onnx"
+DATA_FILE = GRAPH_FILE + ".data"  # the graph records this name: it must lie beside the graph, so named
+PARITY_FILE = "parity.json"
 
 
 @register
@@ -20,7 +26,19 @@ class OnnxKind(ArtifactKind):
 
     @classmethod
     def read(cls, path: Path) -> Path:
-        """The graph file; its external data files lie beside it."""
+        """The graph file; its external data file, if any, lies beside it."""
         if not (path / GRAPH_FILE).is_file():
             raise ArtifactError([Problem("E401", f"no {GRAPH_FILE} in {path}")])
         return path / GRAPH_FILE
+
+    @classmethod
+    def release_files(cls, artifact: Artifact, info: ReleaseInfo, fmt: str) -> list[ReleaseFile]:
+        files = []
+        for path in cls.content_files(artifact.path):
+            known = info.known.get(path.name)
+            # onnx refuses external data in a file with several hard links (a "hardlink attack"), so the data
+            # file is copied; the graph may be shared with the cache, read-only like weights.
+            shared = path.name == GRAPH_FILE and known is not None
+            files.append(ReleaseFile(path.name, source=path, shared=shared,
+                                     read_only=path.name in (GRAPH_FILE, DATA_FILE), sha256=known))
+        return files

@@ -21,9 +21,11 @@ from pydantic import ValidationError
 
 from .. import exports
 from ..artifacts import KINDS, exportable_kinds
+from ..artifacts.onnx import ONNX_MODEL
 from ..diagnostics import Diagnostics, Note, RecipeError
 from ..ops import REGISTRY
 from ..ops.arithmetic import Combine
+from ..ops.export import Onnx
 from ..ops.base import LINEAR, Context, Input, Op
 from ..ops.sources import model_reference
 from ..source import Span
@@ -561,12 +563,26 @@ class Lowerer:
         return names
 
     def _export(self, module: Module, stmt: ast.Export) -> ExportSpec | None:
-        """An export of any value whose artifact kind accepts the format asked for (artifacts/)."""
+        """An export of any value whose artifact kind accepts the format asked for (artifacts/); a model
+        exported as ONNX becomes an `onnx` node first, built and cached like any other."""
+        asked = stmt.format.id if stmt.format else None
+        known = sorted({f for kind in KINDS.values() for f in kind.formats})
+        problem = exports.format_problem(stmt.path.value, asked, known)
+        if problem is not None:
+            self.diags.error(problem.code, problem.message, stmt.format.span if asked else stmt.path.span,
+                             problem.hint)
+            return None
+        fmt = asked or exports.suffix_format(stmt.path.value)
         value = self.expr(module, stmt.value)
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA or (
                 isinstance(value, Linear) and value.terms and value.weight_sum == 0):
-            self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
-                             stmt.value.span, "add it to a model first: `export base + delta to ...`")
+            if fmt == "onnx":
+                self.diags.error("E466", "cannot export a delta as ONNX: it is a difference between models, "
+                                 "not a model that runs", stmt.value.span,
+                                 "add it to a model first: `export base + delta to \"out/m.onnx\"`")
+            else:
+                self.diags.error("E305", "cannot export a delta: it is a difference between models, not a model",
+                                 stmt.value.span, "add it to a model first: `export base + delta to ...`")
             return None
         if isinstance(value, Graphed) and value.node.type.kind is not Kind.MODEL:
             node = value.node
@@ -574,13 +590,22 @@ class Lowerer:
             node = self.as_model(module, value, stmt.value)
         if node is None:
             return None
+        if fmt == "onnx" and node.type.kind is Kind.MODEL:
+            node = self._onnx_of(module, node, stmt)
+            if node is None:
+                return None
         kind = KINDS.get(node.type.kind)
+        if fmt == "onnx" and node.type.kind is not ONNX_MODEL:
+            noun = kind.noun if kind else "a " + node.type.kind.value
+            self.diags.error("E466", f"cannot export {noun} as ONNX: only a model has an ONNX graph",
+                             stmt.value.span, f"export it to a directory: `export {stmt.value.span.text} to \"out/name\"`")
+            return None
         if kind is None or not kind.formats:
             self.diags.error("E305", f"cannot export {kind.noun if kind else 'a ' + node.type.kind.value}: "
                              "it is not a result that can be released", stmt.value.span,
                              "export takes " + ", ".join(exportable_kinds()))
             return None
-        fmt = stmt.format.id if stmt.format else ("onnx" if stmt.path.value.endswith(".onnx") else kind.formats[0])
+        fmt = fmt or kind.formats[0]
         if fmt not in kind.formats:
             where = stmt.format.span if stmt.format else stmt.path.span
             self.diags.error("E305", f"export format `{fmt}` is not supported for {kind.noun}", where,
@@ -590,6 +615,16 @@ class Lowerer:
         spec = ExportSpec(node, (module.dir / stmt.path.value).resolve(), fmt, stmt.span, stmt.path.value)
         self.graph.exports.append(spec)
         return spec
+
+    def _onnx_of(self, module: Module, model: Node, stmt: ast.Export) -> Node | None:
+        """The `onnx` node of a model an export writes as ONNX, named after the model (`m.onnx`) in the plan
+        and the lock."""
+        ctx = Context(module.dir, self.diags, stmt.value.span)
+        node = self._apply(Onnx, [model], Onnx.Params(), ctx)
+        name = f"{model.label}.onnx"
+        if node is not None and name not in node.names:
+            node.names.append(name)
+        return node
 
     def _check_targets(self, module: Module, exported: list[tuple[ast.Export, ExportSpec]]) -> None:
         """Every export target against every place it must not destroy, and against each other."""

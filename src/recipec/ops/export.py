@@ -1,0 +1,70 @@
+"""Export ops: a model turned into another runtime's format, as a cached, locked node like any other.
+
+`onnx` is what `export model to "out/m.onnx"` (or `... as onnx`) lowers to: the export statement wraps the
+model in an `onnx` node, so the graph is built once into the cache, keyed, locked and rebuilt by `verify`
+like every other result, and the release only copies it. Written as a call (`onnx(model, opset=20)`) it
+takes its parameters; the export statement uses the defaults.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ..artifacts.onnx import ONNX_MODEL
+from ..ir.types import Kind, Type
+from .base import Cost, Input, Op, Params, register
+
+# Model types whose export runs through `torch.onnx` and is checked by the test suite. A family recipec
+# ships model classes for (pruned, low rank) adds its model type here once its export is tested.
+ONNX_FAMILIES = frozenset({"llama", "gpt2", "bert"})
+
+def family_problem(model_type: str) -> tuple[str, str] | None:
+    """(message, hint) when the exporter does not support a model type (E467), else None."""
+    if model_type in ONNX_FAMILIES:
+        return None
+    return (f"the ONNX exporter does not support `{model_type}` models",
+            "recipec exports " + ", ".join(f"`{f}`" for f in sorted(ONNX_FAMILIES))
+            + " models to ONNX; export this one as a Hugging Face directory instead")
+
+
+# The parity check's inputs: two shapes, small, whatever the model's size (see backends/onnx_export.py).
+PARITY_TOKENS = 1 * 5 + 3 * 11
+
+
+@register
+class Onnx(Op):
+    """An ONNX graph of a model (logits, or the last hidden state of a headless encoder), checked against
+    PyTorch with onnxruntime before it is kept. Example: `export onnx(model, opset=20) to "out/m.onnx"`
+
+    Dynamic batch and sequence axes, fp32 weights, one file (`model.onnx`) or, for weights over 2 GB, the
+    graph and its external data (`model.onnx.data`) side by side. `export m to "out/m.onnx"` is the same
+    node with the default parameters.
+    """
+
+    name = "onnx"
+    inputs = (Input("model", Kind.MODEL, doc="the model to export (Llama, GPT-2 or a BERT-style encoder)"),)
+    toolchain = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime")
+    rule = "onnx_export:build_onnx"
+    runtime_bytes = 512 << 20  # torch.export, the ONNX translation and an onnxruntime session
+
+    class Params(Params):
+        opset: int = Field(18, ge=18, le=23, description="the ONNX opset the graph uses (18 to 23)")
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        signature = inputs[0].type.signature
+        problem = family_problem(signature.model_type) if signature is not None else None
+        if problem is not None:
+            return ctx.error("E467", problem[0], hint=problem[1])
+        return Type(ONNX_MODEL)
+
+    @classmethod
+    def cost(cls, inputs, params, out, threads):
+        signature = inputs[0].type.signature
+        if signature is None:
+            return Cost()
+        fp32 = signature.params * 4
+        # The model in fp32, the exported program's copy of its weights and an onnxruntime session's.
+        return Cost(bytes_read=signature.nbytes, bytes_written=fp32, peak_bytes=3 * fp32,
+                    flops=2 * 2 * signature.params * PARITY_TOKENS,
+                    detail="ONNX export, parity checked with onnxruntime")

@@ -1,0 +1,173 @@
+"""ONNX export as a user runs it: tiny Llama, GPT-2 and a headless BERT exported, run in onnxruntime and
+compared with PyTorch; rebuilt byte for byte by `verify`; a parity failure that leaves no `.onnx` behind.
+
+Each export traces the model with torch.export, which takes tens of seconds even for a tiny model, so the
+module builds one recipe once and every test reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import transformers
+
+from helpers import run_cli
+from recipec.arch import preset_config
+from recipec.backends import onnx_export
+from recipec.backends.onnx_export import ParityCase, parity_cases, worst_mismatch
+
+# Between the tiny Llama's fp32 weights (820 KB) and GPT-2's and BERT's (under 600 KB): the Llama goes
+# through the external-data path that large models take, the others stay single-file.
+EXTERNAL_DATA_ABOVE = 700_000
+
+RECIPE = """recipec 1
+llama = init("llama", size="tiny", seed=1)
+gpt = init("gpt2", size="tiny", seed=2)
+encoder = load("models/encoder")
+export llama to "out/llama"
+export gpt to "out/gpt"
+export llama to "out/llama.onnx"
+export onnx(gpt, opset=20) to "out/gpt.onnx"
+export encoder to "out/encoder" as onnx
+"""
+
+
+def headless_bert(root: Path) -> Path:
+    """A BertModel (no head) saved by transformers: its graph gives `last_hidden_state`."""
+    config = {k: v for k, v in preset_config("bert", "tiny").items() if k not in ("architectures", "dtype")}
+    torch.manual_seed(3)
+    transformers.BertModel(transformers.BertConfig(**config)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+    headless_bert(root / "models" / "encoder")
+    (root / "r.rcp").write_text(RECIPE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", EXTERNAL_DATA_ABOVE)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        captured = _Captured()
+        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
+            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
+        assert status == 0, err
+        yield root
+
+
+class _Captured:
+    """run_cli's capsys for a module fixture (pytest's capsys is per test)."""
+
+    def __init__(self) -> None:
+        self.out, self.err = io.StringIO(), io.StringIO()
+
+    def readouterr(self) -> tuple[str, str]:
+        return self.out.getvalue(), self.err.getvalue()
+
+
+def onnx_and_torch(graph: Path, model, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask))
+    expected = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    return actual, expected.numpy()
+
+
+@pytest.mark.parametrize("name, hf_dir, output", [("llama", "out/llama", "logits"), ("gpt", "out/gpt", "logits"),
+                                                 ("encoder", "models/encoder", "last_hidden_state")])
+def test_an_exported_graph_runs_in_onnxruntime_and_matches_pytorch(project, name, hf_dir, output):
+    release = project / "out" / (f"{name}.onnx" if name != "encoder" else "encoder")
+    auto = transformers.AutoModel if output == "last_hidden_state" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(project / hf_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(7)
+    input_ids = rng.integers(0, 1024, (2, 9), dtype=np.int64)  # a shape the graph was not traced with
+    mask = np.ones_like(input_ids)
+    mask[0, :3] = 0  # left padding
+    actual, expected = onnx_and_torch(release / "model.onnx", model, input_ids, mask)
+    assert actual.shape == expected.shape
+    compared = mask.astype(bool)
+    np.testing.assert_allclose(actual[compared], expected[compared], atol=1e-4, rtol=1e-3)
+    graph = onnx.load(release / "model.onnx", load_external_data=False)
+    assert [o.name for o in graph.graph.output] == [output]
+    assert [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert min(o.version for o in graph.opset_import if o.domain == "") >= 18
+    parity = json.loads((release / "parity.json").read_text())
+    assert parity["output"] == output and len(parity["inputs"]) == 2
+    assert all(case["max_abs_difference"] <= 1e-4 for case in parity["inputs"])
+
+
+def test_large_weights_go_to_external_data_beside_the_graph(project):
+    llama, gpt = project / "out" / "llama.onnx", project / "out" / "gpt.onnx"
+    assert (llama / "model.onnx.data").is_file() and not (gpt / "model.onnx.data").exists()
+    onnx.checker.check_model(str(llama / "model.onnx"))
+    assert (llama / "model.onnx").stat().st_size < (llama / "model.onnx.data").stat().st_size
+    assert json.loads((gpt / "parity.json").read_text())["opset"] == 20
+    assert (llama / "config.json").is_file() and not (llama / "model.safetensors").exists()
+
+
+def test_graphs_carry_no_paths_of_this_machine(project):
+    for graph in (project / "out").glob("*/model.onnx"):
+        data = graph.read_bytes()
+        assert b"stack_trace" not in data and str(Path(torch.__file__).parent).encode() not in data
+
+
+def test_the_plan_names_the_onnx_nodes(project, capsys):
+    status, out, _ = run_cli(["plan", "--cache", project / "cache", project / "r.rcp"], capsys, project)
+    assert status == 0 and "llama.onnx" in out and "0 to build, 5 cached, 5 exports" in out
+
+
+def test_run_locked_and_verify_rebuild_the_same_bytes(project, capsys, monkeypatch):
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", EXTERNAL_DATA_ABOVE)
+    lock = (project / "r.rcp.lock").read_text()
+    assert "llama.onnx" in lock
+    status, _, err = run_cli(["run", "--locked", "--cache", project / "cache", project / "r.rcp"], capsys, project)
+    assert status == 0 and "matches" in err, err
+    # verify exports every graph again in a scratch cache and compares every file, byte for byte.
+    status, out, err = run_cli(["verify", project / "r.rcp"], capsys, project)
+    assert status == 0, err
+    assert "5 exports" in out + err and "byte for byte" in out + err
+
+
+def test_a_parity_failure_names_the_worst_position_and_leaves_no_onnx(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(onnx_export, "ATOL", -1.0)  # nothing can pass: every compared value fails
+    monkeypatch.setattr(onnx_export, "RTOL", 0.0)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", 0)  # the data file must not be left behind either
+    (tmp_path / "r.rcp").write_text('recipec 1\nm = init("gpt2", size="tiny", seed=5)\nexport m to "out/m.onnx"\n')
+    status, _, err = run_cli(["run", "--cache", tmp_path / "cache", tmp_path / "r.rcp"], capsys, tmp_path)
+    assert status == 1 and "error[E601]" in err
+    assert "`logits` at batch 0, position " in err and "input 1x5, no padding" in err
+    assert not (tmp_path / "out" / "m.onnx").exists()
+    assert [p for p in tmp_path.rglob("*") if ".onnx" in p.name] == []
+
+
+def test_the_worst_mismatch_ignores_padding_and_counts_nan():
+    expected = np.zeros((2, 3, 4), dtype=np.float32)
+    actual = expected.copy()
+    mask = np.array([[0, 1, 1], [1, 1, 0]])
+    actual[0, 0, 1] = 50.0  # a padded position: never compared
+    largest, mismatch = worst_mismatch("c", expected, actual, mask, 1e-4, 1e-3)
+    assert mismatch is None and largest == 0.0
+    actual[1, 1, 2] = 0.5
+    actual[0, 2, 3] = 0.25
+    largest, mismatch = worst_mismatch("c", expected, actual, mask, 1e-4, 1e-3)
+    assert largest == 0.5 and mismatch.index == (1, 1, 2) and mismatch.allowed == pytest.approx(1e-4)
+    actual[0, 1, 0] = np.nan
+    _, mismatch = worst_mismatch("c", expected, actual, mask, 1e-4, 1e-3)
+    assert mismatch.index == (0, 1, 0) and mismatch.difference == np.inf
+
+
+def test_parity_inputs_have_both_paddings_and_another_shape():
+    cases: list[ParityCase] = parity_cases(1024)
+    shapes = [c.input_ids.shape for c in cases]
+    assert shapes == [(1, 5), (3, 11)] and onnx_export.EXPORT_SHAPE not in shapes
+    mask = cases[1].attention_mask
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1, 0] == 1 and mask[1, -1] == 0 and mask[2].all()

@@ -14,9 +14,15 @@ _MARK = {BUILD: "+", CACHED: "=", INPUT: "<"}
 _COLOR = {BUILD: "32", CACHED: "36", INPUT: "2"}
 
 
-def _unknown(node: Node) -> bool:
-    """Whether a model's signature, and so its cost, cannot be known yet (an unfetched hub model, a pickle)."""
+def _signature_unknown(node: Node) -> bool:
     return node.type.kind.value in ("Model", "Delta") and node.type.signature is None
+
+
+def _unknown(node: Node) -> bool:
+    """Whether a node's cost cannot be known yet: it reads a model whose signature is unknown (an unfetched
+    hub model, a pickle), or is such a model itself. A node whose own shape depends on the weights' values
+    (`prune(uniform=false)`, `lowrank(energy=)`) still has a known cost: its inputs are known."""
+    return any(_signature_unknown(i) for i in node.inputs) or (not node.inputs and _signature_unknown(node))
 
 
 def _why_unknown(node: Node) -> str:
@@ -24,7 +30,23 @@ def _why_unknown(node: Node) -> str:
         return "signature unknown: not in the local Hugging Face cache (the note says how to fetch it)"
     if node.op == "load":
         return "signature unknown until the pickled weights are converted"
-    return "signature unknown until its inputs are fetched"
+    return f"signature unknown until {_awaited(node)}"
+
+
+def _awaited(node: Node) -> str:
+    """What an unknown signature or cost waits for: a download (an unfetched source upstream) or a build
+    (an upstream shape that depends on the weights' values)."""
+    seen, todo = set(), list(node.inputs)
+    while todo:
+        n = todo.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if not n.inputs and _signature_unknown(n):
+            return "its inputs are fetched"
+        todo.extend(n.inputs)
+    return "its inputs are built" if any(_signature_unknown(i) for i in node.inputs) \
+        else "it is built: it depends on the weights' values"
 
 
 def _shorten(text: str, width: int = 80) -> str:
@@ -58,7 +80,7 @@ def render_text(plan: Plan, color: bool = False) -> str:
         if node.inputs:
             lines.append(f"{pad}from {', '.join(i.label for i in node.inputs)}")
         if step.status == BUILD and _unknown(node):
-            lines.append(f"{pad}cost unknown until its inputs are fetched")
+            lines.append(f"{pad}cost unknown until {_awaited(node)}")
         elif step.status == BUILD:
             c = step.cost
             lines.append(f"{pad}read {human_bytes(c.bytes_read)} · write {human_bytes(c.bytes_written)} · "

@@ -267,3 +267,18 @@ def test_gradient_scores_need_the_models_tokenizer(tmp_path, capsys):
                                     'export m to "out/m"\n')
     status, _, stderr = run_cli(["run", tmp_path / "r.rcp"], capsys)
     assert status == 1 and "error[E590]: gradient scores need the model's tokenizer" in stderr
+
+
+def test_a_heads_fraction_rounds_to_whole_heads_only_when_near():
+    from recipec.arch import ArchFacts
+    from recipec.ops.prune import heads_removed, rounding_note
+
+    llama2 = ArchFacts(layers=2, hidden=4096, heads=(32, 32), kv_heads=(32, 32), head_dim=128,
+                       intermediate=(11008, 11008), vocab=32000, tied=False)
+    assert heads_removed(llama2, 0.3) == [10, 10]  # the design card's heads=0.3: 10 of 32 (0.3125)
+    assert rounding_note(llama2, 0.3, [10, 10]) == "heads=0.3 removes whole heads: 10 of 32 heads = 0.3125 in every layer"
+    assert rounding_note(llama2, 0.25, heads_removed(llama2, 0.25)) is None
+    gqa = ArchFacts(layers=1, hidden=64, heads=(4,), kv_heads=(2,), head_dim=16, intermediate=(128,), vocab=8,
+                    tied=False)
+    assert "valid fractions: 0, 0.5" in heads_removed(gqa, 0.25)  # one of two groups is not "a quarter"
+    assert "would leave it empty" in heads_removed(gqa, 0.99)

@@ -192,6 +192,12 @@ _ENTRIES = [
     Code("E444", "bad perplexity bounds", RECIPE,
          "`ppl_filter(data, model, max=, min=)` keeps what lies within [min, max]: at least one bound, each above\n"
          "0, `max` above `min`; `seq_len` and `batch` at least 1."),
+    Code("E419", "pruning fraction rounded to whole heads", NO_EXIT,
+         "A warning: `prune(model, heads=f)` removes whole heads (with grouped-query attention, whole query\n"
+         "groups: a key/value head with its queries), the nearest whole number to f of them in every layer.\n"
+         "The fraction asked for is not a whole number of them, so the fraction removed differs; the message\n"
+         "says what is removed. Give an exact fraction (a multiple of 1/groups) to silence it.",
+         severity="warning"),
     Code("E450", "bad pruning fraction", RECIPE,
          "`prune(model, sparsity=, heads=, ffn=)` takes fractions to remove, each in [0, 1): 0 keeps everything,\n"
          "1 would remove all. An N:M `pattern` zeroes exactly 1 - N/M of the weights (2:4 and 4:8: 0.5), so\n"
@@ -201,9 +207,11 @@ _ENTRIES = [
          "targeted tensor's input dimension is not a multiple of M. Use `pattern=\"unstructured\"` or `targets=`\n"
          "globs that leave the tensor out."),
     Code("E452", "heads fraction does not fit the layers", RECIPE,
-         "`prune(model, heads=f)` removes the fraction f of every layer's attention heads. With grouped-query\n"
-         "attention a key/value head goes only with its whole query group, so f times the number of key/value\n"
-         "heads must be a whole number, and at least one group must stay. The hint lists the valid fractions."),
+         "`prune(model, heads=f)` removes the fraction f of every layer's attention heads, as whole heads: with\n"
+         "grouped-query attention a key/value head goes only with its whole query group. The nearest whole\n"
+         "number of them must stay within 0.05 of f (otherwise the fraction removed would be far from the one\n"
+         "asked; within it, warning E419 says what is removed), and at least one group must stay. The hint\n"
+         "lists the exact fractions."),
     Code("E453", "ffn fraction empties a layer", RECIPE,
          "`prune(model, ffn=f)` removes the fraction f of every layer's FFN neurons; at least one must stay."),
     Code("E454", "bad scoring data", RECIPE,

@@ -13,6 +13,7 @@ or GPT-2's packed q|k|v).
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -116,22 +117,37 @@ def has_low_rank(sig: Signature) -> bool:
     return any(n.endswith(".a.weight") and n.removesuffix(".a.weight") + ".b.weight" in names for n in names)
 
 
+# How far the whole heads removed may be from the fraction asked for before it is an error: heads=0.3 of 32
+# heads removes 10 (0.3125, a warning); heads=0.25 of 2 query groups would remove half of them (an error).
+HEADS_ROUNDING = 0.05
+
+
 def heads_removed(facts: ArchFacts, fraction: float) -> list[int] | str:
-    """Units (key/value heads with their query groups) removed per layer for a uniform `fraction`, or why not."""
+    """Units (key/value heads with their query groups) removed per layer for a uniform `fraction`: the
+    nearest whole number (half up), or why not (a layer left empty, or too far from the fraction)."""
     removed = []
     for i in range(facts.layers):
         units, per_unit = groups(facts, i)
-        count = fraction * units
-        if abs(count - round(count)) > 1e-9 or round(count) >= units:
+        count = math.floor(fraction * units + 0.5)
+        if count >= units or abs(count / units - fraction) > HEADS_ROUNDING:
             choices = ", ".join(f"{k / units:g}" for k in range(units))
             what = (f"{units} key/value heads, each with {per_unit} query heads" if per_unit > 1
                     else f"{units} heads")
-            return (f"layer {i} has {what}: heads={fraction:g} "
-                    + ("would leave it empty" if round(count) >= units else "does not remove whole "
+            outcome = ("would leave it empty" if count >= units else "is not near a whole number of "
                        + ("query groups" if per_unit > 1 else "heads"))
-                    + f"; valid fractions: {choices}")
-        removed.append(round(count))
+            return f"layer {i} has {what}: heads={fraction:g} {outcome}; valid fractions: {choices}"
+        removed.append(count)
     return removed
+
+
+def rounding_note(facts: ArchFacts, fraction: float, removed: list[int]) -> str | None:
+    """What `heads=fraction` really removes when whole heads (or query groups) cannot make the fraction."""
+    shares = {(r, groups(facts, i)[0], groups(facts, i)[1]) for i, r in enumerate(removed)}
+    if all(abs(r / units - fraction) < 1e-9 for r, units, _ in shares):
+        return None
+    said = "; ".join(f"{r * q} of {units * q} heads" + (f" ({r} of {units} query groups)" if q > 1 else "")
+                     + f" = {r / units:.4g}" for r, units, q in sorted(shares))
+    return f"heads={fraction:g} removes whole heads: {said} in every layer"
 
 
 def ffn_removed(facts: ArchFacts, fraction: float) -> list[int] | str:
@@ -271,6 +287,9 @@ class Prune(Op):
             if isinstance(removed, str):
                 return ctx.error("E452", removed, "heads", "heads= is the fraction of key/value groups removed "
                                  "in every layer (uniform=false ranks across layers)")
+            note = rounding_note(facts, params.heads, removed) if params.uniform else None
+            if note:
+                ctx.warning("E419", note, "heads", "give one of the exact fractions to silence this")
             if not params.uniform:
                 return Type(Kind.MODEL, None)
             kept = [facts.kv_heads[i] - r for i, r in enumerate(removed)]

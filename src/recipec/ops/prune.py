@@ -416,7 +416,7 @@ def check_rounds(ctx: Context, sig: Signature, params) -> bool:
         return not ctx.error("E489", f"recovery training is next-token training of a causal LM, and this {family} "
                              f"model is {what}", "retrain", "prune it once (drop steps= and retrain=), then "
                              "fine-tune it with its own objective; iterative pruning supports "
-                             + ", ".join(CAUSAL_FAMILIES) + " models with their LM head")
+                             + " and ".join(CAUSAL_FAMILIES) + " models with their LM head")
     facts = sig.facts
     if facts is not None and facts.positions is not None and params.seq_len > facts.positions:
         return not ctx.error("E433", f"seq_len={params.seq_len} is beyond the model's {facts.positions} positions",

@@ -112,6 +112,8 @@ def test_retrained_sparse_weights_keep_exactly_the_final_rounds_zeros(out):
     assert not torch.equal(weights["model.embed_tokens.weight"], once["model.embed_tokens.weight"])
     metrics = _metrics(out / "sparse")
     assert [(m["round"], m["step"]) for m in metrics] == [(1, s) for s in range(1, 7)] + [(2, s) for s in range(7, 13)]
+    tokens = [m["tokens"] for m in metrics]
+    assert tokens == sorted(set(tokens)) and tokens[-1] <= 12 * 2 * 32  # counted on across rounds
     assert (out / "sparse" / "loss_curve.png").is_file()
 
 

@@ -188,13 +188,15 @@ def _save(model, pruned: Path, out: Path) -> str:
 
 
 def _write_metrics(work: Path, rounds: int, out: Path) -> None:
-    """Every round's metrics in one file, steps counted across rounds, and the loss curve drawn from them."""
-    lines, done = [], 0
+    """Every round's metrics in one file, steps and tokens counted across rounds, and the loss curve drawn
+    from them."""
+    lines, steps, tokens = [], 0, 0
     for index in range(1, rounds + 1):
         records = read_metrics(work / f"round-{index}" / "train" / METRICS)
         for record in records:
             kept = {k: record[k] for k in REPRODUCIBLE_FIELDS if k in record}
-            lines.append(json.dumps({**kept, "round": index, "step": done + record["step"]}, sort_keys=True))
-        done += len(records)
+            kept.update(round=index, step=steps + record["step"], tokens=tokens + record["tokens"])
+            lines.append(json.dumps(kept, sort_keys=True))
+        steps, tokens = steps + len(records), tokens + (records[-1]["tokens"] if records else 0)
     (out / RELEASED_METRICS).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     render_loss_curve(out / RELEASED_METRICS, out / LOSS_CURVE)

@@ -5,6 +5,9 @@ Its rule is in backends/prune.py. Here: the parameters, the check-time rules (ev
 family is a located error before any weight is read), the output's signature (structured pruning shrinks
 tensors: the pruned shapes are known from the config facts at check time) and the cost.
 
+Iterative pruning (`steps=`, `retrain=`) adds the training loop's settings and checks that every round is
+one the model can take and that the model is a causal LM; its cost is the rounds times a pass and a training run.
+
 The tensor layout every structured rule works from lives here too (`LAYOUTS`), as data: which tensors of a
 layer hold attention heads or FFN neurons, along which dimension, and in which part (queries, keys/values,
 or GPT-2's packed q|k|v).
@@ -177,6 +180,11 @@ class Prune(Op):
     `uniform=true` removes the same count in every layer; `uniform=false` ranks across layers (then the pruned
     shapes are known only once built). Shapes stock transformers cannot load use recipec's model classes
     (`model_type: "recipec_llama"`, ...): `import recipec` before `from_pretrained`.
+
+    `steps=N, retrain=corpus` prunes iteratively: N rounds, round r pruning to r/N of the target, then training
+    on `retrain` (next-token loss, the loop of `cp`: `lr=` and one of `train_steps=`, `epochs=`, `tokens=`, each
+    per round; `seq_len` and `batch` as for scoring). Pruned weights stay exactly zero while training; heads and
+    neurons are removed each round and the smaller model is trained. Llama and GPT-2 models with their LM head.
     """
 
     name = "prune"
@@ -257,13 +265,6 @@ class Prune(Op):
         if params.steps is not None and out.kind != Kind.ERROR and not check_rounds(ctx, sig, params):
             return ERROR_TYPE
         return out
-
-    @classmethod
-    def node_params(cls, params, ctx):
-        dumped = params.model_dump(mode="json")
-        if params.steps is None:  # pruning once: the key and the lock hold no training settings
-            return {k: v for k, v in dumped.items() if k not in ("steps", *RETRAIN_FIELDS)}
-        return dumped
 
     @classmethod
     def _magnitude_type(cls, ctx: Context, sig: Signature, params) -> Type:

@@ -377,6 +377,7 @@ def _gradient_scores(job: Job, params, family: str, prefix: str, facts: ArchFact
     from ..textprep.encode import load_tokenizer
     from ..textprep.errors import TextPrepError
 
+    transformers.logging.disable_progress_bar()  # the job's own progress is in sequences, drawn by the driver
     model_dir = job.inputs[0].path
     hint = "prune a model that carries its tokenizer, e.g. init(..., tokenizer=\"tokenizers/x\")"
     if not any((model_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):

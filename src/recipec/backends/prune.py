@@ -10,6 +10,9 @@ position order until exactly k are. Memory: one chunk of one tensor plus two 655
 Structured pruning ranks units (a key/value head with its query group; an FFN neuron) by the L1 norm of their
 weights or by a gradient score on a corpus, keeps the rest in their order, and writes every tensor sliced to
 them; the config follows (`recipec.modeling.loadable_config`).
+
+Both work from a `Pass` (what to zero or remove this time): `prune` makes one from its parameters, iterative
+pruning (`steps=`, prune_iterative.py) one per round.
 """
 
 from __future__ import annotations

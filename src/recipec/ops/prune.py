@@ -260,8 +260,10 @@ class Prune(Op):
         sig = inputs[0].type.signature
         if sig is None:
             return Type(Kind.MODEL, None)  # known once the model is locked
-        out = cls._magnitude_type(ctx, sig, params) if params.sparsity is not None else \
-            cls._structured_type(ctx, sig, params)
+        if params.sparsity is not None:
+            out = cls._magnitude_type(ctx, sig, params)
+        else:
+            out = cls._structured_type(ctx, sig, params)
         if params.steps is not None and out.kind != Kind.ERROR and not check_rounds(ctx, sig, params):
             return ERROR_TYPE
         return out

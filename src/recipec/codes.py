@@ -228,6 +228,17 @@ _ENTRIES = [
     Code("E457", "nothing to prune", RECIPE,
          "`targets=` globs match no tensor of the model (or the model has no layer weights). Globs match whole\n"
          "tensor names, e.g. `targets=[\"*.mlp.*.weight\"]`."),
+    Code("E488", "bad iterative pruning schedule", RECIPE,
+         "`prune(..., steps=N, retrain=corpus)` prunes in N rounds, each reaching r/N of the target and then\n"
+         "training on `retrain` (next-token loss, as `cp`). `steps` (at least 1) and `retrain` come together,\n"
+         "with `lr=` and exactly one of `train_steps=`, `epochs=`, `tokens=` (the length of each round's\n"
+         "training); training settings without `steps` are refused. Every round must prune whole units: an N:M\n"
+         "pattern needs `steps` dividing M - N, and `heads=` whole key/value groups in every round (the hint\n"
+         "lists the valid `steps`)."),
+    Code("E489", "recovery training needs a causal LM", RECIPE,
+         "Iterative pruning retrains with the training loop of `cp`, next-token loss on a causal language\n"
+         "model: llama and gpt2 models with their LM head. An encoder (bert) or a headless model cannot be\n"
+         "retrained this way: prune it once, then fine-tune it with its own objective."),
     # Shrinking ops (drop_layers, distill, lowrank), at check time
     Code("E458", "model family the op does not support", RECIPE,
          "`drop_layers` and `lowrank` know where the layers and linear weights of Llama, GPT-2 and BERT models\n"
@@ -408,6 +419,16 @@ _ENTRIES += [
     Code("E590", "pruning scores cannot be computed", RUNTIME,
          "`prune(..., score=\"gradient\", data=)` needs the model's tokenizer and a corpus with text; the message\n"
          "says which is missing."),
+    Code("E615", "recovery training failed", RUNTIME,
+         "A round of `prune(..., steps=, retrain=)` could not train: the corpus holds no tokens or fewer than\n"
+         "`tokens=`/`train_steps=` need, or the loss became NaN or infinite (lower `lr`, raise `warmup`). The\n"
+         "rounds finished and the round's checkpoints stay in the work directory: a new run resumes there."),
+    Code("E616", "model cannot be retrained", RUNTIME,
+         "Iterative pruning found, once the model was built, that it does not load as a causal LM (see\n"
+         "E489), or that the corpus `retrain=` cannot be tokenized by the model's tokenizer."),
+    Code("E617", "pruning fraction does not fit the model built", RUNTIME,
+         "`prune` learned the model's heads and FFN widths only when it ran (a model built by an earlier\n"
+         "step), and a fraction does not fit them (see E452 and E453)."),
     # Shrinking ops (drop_layers, distill, lowrank), at run time
     Code("E595", "layers cannot be dropped as asked", RUNTIME,
          "`drop_layers` learned the model's layers only when it ran (a model built by an earlier step, or a\n"

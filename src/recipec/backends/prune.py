@@ -10,11 +10,15 @@ position order until exactly k are. Memory: one chunk of one tensor plus two 655
 Structured pruning ranks units (a key/value head with its query group; an FFN neuron) by the L1 norm of their
 weights or by a gradient score on a corpus, keeps the rest in their order, and writes every tensor sliced to
 them; the config follows (`recipec.modeling.loadable_config`).
+
+Both work from a `Pass` (what to zero or remove this time): `prune` makes one from its parameters, iterative
+pruning (`steps=`, prune_iterative.py) one per round.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -34,17 +38,64 @@ BINS = 1 << 16
 TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model")
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pruning pass over a model: what it zeroes (`sparsity`, or `keep` = N of every M weights) or removes
+    (`heads`, `ffn`: units per layer, or a number of them ranked across layers). `prune` makes one; iterative
+    pruning (prune_iterative.py) one per round, each towards the round's cumulative target."""
+
+    sparsity: float | None = None
+    keep: tuple[int, int] | None = None
+    heads: list[int] | int | None = None
+    ffn: list[int] | int | None = None
+
+
+def one_pass(params: Prune.Params, facts: ArchFacts | None, fraction: float = 1.0) -> Pass:
+    """The pass that takes a model of shape `facts` to `fraction` of the pruning `params` ask for, all at once."""
+    if params.sparsity is not None:
+        nm = PATTERNS[params.pattern]
+        keep = None if nm is None else (nm[1] - round((nm[1] - nm[0]) * fraction), nm[1])
+        return Pass(sparsity=params.sparsity * fraction, keep=keep)
+    heads = ffn = None
+    if params.heads is not None:
+        target = params.heads * fraction
+        heads = (_fits(heads_removed(facts, target)) if params.uniform
+                 else round(target * sum(facts.kv_heads[i] for i in range(facts.layers))))
+    if params.ffn is not None:
+        target = params.ffn * fraction
+        ffn = _fits(ffn_removed(facts, target)) if params.uniform else round(target * sum(facts.intermediate))
+    return Pass(heads=heads, ffn=ffn)
+
+
+def _fits(removed: list[int] | str) -> list[int]:
+    """Counts per layer, or the failure of a fraction that the model, known only now, cannot take."""
+    if isinstance(removed, str):
+        raise RunFailure("E617", removed, "choose a fraction the model's layers can take (see E452, E453)")
+    return removed
+
+
 def build_prune(job: Job) -> str:
     params: Prune.Params = Prune.params_of(job.node)
+    if params.steps is not None:
+        from .prune_iterative import build_iterative  # training is loaded only for iterative pruning
+
+        return build_iterative(job, params)
+    facts = None if params.sparsity is not None else facts_from_config(job.inputs[0].files.config)
+    return prune_once(job, params, one_pass(params, facts))
+
+
+def prune_once(job: Job, params: Prune.Params, step: Pass) -> str:
+    """Prune `job.inputs[0]` by `step` into `job.out` (scores of `params.score`, on `job.inputs[1]` if
+    gradient); the weights' digest."""
     files = job.inputs[0].files
     sig = signature_of_files(files)
     reader = ModelReader(files)
     try:
-        if params.sparsity is not None:
-            transform = _magnitude(reader, sig, params, job)
+        if step.sparsity is not None:
+            transform = _magnitude(reader, sig, params, step)
             config = dict(files.config)
         else:
-            transform, facts = _structured(reader, sig, params, job)
+            transform, facts = _structured(reader, sig, params, job, step)
             config = modeling.loadable_config(files.config, facts)
         return _write(job, reader, files, transform, config)
     finally:
@@ -155,22 +206,22 @@ class _Transform:
         return self.shapes.get(name, shape)
 
 
-def _magnitude(reader: ModelReader, sig, params, job: Job) -> _Transform:
+def _magnitude(reader: ModelReader, sig, params, step: Pass) -> _Transform:
     names = sorted(targeted(sig, params.targets))
-    nm = PATTERNS[params.pattern]
-    if nm is not None:
+    if step.keep is not None:
+        n, m = step.keep
         return _Transform({name: (lambda t, name=name: keep_n_of_m(
-            t, nm[0], nm[1], input_dim(sig.model_type, name, t.dim()))) for name in names})
+            t, n, m, input_dim(sig.model_type, name, t.dim()))) for name in names})
     numel = {t.name: t.numel for t in sig.tensors}
     if params.scope == "layer":
         rewrite = {}
         for name in names:
-            k = round(params.sparsity * numel[name])
+            k = round(step.sparsity * numel[name])
             if k:
                 threshold, ties = kth_magnitude(lambda name=name: [reader.tensor(name)], k)
                 rewrite[name] = _Mask(threshold, ties)
         return _Transform(rewrite)
-    k = round(params.sparsity * sum(numel[n] for n in names))
+    k = round(step.sparsity * sum(numel[n] for n in names))
     if not k:
         return _Transform({})
     threshold, ties = kth_magnitude(lambda: (reader.tensor(n) for n in names), k)
@@ -181,7 +232,7 @@ def _magnitude(reader: ModelReader, sig, params, job: Job) -> _Transform:
 # Structured pruning
 
 
-def _structured(reader: ModelReader, sig, params, job: Job) -> tuple[_Transform, ArchFacts]:
+def _structured(reader: ModelReader, sig, params, job: Job, step: Pass) -> tuple[_Transform, ArchFacts]:
     family = modeling.family(sig.model_type)
     layout = LAYOUTS[family]
     prefix = layer_prefix(family, sig.by_name)
@@ -190,16 +241,14 @@ def _structured(reader: ModelReader, sig, params, job: Job) -> tuple[_Transform,
     gradient = _gradient_scores(job, params, family, prefix, facts) if need_gradient else None
     kept_units = [list(range(facts.kv_heads[i])) for i in range(facts.layers)]
     kept_neurons = [list(range(facts.intermediate[i])) for i in range(facts.layers)]
-    if params.heads:
+    if step.heads:
         scores = gradient[0] if gradient else [_l1_head_scores(reader, layout, prefix, facts, i)
                                                 for i in range(facts.layers)]
-        counts = heads_removed(facts, params.heads) if params.uniform else None
-        kept_units = _select(scores, counts, params.heads)
-    if params.ffn:
+        kept_units = _select(scores, step.heads)
+    if step.ffn:
         scores = gradient[1] if gradient else [_l1_ffn_scores(reader, layout, prefix, i)
                                                 for i in range(facts.layers)]
-        counts = ffn_removed(facts, params.ffn) if params.uniform else None
-        kept_neurons = _select(scores, counts, params.ffn)
+        kept_neurons = _select(scores, step.ffn)
     rewrite, shapes = {}, {}
     d = facts.head_dim
     for i in range(facts.layers):
@@ -275,11 +324,12 @@ def _normalized(scores: list[list[float]]) -> list[list[float]]:
     return out
 
 
-def _select(scores: list[list[float]], counts: list[int] | None, fraction: float) -> list[list[int]]:
-    """The units kept per layer: the lowest-scoring `counts[i]` of each layer removed, or, with no counts,
-    the lowest round(fraction * all) across layers (scores layer-normalized), never a layer's last unit.
-    Ties go by layer then index, so the choice is the same on every run."""
-    if counts is not None:
+def _select(scores: list[list[float]], removed: list[int] | int) -> list[list[int]]:
+    """The units kept per layer: the lowest-scoring `removed[i]` of each layer i, or, given one number, the
+    lowest `removed` across layers (scores layer-normalized), never a layer's last unit. Ties go by layer
+    then index, so the choice is the same on every run."""
+    if isinstance(removed, list):
+        counts = removed
         kept = []
         for layer, count in zip(scores, counts):
             dropped = set(sorted(range(len(layer)), key=lambda u: (layer[u], u))[:count])
@@ -288,7 +338,7 @@ def _select(scores: list[list[float]], counts: list[int] | None, fraction: float
     normalized = _normalized(scores)
     ranked = sorted(((s, i, u) for i, layer in enumerate(normalized) for u, s in enumerate(layer)))
     left = [len(layer) for layer in scores]
-    budget = round(fraction * sum(left))
+    budget = removed
     dropped = set()
     for _, i, u in ranked:
         if budget == 0:
@@ -330,6 +380,7 @@ def _gradient_scores(job: Job, params, family: str, prefix: str, facts: ArchFact
     from ..textprep.encode import load_tokenizer
     from ..textprep.errors import TextPrepError
 
+    transformers.logging.disable_progress_bar()  # the job's own progress is in sequences, drawn by the driver
     model_dir = job.inputs[0].path
     hint = "prune a model that carries its tokenizer, e.g. init(..., tokenizer=\"tokenizers/x\")"
     if not any((model_dir / name).is_file() for name in TOKENIZER_VOCABULARIES):

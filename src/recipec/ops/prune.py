@@ -5,6 +5,9 @@ Its rule is in backends/prune.py. Here: the parameters, the check-time rules (ev
 family is a located error before any weight is read), the output's signature (structured pruning shrinks
 tensors: the pruned shapes are known from the config facts at check time) and the cost.
 
+Iterative pruning (`steps=`, `retrain=`) adds the training loop's settings and checks that every round is
+one the model can take and that the model is a causal LM; its cost is the rounds times a pass and a training run.
+
 The tensor layout every structured rule works from lives here too (`LAYOUTS`), as data: which tensors of a
 layer hold attention heads or FFN neurons, along which dimension, and in which part (queries, keys/values,
 or GPT-2's packed q|k|v).
@@ -18,12 +21,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from .. import modeling
 from ..arch import ArchFacts
 from ..ir.types import Kind, Signature, Type
-from .base import Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
+from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
+from .train import BYTES_PER_TOKEN, TrainParams, training_flops, training_memory
+from .train_config import TrainConfig, TrainingError, batch_shape
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
 # Linear weights inside the transformer layers: what magnitude pruning targets unless `targets=` says otherwise
@@ -190,12 +195,19 @@ class Prune(Op):
     `uniform=true` removes the same count in every layer; `uniform=false` ranks across layers (then the pruned
     shapes are known only once built). Shapes stock transformers cannot load use recipec's model classes
     (`model_type: "recipec_llama"`, ...): `import recipec` before `from_pretrained`.
+
+    `steps=N, retrain=corpus` prunes iteratively: N rounds, round r pruning to r/N of the target, then training
+    on `retrain` (next-token loss, the loop of `cp`: `lr=` and one of `train_steps=`, `epochs=`, `tokens=`, each
+    per round; `seq_len` and `batch` as for scoring). Pruned weights stay exactly zero while training; heads and
+    neurons are removed each round and the smaller model is trained. Llama and GPT-2 models with their LM head.
     """
 
     name = "prune"
     inputs = (Input("model", Kind.MODEL, doc="the model to prune"),
-              Input("data", Kind.CORPUS, optional=True, doc="a corpus for `score=\"gradient\"`"))
-    toolchain = ("torch", "transformers", "tokenizers")
+              Input("data", Kind.CORPUS, optional=True, doc="a corpus for `score=\"gradient\"`"),
+              Input("retrain", Kind.CORPUS, optional=True, doc="a corpus for recovery training between the "
+                                                               "rounds of `steps=`"))
+    toolchain = ("torch", "transformers", "tokenizers", "accelerate")
     rule = "prune:build_prune"
 
     class Params(Params):
@@ -210,9 +222,29 @@ class Prune(Op):
         ffn: float | None = Field(None, description="the fraction of FFN neurons to remove, in [0, 1)")
         score: Literal["l1", "gradient"] = Field("l1", description="how heads and neurons are ranked")
         uniform: bool = Field(True, description="remove the same count in every layer")
-        seq_len: int = Field(128, description="tokens per sequence when scoring on `data`")
-        batch: int = Field(4, description="sequences per scoring step")
+        seq_len: int = Field(128, description="tokens per sequence when scoring on `data` or retraining")
+        batch: int = Field(4, description="sequences per scoring step, or per optimizer step of retraining")
         max_sequences: int = Field(64, description="at most this many sequences of `data` are scored")
+        # Iterative pruning: `steps` rounds, each pruning to its share of the target, then training on
+        # `retrain=` with the training loop's settings below (as `cp` names them; `train_steps` is its `steps`).
+        steps: int | None = Field(None, description="prune in this many equal increments, each followed by "
+                                  "recovery training on `retrain=`")
+        lr: float | None = Field(None, gt=0, description="peak learning rate of recovery training")
+        train_steps: int | None = Field(None, gt=0, description="optimizer steps of recovery training per round")
+        epochs: float | None = Field(None, gt=0, description="passes over `retrain=` per round")
+        tokens: int | None = Field(None, gt=0, description="tokens of `retrain=` trained on per round")
+        micro_batch: int | None = Field(None, gt=0, description="sequences per forward pass of retraining")
+        grad_accum: int | None = Field(None, gt=0, description="micro-batches per optimizer step of retraining")
+        schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay "
+                                                                  "within each round")
+        warmup: int = Field(0, ge=0, description="optimizer steps of linear warmup at the start of each round")
+        weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of retraining")
+        max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping of retraining")
+        seed: int = Field(0, description="the data order's seed (round r reads with seed + r - 1)")
+        precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="retraining's compute precision")
+        save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints of "
+                                       "retraining")
+        shuffle_buffer: int = Field(1024, gt=0, description="packed sequences shuffled together")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
@@ -238,12 +270,18 @@ class Prune(Op):
             if value is not None and not 0 <= value < 1:
                 return ctx.error("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
                                  f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
+        if not check_schedule(ctx, params):
+            return ERROR_TYPE
         sig = inputs[0].type.signature
         if sig is None:
             return Type(Kind.MODEL, None)  # known once the model is locked
         if params.sparsity is not None:
-            return cls._magnitude_type(ctx, sig, params)
-        return cls._structured_type(ctx, sig, params)
+            out = cls._magnitude_type(ctx, sig, params)
+        else:
+            out = cls._structured_type(ctx, sig, params)
+        if params.steps is not None and out.kind != Kind.ERROR and not check_rounds(ctx, sig, params):
+            return ERROR_TYPE
+        return out
 
     @classmethod
     def _magnitude_type(cls, ctx: Context, sig: Signature, params) -> Type:
@@ -305,6 +343,13 @@ class Prune(Op):
 
     @classmethod
     def cost(cls, inputs, params, out, threads):
+        one = cls._pass_cost(inputs, params, out)
+        if params.steps is None or inputs[0].type.signature is None:
+            return one
+        return _iterative_cost(one, inputs, params, out)
+
+    @classmethod
+    def _pass_cost(cls, inputs, params, out) -> Cost:
         sig = out.signature or inputs[0].type.signature
         if sig is None:
             return Cost()
@@ -324,3 +369,131 @@ class Prune(Op):
         return Cost(bytes_read=2 * read, bytes_written=sig.nbytes,
                     peak_bytes=8 * concurrent_elements(out, 1) if out.signature else 8 * largest,
                     flops=2 * sig.params)
+
+
+# Iterative pruning: `steps` rounds; round r prunes to r/steps of the target, then trains on `retrain=`.
+
+RETRAIN_FIELDS = ("lr", "train_steps", "epochs", "tokens", "micro_batch", "grad_accum", "schedule", "warmup",
+                  "weight_decay", "max_grad_norm", "seed", "precision", "save_every", "shuffle_buffer")
+LENGTHS = ("train_steps", "epochs", "tokens")
+CAUSAL_FAMILIES = ("llama", "gpt2")  # the families recipec knows as causal LMs (the training loop's kind)
+SCHEDULE_EXAMPLE = ("e.g. prune(model, sparsity=0.5, steps=5, retrain=text(\"d/*.txt\"), train_steps=100, "
+                    "seq_len=256, batch=8, lr=1e-4)")
+
+
+def retrain_config(params) -> TrainConfig:
+    """The training loop's settings for one round of recovery training (the seed of round 1)."""
+    values = {name: getattr(params, name) for name in TrainConfig.model_fields if name != "steps"}
+    return TrainConfig(**values, steps=params.train_steps)
+
+
+def check_schedule(ctx: Context, params) -> bool:
+    """`steps=` and `retrain=` come together, with a complete set of training settings; True when all hold."""
+    retrain = bool(ctx.given.get("retrain"))
+    if params.steps is None:
+        stray = [name for name in RETRAIN_FIELDS if name in params.model_fields_set]
+        if retrain or stray:
+            what = "`retrain=`" if retrain else f"`{stray[0]}=`"
+            ctx.error("E488", f"{what} is read by iterative pruning only, and this call prunes once",
+                      "retrain" if retrain else stray[0], "add steps=N to prune in N rounds with recovery training "
+                      f"between them ({SCHEDULE_EXAMPLE}), or drop {what}")
+            return False
+        return True
+    if params.steps < 1:
+        ctx.error("E488", f"`steps` is the number of pruning rounds and must be at least 1, got {params.steps}",
+                  "steps", "steps=1 prunes once and retrains; steps=5 reaches the target in 5 equal increments")
+        return False
+    if not retrain:
+        ctx.error("E488", "`steps=` prunes in rounds with recovery training between them: it needs `retrain=`, "
+                  "a corpus to train on", "steps", f"{SCHEDULE_EXAMPLE}; or drop steps= to prune once")
+        return False
+    given = [name for name in LENGTHS if getattr(params, name) is not None]
+    if len(given) != 1:
+        ctx.error("E488", "recovery training needs exactly one of `train_steps=`, `epochs=`, `tokens=` per round "
+                  f"(got {', '.join(given) or 'none'})", given[1] if len(given) > 1 else "steps",
+                  "they apply to each round: `train_steps` counts optimizer steps, `epochs` passes over `retrain`, "
+                  "`tokens` tokens trained on")
+        return False
+    if params.lr is None:
+        ctx.error("E488", "recovery training needs a learning rate: `lr=`", "steps", SCHEDULE_EXAMPLE)
+        return False
+    try:
+        batch_shape(retrain_config(params), 1)
+    except TrainingError as err:
+        ctx.error("E434", err.message, "batch", err.hint)
+        return False
+    except ValidationError as err:  # seq_len below 2, or a bound the field types do not say
+        ctx.error("E488", f"recovery training cannot use these settings: {err.errors()[0]['msg']}", "seq_len")
+        return False
+    return True
+
+
+def check_rounds(ctx: Context, sig: Signature, params) -> bool:
+    """The model can be retrained (a causal LM) and every round's cumulative target is one the model can take."""
+    family = modeling.family(sig.model_type)
+    if family is not None and (family not in CAUSAL_FAMILIES or layer_prefix(family, sig.by_name) not in
+                               (None, LAYOUTS[family].prefixes[0])):
+        what = "an encoder" if family not in CAUSAL_FAMILIES else "a headless model (no LM head)"
+        return not ctx.error("E489", f"recovery training is next-token training of a causal LM, and this {family} "
+                             f"model is {what}", "retrain", "prune it once (drop steps= and retrain=), then "
+                             "fine-tune it with its own objective; iterative pruning supports "
+                             + " and ".join(CAUSAL_FAMILIES) + " models with their LM head")
+    facts = sig.facts
+    if facts is not None and facts.positions is not None and params.seq_len > facts.positions:
+        return not ctx.error("E433", f"seq_len={params.seq_len} is beyond the model's {facts.positions} positions",
+                             "seq_len", f"set `seq_len` to at most {facts.positions}")
+    nm = PATTERNS[params.pattern] if params.sparsity is not None else None
+    if nm is not None and (nm[1] - nm[0]) % params.steps:
+        valid = [s for s in range(1, nm[1] - nm[0] + 1) if (nm[1] - nm[0]) % s == 0]
+        return not ctx.error("E488", f"pattern {params.pattern} zeroes {nm[1] - nm[0]} of every {nm[1]} weights: "
+                             f"{params.steps} rounds cannot zero equal whole numbers of them", "steps",
+                             f"valid steps: {', '.join(map(str, valid))} (round r keeps "
+                             f"{nm[1]} - {nm[1] - nm[0]}·r/steps of every {nm[1]})")
+    if params.heads and params.uniform and facts is not None:
+        def fits(rounds: int) -> bool:
+            return all(isinstance(heads_removed(facts, params.heads * r / rounds), list)
+                       for r in range(1, rounds + 1))
+        if not fits(params.steps):
+            most = max(groups(facts, i)[0] for i in range(facts.layers))
+            valid = [s for s in range(1, most + 1) if fits(s)]
+            return not ctx.error("E488", f"heads={params.heads:g} in {params.steps} equal rounds removes a "
+                                 "fraction of a key/value group in some round", "steps",
+                                 f"valid steps: {', '.join(map(str, valid))}; or uniform=false, which ranks "
+                                 "heads across layers")
+    return True
+
+
+def round_tokens(params, retrain) -> int:
+    """Tokens one round of recovery training reads: as given, from its steps, or estimated from the corpus."""
+    if params.tokens is not None:
+        return params.tokens
+    if params.train_steps is not None:
+        return params.train_steps * params.batch * params.seq_len
+    return int(retrain.params.get("bytes", 0) / BYTES_PER_TOKEN * params.epochs)
+
+
+def _iterative_cost(one: Cost, inputs, params, out) -> Cost:
+    """`steps` pruning passes and `steps` rounds of training; the model shrinks linearly from the input's
+    parameters to the output's over the rounds (exact for uniform head and neuron removal)."""
+    from ..units import human_bytes, human_count
+
+    sig = inputs[0].type.signature
+    final = out.signature.params if out.signature else sig.params
+    tokens = round_tokens(params, inputs[-1])
+    config = retrain_config(params)
+    states, activations = training_memory(sig, TrainParams.model_construct(**config.model_dump(), processes=1))
+    flops = 0
+    for r in range(1, params.steps + 1):
+        scale = (sig.params - (sig.params - final) * r / params.steps) / max(sig.params, 1)
+        flops += int(training_flops(sig, params.seq_len, tokens) * scale)
+    train_steps = params.train_steps or math.ceil(tokens / (params.batch * params.seq_len))
+    estimated = "≈" if params.epochs is not None else ""
+    detail = (f"{params.steps} rounds × (prune, then {estimated}{human_count(tokens)} tokens · {estimated}"
+              f"{train_steps:,} steps of {params.batch} × {params.seq_len} of recovery training) = "
+              f"{estimated}{human_count(tokens * params.steps)} tokens · {params.precision}: weights, gradients, "
+              f"AdamW {human_bytes(states)} + activations {human_bytes(activations)}")
+    memory = states + activations
+    bf16 = params.precision == "bf16"
+    return Cost(bytes_read=params.steps * one.bytes_read, bytes_written=(2 * params.steps - 1) * one.bytes_written,
+                peak_bytes=max(one.peak_bytes, sig.nbytes if bf16 else memory), flops=params.steps * one.flops + flops,
+                accelerator_bytes=memory if bf16 else None, detail=detail)

@@ -36,9 +36,9 @@ from .store.cache import Cache
 from .store.digests import model_dir_digest
 from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
-from .store.lockfile import lock_digest, lock_path, node_drift
+from .store.lockfile import lock_data, lock_digest, lock_path, node_drift
 from .store.model_dir import pickled_weights
-from .store.release import TargetRefused, check_target, write_release
+from .store.release import TargetRefused, check_target, reproducible_hashes, write_release
 from .toolchain import toolchain_versions
 
 
@@ -279,15 +279,20 @@ class Engine:
                                self._base_models(export.node, by_node), REGISTRY[export.node.op].card_relation,
                                {name: f["sha256"] for name, f in built.files.items()} if built else {},
                                keeps_code_references(export.node))
-            files = artifact_kind(artifact.kind).release_files(artifact, info, export.format)
+            kind = artifact_kind(artifact.kind)
+            files = kind.release_files(artifact, info, export.format)
             try:
                 sums, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force)
+                reproducible = reproducible_hashes(export.path, kind.reproducible_views(export.path))
             except TargetRefused as err:
                 raise RecipeError([Diagnostic(err.code, err.message, export.span, err.hint)]) from None
+            except ArtifactError as err:
+                raise _artifact_failure(export.node, err) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
             written.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,
-                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None})
+                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None,
+                            "reproducible": reproducible, "measured": kind.measured_what(export.path)})
         return written
 
     def _base_models(self, node: Node, by_node: dict[int, NodeResult]) -> tuple[str, ...]:
@@ -296,19 +301,12 @@ class Engine:
         return tuple(sorted({name for name in names if name}))
 
     def lock_data(self, results: list[NodeResult], exports: list[dict]) -> dict:
-        recipe_bytes = self.recipe.read_bytes()
-        inputs, nodes = {}, {}
-        for r in results:
-            if r.status == "input":
-                inputs[r.node.label] = {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
-                                        **r.resolved}
-            elif r.key is not None:
-                nodes[r.node.label] = {"op": r.node.op, "key": r.key, "digest": r.artifact.digest}
-        outputs = {e["path"]: {"node": e["node"], "digest": e["digest"],
-                               "files": [{"name": n, "sha256": h} for n, h in sorted(e["files"].items())]}
-                   for e in exports}
-        return {"recipe": {"path": self.recipe.name, "sha256": hashlib.sha256(recipe_bytes).hexdigest()},
-                "toolchain": self.versions, "inputs": inputs, "nodes": nodes, "outputs": outputs}
+        """The lockfile's content for these results and written exports (store/lockfile.py lays it out)."""
+        inputs = {r.node.label: {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
+                                 **r.resolved} for r in results if r.status == "input"}
+        nodes = {r.node.label: {"op": r.node.op, "key": r.key, "digest": r.artifact.digest}
+                 for r in results if r.status != "input" and r.key is not None}
+        return lock_data(self.recipe, self.versions, inputs, nodes, exports)
 
 
 def _written(node: Node) -> str:

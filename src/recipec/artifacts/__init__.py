@@ -90,6 +90,18 @@ class ArtifactKind:
         return files_digest({p.name: content_file_hash(p) for p in cls.content_files(path)})
 
     @classmethod
+    def reproducible_views(cls, path: Path) -> dict[str, bytes]:
+        """Files of a directory of this kind (a result or a release of it) that hold measurements, each as
+        its reproducible part, the measured values masked; raises ArtifactError where they are malformed.
+        Those files are compared by that part. By default no file holds a measurement."""
+        return {}
+
+    @classmethod
+    def measured_what(cls, path: Path) -> str | None:
+        """What the measurements of such a directory are, in words; None when it holds none."""
+        return None
+
+    @classmethod
     def describe(cls, type_: Type) -> str:
         """How `plan` shows a value of this kind."""
         return str(type_)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from helpers import run_cli
 
 from recipec.artifacts import ArtifactError
+from recipec.cli import main
 from recipec.artifacts.report import MEASURED_FILE, Measured, Report, ReportKind, Table, write_report
 from recipec.store.lockfile import read_lock
 
@@ -113,3 +115,48 @@ def test_verify_fails_on_measured_values_the_release_does_not_list(exported, cap
     page.write_text(page.read_text().replace(" ms", " s"))  # a time edited, SHA256SUMS left as it was
     status, _, err = _run(["verify"], capsys, exported)
     assert status != 0 and "SHA256SUMS does not list report.md as it is" in err, err
+
+
+# --------------------------------------------------------------------------------------- eval in releases
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EVAL_RECIPE = """recipec 1
+base   = init("llama", size="tiny", seed=1, tokenizer="tokenizers/llama-chat")
+chat   = sft(base, chat("data/tiny_chat.jsonl"), epochs=1, seq_len=32, batch=4, lr=3e-3, warmup=1)
+pruned = prune(chat, heads=0.5)
+e = eval(base, pruned, corpus=text("data/tiny_corpus.jsonl"))
+export pruned to "out/pruned"
+export e to "out/eval"
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    """A trained, then pruned model, evaluated beside its base and exported with the report."""
+    root = tmp_path_factory.mktemp("eval_release")
+    shutil.copytree(EXAMPLES / "tokenizers" / "llama-chat", root / "tokenizers" / "llama-chat")
+    shutil.copytree(EXAMPLES / "data", root / "data")
+    (root / "r.rcp").write_text(EVAL_RECIPE)
+    with pytest.MonkeyPatch.context() as env:  # a module fixture runs before the per-test isolation
+        env.setenv("RECIPEC_CACHE", str(root / "cache"))
+        env.setenv("HF_HUB_OFFLINE", "1")
+        status = main(["run", str(root / "r.rcp")])
+    assert status == 0
+    return root
+
+
+def test_the_model_card_holds_its_column_of_the_eval(evaluated):
+    card = (evaluated / "out" / "pruned" / "README.md").read_text()
+    page = (evaluated / "out" / "eval" / "report.md").read_text()
+    assert "## Evaluation: `e`" in card and "| | base (reference) | pruned |" in card.replace("|  |", "| |")
+    perplexity = next(line for line in page.splitlines() if line.startswith("| perplexity |"))
+    assert perplexity in card  # two models: the card's column pair is the whole table
+    assert card.index("lock digest") < card.index("## Evaluation")
+
+
+def test_the_training_curve_of_a_node_upstream_is_drawn(evaluated):
+    data = json.loads((evaluated / "out" / "eval" / "report.json").read_text())
+    assert list(data["training"]) == ["chat"]  # pruned was not trained itself; the sft before it was
+    assert [m["trained"] for m in data["models"]] == [None, None]
+    assert len(data["training"]["chat"]) >= 2 and all("loss" in r for r in data["training"]["chat"])
+    assert (evaluated / "out" / "eval" / "training_loss.png").is_file()

@@ -64,6 +64,7 @@ class ReleaseInfo:
     relation: str = "finetune"
     known: dict[str, str] = field(default_factory=dict)  # sha256 of files already hashed (a cache object's)
     keep_code: bool = False
+    card_sections: tuple[str, ...] = ()  # what the recipe's reports say about this artifact (Markdown)
 
 
 class ArtifactKind:
@@ -99,6 +100,12 @@ class ArtifactKind:
     @classmethod
     def measured_what(cls, path: Path) -> str | None:
         """What the measurements of such a directory are, in words; None when it holds none."""
+        return None
+
+    @classmethod
+    def card_section(cls, path: Path, model: str, report: str) -> str | None:
+        """What a result of this kind, bound to `report`, says about the model labelled `model` (one of the
+        nodes it was built from), as Markdown for that model's card; None when nothing."""
         return None
 
     @classmethod

@@ -12,6 +12,11 @@ says what is measured where; it is reproducible itself. The reproducible part of
 is the file with its measured values masked (`reproducible_views`): the digest covers that (or the digest
 the rule returns), and the lock, `run --locked` and `verify` compare it byte for byte, while the measured
 values are only checked to be there and well formed.
+
+A report whose data holds `models`, a list of objects each with the `label` of the model it is about, shows
+them in that order as the columns (after the first, the row titles) of its first table, the first model the
+reference. The model card of an exported model then holds its column beside the reference's
+(`card_section`), less any row with a measured cell, so that the card stays reproducible.
 """
 
 from __future__ import annotations
@@ -76,6 +81,28 @@ class ReportKind(ArtifactKind):
         return views
 
     @classmethod
+    def card_section(cls, path: Path, model: str, report: str) -> str | None:
+        """What this report, bound to `report`, says about the model labelled `model`, for its card."""
+        data = cls.read(path)
+        models = data.get("models")
+        labels = [m.get("label") for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+        if model not in labels:
+            return None
+        lines = (path / PAGE_FILE).read_text(encoding="utf-8").split("\n")
+        tables = _tables(lines)
+        manifest = _manifest(path)
+        measured = {row for table, row, _ in (manifest["cells"] if manifest else []) if table == 0}
+        columns = sorted({0, 1, labels.index(model) + 1})
+        block = tables[0]
+        rows = [block[0]] + [line for k, line in enumerate(block[2:]) if k not in measured]
+        table = [[_CELL_SEPARATOR.split(lines[number])[1:-1][c].strip() for c in columns] for number in rows]
+        title = lines[0].removeprefix("# ")
+        text = [f"## {title}: `{report}`", "",
+                f"From the recipe's report `{report}`: this model (`{model}`) beside the first model it evaluates, "
+                "the reference.", "", Table(table[0], table[1:]).markdown(), ""]
+        return "\n".join(text)
+
+    @classmethod
     def measured_what(cls, path: Path) -> str | None:
         """What a report's measurements are, in words ("times and memory"); None when nothing is measured."""
         manifest = _manifest(path)
@@ -127,14 +154,14 @@ def _mask_path(value: Any, parts: list[str], path: str) -> None:
 _CELL_SEPARATOR = re.compile(r"(?<!\\)\|")
 
 
-def _table_rows(lines: list[str]) -> list[list[int]]:
-    """Line numbers of the body rows of each Markdown table of a page, table by table."""
+def _tables(lines: list[str]) -> list[list[int]]:
+    """Line numbers of each Markdown table of a page (its header, separator, then body rows)."""
     tables, run = [], []
     for number, line in enumerate(lines + [""]):
         if line.startswith("|"):
             run.append(number)
         elif run:
-            tables.append(run[2:])  # after the header and its separator
+            tables.append(run)
             run = []
     return tables
 
@@ -142,9 +169,9 @@ def _table_rows(lines: list[str]) -> list[list[int]]:
 def _masked_page(raw: bytes, cells: list[list[int]]) -> bytes:
     """report.md with the measured table cells ([table, row, column], body rows) masked."""
     lines = raw.decode("utf-8").split("\n")
-    tables = _table_rows(lines)
+    tables = _tables(lines)
     for table, row, column in cells:
-        number = tables[table][row]
+        number = tables[table][2 + row]  # after the header and its separator
         parts = _CELL_SEPARATOR.split(lines[number])
         if not 0 <= column < len(parts) - 2:
             raise ValueError(f"table {table + 1}, row {row + 1} has no column {column + 1}")

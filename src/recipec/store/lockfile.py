@@ -216,8 +216,3 @@ def output_drift(path: str, locked: dict, files: dict[str, str], reproducible: d
         elif was[name]["sha256"] != files[name]:
             return f"output {path}: file {name}"
     return None
-
-
-def measured_files(locked_output: dict) -> list[str]:
-    """The files of a locked export that hold measurements."""
-    return [f["name"] for f in locked_output["files"] if "reproducible" in f]

@@ -13,8 +13,8 @@ import pytest
 from helpers import run_cli
 
 from recipec.artifacts import ArtifactError
-from recipec.cli import main
 from recipec.artifacts.report import MEASURED_FILE, Measured, Report, ReportKind, Table, write_report
+from recipec.cli import main
 from recipec.store.lockfile import read_lock
 
 FAST = "seq_len=8, repeats=1, decode_tokens=2"

@@ -22,8 +22,8 @@ from .engine import Engine, RunOptions
 from .check import Program
 from .ops import REGISTRY
 from .store.filehash import hash_file
-from .store.release import SUMS, reproducible_hashes
 from .store.lockfile import LockError, input_drift, lock_path, node_drift, output_drift, read_lock, release_order
+from .store.release import SUMS, reproducible_hashes
 from .store.safetensors_header import HeaderError, read_header
 
 _RELOCK = "run `recipec lock` to accept the change, or restore it"
@@ -183,8 +183,9 @@ def measured_lines(export: dict) -> list[str]:
     held = [name for name in export["reproducible"] if name != SUMS]
     if not held:
         return []
-    return [f"measured, not compared: {export['path']}: the {export['measured']} in {', '.join(sorted(held))} "
-            "(checked present and well formed; everything else in them compared byte for byte)"]
+    line = (f"measured, not compared: {export['path']}: the {export['measured']} in {', '.join(sorted(held))} "
+            "(checked present and well formed; everything else in them compared byte for byte)")
+    return [line]
 
 
 def verify(recipe: Path, program: Program, options: RunOptions) -> int:
@@ -206,7 +207,8 @@ def verify(recipe: Path, program: Program, options: RunOptions) -> int:
         for export, rebuilt in zip(originals, result.exports):
             if export.path.is_dir():
                 on_disk += 1
-                difference = compare_dirs(export.path, Path(rebuilt["resolved"]), artifact_kind(export.node.type.kind))
+                kind = artifact_kind(export.node.type.kind)
+                difference = compare_dirs(export.path, Path(rebuilt["resolved"]), kind)
                 if difference:
                     problems.append(f"{export.display}: {difference}")
             else:

@@ -103,9 +103,9 @@ class ArtifactKind:
         return None
 
     @classmethod
-    def card_section(cls, path: Path, model: str, report: str) -> str | None:
-        """What a result of this kind, bound to `report`, says about the model labelled `model` (one of the
-        nodes it was built from), as Markdown for that model's card; None when nothing."""
+    def card_section(cls, path: Path, model_label: str, report_label: str) -> str | None:
+        """What a result of this kind, bound to `report_label`, says about the model labelled `model_label`
+        (one of the nodes it was built from), as Markdown for that model's card; None when nothing."""
         return None
 
     @classmethod

@@ -3,7 +3,8 @@
 Its digest is that of store/digests.py: weights by content plus every data file. A release holds the
 data files a release may hold (store/release_files.py), config code references removed unless the
 recipe kept them, and a model card (`README.md`) whose front matter names the base models and whose
-body carries the recipe and its lock digest, then what the recipe's reports say about the model. A delta is stored the same way but is never released.
+body carries the recipe and its lock digest, then what the recipe's reports say about the model (its
+column of an `eval`). A delta is stored the same way but is never released.
 """
 
 from __future__ import annotations

@@ -81,26 +81,24 @@ class ReportKind(ArtifactKind):
         return views
 
     @classmethod
-    def card_section(cls, path: Path, model: str, report: str) -> str | None:
-        """What this report, bound to `report`, says about the model labelled `model`, for its card."""
+    def card_section(cls, path: Path, model_label: str, report_label: str) -> str | None:
+        """The model's column of the first table beside the reference's, less rows with a measured cell."""
         data = cls.read(path)
         models = data.get("models")
         labels = [m.get("label") for m in models if isinstance(m, dict)] if isinstance(models, list) else []
-        if model not in labels:
+        if model_label not in labels:
             return None
         lines = (path / PAGE_FILE).read_text(encoding="utf-8").split("\n")
-        tables = _tables(lines)
         manifest = _manifest(path)
         measured = {row for table, row, _ in (manifest["cells"] if manifest else []) if table == 0}
-        columns = sorted({0, 1, labels.index(model) + 1})
-        block = tables[0]
+        columns = sorted({0, 1, labels.index(model_label) + 1})
+        block = _tables(lines)[0]
         rows = [block[0]] + [line for k, line in enumerate(block[2:]) if k not in measured]
         table = [[_CELL_SEPARATOR.split(lines[number])[1:-1][c].strip() for c in columns] for number in rows]
+        intro = (f"From the recipe's report `{report_label}`: this model (`{model_label}`) beside the first "
+                 "model it evaluates, the reference.")
         title = lines[0].removeprefix("# ")
-        text = [f"## {title}: `{report}`", "",
-                f"From the recipe's report `{report}`: this model (`{model}`) beside the first model it evaluates, "
-                "the reference.", "", Table(table[0], table[1:]).markdown(), ""]
-        return "\n".join(text)
+        return "\n".join([f"## {title}: `{report_label}`", "", intro, "", Table(table[0], table[1:]).markdown(), ""])
 
     @classmethod
     def measured_what(cls, path: Path) -> str | None:

@@ -2,9 +2,10 @@
 
 What a release holds is its artifact kind's to say (recipec/artifacts: a model's data files and card,
 a report's pages); this module writes it. The directory is assembled in a temporary sibling — those
-files, the marker `.recipec-release`, and `SHA256SUMS` — each file fsynced, then swapped into place. A run killed
-at any point leaves the previous complete output or none; the next run removes the stale temporary. Runs writing into the same parent directory
-take turns through a lock on that directory itself, which leaves no file behind.
+files, the marker `.recipec-release`, and `SHA256SUMS` — each file fsynced, then swapped into place. A
+run killed at any point leaves the previous complete output or none; the next run removes the stale
+temporary. Runs writing into the same parent directory take turns through a lock on that directory
+itself, which leaves no file behind.
 
 What is at the target decides what may happen to it: nothing, or an empty directory, is simply
 replaced; a release recipec wrote (it has the marker) is replaced and then removed; anything else is

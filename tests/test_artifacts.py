@@ -109,7 +109,8 @@ def test_stats_report_is_built_printed_and_exported_without_a_model_export(tmp_p
     assert "| non-zero parameters | 205,120 | 0 (0.00×) | 0 (0.00×) |" in out
     assert out.count("# Model statistics") == 2  # the exported report and the one only bound
     release = tmp_path / "out/stats"
-    assert sorted(os.listdir(release)) == [".recipec-release", "SHA256SUMS", "report.json", "report.md"]
+    assert sorted(os.listdir(release)) == [".recipec-release", "SHA256SUMS", "measured.json", "report.json",
+                                           "report.md"]
     data = json.loads((release / "report.json").read_text())
     assert [m["dtypes"] for m in data["models"]][1] == {"BF16": {"params": 205120, "bytes": 410240}}
     assert data["models"][0]["layers"] == 2 and data["models"][0]["tensors"] == 21

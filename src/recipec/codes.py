@@ -346,7 +346,8 @@ _ENTRIES += [
     Code("E507", "verification failed", RUNTIME,
          "`recipec verify` rebuilt the recipe in a fresh cache and the result differs from the lockfile\n"
          "(an input, a node's key or digest, an output file's hash) or from the existing output on disk.\n"
-         "The message names the first difference: the input file, the node, or the file and tensor."),
+         "The message names the first difference: the input file, the node, or the file and tensor.\n"
+         "Files that hold measurements (a report's times) are compared without their measured values."),
     Code("E508", "no lockfile", MISSING,
          "`--locked` and `verify` need the lockfile (`FILE.lock`); create it with `recipec lock FILE`."),
     Code("E509", "pickled checkpoint", RECIPE,
@@ -374,6 +375,11 @@ _ENTRIES += [
     Code("E531", "cache is not a directory", RUNTIME,
          "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
          "recipec creates it when it does not exist."),
+    Code("E536", "malformed measured values", RUNTIME,
+         "A report that holds measurements (a `stats` report's times and memory) lists them in its\n"
+         "`measured.json`, and its files are compared without them; but a listed value is missing, a table\n"
+         "cell is not where it says, or a figure is not a PNG, so the rest cannot be told apart. `verify`\n"
+         "names the file. Export the report again (`recipec run`); do not edit a release by hand."),
     Code("E540", "non-finite values", NO_EXIT,
          "A warning from `run`: a result holds NaN or infinite values. When an input already held them, the\n"
          "warning names the input, the tensor and how many; otherwise the arithmetic overflowed the output\n"

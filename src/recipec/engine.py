@@ -36,9 +36,9 @@ from .store.cache import Cache
 from .store.digests import model_dir_digest
 from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
-from .store.lockfile import lock_digest, lock_path, node_drift
+from .store.lockfile import lock_data, lock_digest, lock_path, node_drift
 from .store.model_dir import pickled_weights
-from .store.release import TargetRefused, check_target, write_release
+from .store.release import TargetRefused, check_target, reproducible_hashes, write_release
 from .toolchain import toolchain_versions
 
 
@@ -153,7 +153,7 @@ class Engine:
                 by_id[node.id] = self._resolve_input(node)
                 continue
             inputs = [by_id[i.id].artifact for i in node.inputs]
-            by_id[node.id] = self._build(node, inputs)
+            by_id[node.id] = self._build(node, inputs, {n.id: by_id[n.id].artifact for n in _upstream(node)})
         return list(by_id.values())
 
     def _resolve_hub_inputs(self) -> dict:
@@ -208,7 +208,7 @@ class Engine:
             raise _failure(node, "E506", f"{drift} differs from {lock_path(self.recipe).name}",
                            "run `recipec lock` to accept the change, or restore the lockfile")
 
-    def _build(self, node: Node, inputs: list[Artifact]) -> NodeResult:
+    def _build(self, node: Node, inputs: list[Artifact], upstream: dict[int, Artifact]) -> NodeResult:
         key = cache_key(node, [a.digest for a in inputs])
         self._check_locked(node, key=key)  # before anything is built
         started = time.monotonic()
@@ -219,7 +219,7 @@ class Engine:
                 cached = self.cache.lookup(key)
                 if cached is None:
                     status = "built"
-                    job = self._run_job(node, inputs, key)
+                    job = self._run_job(node, inputs, key, upstream)
                     cached = self.cache.lookup(key)
         if status == "cached" and self.options.verify_cache and (
                 damage := self.cache.damage(cached.path, self.options.threads)):
@@ -234,7 +234,7 @@ class Engine:
             result.nonfinite = job.nonfinite
         return result
 
-    def _run_job(self, node: Node, inputs: list[Artifact], key: str) -> Job:
+    def _run_job(self, node: Node, inputs: list[Artifact], key: str, upstream: dict[int, Artifact]) -> Job:
         """Build `key` (in this process, or launched when the op allows it) and commit it; its work
         directory is removed once the result is committed, kept on failure when it holds anything."""
         op = REGISTRY[node.op]
@@ -243,7 +243,8 @@ class Engine:
         started = time.monotonic()
         try:
             with self.cache.new_object(key) as tmp:
-                job = Job(node, inputs, tmp, self.cache.work_dir(key), self.options.threads, self.cancelled, meter)
+                job = Job(node, inputs, tmp, self.cache.work_dir(key), self.options.threads, self.cancelled, meter,
+                          upstream=upstream)
                 meter.sink(meter)  # started: shown before its first report
                 weights = run_launched(job, self.options.launch) if op.launchable else rule_for(node.op)(job)
                 digest = artifact_kind(node.type.kind).digest(tmp, weights)
@@ -278,17 +279,28 @@ class Engine:
             info = ReleaseInfo(self.recipe.name, recipe_text, lock_digest(partial_lock),
                                self._base_models(export.node, by_node), REGISTRY[export.node.op].card_relation,
                                {name: f["sha256"] for name, f in built.files.items()} if built else {},
-                               keeps_code_references(export.node))
-            files = artifact_kind(artifact.kind).release_files(artifact, info, export.format)
+                               keeps_code_references(export.node), self._card_sections(export.node, results))
+            kind = artifact_kind(artifact.kind)
+            files = kind.release_files(artifact, info, export.format)
             try:
                 sums, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force)
+                reproducible = reproducible_hashes(export.path, kind.reproducible_views(export.path))
             except TargetRefused as err:
                 raise RecipeError([Diagnostic(err.code, err.message, export.span, err.hint)]) from None
+            except ArtifactError as err:
+                raise _artifact_failure(export.node, err) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
             written.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,
-                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None})
+                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None,
+                            "reproducible": reproducible, "measured": kind.measured_what(export.path)})
         return written
+
+    def _card_sections(self, node: Node, results: list[NodeResult]) -> tuple[str, ...]:
+        """What the results built from `node` (reports) say about it, for its card, in plan order."""
+        sections = (artifact_kind(r.artifact.kind).card_section(r.artifact.path, node.label, r.node.label)
+                    for r in results if r.key is not None and any(i.id == node.id for i in r.node.inputs))
+        return tuple(section for section in sections if section)
 
     def _base_models(self, node: Node, by_node: dict[int, NodeResult]) -> tuple[str, ...]:
         """What a card names as base models: each leaf input that names itself one (hub models)."""
@@ -296,19 +308,24 @@ class Engine:
         return tuple(sorted({name for name in names if name}))
 
     def lock_data(self, results: list[NodeResult], exports: list[dict]) -> dict:
-        recipe_bytes = self.recipe.read_bytes()
-        inputs, nodes = {}, {}
-        for r in results:
-            if r.status == "input":
-                inputs[r.node.label] = {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
-                                        **r.resolved}
-            elif r.key is not None:
-                nodes[r.node.label] = {"op": r.node.op, "key": r.key, "digest": r.artifact.digest}
-        outputs = {e["path"]: {"node": e["node"], "digest": e["digest"],
-                               "files": [{"name": n, "sha256": h} for n, h in sorted(e["files"].items())]}
-                   for e in exports}
-        return {"recipe": {"path": self.recipe.name, "sha256": hashlib.sha256(recipe_bytes).hexdigest()},
-                "toolchain": self.versions, "inputs": inputs, "nodes": nodes, "outputs": outputs}
+        """The lockfile's content for these results and written exports (store/lockfile.py lays it out)."""
+        inputs = {r.node.label: {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
+                                 **r.resolved} for r in results if r.status == "input"}
+        nodes = {r.node.label: {"op": r.node.op, "key": r.key, "digest": r.artifact.digest}
+                 for r in results if r.status != "input" and r.key is not None}
+        return lock_data(self.recipe, self.versions, inputs, nodes, exports)
+
+
+def _upstream(node: Node) -> list[Node]:
+    """Every node `node` is built from, its inputs and theirs, each once."""
+    found: dict[int, Node] = {}
+    stack = list(node.inputs)
+    while stack:
+        n = stack.pop()
+        if n.id not in found:
+            found[n.id] = n
+            stack.extend(n.inputs)
+    return list(found.values())
 
 
 def _written(node: Node) -> str:

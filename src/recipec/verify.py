@@ -4,7 +4,9 @@
 Both compare the same things in the same order, so the first difference named is the cause, not a
 consequence: the recipe text and the toolchain, then the inputs (by file), every node's key and
 digest in plan order, and every output's files (the card and SHA256SUMS last, since they change
-whenever anything else does).
+whenever anything else does). A file that holds measurements (a report's times; its kind says which and
+where) is compared by its reproducible part, the measured values masked; the measured values themselves
+are only checked to be there and well formed, and `verify` says so.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from .artifacts import ArtifactError, ArtifactKind, artifact_kind
 from .diagnostics import Diagnostic, RecipeError
 from .engine import Engine, RunOptions
 from .check import Program
 from .ops import REGISTRY
 from .store.filehash import hash_file
 from .store.lockfile import LockError, input_drift, lock_path, node_drift, output_drift, read_lock, release_order
+from .store.release import SUMS, reproducible_hashes
 from .store.safetensors_header import HeaderError, read_header
 
 _RELOCK = "run `recipec lock` to accept the change, or restore it"
@@ -96,7 +100,7 @@ def check_outputs(recipe: Path, lock: dict, exports: list[dict]) -> None:
     for export in exports:
         locked = lock["outputs"].get(export["path"])
         drift = (f"output {export['path']} (not in the lock)" if locked is None
-                 else output_drift(export["path"], locked, export["files"]))
+                 else output_drift(export["path"], locked, export["files"], export["reproducible"]))
         if drift:
             raise RecipeError([_drift(recipe, drift, "the release was written from the locked nodes; "
                                                      "run `recipec lock` to accept it, or restore the lockfile")])
@@ -123,15 +127,29 @@ def _first_tensor_difference(a: Path, b: Path) -> str | None:
     return None
 
 
-def compare_dirs(expected: Path, actual: Path) -> str | None:
-    """None when two release directories are byte-identical; else the first difference, named (the
-    files that cause differences before the card and SHA256SUMS, which follow from them)."""
+def _reproducible(kind: type[ArtifactKind], release: Path) -> dict[str, str]:
+    """sha256 of the reproducible part of each file of a release that holds measurements."""
+    return reproducible_hashes(release, kind.reproducible_views(release))
+
+
+def compare_dirs(expected: Path, actual: Path, kind: type[ArtifactKind] = ArtifactKind) -> str | None:
+    """None when two release directories are byte-identical, files that hold measurements (the rebuild's
+    kind says which) compared by their reproducible part; else the first difference, named (the files that
+    cause differences before the card and SHA256SUMS, which follow from them)."""
     names = sorted({p.name for p in expected.iterdir()} | {p.name for p in actual.iterdir()}, key=release_order)
+    rebuilt = _reproducible(kind, actual)
+    try:
+        existing = _reproducible(kind, expected) if rebuilt else {}
+    except (ArtifactError, ValueError, OSError) as err:
+        return f"its measured values are malformed: {err}"
     for name in names:
         a, b = expected / name, actual / name
         if not a.exists() or not b.exists():
             return f"{name} is only in {'the rebuild' if b.exists() else 'the existing output'}"
-        if hash_file(a) != hash_file(b):
+        if name in rebuilt:
+            if existing.get(name) != rebuilt[name]:
+                return f"{name} differs besides its measured values"
+        elif hash_file(a) != hash_file(b):
             tensor = _first_tensor_difference(a, b) if name.endswith(".safetensors") else None
             return f"{name} differs" + (f", first at tensor `{tensor}`" if tensor else "")
     return None
@@ -152,10 +170,22 @@ def _lock_differences(lock: dict, current: dict) -> list[str]:
         for path, output in current["outputs"].items():
             locked = lock["outputs"].get(path)
             files = {f["name"]: f["sha256"] for f in output["files"]}
-            drift = f"output {path} (not in the lock)" if locked is None else output_drift(path, locked, files)
+            parts = {f["name"]: f["reproducible"] for f in output["files"] if "reproducible" in f}
+            drift = (f"output {path} (not in the lock)" if locked is None
+                     else output_drift(path, locked, files, parts))
             if drift:
                 found.append(f"{drift} differs from {name}")
     return found
+
+
+def measured_lines(export: dict) -> list[str]:
+    """What `verify` did not compare in an export, in words: its files' measured values."""
+    held = [name for name in export["reproducible"] if name != SUMS]
+    if not held:
+        return []
+    line = (f"measured, not compared: {export['path']}: the {export['measured']} in {', '.join(sorted(held))} "
+            "(checked present and well formed; everything else in them compared byte for byte)")
+    return [line]
 
 
 def verify(recipe: Path, program: Program, options: RunOptions) -> int:
@@ -177,7 +207,8 @@ def verify(recipe: Path, program: Program, options: RunOptions) -> int:
         for export, rebuilt in zip(originals, result.exports):
             if export.path.is_dir():
                 on_disk += 1
-                difference = compare_dirs(export.path, Path(rebuilt["resolved"]))
+                kind = artifact_kind(export.node.type.kind)
+                difference = compare_dirs(export.path, Path(rebuilt["resolved"]), kind)
                 if difference:
                     problems.append(f"{export.display}: {difference}")
             else:
@@ -194,6 +225,9 @@ def verify(recipe: Path, program: Program, options: RunOptions) -> int:
     inputs = f", {_plural(len(result.lock['inputs']), 'input')}" if result.lock["inputs"] else ""
     sys.stderr.write(f"verified: {_plural(len(result.lock['nodes']), 'node')}{inputs}{exports} match {against}, "
                      "byte for byte\n")
+    for export in result.exports:
+        for line in measured_lines(export):
+            sys.stderr.write(line + "\n")
     if not lock["outputs"]:
         sys.stderr.write(f"recipec: {lock_path(recipe).name} records no outputs (`recipec run` records them); "
                          + ("exports were compared with the files on disk only\n" if on_disk

@@ -64,6 +64,7 @@ class ReleaseInfo:
     relation: str = "finetune"
     known: dict[str, str] = field(default_factory=dict)  # sha256 of files already hashed (a cache object's)
     keep_code: bool = False
+    card_sections: tuple[str, ...] = ()  # what the recipe's reports say about this artifact (Markdown)
 
 
 class ArtifactKind:
@@ -88,6 +89,24 @@ class ArtifactKind:
     def digest(cls, path: Path, built: str | None = None) -> str:
         """The content digest of a directory of this kind; `built` is what its rule returned, if anything."""
         return files_digest({p.name: content_file_hash(p) for p in cls.content_files(path)})
+
+    @classmethod
+    def reproducible_views(cls, path: Path) -> dict[str, bytes]:
+        """Files of a directory of this kind (a result or a release of it) that hold measurements, each as
+        its reproducible part, the measured values masked; raises ArtifactError where they are malformed.
+        Those files are compared by that part. By default no file holds a measurement."""
+        return {}
+
+    @classmethod
+    def measured_what(cls, path: Path) -> str | None:
+        """What the measurements of such a directory are, in words; None when it holds none."""
+        return None
+
+    @classmethod
+    def card_section(cls, path: Path, model_label: str, report_label: str) -> str | None:
+        """What a result of this kind, bound to `report_label`, says about the model labelled `model_label`
+        (one of the nodes it was built from), as Markdown for that model's card; None when nothing."""
+        return None
 
     @classmethod
     def describe(cls, type_: Type) -> str:

@@ -3,7 +3,8 @@
 Its digest is that of store/digests.py: weights by content plus every data file. A release holds the
 data files a release may hold (store/release_files.py), config code references removed unless the
 recipe kept them, and a model card (`README.md`) whose front matter names the base models and whose
-body carries the recipe and its lock digest. A delta is stored the same way but is never released.
+body carries the recipe and its lock digest, then what the recipe's reports say about the model (its
+column of an `eval`). A delta is stored the same way but is never released.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def _without_code(source: Path) -> str | None:
 
 
 def card_text(info: ReleaseInfo, model_digest: str) -> str:
-    """The model card: hub front matter (base models and their relation), then the recipe and its digests."""
+    """The model card: hub front matter (base models and their relation), the recipe and its digests, then
+    what the recipe's reports say about the model (its column of an `eval`)."""
     front = ["---"]
     if info.base_models:
         front.append("base_model:")
@@ -134,4 +136,4 @@ def card_text(info: ReleaseInfo, model_digest: str) -> str:
         f"- model digest: `{model_digest}` (covers every tensor and every data file: config, tokenizer, chat template)",
         "", "`recipec verify` rebuilds this model from the recipe and its lockfile and compares it byte for byte.", "",
     ]
-    return "\n".join(front + body)
+    return "\n".join(front + body + list(info.card_sections))

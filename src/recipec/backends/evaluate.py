@@ -7,6 +7,9 @@ batches. Windows are scored in batches of `batch`, right-padded (no token attend
 prompts are sorted by length so that a batch holds similar lengths, left-padded with the attention mask
 given to `generate`, so a padded prompt is answered as it would be alone. Decoding is greedy, with one
 generation config for every model (the models' own sampling defaults do not apply).
+
+The training figure draws the loss curve of every training node the evaluated models are built from, the
+models themselves included, by the node's name: a pruned chat model shows the curve of the `sft` before it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ..artifacts import Artifact
 from ..artifacts.corpus import iter_texts
 from ..artifacts.dataset import iter_conversations
 from ..artifacts.report import Report, Table, bar_chart, cell_text, line_chart, write_report
+from ..ir.graph import Node
 from ..ir.types import Kind
 from ..ops.evaluate import DEFAULT_SEQ_LEN, Eval, prompt_of_conversation, read_prompt_lines
 from ..store.release_files import TRAINING_FILES
@@ -199,6 +203,25 @@ def _identified(text: str):
         raise RunFailure("E609", err.message, err.hint) from None
 
 
+def training_curves(job: Job, model_nodes: list) -> dict[str, list[dict]]:
+    """The per-step losses of every trained node upstream of the evaluated models (and of the models
+    themselves), by label, in plan order."""
+    seen: dict[int, Node] = {}
+    stack = list(model_nodes)
+    while stack:
+        node = stack.pop()
+        if node.id not in seen:
+            seen[node.id] = node
+            stack.extend(node.inputs)
+    curves = {}
+    for node_id in sorted(seen):
+        artifact = job.upstream.get(node_id)
+        losses = _training_losses(artifact.path) if artifact is not None and artifact.kind is Kind.MODEL else None
+        if losses:
+            curves[seen[node_id].label] = losses
+    return curves
+
+
 def _training_losses(model_dir: Path) -> list[dict] | None:
     """The per-step losses a training op kept beside the model, or None for a model not trained by one."""
     path = model_dir / TRAINING_METRICS
@@ -292,8 +315,10 @@ def _samples(models: list[dict], prompts: list[list[dict]], count: int) -> str |
     return "\n".join(lines)
 
 
-def eval_report(models: list[dict], params: Eval.Params, corpus: dict | None, prompts: list[list[dict]]) -> Report:
-    """The report of models evaluated side by side, the first as reference."""
+def eval_report(models: list[dict], params: Eval.Params, corpus: dict | None, prompts: list[list[dict]],
+                curves: dict[str, list[dict]] | None = None) -> Report:
+    """The report of models evaluated side by side, the first as reference; `curves`: the training losses
+    of the nodes upstream of them, by label (by default, of the models trained themselves)."""
     _with_reference(models, params.language)
     labels = [m["label"] for m in models]
     figures = {}
@@ -303,12 +328,14 @@ def eval_report(models: list[dict], params: Eval.Params, corpus: dict | None, pr
     if prompts and params.language is not None:
         figures["language_share"] = bar_chart(labels, [m["language_share"] for m in models],
                                               f"share of answers in {params.language}")
-    trained = {m["label"]: ([r["step"] for r in m["trained"]], [r["loss"] for r in m["trained"]])
-               for m in models if m["trained"]}
-    if trained:
-        figures["training_loss"] = line_chart(trained, "optimizer step", "training loss (nats per token)")
+    if curves is None:
+        curves = {m["label"]: m["trained"] for m in models if m["trained"]}
+    if curves:
+        figures["training_loss"] = line_chart({label: ([r["step"] for r in losses], [r["loss"] for r in losses])
+                                               for label, losses in curves.items()},
+                                              "optimizer step", "training loss (nats per token)")
     data = {"kind": "eval", "settings": params.model_dump(mode="json", exclude={"prompts"}), "corpus": corpus,
-            "prompts": prompts, "models": models}
+            "prompts": prompts, "models": models, "training": curves}
     sections = [_settings(params, corpus, prompts)]
     sample = _samples(models, prompts, params.samples)
     if sample:
@@ -326,6 +353,7 @@ def build_eval(job: Job) -> None:
     corpus = ({"documents": len(documents), "bytes": sum(len(t.encode("utf-8")) for t in documents)}
               if documents is not None else None)
     prompts = _prompts(job, params)
+    model_nodes = [node for node, artifact in zip(job.node.inputs, job.inputs) if artifact.kind is Kind.MODEL]
     models = [(node.label, artifact) for node, artifact in zip(job.node.inputs, job.inputs)
               if artifact.kind is Kind.MODEL]
     params = params.model_copy(update={"seq_len": params.seq_len or window_length([a for _, a in models])})
@@ -334,4 +362,4 @@ def build_eval(job: Job) -> None:
         job.progress.update(done, len(models), "models")
         results.append(evaluate_model(label, artifact, documents, prompts, params))
     job.progress.update(len(models), len(models), "models")
-    write_report(eval_report(results, params, corpus, prompts), job.out)
+    write_report(eval_report(results, params, corpus, prompts, training_curves(job, model_nodes)), job.out)

@@ -3,7 +3,9 @@
 A rule gets a `Job`: its node, the input artifacts, `out` (the directory its result is written into,
 committed to the cache only when the rule returns), `work` (the node's work directory, kept across
 failures so that a long job resumes from its checkpoints; the rule creates it if it wants one) and
-`progress`, a `Meter` that the rule advances in its own units.
+`progress`, a `Meter` that the rule advances in its own units, and `upstream`: the result of every node it
+is built from (its inputs, theirs, and so on), by node id, so that a report can show what came before its
+inputs (the loss curves of training nodes upstream of an evaluated model). A launched job's is empty.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class Job:
     progress: Meter = field(default_factory=Meter)
     warnings: list[RunWarning] = field(default_factory=list)
     nonfinite: int = 0  # NaN and ±inf values written into the result
+    upstream: dict[int, Artifact] = field(default_factory=dict)  # node id -> result, for every node upstream
 
     def warn(self, code: str, message: str, hint: str | None = None) -> None:
         self.warnings.append(RunWarning(code, message, hint))

@@ -2,20 +2,25 @@
 
 What a release holds is its artifact kind's to say (recipec/artifacts: a model's data files and card,
 a report's pages); this module writes it. The directory is assembled in a temporary sibling — those
-files, the marker `.recipec-release`, and `SHA256SUMS` — each file fsynced, then swapped into place. A run killed at any point leaves the previous complete
-output or none; the next run removes the stale temporary. Runs writing into the same parent directory
-take turns through a lock on that directory itself, which leaves no file behind.
+files, the marker `.recipec-release`, and `SHA256SUMS` — each file fsynced, then swapped into place. A
+run killed at any point leaves the previous complete output or none; the next run removes the stale
+temporary. Runs writing into the same parent directory take turns through a lock on that directory
+itself, which leaves no file behind.
 
 What is at the target decides what may happen to it: nothing, or an empty directory, is simply
 replaced; a release recipec wrote (it has the marker) is replaced and then removed; anything else is
 refused, unless the user forces it, and then it is moved aside and kept, never deleted. A file is
 never replaced. Small files users edit are copied; weights may be hard links shared with the cache,
 so they are made read-only.
+
+A release whose kind says some files hold measurements (a report's times) is compared by the reproducible
+part of those files (`reproducible_hashes`); `SHA256SUMS` then holds one such part too, its other lines.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +34,7 @@ from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
 from .filehash import hash_file
 
 MARKER = ".recipec-release"
+SUMS = "SHA256SUMS"
 MARKER_FORMAT = 1
 EDITABLE_MODE, SHARED_MODE = 0o644, 0o444  # copies are the user's to edit; shared weights are not
 
@@ -169,8 +175,8 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
             sums = {}
             for file in [*files, ReleaseFile(MARKER, text=marker_text(recipe_name, digest))]:
                 sums[file.name] = _put(file, tmp / file.name)
-            _write(tmp / "SHA256SUMS", "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
-            sums["SHA256SUMS"] = hash_file(tmp / "SHA256SUMS")
+            _write(tmp / SUMS, "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+            sums[SUMS] = hash_file(tmp / SUMS)
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
             aside = _move_aside(target) if target_state(target) == "other" else None
@@ -178,6 +184,26 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return sums, aside
+
+
+def reproducible_hashes(release: Path, views: dict[str, bytes]) -> dict[str, str]:
+    """The sha256 of the reproducible part of each release file that holds measurements (`views`, from its
+    kind) and of SHA256SUMS (its lines for the other files). ValueError when SHA256SUMS does not list those
+    files with their present sha256: measured bytes are not compared, but they must be the ones released."""
+    if not views:
+        return {}
+    listed = {}
+    for line in (release / SUMS).read_text(encoding="utf-8").splitlines(keepends=True):
+        digest, sep, name = line.rstrip("\n").partition("  ")
+        if not sep:
+            raise ValueError(f"{SUMS}: a line is not `SHA256  NAME`")
+        listed[name] = (digest, line)
+    for name in views:
+        if name not in listed or listed[name][0] != hash_file(release / name):
+            raise ValueError(f"{SUMS} does not list {name} as it is")
+    kept = "".join(line for name, (_, line) in listed.items() if name not in views)
+    hashes = {name: hashlib.sha256(view).hexdigest() for name, view in views.items()}
+    return hashes | {SUMS: hashlib.sha256(kept.encode("utf-8")).hexdigest()}
 
 
 def _move_aside(target: Path) -> Path:

@@ -183,13 +183,17 @@ def _tracking(log_with: str | None, recipe: Path):
         return
     from .backends.train.metrics import tracking_environment
 
-    saved = dict(os.environ)
-    os.environ.update(tracking_environment(log_with, recipe.parent / "runs"))
+    settings = tracking_environment(log_with, recipe.parent / "runs")
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def cmd_run(args) -> int:

@@ -14,6 +14,10 @@ Time is a simple model: reading, writing and arithmetic one after another, at ra
 machine (`BASE_RATES`), multiplied by how much slower or faster this machine was at the same op in
 earlier runs (the cache remembers each op's ratio of measured to modelled time, `speed`). The run's
 time is the sum of its steps'.
+
+An op may add advice to a step it is about to build, through an optional `plan_advice(node, cost,
+seconds)` classmethod: the training ops say when a step is out of reach on this machine (no GPU, longer
+than a day) and what a GPU run of it needs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ recipe or input is reported as diagnostics with exit status 65/66, never a trace
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -173,6 +174,28 @@ def _progress(args):
     return progress, show
 
 
+@contextlib.contextmanager
+def _tracking(log_with: str | None, recipe: Path):
+    """`--log-with`: for the run, the environment through which training rules (launched ones too) learn
+    which accelerate trackers to log to; local ones write under `runs/` beside the recipe."""
+    if not log_with:
+        yield
+        return
+    from .backends.train.metrics import tracking_environment
+
+    settings = tracking_environment(log_with, recipe.parent / "runs")
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def cmd_run(args) -> int:
     import json
     import shlex
@@ -191,11 +214,12 @@ def cmd_run(args) -> int:
     engine = Engine(program, recipe, options)
     if args.locked:  # checked before anything is built; the engine then checks each node's key and digest
         options.locked = check_locked(engine)
-    if progress:
-        with progress:
+    with _tracking(args.log_with, recipe):
+        if progress:
+            with progress:
+                result = engine.run()
+        else:
             result = engine.run()
-    else:
-        result = engine.run()
     if args.locked:
         check_outputs(recipe, options.locked, result.exports)  # and the lock is never written
     else:
@@ -369,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launch", metavar="PREFIX",
                    help="run launchable ops (training) under this launcher, e.g. \"accelerate launch "
                         "--num_processes 2\"; it is followed by `-m recipec.backends.worker SPEC`")
+    p.add_argument("--log-with", metavar="TRACKERS",
+                   help="also log training metrics to accelerate trackers, e.g. tensorboard or wandb,tensorboard "
+                        "(TensorBoard writes under runs/ beside the recipe)")
     running(verb("lock", cmd_lock, "resolve inputs, build into the cache and write FILE.lock", json_flag=False))
     running(verb("verify", cmd_verify, "rebuild from scratch and compare byte for byte with the lock and outputs",
                  json_flag=False))

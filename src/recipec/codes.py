@@ -455,6 +455,16 @@ _ENTRIES += [
          "`lowrank(..., data=corpus)` scales each linear's inputs by their root mean square over the corpus\n"
          "before factorizing; the corpus gave no tokens to run the model on (empty, or not tokenizable by the\n"
          "model's tokenizer)."),
+    Code("E585", "training out of memory", RUNTIME,
+         "A training op ran out of memory (a GPU's, or the machine's RAM). The message names the node, the\n"
+         "micro-batch it ran at and the plan's estimate per device (weights, gradients, AdamW plus one\n"
+         "micro-batch's activations), which `recipec plan` shows before a run. Fix: a smaller `micro_batch=`\n"
+         "(the batch is then accumulated), a shorter `seq_len`, more processes, or sharding (FSDP, ZeRO-3)\n"
+         "in the `--launch` config. Checkpoints in the work directory are kept; the next run resumes."),
+    Code("E586", "training tracker unavailable", RUNTIME,
+         "`recipec run --log-with NAMES` asked for an experiment tracker that accelerate does not know, or\n"
+         "whose package is not installed (TensorBoard needs `tensorboard`, W&B `wandb`). Nothing was\n"
+         "trained. Install the package, or run without `--log-with`."),
     Code("E570", "training failed", RUNTIME,
          "A training op could not go on: the data holds no tokens or fewer than `tokens=`/`steps=` need,\n"
          "the loss became NaN or infinite (lower `lr`, raise `warmup`), the data holds ids beyond the model's\n"

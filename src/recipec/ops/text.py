@@ -44,7 +44,10 @@ def file_digest(ctx: Context, path: str) -> FileDigest:
 
 
 def corpus_bytes(node) -> int:
-    """The bytes of a data source's files, where the node knows them (0 otherwise)."""
+    """The bytes of a data source's files, where the node knows them (0 otherwise); a `ppl_filter` result
+    is planned at its input's size, which bounds it."""
+    if getattr(node, "op", None) == PplFilter.name:
+        return corpus_bytes(node.inputs[0])
     return int(node.params.get("bytes", 0)) if isinstance(node.params, dict) else 0
 
 

@@ -20,7 +20,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .train_config import TrainConfig, TrainingError, batch_shape
+from .train_config import (BatchShape, Device, TrainConfig, TrainingError, batch_shape,
+                           largest_fitting_micro_batch, resolved_precision, this_machine)
 from ..ir.graph import Node
 from ..ir.types import Kind, Type
 from ..store.model_dir import ModelDirError, read_config
@@ -28,9 +29,15 @@ from ..textprep.errors import TextPrepError
 from ..textprep.templates import missing_markers, read_chat_template
 from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, register
 from .sources import Init
+from .text import corpus_bytes
 
 LENGTHS = ("steps", "epochs", "tokens")
 BYTES_PER_TOKEN = 4  # a corpus's tokens, estimated from its bytes before it is tokenized (BPE on prose: 3-5)
+MEMORY_SHARE = 0.8  # of a device's memory, what a micro-batch chosen from memory may plan to fill
+# The reference GPU of a plan's advice: an H100 SXM's dense bf16 tensor-core peak and its memory, and the
+# model FLOPs utilization a well-tuned training run reaches on it.
+REFERENCE_GPU, REFERENCE_FLOPS, REFERENCE_MEMORY, REFERENCE_MFU = "H100-class", 989e12, 80 << 30, 0.4
+SLOW_ON_CPU_SECONDS = 86400  # a planned training step longer than this on a CPU-only machine gets advice
 
 
 class TrainParams(Params, TrainConfig):
@@ -83,13 +90,14 @@ class _Training(Op):
 
     @classmethod
     def node_params(cls, params, ctx):
+        # `auto` becomes the precision this machine trains in, so the key (and the plan) say what runs.
+        resolved: dict = {"precision": resolved_precision(params.precision, this_machine())}
         template = getattr(params, "template", None)
-        if template is None:
-            return params.model_dump(mode="json")
-        # The template's content decides the tokens; its path goes along only to read it from.
-        path = (ctx.recipe_dir / template).resolve()
-        digest = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
-        return params.model_copy(update={"template": digest}).model_dump(mode="json")
+        if template is not None:
+            # The template's content decides the tokens; its path goes along only to read it from.
+            path = (ctx.recipe_dir / template).resolve()
+            resolved["template"] = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+        return params.model_copy(update=resolved).model_dump(mode="json")
 
     @classmethod
     def cost(cls, inputs, params, out, threads):
@@ -97,14 +105,27 @@ class _Training(Op):
         if sig is None:
             return Cost()
         tokens = planned_tokens(params, inputs[1])
-        states, activations = training_memory(sig, params)
+        shape = planned_shape(sig, params, this_machine())
+        states, activations = training_memory(sig, params, shape.micro_batch)
         memory = states + activations
         bf16 = params.precision == "bf16"
         return Cost(bytes_read=sig.nbytes, bytes_written=sig.nbytes,
                     peak_bytes=sig.nbytes if bf16 else memory,  # on an accelerator the host holds one copy
                     flops=training_flops(sig, params.seq_len, tokens),
                     accelerator_bytes=memory if bf16 else None,
-                    detail=_plan_detail(params, tokens, states, activations))
+                    detail=_plan_detail(params, shape, tokens, states, activations))
+
+    @classmethod
+    def plan_advice(cls, node: Node, cost: Cost, seconds: float) -> str:
+        """What the plan adds under a step that would take longer than a day on a CPU-only machine: that it
+        is out of reach here, and what a GPU run needs (the plan asks this hook of the ops that have it)."""
+        sig = node.type.signature
+        if sig is None or this_machine().gpu is not None or seconds < SLOW_ON_CPU_SECONDS:
+            return ""
+        from ..units import human_seconds
+
+        return (f"this machine has no GPU: training here would take {human_seconds(seconds)}. A GPU run needs "
+                + gpu_needs(sig, cls.params_of(node), cost.flops))
 
 
 def check_training(ctx: Context, params: TrainParams) -> bool:
@@ -205,7 +226,7 @@ def planned_tokens(params: TrainParams, data: Node) -> int:
         return params.tokens
     if params.steps is not None:
         return params.steps * params.batch * params.seq_len
-    return int(data.params.get("bytes", 0) / BYTES_PER_TOKEN * params.epochs)
+    return int(corpus_bytes(data) / BYTES_PER_TOKEN * params.epochs)
 
 
 def training_flops(sig, seq_len: int, tokens: int) -> int:
@@ -215,10 +236,37 @@ def training_flops(sig, seq_len: int, tokens: int) -> int:
     return (6 * sig.params + attention) * tokens
 
 
-def _plan_detail(params: TrainParams, tokens: int, states: int, activations: int) -> str:
+def planned_shape(sig, params: TrainParams, device: Device) -> BatchShape:
+    """How the batch splits: as given, or, when neither `micro_batch` nor `grad_accum` is, the largest
+    micro-batch whose planned memory (weights, gradients, AdamW and its activations) fits in
+    `MEMORY_SHARE` of the device's memory (a GPU's, or the machine's RAM), accumulating the rest."""
+    given = batch_shape(params, params.processes)
+    if params.micro_batch is not None or params.grad_accum is not None or sig is None:
+        return given
+    budget = int(MEMORY_SHARE * device.memory_bytes)
+    micro = largest_fitting_micro_batch(given.per_process, lambda m: sum(training_memory(sig, params, m)), budget)
+    return BatchShape(micro, given.per_process // micro, params.processes)
+
+
+def gpu_needs(sig, params: TrainParams, flops: int) -> str:
+    """A GPU run of this step in words: GPU-hours on the reference GPU and the memory per device in bf16."""
+    from ..units import human_bytes
+
+    hours = flops / (REFERENCE_FLOPS * REFERENCE_MFU) / 3600
+    states, activations = training_memory(sig, params.model_copy(update={"precision": "bf16"}), 1)
+    text = (f"≈ {hours:,.{1 if hours < 10 else 0}f} GPU-hours on an {REFERENCE_GPU} GPU at {REFERENCE_MFU:.0%} MFU, bf16, "
+            f"{human_bytes(states + activations)} per device at micro-batch 1")
+    room = int(MEMORY_SHARE * REFERENCE_MEMORY) - activations
+    if states + activations > MEMORY_SHARE * REFERENCE_MEMORY and room > 0:
+        devices = math.ceil(states / room)
+        text += (f"; that is more than an {human_bytes(REFERENCE_MEMORY)} GPU holds, so shard weights, gradients "
+                 f"and AdamW over {devices} GPUs or more (FSDP or DeepSpeed ZeRO-3 in the `--launch` config)")
+    return text
+
+
+def _plan_detail(params: TrainParams, shape: BatchShape, tokens: int, states: int, activations: int) -> str:
     from ..units import human_bytes, human_count
 
-    shape = batch_shape(params, params.processes)
     steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))
     estimated = "≈" if params.epochs is not None else ""
     return (f"{estimated}{human_count(tokens)} tokens · {estimated}{steps:,} steps of {params.batch} × "
@@ -227,19 +275,18 @@ def _plan_detail(params: TrainParams, tokens: int, states: int, activations: int
             f"{human_bytes(states)} + activations {human_bytes(activations)} per device")
 
 
-def training_memory(sig, params: TrainParams) -> tuple[int, int]:
+def training_memory(sig, params: TrainParams, micro_batch: int) -> tuple[int, int]:
     """Bytes per device, (optimizer states, activations): fp32 weights and gradients and AdamW's two fp32
-    moments; the activations of one micro-batch.
+    moments; the activations of one micro-batch of `micro_batch` sequences.
 
     Activations per layer follow Korthikanti et al. (34·s·b·h bytes in 16-bit plus 5·heads·s²·b for the
     attention scores), doubled in fp32; the logits and their gradient in fp32 come on top."""
-    shape = batch_shape(params, params.processes)
     states = 16 * sig.params  # weights, gradients, exp_avg, exp_avg_sq: four fp32 copies
     facts = sig.facts
     if facts is None:
         return states, 0
     scale = 1 if params.precision == "bf16" else 2
-    s, b = params.seq_len, shape.micro_batch
+    s, b = params.seq_len, micro_batch
     heads = max(facts.heads, default=0)
     per_layer = 34 * s * b * facts.hidden + 5 * heads * s * s * b
     logits = 8 * s * b * facts.vocab

@@ -1,14 +1,21 @@
 """The training settings one loop needs, typed and checked, and the step counts that follow from them.
 
 cp, inscp and sft all reduce to this: the op turns its parameters into a `TrainConfig`; the loop reads
-nothing else. Batch arithmetic lives here so the loop and the plan agree on it.
+nothing else. Batch arithmetic lives here so the loop and the plan agree on it, and so does what the
+machine offers (`this_machine`): `precision="auto"` is resolved against it before a node is keyed, so the
+key says what really ran.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,3 +109,54 @@ def total_steps(config: TrainConfig, corpus_tokens: int) -> int:
 def passes_needed(config: TrainConfig) -> int:
     """Full passes over the corpus the data stream holds: `epochs` rounded up, else one."""
     return math.ceil(config.epochs) if config.epochs is not None else 1
+
+
+@dataclass(frozen=True)
+class Device:
+    """What training can use on this machine: a GPU's name (None on a CPU-only machine), the memory one
+    training process may fill (the GPU's, or the machine's RAM), and whether the GPU computes in bf16."""
+
+    gpu: str | None
+    memory_bytes: int
+    bf16: bool = False
+
+
+@functools.cache
+def this_machine() -> Device:
+    """The first CUDA GPU, or the CPU and its RAM. Asks torch when a rule has imported it already, else
+    `nvidia-smi`, so that check and plan stay free of torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Device(props.name, props.total_memory, torch.cuda.is_bf16_supported())
+    gpu = _nvidia_smi_gpu()
+    if gpu is not None:
+        return gpu
+    return Device(None, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _nvidia_smi_gpu() -> Device | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        answer = subprocess.run([smi, "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        name, mib, capability = (field.strip() for field in answer.splitlines()[0].split(","))
+        return Device(name, int(float(mib)) << 20, float(capability) >= 8.0)  # bf16 from Ampere (8.0) on
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def resolved_precision(precision: str, device: Device) -> Literal["fp32", "bf16"]:
+    """`auto` is bf16 mixed precision on a GPU that has bf16, fp32 elsewhere (bf16 on a CPU is ~10x slower)."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.gpu is not None and device.bf16 else "fp32"
+
+
+def largest_fitting_micro_batch(per_process: int, bytes_at: Callable[[int], int], budget: int) -> int:
+    """The largest micro-batch that divides `per_process` and whose planned memory (`bytes_at(m)`) stays
+    within `budget`; 1 when none does (the run may then fail for memory, and says so)."""
+    fitting = [m for m in range(per_process, 0, -1) if per_process % m == 0 and bytes_at(m) <= budget]
+    return fitting[0] if fitting else 1

@@ -14,6 +14,10 @@ Time is a simple model: reading, writing and arithmetic one after another, at ra
 machine (`BASE_RATES`), multiplied by how much slower or faster this machine was at the same op in
 earlier runs (the cache remembers each op's ratio of measured to modelled time, `speed`). The run's
 time is the sum of its steps'.
+
+An op may add advice to a step it is about to build, through an optional `plan_advice(node, cost,
+seconds)` classmethod: the training ops say when a step is out of reach on this machine (no GPU, longer
+than a day) and what a GPU run of it needs.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Step:
     cost: Cost
     description: str
     seconds: float = 0.0  # estimated time to build it; 0 for inputs and cached steps
+    advice: str = ""  # what the op says of a step this machine is badly suited to (training without a GPU)
 
 
 @dataclass(frozen=True)
@@ -139,5 +144,11 @@ def make_plan(graph: Graph, recipe: str, is_cached: Callable[[Node], bool] = lam
             if node.type.signature is not None:
                 cost = replace(cost, peak_bytes=process + cost.peak_bytes)
             seconds = modelled_seconds(cost, threads) * speed.get(op.name, 1.0)
-        steps.append(Step(node, status, cost, describe(node), seconds))
+        steps.append(Step(node, status, cost, describe(node), seconds, _advice(op, node, status, cost, seconds)))
     return Plan(recipe, tuple(steps), tuple(graph.exports), threads)
+
+
+def _advice(op, node: Node, status: str, cost: Cost, seconds: float) -> str:
+    """An op's advice on a step to build, from its optional `plan_advice(node, cost, seconds)` hook."""
+    advise = getattr(op, "plan_advice", None)
+    return advise(node, cost, seconds) if advise is not None and status == BUILD and node.type.signature else ""

@@ -88,6 +88,8 @@ def render_text(plan: Plan, color: bool = False) -> str:
                          f"~{human_seconds(step.seconds)}")
             if c.detail:
                 lines.append(f"{pad}{c.detail}")
+            if step.advice:
+                lines.append(f"{pad}{step.advice}")
     for export in plan.exports:
         lines.append(f"  {paint('→', '35')} export {export.node.label} to {export.display} ({export.format})")
     t = plan.totals
@@ -147,6 +149,7 @@ def to_data(plan: Plan) -> dict:
                 "status": s.status, "description": s.description, "inputs": [i.label for i in s.node.inputs],
                 "type": str(s.node.type), "signature": _signature_data(s.node), "unknown": _unknown(s.node),
                 "cost": _cost_data(s),
+                **({"advice": s.advice} if s.advice else {}),
             }
             for s in plan.steps
         ],

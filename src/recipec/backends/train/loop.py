@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .checkpoint import latest_good_checkpoint, remove_unfinished, save_checkpoint
 from ...ops.train_config import TrainConfig, TrainingError, batch_shape, passes_needed, sequences_in, total_steps
-from .metrics import METRICS, append_metrics, truncate_metrics
+from .metrics import METRICS, Trackers, append_metrics, truncate_metrics
 from .packing import IGNORE, DocumentSource, Row, collate, corpus_tokens, row_stream
 from .schedule import optimizer_and_schedule
 
@@ -83,11 +83,13 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, position_ids:
 def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path, *,
           on_progress: Callable[[Progress], None] | None = None,
           on_notice: Callable[[str], None] | None = None,
-          pad_id: int = 0, objective: Objective = next_token_loss) -> tuple[torch.nn.Module, TrainSummary]:
+          pad_id: int = 0, objective: Objective = next_token_loss, trackers: Trackers | None = None,
+          run_name: str = "train") -> tuple[torch.nn.Module, TrainSummary]:
     """Train `model` on `documents` as `config` says, checkpointing into `work_dir`; resumes if it can.
-    `objective` is what a step minimizes (next-token cross entropy unless given: distill passes its own)."""
+    `objective` is what a step minimizes (next-token cross entropy unless given: distill passes its own);
+    each step's metrics also go to `trackers` (accelerate's), under `run_name`, when given."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = _accelerator(config.precision)
+    accelerator = _accelerator(config.precision, trackers)
     shape = batch_shape(config, accelerator.num_processes)
     _check_model(model, config.seq_len)
     total = _checked_length(documents, config)
@@ -97,6 +99,8 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
     model.train()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
+    if trackers is not None:
+        accelerator.init_trackers(run_name, config=_loggable(config))
     notices: list[str] = []
     position, resumed_from = _resume(accelerator, work_dir, config, notices)
     for notice in notices:
@@ -124,9 +128,11 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
         position.loss = loss
         tokens_per_s = (position.tokens - first_tokens) / max(elapsed, 1e-9)
         if accelerator.is_main_process:
-            append_metrics(work_dir / METRICS, {"step": position.step, "loss": loss, "lr": lr,
-                                                "grad_norm": grad_norm, "tokens": position.tokens,
-                                                "tokens_per_s": tokens_per_s})
+            record = {"step": position.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens": position.tokens, "tokens_per_s": tokens_per_s}
+            append_metrics(work_dir / METRICS, record)
+            if trackers is not None:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=position.step)
             if on_progress:
                 eta = elapsed / (position.step - first_step) * (total - position.step)
                 on_progress(Progress(position.step, total, loss, tokens_per_s, eta))
@@ -135,13 +141,21 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
                                                                   time.monotonic() - started))
 
     seconds = position.seconds + time.monotonic() - started
+    if trackers is not None:
+        accelerator.end_training()
     trained = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return trained, TrainSummary(position.step, position.tokens, position.target_tokens, position.loss,
                                  seconds, resumed_from, notices)
 
 
-def _accelerator(precision: str):
-    """An Accelerator for the precision asked: auto is bf16 mixed precision on a GPU, fp32 elsewhere."""
+def _loggable(config: TrainConfig) -> dict:
+    """The settings as trackers take hyperparameters: numbers, strings and booleans, nothing unset."""
+    return {k: v for k, v in config.model_dump().items() if isinstance(v, (int, float, str, bool))}
+
+
+def _accelerator(precision: str, trackers: Trackers | None = None):
+    """An Accelerator for the precision asked (auto: bf16 mixed precision on a GPU, fp32 elsewhere),
+    logging to `trackers` when given."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -154,8 +168,9 @@ def _accelerator(precision: str):
     # The scheduler steps once per optimizer step; by default accelerate would step it once per process.
     # Without a GPU, `cpu=True` is what makes accelerate join processes started by torchrun (gloo); else
     # each would train alone, unaware of the others.
+    logging = {"log_with": list(trackers.names), "project_dir": str(trackers.directory)} if trackers else {}
     return Accelerator(mixed_precision=mixed, step_scheduler_with_optimizer=False,
-                       cpu=not torch.cuda.is_available())
+                       cpu=not torch.cuda.is_available(), **logging)
 
 
 def _checked_length(documents: DocumentSource, config: TrainConfig) -> int:

@@ -22,16 +22,16 @@ import torch
 
 from ...dtypes import TensorSpec
 from ...ops import REGISTRY
-from ...ops.train import ChatTrainParams, TrainParams
+from ...ops.train import ChatTrainParams, TrainParams, planned_shape, training_memory
 from ...store.model_dir import TOKENIZER_FILES
 from ...store.release_files import TRAINING_FILES
 from ...store.tensors import TORCH_DTYPES, ModelWriter
 from ...textprep import TextPrepError
 from ..job import Job, RunFailure
 from ..model_files import set_chat_template
-from ...ops.train_config import TrainingError
+from ...ops.train_config import TrainConfig, TrainingError, batch_shape, this_machine
 from .loop import Objective, Progress, next_token_loss, train
-from .metrics import METRICS, read_metrics, render_loss_curve
+from .metrics import METRICS, Trackers, read_metrics, render_loss_curve
 from .packing import Document
 
 RELEASED_METRICS, LOSS_CURVE = TRAINING_FILES
@@ -43,6 +43,7 @@ def build_train(job: Job, objective: Objective = next_token_loss) -> str | None:
     op = REGISTRY[job.node.op]
     params: TrainParams = op.params_of(job.node)
     _check_world_size(params)
+    trackers = _trackers()
     import transformers
 
     transformers.logging.disable_progress_bar()  # the job's own progress is in steps, drawn by the driver
@@ -54,18 +55,68 @@ def build_train(job: Job, objective: Objective = next_token_loss) -> str | None:
     except TextPrepError as err:
         raise RunFailure("E571", f"cannot prepare the data of `{job.node.label}`: {err.message}", err.hint) from None
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = _with_planned_shape(job, params)
     try:
-        trained, _ = train(model, documents, params.train_config(), job.work,
+        trained, _ = train(model, documents, config, job.work,
                            on_progress=lambda p: _report(job, p), on_notice=lambda text: _notice(job, text),
-                           pad_id=pad_id, objective=objective)
+                           pad_id=pad_id, objective=objective, trackers=trackers, run_name=job.node.label)
     except TrainingError as err:
         raise RunFailure("E570", f"training `{job.node.label}` stopped: {err.message}", err.hint) from None
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+        raise _out_of_memory(job, params, config) from None
     if _rank() != 0:
         return None
     digest = _write_weights(job, trained)
     _copy_model_files(model_dir, job.out, template)
     _write_metrics(job.work / METRICS, job.out)
     return digest
+
+
+def _with_planned_shape(job: Job, params: TrainParams) -> TrainConfig:
+    """The loop's settings, with the micro-batch the plan chose from memory when the recipe gave none."""
+    config = params.train_config()
+    if config.micro_batch is not None or config.grad_accum is not None:
+        return config
+    shape = planned_shape(job.node.type.signature, params, this_machine())
+    return config.model_copy(update={"micro_batch": shape.micro_batch, "grad_accum": shape.grad_accum})
+
+
+def _trackers() -> Trackers | None:
+    """The trackers `run --log-with` asked for, refused before training when they cannot log."""
+    trackers = Trackers.from_environment()
+    problem = trackers.problem() if trackers else None
+    if problem:
+        raise RunFailure("E586", f"cannot log to {', '.join(trackers.names)}: {problem}",
+                         "install the tracker's package, or run without --log-with")
+    return trackers
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's out-of-memory error on a GPU, Python's MemoryError, or a CPU allocator that cannot allocate."""
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _out_of_memory(job: Job, params: TrainParams, config: TrainConfig) -> RunFailure:
+    from ...units import human_bytes
+
+    sig = job.node.type.signature
+    micro = batch_shape(config, params.processes).micro_batch
+    planned = ""
+    if sig is not None:
+        states, activations = training_memory(sig, params, micro)
+        planned = (f"; the plan estimated {human_bytes(states + activations)} per device (weights, gradients, "
+                   f"AdamW {human_bytes(states)} + activations {human_bytes(activations)})")
+    device = this_machine()
+    where = f"the GPU's {human_bytes(device.memory_bytes)}" if device.gpu else f"{human_bytes(device.memory_bytes)} of RAM"
+    return RunFailure("E585", f"training `{job.node.label}` ran out of memory at micro-batch {micro} "
+                              f"× {params.seq_len} tokens{planned}; this machine has {where}",
+                      "give a smaller `micro_batch=` (the batch is accumulated), a shorter `seq_len`, more "
+                      "processes, or shard the model (FSDP, ZeRO-3) in the --launch config; checkpoints are kept")
 
 
 def _rank() -> int:

@@ -15,14 +15,15 @@ from ..ir.types import Kind, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, register
 from .train import (
     TrainParams,
-    _plan_detail,
     check_training,
     model_config,
+    planned_shape,
     planned_tokens,
+    training_detail,
     training_flops,
     training_memory,
 )
-from .train_config import batch_shape
+from .train_config import this_machine
 
 
 class DistillParams(TrainParams):
@@ -87,10 +88,11 @@ class Distill(Op):
         if student is None or teacher is None:
             return Cost()
         tokens = planned_tokens(params, inputs[2])
-        states, activations = training_memory(student, params)
+        shape = planned_shape(student, params, this_machine())  # as the rule will split the batch
+        micro_batch = shape.micro_batch
+        states, activations = training_memory(student, params, micro_batch)
         # The teacher only runs forward, without gradients: its fp32 weights, and per micro-batch its logits
         # and the two log-softmaxes the KL compares, in fp32.
-        micro_batch = batch_shape(params, params.processes).micro_batch
         teacher_bytes = 4 * teacher.params + 3 * 4 * params.seq_len * micro_batch * (student.vocab_size or 0)
         memory = states + activations + teacher_bytes
         bf16 = params.precision == "bf16"
@@ -98,4 +100,4 @@ class Distill(Op):
                     peak_bytes=student.nbytes + teacher.nbytes if bf16 else memory,
                     flops=training_flops(student, params.seq_len, tokens) + 2 * teacher.params * tokens,
                     accelerator_bytes=memory if bf16 else None,
-                    detail=_plan_detail(params, tokens, states, activations))
+                    detail=training_detail(params, shape, tokens, states, activations))

@@ -481,7 +481,8 @@ def _iterative_cost(one: Cost, inputs, params, out) -> Cost:
     final = out.signature.params if out.signature else sig.params
     tokens = round_tokens(params, inputs[-1])
     config = retrain_config(params)
-    states, activations = training_memory(sig, TrainParams.model_construct(**config.model_dump(), processes=1))
+    train_params = TrainParams.model_construct(**config.model_dump(), processes=1)
+    states, activations = training_memory(sig, train_params, batch_shape(train_params, 1).micro_batch)
     flops = 0
     for r in range(1, params.steps + 1):
         scale = (sig.params - (sig.params - final) * r / params.steps) / max(sig.params, 1)

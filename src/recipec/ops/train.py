@@ -113,7 +113,7 @@ class _Training(Op):
                     peak_bytes=sig.nbytes if bf16 else memory,  # on an accelerator the host holds one copy
                     flops=training_flops(sig, params.seq_len, tokens),
                     accelerator_bytes=memory if bf16 else None,
-                    detail=_plan_detail(params, shape, tokens, states, activations))
+                    detail=training_detail(params, shape, tokens, states, activations))
 
     @classmethod
     def plan_advice(cls, node: Node, cost: Cost, seconds: float) -> str:
@@ -264,7 +264,7 @@ def gpu_needs(sig, params: TrainParams, flops: int) -> str:
     return text
 
 
-def _plan_detail(params: TrainParams, shape: BatchShape, tokens: int, states: int, activations: int) -> str:
+def training_detail(params: TrainParams, shape: BatchShape, tokens: int, states: int, activations: int) -> str:
     from ..units import human_bytes, human_count
 
     steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))

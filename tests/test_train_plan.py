@@ -98,3 +98,27 @@ def test_on_a_gpu_auto_is_bf16_and_the_micro_batch_follows_from_memory(hub_chat,
     data = json.loads(plan(capsys, monkeypatch, H100, "--json"))
     step = next(s for s in data["steps"] if s["label"] == "zh_chat")
     assert step["cost"]["accelerator_bytes"] <= 0.8 * H100.memory_bytes or "micro-batch 1 × 64" in out
+
+
+def test_the_design_cards_line_checks_and_plans_at_full_size(isolated_caches, capsys, monkeypatch):
+    # model = prune(cp(llama2, corpus_zh) + 0.8*(llama2_chat - llama2), heads=0.3), in recipes/zh_chat.rcp
+    hub = isolated_caches / "hub"
+    for repo, commit, vocab in (("meta-llama/Llama-2-7b-hf", "01c7f73d771dfac7d292323805ebc428287df4f9", 32000),
+                                (CHAT_ID, CHAT_COMMIT, 32000), ("hfl/chinese-llama-2-7b", "c" * 40, 55296)):
+        folder = hub / ("models--" + repo.replace("/", "--"))
+        sparse_model(folder / "snapshots" / commit, {**LLAMA2_7B, "vocab_size": vocab})
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setattr("recipec.ops.train.this_machine", lambda: CPU_ONLY)
+    recipe = (ROOT / "recipes" / "zh_chat.rcp").relative_to(ROOT)
+    status, out, err = run_cli(["check", recipe], capsys, ROOT)
+    assert status == 0, err
+    assert "warning[E419]: heads=0.3 removes whole heads: 10 of 32 heads = 0.3125 in every layer" in err
+    status, out, err = run_cli(["plan", "--threads", "2", "--json", recipe], capsys, ROOT)
+    assert status == 0, err
+    steps = {s["label"]: s for s in json.loads(out)["steps"]}
+    assert steps["model"]["op"] == "prune" and steps["model"]["cost"] is not None
+    assert steps["model"]["signature"]["params"] < steps["zh_chat"]["signature"]["params"]
+    cp = next(s for s in steps.values() if s["op"] == "cp")
+    assert "years" in json.dumps(cp)  # a billion tokens on a CPU-only machine

@@ -171,3 +171,71 @@ def test_parity_inputs_have_both_paddings_and_another_shape():
     assert shapes == [(1, 5), (3, 11)] and onnx_export.EXPORT_SHAPE not in shapes
     mask = cases[1].attention_mask
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1, 0] == 1 and mask[1, -1] == 0 and mask[2].all()
+
+
+# recipec's own model classes (per-layer heads and FFN widths, low-rank linears): their ONNX graph is how a
+# pruned model runs without recipec. `uneven` has different head counts per layer, which prune's ranking
+# of a tiny random model does not reliably produce.
+COMPRESSED = """recipec 1
+l = init("llama", size="tiny", seed=1)
+g = init("gpt2", size="tiny", seed=2)
+b = init("bert", size="tiny", seed=3)
+small = lowrank(prune(l, heads=0.5, ffn=0.5, uniform=false), ratio=0.5)
+fewer_heads = prune(g, heads=0.5)
+factored = lowrank(prune(b, heads=0.5), ratio=0.5)
+export small to "out/small.onnx"
+export fewer_heads to "out/fewer_heads.onnx"
+export factored to "out/factored.onnx"
+export load("models/uneven") to "out/uneven.onnx"
+export small to "out/small"
+export fewer_heads to "out/fewer_heads"
+export factored to "out/factored"
+"""
+
+
+def uneven_llama(root: Path) -> Path:
+    """A recipec_llama with 4 then 2 query heads (2 then 1 key/value heads), FFN widths 96 and 40."""
+    from recipec.modeling.modeling_recipec import RecipecLlamaConfig, RecipecLlamaForCausalLM
+
+    config = {k: v for k, v in preset_config("llama", "tiny").items() if k not in ("architectures", "dtype", "model_type")}
+    config |= {"recipec_heads": [4, 2], "recipec_kv_heads": [2, 1], "recipec_intermediate": [96, 40]}
+    torch.manual_seed(4)
+    RecipecLlamaForCausalLM(RecipecLlamaConfig(**config)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_compressed")
+    uneven_llama(root / "models" / "uneven")
+    (root / "r.rcp").write_text(COMPRESSED)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        captured = _Captured()
+        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
+            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
+        assert status == 0, err
+        yield root
+
+
+@pytest.mark.parametrize("name, model_type, per_layer_key", [
+    ("small", "recipec_llama", "recipec_low_rank"), ("fewer_heads", "recipec_gpt2", "recipec_heads"),
+    ("factored", "recipec_bert", "recipec_low_rank"), ("uneven", "recipec_llama", "recipec_heads")])
+def test_pruned_and_low_rank_models_export_and_match_pytorch(compressed, name, model_type, per_layer_key):
+    release = compressed / "out" / f"{name}.onnx"
+    config = json.loads((release / "config.json").read_text())
+    assert config["model_type"] == model_type and config[per_layer_key]
+    if name == "small":
+        assert len(set(config["recipec_intermediate"])) == 2  # ranked across layers: the widths differ
+    hf_dir = compressed / ("models/uneven" if name == "uneven" else f"out/{name}")
+    auto = transformers.AutoModelForMaskedLM if "bert" in model_type else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(8)
+    input_ids = rng.integers(0, 1024, (2, 7), dtype=np.int64)
+    mask = np.ones_like(input_ids)
+    mask[1, 5:] = 0  # right padding
+    actual, expected = onnx_and_torch(release / "model.onnx", model, input_ids, mask)
+    compared = mask.astype(bool)
+    np.testing.assert_allclose(actual[compared], expected[compared], atol=1e-4, rtol=1e-3)
+    graph = onnx.load(release / "model.onnx", load_external_data=False)
+    assert {node.domain for node in graph.graph.node} == {""}  # standard operators only: runs without recipec

@@ -172,6 +172,15 @@ def export_graph(module, output: str, opset: int, graph_path: Path, external: bo
     program.save(str(graph_path), external_data=external)
 
 
+def exported_graph(model, graph_path: Path, opset: int):
+    """`model` exported to `graph_path` (its weights in an external data file beside it when they are large):
+    the module that was traced, and its output's name. What `onnx` builds and `stats` times."""
+    module, output = graph_module(model)
+    external = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_ABOVE
+    export_graph(module, output, opset, graph_path, external)
+    return module, output
+
+
 def check_graph(graph_path: Path) -> None:
     """onnx.checker over the file (by path, so that external data is checked where it lies)."""
     import onnx
@@ -254,27 +263,25 @@ def export_checked(job: Job, staging: Path) -> None:
     try:
         model = load_model(source)
     except (OSError, ValueError, KeyError) as err:
-        raise RunFailure("E603", f"transformers cannot load `{label}` for export: {_first_line(err)}",
+        raise RunFailure("E603", f"transformers cannot load `{label}` for export: {first_line(err)}",
                          "the model directory must load with transformers' Auto classes (after `import "
                          "recipec`, for recipec's own model classes)") from None
     problem = family_problem(model.config.model_type)  # a hub model whose type check time could not read
     if problem is not None:
         raise RunFailure("E467", *problem)
-    module, output = graph_module(model)
     job.progress.update(1)
-    external = sum(p.numel() for p in model.parameters()) * 4 > EXTERNAL_DATA_ABOVE
     graph_path = staging / GRAPH_FILE
     try:
-        export_graph(module, output, params.opset, graph_path, external)
+        module, output = exported_graph(model, graph_path, params.opset)
     except Exception as err:  # noqa: BLE001  torch.export and the translation raise many kinds of error
-        raise RunFailure("E600", f"torch.onnx could not export `{label}`: {_first_line(err)}",
+        raise RunFailure("E600", f"torch.onnx could not export `{label}`: {first_line(err)}",
                          "the model's code does not trace with torch.export; try another `opset`, or "
                          "export the model as a Hugging Face directory") from None
     job.progress.update(2)
     try:
         check_graph(graph_path)
     except Exception as err:  # noqa: BLE001  onnx.checker raises ValidationError and C++ errors
-        raise RunFailure("E602", f"the ONNX graph of `{label}` fails onnx.checker: {_first_line(err)}",
+        raise RunFailure("E602", f"the ONNX graph of `{label}` fails onnx.checker: {first_line(err)}",
                          "report it with the model's config: the exporter wrote an invalid graph") from None
     job.progress.update(3)
     vocab = int(getattr(model.config, "vocab_size", 0) or 2)
@@ -288,7 +295,7 @@ def export_checked(job: Job, staging: Path) -> None:
     job.progress.update(STAGES)
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0][:300]
 

@@ -24,7 +24,7 @@ def family_problem(model_type: str) -> tuple[str, str] | None:
     if model_type in ONNX_FAMILIES:
         return None
     return (f"the ONNX exporter does not support `{model_type}` models",
-            "recipec exports " + ", ".join(f"`{f}`" for f in sorted(ONNX_FAMILIES))
+            "recipec exports " + ", ".join(f"`{f}`" for f in sorted(ONNX_FAMILIES) if not f.startswith("recipec_"))
             + " models to ONNX; export this one as a Hugging Face directory instead")
 
 

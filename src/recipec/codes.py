@@ -269,6 +269,10 @@ _ENTRIES = [
          "`stats(..., onnx=true)` exports every model to ONNX to time it in onnxruntime, and one of them is of a\n"
          "family the ONNX exporter does not support (see E467). Set `onnx=false`, or measure that model in a\n"
          "`stats` of its own."),
+    Code("E470", "no KV cache to export", RECIPE,
+         "`onnx(m, with_cache=true)` exports a prefill + decode pair with a KV cache, for generation: only\n"
+         "decoders with a language-model head have one recipec exports (Llama and GPT-2, pruned or low rank\n"
+         "too). An encoder (BERT) or a headless model exports a single graph: drop `with_cache`."),
     Code("E406", "inconsistent sharded index", RECIPE,
          "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
          "tensor the index does not list."),
@@ -458,6 +462,11 @@ _ENTRIES += [
     Code("E603", "model cannot be loaded for export", RUNTIME,
          "The ONNX export loads the model with transformers' Auto classes (after `import recipec`, which\n"
          "registers recipec's own model classes); this one did not load. The message says why."),
+    Code("E604", "ONNX KV cache disagrees with transformers' generation", RUNTIME,
+         "With `with_cache=true`, the export also runs a greedy generation (two prompts, one left-padded, 8 new\n"
+         "tokens) through the prefill and decode graphs in onnxruntime, carrying the KV cache between them, and\n"
+         "compares each step's logits (fp32, |onnx − torch| ≤ 1e-4 + 1e-3·|torch|) and the tokens with\n"
+         "transformers' `generate`. The message names the first step that differs. Nothing was kept."),
     Code("E560", "launched job failed", RUNTIME,
          "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
          "could not be started, exited with an error status, was killed by a signal, or ended without\n"

@@ -56,7 +56,10 @@ def bench_model(out: Path, size: str, lengths: list[int], threads: int, reps: in
 
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(threads)
+    from recipec.backends.measure import cache_keyword, cache_of
+
     model = transformers.AutoModelForCausalLM.from_pretrained(out / size, dtype=torch.float32).eval()
+    keyword = cache_keyword(type(model))
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
@@ -83,7 +86,7 @@ def bench_model(out: Path, size: str, lengths: list[int], threads: int, reps: in
 
         torch_ms, ort_ms = time_pair(torch_call, ort_call, reps)
         with torch.inference_mode():
-            torch_prefilled = model(input_ids=ids_t, attention_mask=mask_t, use_cache=True).past_key_values
+            torch_prefilled = cache_of(model(input_ids=ids_t, attention_mask=mask_t, use_cache=True))
         ort_prefilled = prefill.run(None, {"input_ids": ids, "attention_mask": mask,
                                            "position_ids": np.arange(length)[None]})[1:]
         token = np.array([[7]], dtype=np.int64)
@@ -92,8 +95,8 @@ def bench_model(out: Path, size: str, lengths: list[int], threads: int, reps: in
             cache = copy.deepcopy(torch_prefilled)  # each repetition decodes from the same prefill
             with torch.inference_mode():
                 for step in range(steps):
-                    cache = model(input_ids=torch.from_numpy(token), past_key_values=cache, use_cache=True,
-                                  attention_mask=torch.ones((1, length + step + 1), dtype=torch.long)).past_key_values
+                    cache = cache_of(model(input_ids=torch.from_numpy(token), use_cache=True, **{keyword: cache},
+                                           attention_mask=torch.ones((1, length + step + 1), dtype=torch.long)))
 
         def ort_decode():
             cache = ort_prefilled

@@ -213,7 +213,7 @@ def _count_macs(model, causal: bool, settings: Settings) -> tuple[str, int, int 
         decode = None
         if causal:
             with FlopCounterMode(display=False) as counter:
-                _decode_step(model, ids[:, -1:], _cache_of(out))
+                _decode_step(model, ids[:, -1:], cache_of(out))
             decode = counter.get_total_flops() // 2
     finally:
         _attention(model, default)
@@ -235,9 +235,9 @@ def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None,
         out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
         prefilled = time.perf_counter()
         if decoding:
-            cache = _cache_of(out)
+            cache = cache_of(out)
             for _ in range(settings.decode_tokens):
-                cache = _cache_of(_decode_step(model, step, cache))
+                cache = cache_of(_decode_step(model, step, cache))
             del cache
         finished = time.perf_counter()
         del out
@@ -251,16 +251,16 @@ def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None,
 
 def _decode_step(model, token, cache):
     """One token on the KV cache."""
-    return model(input_ids=token, use_cache=True, **{_cache_keyword(type(model)): cache})
+    return model(input_ids=token, use_cache=True, **{cache_keyword(type(model)): cache})
 
 
 @functools.cache
-def _cache_keyword(model_class) -> str:
+def cache_keyword(model_class) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; classes of either age are met.
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _cache_of(output):
+def cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 

@@ -44,6 +44,7 @@ from ..ops.export import GENERATED, GENERATION_PROMPTS, Onnx, cache_problem, fam
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.release_files import CODE_FILES, code_references, without_code_references
 from .job import Job, RunFailure
+from .measure import cache_keyword, cache_of
 
 ATOL, RTOL = 1e-4, 1e-3  # fp32 parity: |onnx - torch| <= ATOL + RTOL * |torch| at every compared value
 # Weights above this go to an external data file beside the graph: a protobuf message (the graph) cannot
@@ -206,6 +207,8 @@ def cache_step_module(model):
     import torch
     from transformers import DynamicCache
 
+    keyword = cache_keyword(type(model))
+
     class CacheStep(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -216,8 +219,8 @@ def cache_step_module(model):
             for layer in range(len(past) // 2):
                 cache.update(past[2 * layer], past[2 * layer + 1], layer)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True)
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                             use_cache=True, **{keyword: cache})
+            present = [t for layer in cache_of(out).layers for t in (layer.keys, layer.values)]
             return (out.logits, *present)
 
     return CacheStep().eval()

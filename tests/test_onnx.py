@@ -75,7 +75,10 @@ class _Captured:
 
 def onnx_and_torch(graph: Path, model, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    (actual,) = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+    feed = {"input_ids": input_ids, "attention_mask": mask}
+    if len(session.get_inputs()) == 3:  # the prefill graph of a pair with a KV cache takes positions too
+        feed["position_ids"] = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)
+    actual = session.run(None, feed)[0]
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask))
     expected = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
@@ -171,3 +174,112 @@ def test_parity_inputs_have_both_paddings_and_another_shape():
     assert shapes == [(1, 5), (3, 11)] and onnx_export.EXPORT_SHAPE not in shapes
     mask = cases[1].attention_mask
     assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1, 0] == 1 and mask[1, -1] == 0 and mask[2].all()
+
+
+# recipec's own model classes (per-layer heads and FFN widths, low-rank linears): their ONNX graph is how a
+# pruned model runs without recipec. `uneven` has different head counts per layer, which prune's ranking
+# of a tiny random model does not reliably produce. Two are exported with a KV cache for generation.
+COMPRESSED = """recipec 1
+l = init("llama", size="tiny", seed=1)
+g = init("gpt2", size="tiny", seed=2)
+b = init("bert", size="tiny", seed=3)
+small = lowrank(prune(l, heads=0.5, ffn=0.5, uniform=false), ratio=0.5)
+fewer_heads = prune(g, heads=0.5)
+factored = lowrank(prune(b, heads=0.5), ratio=0.5)
+export small to "out/small.onnx"
+export onnx(fewer_heads, with_cache=true) to "out/fewer_heads.onnx"
+export factored to "out/factored.onnx"
+export onnx(load("models/uneven"), with_cache=true) to "out/uneven.onnx"
+export small to "out/small"
+export fewer_heads to "out/fewer_heads"
+export factored to "out/factored"
+"""
+
+
+def uneven_llama(root: Path) -> Path:
+    """A recipec_llama with 4 then 2 query heads (2 then 1 key/value heads), FFN widths 96 and 40."""
+    from recipec.modeling.modeling_recipec import RecipecLlamaConfig, RecipecLlamaForCausalLM
+
+    config = {k: v for k, v in preset_config("llama", "tiny").items() if k not in ("architectures", "dtype", "model_type")}
+    config |= {"recipec_heads": [4, 2], "recipec_kv_heads": [2, 1], "recipec_intermediate": [96, 40]}
+    torch.manual_seed(4)
+    RecipecLlamaForCausalLM(RecipecLlamaConfig(**config)).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_compressed")
+    uneven_llama(root / "models" / "uneven")
+    (root / "r.rcp").write_text(COMPRESSED)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        captured = _Captured()
+        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
+            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
+        assert status == 0, err
+        yield root
+
+
+@pytest.mark.parametrize("name, model_type, per_layer_key", [
+    ("small", "recipec_llama", "recipec_low_rank"), ("fewer_heads", "recipec_gpt2", "recipec_heads"),
+    ("factored", "recipec_bert", "recipec_low_rank"), ("uneven", "recipec_llama", "recipec_heads")])
+def test_pruned_and_low_rank_models_export_and_match_pytorch(compressed, name, model_type, per_layer_key):
+    release = compressed / "out" / f"{name}.onnx"
+    config = json.loads((release / "config.json").read_text())
+    assert config["model_type"] == model_type and config[per_layer_key]
+    if name == "small":
+        assert len(set(config["recipec_intermediate"])) == 2  # ranked across layers: the widths differ
+    hf_dir = compressed / ("models/uneven" if name == "uneven" else f"out/{name}")
+    auto = transformers.AutoModelForMaskedLM if "bert" in model_type else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rng = np.random.default_rng(8)
+    input_ids = rng.integers(0, 1024, (2, 7), dtype=np.int64)
+    mask = np.ones_like(input_ids)
+    mask[1, 5:] = 0  # right padding
+    actual, expected = onnx_and_torch(release / "model.onnx", model, input_ids, mask)
+    compared = mask.astype(bool)
+    np.testing.assert_allclose(actual[compared], expected[compared], atol=1e-4, rtol=1e-3)
+    graph = onnx.load(release / "model.onnx", load_external_data=False)
+    assert {node.domain for node in graph.graph.node} == {""}  # standard operators only: runs without recipec
+
+
+@pytest.mark.parametrize("name", ["uneven", "fewer_heads"])
+def test_a_graph_pair_with_a_kv_cache_generates_what_transformers_generates(compressed, name):
+    release = compressed / "out" / f"{name}.onnx"
+    prefill = onnxruntime.InferenceSession(str(release / "model.onnx"), providers=["CPUExecutionProvider"])
+    decode = onnxruntime.InferenceSession(str(release / "decode.onnx"), providers=["CPUExecutionProvider"])
+    layers = json.loads((release / "config.json").read_text()).get("num_hidden_layers", 2)
+    past = [f"past_key_values.{n}.{w}" for n in range(layers) for w in ("key", "value")]
+    assert [i.name for i in decode.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *past]
+    assert [o.name for o in prefill.get_outputs()] == ["logits", *(p.replace("past_key_values", "present") for p in past)]
+    hf_dir = compressed / ("models/uneven" if name == "uneven" else f"out/{name}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    prompt = np.array([[11, 402, 7, 96, 513, 28, 3]], dtype=np.int64)
+    with torch.no_grad():
+        expected = model.generate(torch.from_numpy(prompt), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    length = prompt.shape[1]
+    logits, *cache = prefill.run(None, {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+                                        "position_ids": np.arange(length)[None]})
+    generated = []
+    for step in range(10):
+        generated.append(int(logits[0, -1].argmax()))
+        feed = {"input_ids": np.array([[generated[-1]]]), "attention_mask": np.ones((1, length + step + 1), np.int64),
+                "position_ids": np.array([[length + step]])}
+        logits, *cache = decode.run(None, feed | dict(zip(past, cache)))
+    assert generated == expected
+    assert cache[0].shape[2] == length + 10  # the cache grew by one position per step
+    assert json.loads((release / "parity.json").read_text())["generation"]["tokens_equal"] is True
+
+
+def test_a_kv_cache_that_generates_otherwise_fails_the_node(tmp_path, capsys, monkeypatch):
+    # Every position 0 in onnxruntime's generation (PyTorch gets the same in the logits parity, so that passes):
+    # GPT-2's learned positions then give other logits than transformers' generate.
+    monkeypatch.setattr(onnx_export, "positions_of", lambda mask: np.zeros_like(mask))
+    (tmp_path / "r.rcp").write_text('recipec 1\nm = init("gpt2", size="tiny", seed=5)\n'
+                                    'export onnx(m, with_cache=true) to "out/m.onnx"\n')
+    status, _, err = run_cli(["run", "--cache", tmp_path / "cache", tmp_path / "r.rcp"], capsys, tmp_path)
+    assert status == 1 and "error[E604]" in err and "disagrees with transformers' greedy generation" in err
+    assert "the logits of new token 0" in err
+    assert [p for p in tmp_path.rglob("*") if ".onnx" in p.name] == []

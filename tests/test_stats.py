@@ -60,7 +60,7 @@ def test_counted_macs_equal_the_architecture_count(measured):
 def test_latency_and_memory_are_measured(measured):
     _, data, page = measured
     assert data["settings"] == {"seq_len": 16, "batch": 1, "threads": 1, "repeats": 2, "decode_tokens": 4,
-                                "dtype": "float32", "warmup": 1}
+                                "onnx": False, "dtype": "float32", "warmup": 1}
     for model in data["models"]:
         times = model["measured"]
         assert times["prefill_seconds"] > 0 and times["prefill_tokens_per_second"] > 0
@@ -79,9 +79,9 @@ def test_zero_weights_are_reported_with_no_speed_up(measured):
     zeros = data["models"][3]
     assert zeros["nonzero"] == 0 and zeros["zero_share"] == 1.0 and zeros["matrix_zero_share"] == 1.0
     assert data["models"][0]["zero_share"] == 0.0
-    assert ("Model 4: 100.0% of its matrix weights are zeros stored in dense tensors. Dense zeros bring no "
+    assert ("`model 4`: 100.0% of its matrix weights are zeros stored in dense tensors. Dense zeros bring no "
             "speed-up") in page
-    assert "Model 1:" not in page  # a dense model gets no such note
+    assert "`l`:" not in page  # a dense model gets no such note
 
 
 def test_the_digest_is_the_reproducible_part(measured):
@@ -132,6 +132,51 @@ def test_architecture_count_follows_per_layer_shapes():
     assert macs_per_token("llama", pruned, 10) == macs_per_token("llama", facts, 10) - removed_heads - removed_ffn
     assert macs_per_token("recipec_llama", pruned, 10) == macs_per_token("llama", pruned, 10)
     assert macs_per_token("t5", facts, 10) is None
+
+
+@pytest.fixture(scope="module")
+def factored(tmp_path_factory) -> tuple[dict, str]:
+    """stats over a tiny llama, a low-rank copy bound to a name and an unbound one, timed in onnxruntime too."""
+    root = tmp_path_factory.mktemp("stats_lowrank")
+    (root / "r.rcp").write_text(
+        'recipec 1\nl = init("llama", size="tiny", seed=1)\nhalf = lowrank(l, ratio=0.5)\n'
+        f's = stats(l, half, lowrank(l, ratio=0.25), {FAST}, onnx=true)\n')
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = main(["run", "--json", str(root / "r.rcp")])
+    assert status == 0, err.getvalue()
+    page = next((root / ".recipec").rglob("report.md")).read_text()
+    return json.loads(out.getvalue())["reports"]["s"], page
+
+
+def test_low_rank_macs_from_the_architecture_count_the_factors(factored):
+    data, page = factored
+    dense, half, quarter = data["models"]
+    for model in (half, quarter):
+        assert model["model_type"] == "recipec_llama" and model["macs_check"] == "equal"
+        assert model["macs_per_token"] == model["macs_per_token_architecture"] < dense["macs_per_token"]
+        assert model["decode_macs_per_token"] == model["decode_macs_per_token_architecture"]
+    assert quarter["macs_per_token"] < half["macs_per_token"]
+    assert "equal the count the architecture implies" in page
+
+
+def test_models_are_named_as_the_recipe_binds_them(factored):
+    data, page = factored
+    assert [m["name"] for m in data["models"]] == ["l", "half", "model 3"]
+    assert "|  | l (llama) | half (recipec_llama) | model 3 (recipec_llama) |" in page
+
+
+def test_onnxruntime_prefill_is_timed_beside_torch_and_left_out_of_the_digest(factored):
+    data, page = factored
+    assert data["settings"]["onnx"] is True and "onnxruntime" in data["measurement"]
+    for model in data["models"]:
+        times = model["measured"]
+        assert times["onnxruntime_prefill_seconds"] > 0 and times["onnxruntime_prefill_tokens_per_second"] > 0
+        assert times["onnxruntime_vs_torch"] == pytest.approx(
+            times["onnxruntime_prefill_seconds"] / times["prefill_seconds"], rel=1e-2)
+    assert "| prefill latency in onnxruntime (1 × 16 tokens) |" in page
+    assert "| onnxruntime / PyTorch prefill |" in page and "its output checked against PyTorch" in page
+    assert "onnxruntime" not in json.dumps(reproducible(data))
 
 
 def test_inspect_prints_the_report_of_a_folder(tmp_path, capsys):

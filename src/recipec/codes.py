@@ -277,13 +277,21 @@ _ENTRIES = [
          "a corpus or a tokenizer are not models. Add a delta to a model first (`export base + delta to\n"
          "\"out/m.onnx\"`); export anything else to a directory."),
     Code("E467", "family the ONNX exporter does not support", RECIPE,
-         "`export m to \"out/m.onnx\"` (or `onnx(m)`) exports Llama, GPT-2 and BERT-style models, whose export\n"
-         "and parity recipec tests. The message names the model's type and the supported ones; export other\n"
+         "`export m to \"out/m.onnx\"` (or `onnx(m)`) exports Llama, GPT-2 and BERT-style models, also pruned\n"
+         "per layer or low rank (recipec's own `recipec_*` model classes), whose export and parity recipec tests. The message names the model's type and the supported ones; export other\n"
          "models as a Hugging Face directory."),
     Code("E468", "unknown export format", RECIPE,
          "`export x to \"path\" as NAME` names a format no result has, or the path ends in a model-file suffix\n"
          "recipec does not write (`.gguf`, `.bin`, `.pt`, `.safetensors`, ...). recipec writes directories\n"
          "(`as hf` for models, `as report` for reports) and ONNX (`\"out/m.onnx\"` or `as onnx`)."),
+    Code("E469", "stats cannot time this model in onnxruntime", RECIPE,
+         "`stats(..., onnx=true)` exports every model to ONNX to time it in onnxruntime, and one of them is of a\n"
+         "family the ONNX exporter does not support (see E467). Set `onnx=false`, or measure that model in a\n"
+         "`stats` of its own."),
+    Code("E470", "no KV cache to export", RECIPE,
+         "`onnx(m, with_cache=true)` exports a prefill + decode pair with a KV cache, for generation: only\n"
+         "decoders with a language-model head have one recipec exports (Llama and GPT-2, pruned or low rank\n"
+         "too). An encoder (BERT) or a headless model exports a single graph: drop `with_cache`."),
     Code("E406", "inconsistent sharded index", RECIPE,
          "A sharded model's index lists a tensor that its shard does not contain, or a shard holds a\n"
          "tensor the index does not list."),
@@ -499,6 +507,11 @@ _ENTRIES += [
     Code("E603", "model cannot be loaded for export", RUNTIME,
          "The ONNX export loads the model with transformers' Auto classes (after `import recipec`, which\n"
          "registers recipec's own model classes); this one did not load. The message says why."),
+    Code("E604", "ONNX KV cache disagrees with transformers' generation", RUNTIME,
+         "With `with_cache=true`, the export also runs a greedy generation (two prompts, one left-padded, 8 new\n"
+         "tokens) through the prefill and decode graphs in onnxruntime, carrying the KV cache between them, and\n"
+         "compares each step's logits (fp32, |onnx − torch| ≤ 1e-4 + 1e-3·|torch|) and the tokens with\n"
+         "transformers' `generate`. The message names the first step that differs. Nothing was kept."),
     Code("E560", "launched job failed", RUNTIME,
          "An op whose rule runs in a worker process (training, or any op under `run --launch PREFIX`)\n"
          "could not be started, exited with an error status, was killed by a signal, or ended without\n"
@@ -519,6 +532,14 @@ _ENTRIES += [
          "A model loaded, but running it for `stats` (the MAC count, a prefill or a decode step) failed:\n"
          "memory ran out (lower `seq_len` or `batch`), or its weights and config do not fit together. The\n"
          "message carries the error."),
+    Code("E612", "model cannot be timed in onnxruntime", RUNTIME,
+         "`stats(..., onnx=true)` exports each model to a temporary ONNX graph, as `onnx` does, to time it in\n"
+         "onnxruntime; this export (or onnxruntime's loading of the graph) failed. The message gives the first\n"
+         "line of the error. Set `onnx=false`, or export the model with `onnx(...)` to see which step fails."),
+    Code("E613", "ONNX graph disagrees with PyTorch while timed", RUNTIME,
+         "`stats(..., onnx=true)` compares the graph's output with PyTorch's on the measured input (fp32,\n"
+         "|onnx − torch| ≤ 1e-4 + 1e-3·|torch|) before reporting its time: a wrong graph's time means nothing.\n"
+         "The message names the worst position. Export the model with `onnx(...)` for the full parity check."),
 ]
 
 _ENTRIES += [

@@ -1,6 +1,7 @@
 """The ONNX model kind: `model.onnx`, the external data file its tensors may live in, and what it takes to
 use it without recipec — the model's config and tokenizer files, and `parity.json`, what the parity check
-against PyTorch measured. The `onnx` op (ops/export.py) builds one; its digest covers every file, and a
+against PyTorch measured. Exported `with_cache`, `model.onnx` is the prefill graph and `decode.onnx` (with
+its own data file) the decode step on a KV cache. The `onnx` op (ops/export.py) builds one; its digest covers every file, and a
 release holds them all, the graph and its data read-only (as weights are).
 """
 
@@ -15,6 +16,7 @@ from . import Artifact, ArtifactError, ArtifactKind, Problem, ReleaseInfo, regis
 ONNX_MODEL = Kind.register("OnnxModel")
 GRAPH_FILE = "model.onnx"
 DATA_FILE = GRAPH_FILE + ".data"  # the graph records this name: it must lie beside the graph, so named
+DECODE_FILE = "decode.onnx"  # the decode step of a graph pair with a KV cache
 PARITY_FILE = "parity.json"
 
 
@@ -36,9 +38,9 @@ class OnnxKind(ArtifactKind):
         files = []
         for path in cls.content_files(artifact.path):
             known = info.known.get(path.name)
-            # onnx refuses external data in a file with several hard links (a "hardlink attack"), so the data
-            # file is copied; the graph may be shared with the cache, read-only like weights.
-            shared = path.name == GRAPH_FILE and known is not None
-            files.append(ReleaseFile(path.name, source=path, shared=shared,
-                                     read_only=path.name in (GRAPH_FILE, DATA_FILE), sha256=known))
+            # onnx refuses external data in a file with several hard links (a "hardlink attack"), so data
+            # files are copied; graphs may be shared with the cache, read-only like weights.
+            graph, data = path.suffix == ".onnx", path.name.endswith(".onnx.data")
+            files.append(ReleaseFile(path.name, source=path, shared=graph and known is not None,
+                                     read_only=graph or data, sha256=known))
         return files

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..arch import facts_from_config
+from ..arch import facts_from_config, tensor_shapes
 from ..artifacts.report import Report, Table, write_report
 from ..dtypes import DTYPE_BYTES
-from ..ops.analysis import Stats, StatsParams, macs_per_token, sequence_problem
+from ..ops.analysis import Stats, StatsParams, macs_per_token, model_names, sequence_problem
+from ..ops.export import Onnx
 from ..store.filehash import content_digest
 from ..store.model_dir import ModelFiles
 from ..units import human_bytes
@@ -41,6 +42,7 @@ METRICS = (("params", "parameters"), ("nonzero", "non-zero parameters"), ("bytes
 MACS = (("macs_per_token", "MACs per token"), ("decode_macs_per_token", "MACs per decoded token"))
 TIMES = (("prefill_seconds", "prefill latency"), ("decode_seconds_per_token", "decode latency per token"),
          ("peak_memory_bytes", "peak memory"))
+ONNX_TIMES = (("onnxruntime_prefill_seconds", "prefill latency in onnxruntime"),)
 # Matrix weights this share zero or more are called sparse: dense kernels still multiply every zero.
 SPARSE_SHARE = 0.01
 
@@ -88,13 +90,14 @@ def _share(part: int, whole: int) -> float:
 
 
 def architecture_macs(config: dict, keys: int) -> int | None:
-    """MACs per token the config's architecture implies (`ops.analysis.macs_per_token`), None when
-    recipec has no facts for it (an architecture or head it has no tensor table for)."""
+    """MACs per token the config's architecture implies (`ops.analysis.macs_per_token`, low-rank linears
+    as their factors), None when recipec has no facts for it (an architecture or head it has no tensor
+    table for)."""
     try:
-        facts = facts_from_config(config)
+        facts, shapes = facts_from_config(config), tensor_shapes(config)
     except ValueError:
         return None
-    return macs_per_token(config.get("model_type", ""), facts, keys)
+    return macs_per_token(config.get("model_type", ""), facts, keys, shapes)
 
 
 def _macs_check(counted: tuple[int, int | None], analytic: tuple[int | None, int | None]) -> str:
@@ -107,11 +110,12 @@ def _macs_check(counted: tuple[int, int | None], analytic: tuple[int | None, int
                      for what, c, a in zip(("prefill", "decode"), counted, analytic) if c != a and c and a)
 
 
-def model_stats(files: ModelFiles, settings: Settings, name: str,
-                progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Everything `stats` reports about one model (`name` in messages): its counts, then what running it showed."""
-    model = summarize(files, progress)
-    measured: Measurement = measure_model(files.root, settings, name)
+def model_stats(files: ModelFiles, settings: Settings, name: str, where: str | None = None,
+                progress: Callable[[int], None] = lambda n: None, scratch: Path | None = None) -> dict:
+    """Everything `stats` reports about one model (`name` in the table, `where` in messages, its name by
+    default): its counts, then what running it showed (onnxruntime's export written inside `scratch`)."""
+    model = {"name": name} | summarize(files, progress)
+    measured: Measurement = measure_model(files.root, settings, where or f"`{name}`", scratch)
     analytic = architecture_macs(files.config, settings.seq_len)
     decode_analytic = architecture_macs(files.config, settings.seq_len + 1) if measured.causal else None
     model |= {"causal": measured.causal, "macs_per_token": measured.macs_per_token,
@@ -131,6 +135,11 @@ def model_stats(files: ModelFiles, settings: Settings, name: str,
         "peak_memory_bytes": measured.peak_bytes,
         "timed_with": f"{measured.timed_with} attention",
     }
+    if settings.onnx:
+        onnx = measured.onnx_prefill_seconds
+        model["measured"] |= {"onnxruntime_prefill_seconds": round(onnx, 6),
+                              "onnxruntime_prefill_tokens_per_second": round(tokens / onnx, 1),
+                              "onnxruntime_vs_torch": round(onnx / measured.prefill_seconds, 4)}
     return model
 
 
@@ -153,9 +162,9 @@ def stats_report(models: list[dict], settings: Settings) -> Report:
     first = models[0]
     for model in models:
         model["ratios"] = {key: _ratio(model[key], first[key]) for key, _ in METRICS + MACS}
-        model["measured"]["ratios"] = {key: _ratio(model["measured"][key], first["measured"][key])
-                                       for key, _ in TIMES}
-    header = ["", *(f"model {i + 1} ({m['model_type']})" for i, m in enumerate(models))]
+        model["measured"]["ratios"] = {key: _ratio(model["measured"].get(key), first["measured"].get(key))
+                                       for key, _ in TIMES + ONNX_TIMES}
+    header = ["", *(f"{m['name']} ({m['model_type']})" for m in models)]
 
     def row(title: str, cells: Callable[[dict, bool], str]) -> list[str]:
         return [title, *(cells(m, i == 0) for i, m in enumerate(models))]
@@ -167,10 +176,14 @@ def stats_report(models: list[dict], settings: Settings) -> Report:
     rows.append(row("MACs per token, from the architecture", lambda m, f: _cell(m["macs_per_token_architecture"], None, True)))
     rows.append(row("MACs per decoded token",
                     lambda m, f: _cell(m["decode_macs_per_token"], m["ratios"]["decode_macs_per_token"], f)))
-    shows = {"prefill_seconds": _ms, "decode_seconds_per_token": _ms, "peak_memory_bytes": human_bytes}
-    for key, title in TIMES:
-        label = f"{title} ({settings.batch} × {settings.seq_len} tokens)" if key == "prefill_seconds" else title
+    shows = {"prefill_seconds": _ms, "decode_seconds_per_token": _ms, "peak_memory_bytes": human_bytes,
+             "onnxruntime_prefill_seconds": _ms}
+    prefills = ("prefill_seconds", "onnxruntime_prefill_seconds")
+    for key, title in TIMES + (ONNX_TIMES if settings.onnx else ()):
+        label = f"{title} ({settings.batch} × {settings.seq_len} tokens)" if key in prefills else title
         rows.append(row(label, lambda m, f, k=key: _cell(m["measured"][k], m["measured"]["ratios"][k], f, shows[k])))
+    if settings.onnx:
+        rows.append(row("onnxruntime / PyTorch prefill", lambda m, f: f"{m['measured']['onnxruntime_vs_torch']:.2f}×"))
     for dtype in sorted({d for m in models for d in m["dtypes"]}):
         rows.append(row(f"{dtype} parameters", lambda m, f, d=dtype: f"{m['dtypes'].get(d, {}).get('params', 0):,}"))
     data = {"kind": "stats", "settings": asdict(settings) | {"dtype": "float32", "warmup": 1},
@@ -183,8 +196,12 @@ def _machine(settings: Settings) -> dict:
     import torch
     import transformers
 
-    return {"machine": platform.machine(), "processor": _processor(), "threads": settings.threads,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+    runtimes = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if settings.onnx:
+        import onnxruntime
+
+        runtimes["onnxruntime"] = onnxruntime.__version__
+    return {"machine": platform.machine(), "processor": _processor(), "threads": settings.threads, **runtimes,
             "note": "times and memory are measured and differ from run to run; the report's digest leaves "
                     "them out"}
 
@@ -207,36 +224,42 @@ def _notes(models: list[dict], settings: Settings) -> list[str]:
               "most the timed runs held above them. Times and memory are measured: they differ from run to run "
               "and are not part of the report's digest.")
     notes = [timing]
+    if settings.onnx:
+        notes.append(f"onnxruntime: each model exported to ONNX (opset {Onnx.Params().opset}, a logits graph, "
+                     "float32) as `onnx` exports it, its output checked against PyTorch on the measured input, "
+                     f"then the same prefill timed the same way on {settings.threads} intra-op thread"
+                     f"{'s' if settings.threads != 1 else ''}.")
     checks = {m["macs_check"] for m in models}
     if checks == {"equal"}:
         notes.append("MACs were counted by torch's FlopCounterMode with eager attention, and equal the count "
                      "the architecture implies (attention counted over the whole seq_len × seq_len square, as "
                      "eager attention computes it).")
     else:
-        notes += [f"Model {i + 1}: MACs counted with {m['macs_counted_with']}: {m['macs_check']}."
-                  for i, m in enumerate(models) if m["macs_check"] != "equal"]
-    notes += [f"Model {i + 1}: {m['matrix_zero_share']:.1%} of its matrix weights are zeros stored in dense "
+        notes += [f"`{m['name']}`: MACs counted with {m['macs_counted_with']}: {m['macs_check']}."
+                  for m in models if m["macs_check"] != "equal"]
+    notes += [f"`{m['name']}`: {m['matrix_zero_share']:.1%} of its matrix weights are zeros stored in dense "
               "tensors. Dense zeros bring no speed-up: dense kernels multiply them all the same, so its MACs "
               "and latency count them, and it is no smaller on disk."
-              for i, m in enumerate(models) if m["matrix_zero_share"] >= SPARSE_SHARE]
+              for m in models if m["matrix_zero_share"] >= SPARSE_SHARE]
     return notes
 
 
 def reproducible(data: dict) -> dict:
-    """A stats report's data less what is measured: what two runs agree on byte for byte."""
-    models = [{k: v for k, v in m.items() if k != "measured"} for m in data["models"]]
+    """A stats report's data less what is measured, and less the models' names, which the cache key does not
+    hold either (renaming a binding rebuilds nothing): what two runs agree on byte for byte."""
+    models = [{k: v for k, v in m.items() if k not in ("measured", "name")} for m in data["models"]]
     return {k: v for k, v in data.items() if k != "measurement"} | {"models": models}
 
 
 def settings_of(params: StatsParams) -> Settings:
-    return Settings(params.seq_len, params.batch, params.threads, params.repeats, params.decode_tokens)
+    return Settings(params.seq_len, params.batch, params.threads, params.repeats, params.decode_tokens, params.onnx)
 
 
 def build_stats(job: Job) -> str:
     """The rule of `stats`: the report, and (as its digest) the digest of its reproducible part."""
     settings = settings_of(Stats.params_of(job.node))
-    models = [model_stats(a.files, settings, f"model {i + 1} (`{node.label}`)", job.progress)
-              for i, (a, node) in enumerate(zip(job.inputs, job.node.inputs))]
+    models = [model_stats(a.files, settings, name, progress=job.progress, scratch=job.work)
+              for a, name in zip(job.inputs, model_names(job.node.inputs))]
     report = stats_report(models, settings)
     write_report(report, job.out)
     return content_digest(reproducible(report.data))
@@ -260,4 +283,4 @@ def inspect_dir(root: Path, params: StatsParams) -> Report:
         raise RunFailure("E482", problem[0], problem[1].replace("`seq_len`", "--seq-len")
                          .replace("`decode_tokens`", "--decode-tokens"))
     settings = settings_of(params)
-    return stats_report([model_stats(files, settings, str(root))], settings)
+    return stats_report([model_stats(files, settings, "model 1", str(root))], settings)

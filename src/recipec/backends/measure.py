@@ -10,6 +10,9 @@ being this module's package), so its pruned and low-rank outputs load the same w
 - Latency: with the model's own attention (the fast one a user gets), on a fixed number of threads, one
   warm-up then `repeats` timed runs, the median: a prefill of batch × seq_len tokens, then (causal
   models) `decode_tokens` steps of one token each on the prefill's KV cache.
+- onnxruntime latency (`onnx=true`): the model exported in-process to a temporary folder by the `onnx`
+  rule's own exporter (backends/onnx_export.py, a logits graph), its output checked against PyTorch's on
+  the measured input, then the same prefill timed in onnxruntime the same way, on as many intra-op threads.
 - Peak memory: the model's weights (parameters and buffers) plus the most the timed runs held above what
   the process held after the warm-up: the peak resident memory (Linux `VmHWM`, restarted through
   /proc/self/clear_refs) less the resident memory then, free heap returned to the system first. Measured
@@ -49,6 +52,7 @@ class Settings:
     threads: int = 1
     repeats: int = 5
     decode_tokens: int = 16
+    onnx: bool = False  # also time the prefill in onnxruntime
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,13 @@ class Measurement:
     prefill_seconds: float  # median, one prefill of batch × seq_len tokens
     decode_seconds: float | None  # median, one decode step of batch tokens
     peak_bytes: int | None  # weights + the most the timed runs held above them; None where the platform cannot tell
+    onnx_prefill_seconds: float | None = None  # median, the same prefill in onnxruntime; None unless asked
 
 
-def measure_model(root: Path, settings: Settings, name: str) -> Measurement:
+def measure_model(root: Path, settings: Settings, name: str, scratch: Path | None = None) -> Measurement:
     """Load the model folder at `root` and measure it; RunFailure E610 when it cannot be loaded, E611
-    when it fails while running, its message naming the model as `name`."""
+    when it fails while running, its message naming the model as `name`. The onnxruntime timing exports
+    the model into a temporary folder inside `scratch` (the system's temporary folder when None)."""
     import torch
 
     model, causal = load_model(root, name)
@@ -85,8 +91,59 @@ def measure_model(root: Path, settings: Settings, name: str) -> Measurement:
         del model
         gc.collect()
         _return_free_memory()
+    onnx_prefill = onnx_prefill_seconds(root, settings, name, scratch) if settings.onnx else None
     return Measurement(causal, macs, decode_macs, counted_with, timed_with, prefill, decode,
-                       None if working is None else weights + working)
+                       None if working is None else weights + working, onnx_prefill)
+
+
+def onnx_prefill_seconds(root: Path, settings: Settings, name: str, scratch: Path | None) -> float:
+    """Median seconds of the measured prefill in onnxruntime, on `settings.threads` intra-op threads, after
+    one warm-up; RunFailure E612 when the model does not export, E613 when the graph disagrees with PyTorch
+    on the measured input (a wrong graph's time means nothing)."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from ..ops.export import Onnx
+    from . import onnx_export
+
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="onnx-", dir=scratch) as folder, onnx_export.quiet(), \
+            _threads(settings.threads):
+        graph = Path(folder) / "model.onnx"
+        model = onnx_export.load_model(root)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = settings.threads, 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            module, output = onnx_export.exported_graph(model, graph, Onnx.Params().opset)
+            session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001  torch.export, the translation and onnxruntime raise many kinds
+            raise RunFailure("E612", f"{name} cannot be timed in onnxruntime: its export failed: "
+                             f"{onnx_export.first_line(err)}", "set `onnx=false` to measure it in PyTorch "
+                             "alone, or export it with `onnx(...)` to see which step fails") from None
+        ids = _inputs(model, settings.batch, settings.seq_len)
+        feed = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())}
+        with torch.inference_mode():
+            expected = module(ids, torch.ones_like(ids)).numpy()
+        del model, module
+        seconds = []
+        for run in range(1 + settings.repeats):
+            started = time.perf_counter()
+            (actual,) = session.run(None, feed)
+            if run:
+                seconds.append(time.perf_counter() - started)
+    _, mismatch = onnx_export.worst_mismatch("measured", expected, actual, feed["attention_mask"],
+                                             onnx_export.ATOL, onnx_export.RTOL)
+    if mismatch is not None:
+        raise RunFailure("E613", f"the ONNX graph of {name} disagrees with PyTorch on the measured input: "
+                         f"`{output}` at {mismatch.index} is {mismatch.actual:.6g} in onnxruntime and "
+                         f"{mismatch.expected:.6g} in PyTorch", "its onnxruntime time would mean nothing; set "
+                         "`onnx=false`, and export the model with `onnx(...)` to see the parity check's report")
+    return statistics.median(seconds)
 
 
 def load_model(root: Path, name: str):
@@ -156,7 +213,7 @@ def _count_macs(model, causal: bool, settings: Settings) -> tuple[str, int, int 
         decode = None
         if causal:
             with FlopCounterMode(display=False) as counter:
-                _decode_step(model, ids[:, -1:], _cache_of(out))
+                _decode_step(model, ids[:, -1:], cache_of(out))
             decode = counter.get_total_flops() // 2
     finally:
         _attention(model, default)
@@ -178,9 +235,9 @@ def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None,
         out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
         prefilled = time.perf_counter()
         if decoding:
-            cache = _cache_of(out)
+            cache = cache_of(out)
             for _ in range(settings.decode_tokens):
-                cache = _cache_of(_decode_step(model, step, cache))
+                cache = cache_of(_decode_step(model, step, cache))
             del cache
         finished = time.perf_counter()
         del out
@@ -194,16 +251,16 @@ def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None,
 
 def _decode_step(model, token, cache):
     """One token on the KV cache."""
-    return model(input_ids=token, use_cache=True, **{_cache_keyword(type(model)): cache})
+    return model(input_ids=token, use_cache=True, **{cache_keyword(type(model)): cache})
 
 
 @functools.cache
-def _cache_keyword(model_class) -> str:
+def cache_keyword(model_class) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; classes of either age are met.
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _cache_of(output):
+def cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 

@@ -11,12 +11,15 @@ positions (E482); bad counts are range errors of the parameters themselves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import Field
 
 from ..arch import ArchFacts
 from ..artifacts.report import REPORT
 from ..ir.types import Kind, Signature, Type
 from .base import Cost, Input, Op, Params, bytes_read, register
+from .export import family_problem
 
 # Model types that encode without generating: their measurement has no decode step.
 ENCODER_TYPES = frozenset({"bert"})
@@ -37,6 +40,8 @@ class StatsParams(Params):
     repeats: int = Field(5, gt=0, description="the timed runs after one warm-up; their median is reported")
     decode_tokens: int = Field(16, ge=0, description="tokens decoded one at a time with a KV cache after each "
                                                      "prefill (causal models); 0 measures no decode")
+    onnx: bool = Field(False, description="also export each model to ONNX and time the same prefill in "
+                                          "onnxruntime (the export takes longer than the measurement)")
 
 
 @register
@@ -46,7 +51,7 @@ class Stats(Op):
     Example: `s = stats(base, pruned, seq_len=128, threads=1)`"""
 
     name = "stats"
-    version = 2
+    version = 3  # 3: models named as the recipe binds them, low-rank MACs, onnxruntime latency
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="one or more models; ratios are to the first"),)
     toolchain = ("numpy", "torch", "transformers")  # MACs are counted on transformers' modules
     runtime_bytes = _RUNTIME_BYTES
@@ -55,11 +60,15 @@ class Stats(Op):
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
-        for model in inputs:
+        for model, name in zip(inputs, model_names(inputs)):
             sig = model.type.signature
             problem = sequence_problem(sig.model_type, sig.facts, params) if sig is not None else None
             if problem is not None:
-                return ctx.error("E482", f"`{model.label}`: {problem[0]}", "seq_len", problem[1])
+                return ctx.error("E482", f"`{name}`: {problem[0]}", "seq_len", problem[1])
+            problem = family_problem(sig.model_type) if sig is not None and params.onnx else None
+            if problem is not None:
+                return ctx.error("E469", f"`{name}`: {problem[0]}, so `stats` cannot time it in "
+                                 "onnxruntime", "onnx", "set `onnx=false`, or measure it in a `stats` of its own")
         return Type(REPORT)
 
     @classmethod
@@ -67,8 +76,18 @@ class Stats(Op):
         sigs = [n.type.signature for n in inputs if n.type.signature is not None]
         flops = sum(2 * measured_macs(sig, params) for sig in sigs)
         peak = max((measurement_bytes(sig, params) for sig in sigs), default=0)
+        if params.onnx:  # the export's copies of the weights (see Onnx.cost), and the prefills again
+            flops += sum(2 * (1 + params.repeats) * params.batch * params.seq_len * _per_token(sig, params.seq_len)
+                         for sig in sigs)
+            peak = max([peak, *(3 * 4 * sig.params for sig in sigs)])
         return Cost(bytes_read=bytes_read(inputs, out), peak_bytes=peak, flops=flops,
                     detail=_plan_detail(params, len(inputs), flops))
+
+
+def model_names(nodes) -> list[str]:
+    """How `stats` names each model, in its report and messages: the name the recipe binds it to, else its
+    place (`model 2`)."""
+    return [node.names[0] if node.names else f"model {i + 1}" for i, node in enumerate(nodes)]
 
 
 def sequence_problem(model_type: str, facts: ArchFacts | None, params: StatsParams) -> tuple[str, str] | None:
@@ -85,12 +104,14 @@ def sequence_problem(model_type: str, facts: ArchFacts | None, params: StatsPara
     return f"{asked} is beyond the model's {facts.positions} positions", hint
 
 
-def macs_per_token(model_type: str, facts: ArchFacts, keys: int) -> int | None:
+def macs_per_token(model_type: str, facts: ArchFacts, keys: int,
+                   shapes: Mapping[str, tuple[int, ...]] | None = None) -> int | None:
     """Multiply-accumulates per token of one forward pass, from the architecture alone: every layer's
     q/k/v/o and feed-forward matrices, attention over `keys` positions (q·kᵀ and the weighted sum of v:
     2·heads·head_dim·keys; eager attention computes the whole seq_len × seq_len square in a prefill, masked
     or not), and the output head (bert's masked-LM head adds its hidden × hidden transform). Embedding
     lookups, norms, activations and biases are not multiplications of matrices and are not counted.
+    Linears stored as low-rank factors among the model's tensor `shapes` count as their two factors.
     None for a model type this does not know (recipec's own classes count as the stock one they extend)."""
     family = model_type.removeprefix("recipec_")
     ffn = _FFN_MATRICES.get(family)
@@ -102,12 +123,26 @@ def macs_per_token(model_type: str, facts: ArchFacts, keys: int) -> int | None:
         projections = 2 * hidden * heads * d + 2 * hidden * kv * d  # q and o; k and v
         total += projections + ffn * hidden * inter + 2 * heads * d * keys
     head = facts.vocab * hidden + (hidden * hidden if family == "bert" else 0)
-    return total + head
+    return total + head + low_rank_change(shapes or {})
+
+
+def low_rank_change(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """MACs per token that factored linears add (a negative number: they save): a linear stored as
+    `<path>.a.weight` (rank, in) and `<path>.b.weight` (out, rank), recipec's low-rank layout, multiplies
+    rank·(in + out) instead of in·out."""
+    change = 0
+    for name, first in shapes.items():
+        second = shapes.get(name.removesuffix("a.weight") + "b.weight") if name.endswith(".a.weight") else None
+        if second is not None:
+            (rank, in_features), (out_features, _) = first, second
+            change += rank * (in_features + out_features) - in_features * out_features
+    return change
 
 
 def _per_token(sig: Signature, keys: int) -> int:
     # Without architecture facts, one MAC per parameter and token: what a dense forward pass costs.
-    counted = macs_per_token(sig.model_type, sig.facts, keys) if sig.facts is not None else None
+    shapes = {t.name: t.shape for t in sig.tensors}
+    counted = macs_per_token(sig.model_type, sig.facts, keys, shapes) if sig.facts is not None else None
     return counted if counted is not None else sig.params
 
 
@@ -138,6 +173,7 @@ def _plan_detail(params: StatsParams, models: int, flops: int) -> str:
     from ..units import human_count
 
     decode = f" and {params.decode_tokens} decode steps" if params.decode_tokens else ""
+    decode += ", then exports each to ONNX and times the prefills in onnxruntime" if params.onnx else ""
     return (f"runs {'each of ' + str(models) + ' models' if models != 1 else 'the model'}: 1 warm-up + "
             f"{params.repeats} timed prefills of {params.batch} × {params.seq_len} tokens{decode} on "
             f"{params.threads} thread{'s' if params.threads != 1 else ''} · ≈{human_count(flops)} FLOPs")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..arch import facts_from_config, tensor_shapes
-from ..artifacts.report import Report, Table, write_report
+from ..artifacts.report import Measured, Report, Table, write_report
 from ..dtypes import DTYPE_BYTES
 from ..ops.analysis import Stats, StatsParams, macs_per_token, model_names, sequence_problem
 from ..ops.export import Onnx
@@ -181,14 +181,17 @@ def stats_report(models: list[dict], settings: Settings) -> Report:
     prefills = ("prefill_seconds", "onnxruntime_prefill_seconds")
     for key, title in TIMES + (ONNX_TIMES if settings.onnx else ()):
         label = f"{title} ({settings.batch} × {settings.seq_len} tokens)" if key in prefills else title
-        rows.append(row(label, lambda m, f, k=key: _cell(m["measured"][k], m["measured"]["ratios"][k], f, shows[k])))
+        rows.append(row(label, lambda m, f, k=key: Measured(_cell(m["measured"][k], m["measured"]["ratios"][k], f,
+                                                                  shows[k]))))
     if settings.onnx:
-        rows.append(row("onnxruntime / PyTorch prefill", lambda m, f: f"{m['measured']['onnxruntime_vs_torch']:.2f}×"))
+        rows.append(row("onnxruntime / PyTorch prefill",
+                        lambda m, f: Measured(f"{m['measured']['onnxruntime_vs_torch']:.2f}×")))
     for dtype in sorted({d for m in models for d in m["dtypes"]}):
         rows.append(row(f"{dtype} parameters", lambda m, f, d=dtype: f"{m['dtypes'].get(d, {}).get('params', 0):,}"))
     data = {"kind": "stats", "settings": asdict(settings) | {"dtype": "float32", "warmup": 1},
             "models": models, "measurement": _machine(settings)}
-    return Report("Model statistics", data, [Table(header, rows)], sections=_notes(models, settings))
+    return Report("Model statistics", data, [Table(header, rows)], sections=_notes(models, settings),
+                  measured=("measurement", "models.*.measured"), measured_what="times and memory")
 
 
 def _machine(settings: Settings) -> dict:

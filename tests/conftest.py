@@ -18,3 +18,14 @@ def isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("FORCE_COLOR", raising=False)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: fast on a shared CPU, and the same reductions in every process of a test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -63,3 +63,9 @@ def run_cli(args: list, capsys, cwd: Path | None = None) -> tuple[int, str, str]
     out, err = capsys.readouterr()
     assert "Traceback" not in err and "internal error" not in err, err
     return status, out, err
+
+
+# Examples that train or measure models take a minute or more each. The tests that would run every example
+# several times run these once: .ci/run already runs every example with `run --locked` and `verify` at two
+# other paths.
+SLOW_EXAMPLES = frozenset({"chain_tiny.rcp", "compress_tiny.rcp", "inscp_tiny.rcp", "train_tiny.rcp"})

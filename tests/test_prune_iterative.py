@@ -48,12 +48,7 @@ export prune(mha, heads=0.5, ffn=0.5) to "out/structured_once"
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _workspace(root: Path, recipe: str) -> Path:

@@ -58,12 +58,7 @@ export lowrank(bert, rank=8, data=docs, scaling="rms") to "out/bert_rms"
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def headless_bert(root: Path) -> Path:

@@ -69,13 +69,7 @@ def config(**overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: fast under a shared CPU, and the same reductions in every process of a test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weights_bytes(model) -> dict[str, bytes]:

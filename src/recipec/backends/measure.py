@@ -32,12 +32,11 @@ import inspect
 import re
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .job import RunFailure
+from .threads import torch_threads
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -78,7 +77,7 @@ def measure_model(root: Path, settings: Settings, name: str, scratch: Path | Non
 
     model, causal = load_model(root, name)
     try:
-        with _threads(settings.threads), torch.inference_mode():
+        with torch_threads(settings.threads), torch.inference_mode():
             counted_with, macs, decode_macs = _count_macs(model, causal, settings)
             timed_with = _attention(model, None)
             prefill, decode, working = _time(model, causal, settings)
@@ -112,7 +111,7 @@ def onnx_prefill_seconds(root: Path, settings: Settings, name: str, scratch: Pat
     if scratch is not None:
         scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="onnx-", dir=scratch) as folder, onnx_export.quiet(), \
-            _threads(settings.threads):
+            torch_threads(settings.threads):
         graph = Path(folder) / "model.onnx"
         model = onnx_export.load_model(root)
         options = onnxruntime.SessionOptions()
@@ -263,18 +262,6 @@ def cache_keyword(model_class) -> str:
 def cache_of(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _status_bytes(field: str) -> int | None:

@@ -45,6 +45,7 @@ from ..store.model_dir import TOKENIZER_FILES
 from ..store.release_files import CODE_FILES, code_references, without_code_references
 from .job import Job, RunFailure
 from .measure import cache_keyword, cache_of
+from .threads import torch_threads
 
 ATOL, RTOL = 1e-4, 1e-3  # fp32 parity: |onnx - torch| <= ATOL + RTOL * |torch| at every compared value
 # Weights above this go to an external data file beside the graph: a protobuf message (the graph) cannot
@@ -290,18 +291,6 @@ def session_of(graph_path: Path):
     return onnxruntime.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_parity(module, graph_path: Path, cases: list[ParityCase], atol: float, rtol: float,
                with_positions: bool = False) -> tuple[list[dict], Mismatch | None]:
     """Each case through PyTorch and onnxruntime, one thread each (reproducible numbers): what was measured,
@@ -312,7 +301,7 @@ def run_parity(module, graph_path: Path, cases: list[ParityCase], atol: float, r
     session = session_of(graph_path)
     output = session.get_outputs()[0].name
     measured, failure = [], None
-    with one_torch_thread():
+    with torch_threads(1):
         for case in cases:
             feed = {"input_ids": case.input_ids, "attention_mask": case.attention_mask}
             if with_positions:
@@ -347,7 +336,7 @@ def greedy_reference(model, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarr
 
     config = GenerationConfig(do_sample=False, max_new_tokens=GENERATED, eos_token_id=None, pad_token_id=0,
                               output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad(), one_torch_thread():
+    with torch.no_grad(), torch_threads(1):
         out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                              generation_config=config)
     return out.sequences[:, ids.shape[1]:].numpy(), [step.numpy() for step in out.logits]

@@ -47,6 +47,7 @@ from ..ops.shrink import (
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, write_json
 from .job import Job, RunFailure
+from .threads import torch_threads
 
 SHARD_SIZE = 5 * 10**9
 LAYER_COUNT_KEYS = {"llama": "num_hidden_layers", "gpt2": "n_layer", "bert": "num_hidden_layers"}
@@ -163,6 +164,11 @@ def _ranks(job: Job, reader: ModelReader, model_type: str, linears: list[Linear]
 
 
 def build_lowrank(job: Job) -> str:
+    with torch_threads(1):  # the calibration's sums and the SVDs: the same bits at any thread count
+        return _build_lowrank(job)
+
+
+def _build_lowrank(job: Job) -> str:
     params: Lowrank.Params = Lowrank.params_of(job.node)
     model = job.inputs[0]
     files = model.files

@@ -27,8 +27,12 @@ def planned_peak(recipe: Path, threads: int, capsys) -> int:
     return json.loads(capsys.readouterr().out)["totals"]["peak_bytes"]
 
 
+# chain_tiny and train_tiny build nothing that compress_tiny and inscp_tiny do not, but for eval and ONNX.
+REPEATS = {"chain_tiny.rcp", "train_tiny.rcp"}
+
+
 @pytest.mark.parametrize(("example", "threads"), [
-    (p.name, threads) for p in sorted((ROOT / "examples").glob("*.rcp"))
+    (p.name, threads) for p in sorted((ROOT / "examples").glob("*.rcp")) if p.name not in REPEATS
     for threads in ((2,) if p.name in SLOW_EXAMPLES else (1, 2))])
 def test_examples_stay_within_planned_peak(example, threads, tmp_path, capsys, monkeypatch):
     for extra in ("tokenizers", "configs", "data"):

@@ -52,15 +52,9 @@ def headless_bert(root: Path) -> Path:
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     headless_bert(root / "models" / "encoder")
-    (root / "r.rcp").write_text(RECIPE)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_export, "EXTERNAL_DATA_ABOVE", EXTERNAL_DATA_ABOVE)
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        captured = _Captured()
-        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
-            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
-        assert status == 0, err
-        yield root
+        yield built(root, RECIPE)
 
 
 class _Captured:
@@ -71,6 +65,18 @@ class _Captured:
 
     def readouterr(self) -> tuple[str, str]:
         return self.out.getvalue(), self.err.getvalue()
+
+
+def built(root: Path, recipe: str) -> Path:
+    """`root` with `recipe` run in it, quietly, offline, with its own cache (for a module fixture)."""
+    (root / "r.rcp").write_text(recipe)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        captured = _Captured()
+        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
+            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
+    assert status == 0, err
+    return root
 
 
 def onnx_and_torch(graph: Path, model, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,14 +217,7 @@ def uneven_llama(root: Path) -> Path:
 def compressed(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx_compressed")
     uneven_llama(root / "models" / "uneven")
-    (root / "r.rcp").write_text(COMPRESSED)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        captured = _Captured()
-        with contextlib.redirect_stdout(captured.out), contextlib.redirect_stderr(captured.err):
-            status, _, err = run_cli(["run", "--cache", root / "cache", root / "r.rcp"], captured, root)
-        assert status == 0, err
-        yield root
+    return built(root, COMPRESSED)
 
 
 @pytest.mark.parametrize("name, model_type, per_layer_key", [

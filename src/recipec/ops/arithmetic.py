@@ -8,7 +8,6 @@ language and lives in lowering; this module checks that the leaves fit together.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Literal
 
@@ -19,7 +18,7 @@ from .sources import tokenizer_digests
 from ..diagnostics import Note
 from ..dtypes import DTYPE_BYTES, DTYPE_CODES
 from ..ir.types import Kind, Signature, Type, compare
-from .base import LINEAR, Context, Cost, FileDigest, FileDigests, Input, Op, Params, bytes_read, register
+from .base import LINEAR, Context, Cost, FileDigest, FileDigests, Input, Op, Params, bytes_read, file_digest, register
 
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
 # on the run's threads: the planner's peak-memory estimate and the engine share this number.
@@ -147,8 +146,7 @@ class Combine(Op):
             root = (ctx.recipe_dir / params.tokenizer).resolve()
             resolved["tokenizer"] = FileDigests(path=str(root), files=tokenizer_digests(root))
         if params.chat_template is not None:
-            path = (ctx.recipe_dir / params.chat_template).resolve()
-            resolved["chat_template"] = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            resolved["chat_template"] = file_digest(ctx, params.chat_template)
         return params.model_copy(update=resolved).model_dump(mode="json")
 
     @classmethod

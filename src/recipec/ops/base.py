@@ -229,3 +229,10 @@ def cache_key(node: Node, input_digests: list[str]) -> str:
     doc = {"op": node.op, "version": op.version, "params": key_params(node.params), "inputs": input_digests,
            "toolchain": key_toolchain(op)}
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def file_digest(ctx: Context, path: str) -> FileDigest:
+    """A file parameter by its content (the cache key's view) and its place, relative to the recipe (the
+    rule's, to read it from)."""
+    resolved = (ctx.recipe_dir / path).resolve()
+    return FileDigest(path=str(resolved), sha256=hashlib.sha256(resolved.read_bytes()).hexdigest())

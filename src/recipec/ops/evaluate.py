@@ -20,7 +20,6 @@ given prompts, without a chat template, and windows that do not fit the model.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..store.model_dir import TOKENIZER_FILES
 from ..textprep.errors import TextPrepError
 from ..textprep.language import SUPPORTED_LANGUAGES, canonical_language
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE, missing_markers, read_chat_template
-from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, register
+from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
 from .train import _encoder, model_config
 
@@ -209,8 +208,7 @@ class Eval(Op):
             update["language"] = canonical_language(params.language)
         if isinstance(params.prompts, str):
             # The prompts' content decides the answers; the path goes along only to read them from.
-            path = (ctx.recipe_dir / params.prompts).resolve()
-            update["prompts"] = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            update["prompts"] = file_digest(ctx, params.prompts)
         return params.model_copy(update=update).model_dump(mode="json")
 
     @classmethod

@@ -8,7 +8,6 @@ Their rules are in backends/text.py and use textprep; here are what they take, w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Literal
 
 from pydantic import Field
@@ -17,7 +16,7 @@ from ..artifacts.tokenizer import TOKENIZER
 from ..ir.types import Kind, Signature, Type
 from ..textprep.bpe import BYTE_ALPHABET, special_token_list
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE
-from .base import Context, Cost, FileDigest, Input, Op, Params, bytes_read, register
+from .base import Context, Cost, FileDigest, Input, Op, Params, bytes_read, file_digest, register
 
 # The tensors whose rows are vocabulary entries (input embeddings and output projections), by architecture.
 VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
@@ -35,12 +34,6 @@ def chat_template_file(ctx: Context, path: str | None) -> bool:
     ctx.error("E401", f"no chat template file {path!r} (relative to {ctx.recipe_dir})", "chat_template",
               "a chat template is a Jinja file, e.g. templates/chat.jinja")
     return False
-
-
-def file_digest(ctx: Context, path: str) -> FileDigest:
-    """A file parameter by its content (the cache key's view) and its place (the rule's)."""
-    resolved = (ctx.recipe_dir / path).resolve()
-    return FileDigest(path=str(resolved), sha256=hashlib.sha256(resolved.read_bytes()).hexdigest())
 
 
 def corpus_bytes(node) -> int:

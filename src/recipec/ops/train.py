@@ -13,7 +13,6 @@ signature.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from ..ir.types import Kind, Type
 from ..store.model_dir import ModelDirError, read_config
 from ..textprep.errors import TextPrepError
 from ..textprep.templates import missing_markers, read_chat_template
-from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, register
+from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .sources import Init
 from .text import corpus_bytes
 
@@ -95,8 +94,7 @@ class _Training(Op):
         template = getattr(params, "template", None)
         if template is not None:
             # The template's content decides the tokens; its path goes along only to read it from.
-            path = (ctx.recipe_dir / template).resolve()
-            resolved["template"] = FileDigest(path=str(path), sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+            resolved["template"] = file_digest(ctx, template)
         return params.model_copy(update=resolved).model_dump(mode="json")
 
     @classmethod

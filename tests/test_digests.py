@@ -164,3 +164,44 @@ def test_an_older_cache_is_ignored_with_a_note_never_misread(project, tmp_path, 
     assert Cache(old).known_digests()[weights_identity(a)].startswith("blake3:")  # remembered anew, in v2
     after = sorted(str(p.relative_to(old)) for p in old.rglob("*") if not str(p.relative_to(old)).startswith(LAYOUT))
     assert after == before  # left as it was: the note says how to free the space
+
+
+def test_the_writer_sha256_of_each_file_matches_its_bytes_in_any_write_order(tmp_path, monkeypatch):
+    """Files' SHA-256 taken while tensors arrive out of file order, on several threads, with empty tensors
+    and several shards: what `hash_file` then returns is the hash of the bytes on disk."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from recipec.dtypes import TensorSpec
+    from recipec.store.filehash import hash_file
+    from recipec.store.tensors import ModelWriter
+
+    specs = [TensorSpec(f"t{i:02d}", "F32", (0,) if i % 7 == 0 else (i + 1, 33)) for i in range(24)]
+    writer = ModelWriter(tmp_path, specs, shard_size=6_000)
+    assert len(writer.files) > 2
+    order = [t for t in specs if t.shape != (0,)]
+    random.Random(0).shuffle(order)
+
+    def write(t: TensorSpec) -> None:
+        values = torch.arange(t.shape[0] * t.shape[1], dtype=torch.float32) * len(t.name)
+        for piece in values.split(40):
+            writer.write(t.name, piece)
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(write, order))
+    writer.finish()
+    on_disk = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in writer.files}
+    monkeypatch.setattr(hashlib, "sha256", None)  # the files are not read again: the writer hashed them
+    assert {name: hash_file(tmp_path / name) for name in writer.files} == on_disk
+
+
+def test_a_file_changed_after_writing_is_hashed_again(tmp_path):
+    from recipec.store.filehash import hash_file, remember_written_hash
+
+    path = tmp_path / "f"
+    path.write_bytes(b"one")
+    remember_written_hash(path, "stale")
+    path.write_bytes(b"two, longer")
+    assert hash_file(path) == hashlib.sha256(b"two, longer").hexdigest()

@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
-from .backends import Job, Meter, RunFailure, rule_for
+from .backends import Job, Meter, RunFailure, import_rules_in_background, rule_for
 from .backends.launch import run_launched
-from .diagnostics import Diagnostic, RecipeError
-from .ir.graph import Node
-from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
 from .check import Program
+from .diagnostics import Diagnostic, RecipeError
+from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
+from .ir.graph import Node
 from .ops import REGISTRY
 from .ops.base import cache_key
 from .ops.resolve import ResolveContext
+from .plan.cache_status import cached_keys
 from .plan.plan import CALIBRATION_SECONDS, default_threads, modelled_seconds, step_cost
 from .store.cache import Cache
 from .store.digests import model_dir_digest
@@ -147,6 +148,8 @@ class Engine:
     def _build_all(self) -> list[NodeResult]:
         by_id: dict[int, NodeResult] = {}
         self.hub_snapshots = self._resolve_hub_inputs()
+        if to_build := self._not_known_cached():
+            import_rules_in_background(to_build)  # torch loads while the inputs are hashed
         for node in self.program.graph.reachable():
             op = REGISTRY[node.op]
             if not op.builds:
@@ -155,6 +158,14 @@ class Engine:
             inputs = [by_id[i.id].artifact for i in node.inputs]
             by_id[node.id] = self._build(node, inputs, {n.id: by_id[n.id].artifact for n in _upstream(node)})
         return list(by_id.values())
+
+    def _not_known_cached(self) -> list[str]:
+        """The ops of the nodes this process may have to build: those not known to be cached (without
+        reading a weight), less those launched as processes of their own."""
+        cached = cached_keys(self.program.graph, self.cache)
+        return [n.op for n in self.program.graph.reachable()
+                if REGISTRY[n.op].builds and n.id not in cached
+                and not (REGISTRY[n.op].launchable and self.options.launch)]
 
     def _resolve_hub_inputs(self) -> dict:
         """Every hub input, resolved before anything is built, so that all missing ones are reported at once."""

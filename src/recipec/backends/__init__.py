@@ -13,9 +13,11 @@ model kind makes the result's digest from it and the data files); other kinds di
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 
 from ..ops import REGISTRY
 from .job import Artifact, Job, Meter, RunFailure
@@ -40,4 +42,22 @@ def rule_for(op: str) -> Callable[[Job], str | None]:
     return rule_at(*rule_module(op))
 
 
-__all__ = ["Artifact", "Job", "Meter", "RunFailure", "rule_at", "rule_for", "rule_module"]
+def import_rules_in_background(ops: Iterable[str]) -> threading.Thread:
+    """Import the rules of `ops` on a thread of their own and return it (started).
+
+    Importing a rule imports torch, seconds of one core, while a cold run's first seconds go to hashing
+    its inputs on the others (torch-free, see store/digests.py): done side by side, a cold run takes the
+    time of the longer, not of both. A rule that fails to import here is imported again when it is
+    used, and fails there with its own message.
+    """
+    def work() -> None:
+        for op in sorted(set(ops)):
+            with contextlib.suppress(Exception):  # reported where the rule is used
+                rule_for(op)
+
+    thread = threading.Thread(target=work, name="recipec-import-rules")
+    thread.start()
+    return thread
+
+
+__all__ = ["Artifact", "Job", "Meter", "RunFailure", "import_rules_in_background", "rule_at", "rule_for", "rule_module"]

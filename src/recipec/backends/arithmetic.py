@@ -216,8 +216,7 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
     try:
-        # Largest tensors first, so the last ones to finish are small and the threads end together.
-        order = sorted(plans, key=lambda p: -by_name[p.name].nbytes)
+        order = _work_order(plans, writer.file_order(), {t.name: t.nbytes for t in out})
         with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
             futures = [pool.submit(one, p) for p in order]
             try:
@@ -236,6 +235,17 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
         writer.close()
         for r in readers:
             r.close()
+
+
+def _work_order(plans: list[TensorPlan], file_order: list[str], nbytes: dict[str, int]) -> list[TensorPlan]:
+    """The outliers in size (embeddings, output heads) first, so that the threads end together on small
+    tensors; the rest in file order, so that the files' SHA-256 keeps up with the writing."""
+    by_name = {p.name: p for p in plans}
+    names = [n for n in file_order if n in by_name]
+    sizes = sorted(nbytes[n] for n in names)
+    big = 4 * sizes[len(sizes) // 2] if sizes else 0
+    first = sorted((n for n in names if nbytes[n] > big), key=lambda n: -nbytes[n])
+    return [by_name[n] for n in first] + [by_name[n] for n in names if nbytes[n] <= big]
 
 
 def _report_nonfinite(job: Job, readers: list[ModelReader], plans: list[TensorPlan], written: dict[str, int]) -> None:

@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .cache import file_identity
-from .filehash import content_digest, named_content_hashes
-from .model_dir import TOKENIZER_FILES, ModelFiles, weight_files
+from .filehash import content_digest, content_hash, named_content_hashes
+from .model_dir import TOKENIZER_FILES, MappedWeights, ModelFiles, weight_files
 
 DATA_FILES = ("config.json",) + TOKENIZER_FILES  # every non-weight file that can reach an output
 
@@ -43,9 +43,7 @@ def remembered_model_dir_digest(root: Path, known: dict[str, str]) -> str | None
 
 def hash_weights(files: ModelFiles, threads: int) -> str:
     """The content digest of a model's weights (see `model_digest`), a tensor per thread at a time."""
-    from .tensors import ModelReader, model_digest, tensor_digest  # torch's zero-copy views, only when needed
-
-    reader = ModelReader(files)
+    reader = MappedWeights(files)  # torch-free: hashing may run while another thread imports torch
     try:
         def one(name: str) -> tuple:
             t = files.tensors[name]
@@ -56,3 +54,19 @@ def hash_weights(files: ModelFiles, threads: int) -> str:
     finally:
         reader.close()
     return model_digest(entries)
+
+
+def digest_entry(name: str, dtype: str, shape: tuple[int, ...], content_hex: str) -> tuple:
+    """One tensor's entry in a model digest: (name, dtype, shape, content hash of its bytes)."""
+    return (name, dtype, list(shape), content_hex)
+
+
+def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> tuple:
+    """One tensor's entry in a model digest, hashing its bytes."""
+    return digest_entry(name, dtype, shape, content_hash(data))
+
+
+def model_digest(entries: list[tuple]) -> str:
+    """A model's content digest: over sorted (name, dtype, shape, content hash of bytes), so it does not
+    depend on how the model is sharded."""
+    return content_digest(sorted(entries))

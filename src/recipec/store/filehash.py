@@ -21,8 +21,27 @@ CONTENT_ALGORITHM = "blake3"
 _BLOCK = 16 << 20
 
 
+# SHA-256 of files this process wrote and hashed while writing them (see store/tensors.py), by path, with
+# the file's identity when hashed: a later `hash_file` of the unchanged file takes it instead of reading
+# the file again, so each byte written is SHA-256 hashed once.
+_WRITTEN: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def remember_written_hash(path: Path, sha256: str) -> None:
+    """Record the SHA-256 of a file just written and no longer to be changed."""
+    _WRITTEN[str(path)] = (_identity(path), sha256)
+
+
 def hash_file(path: Path) -> str:
     """The SHA-256 of a file, as `sha256sum` prints it."""
+    known = _WRITTEN.pop(str(path), None)
+    if known is not None and known[0] == _identity(path):
+        return known[1]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):

@@ -10,6 +10,7 @@ inside the repository's own `blobs/`): a folder must not make recipec read or sh
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,34 @@ class ModelFiles:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+class MappedWeights:
+    """The stored bytes of a model's tensors, each weight file memory-mapped once; no torch, so digests
+    can be taken while another thread is still importing it."""
+
+    def __init__(self, files: ModelFiles):
+        self.files = files
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def _map(self, path: Path) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[path]
+
+    def raw(self, name: str) -> memoryview:
+        """The stored bytes of one tensor."""
+        entry = self.files.tensors[name]
+        return memoryview(self._map(self.files.shard_of[name]))[entry.begin:entry.end]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+                pass
+        self._maps.clear()
 
 
 def check_links(root: Path) -> None:

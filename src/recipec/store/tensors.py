@@ -13,18 +13,21 @@ always give the same bytes.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
-import mmap
 import os
 import struct
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from ..dtypes import TensorSpec
-from .filehash import content_digest, content_hash, content_hasher
-from .model_dir import INDEX_FILE, SINGLE_FILE, ModelFiles
+from .digests import digest_entry, model_digest
+from .filehash import content_hasher, remember_written_hash
+from .model_dir import INDEX_FILE, SINGLE_FILE, MappedWeights
 
 TORCH_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
@@ -33,18 +36,8 @@ TORCH_DTYPES = {
 }
 
 
-class ModelReader:
+class ModelReader(MappedWeights):
     """Zero-copy access to the tensors of a local model directory."""
-
-    def __init__(self, files: ModelFiles):
-        self.files = files
-        self._maps: dict[Path, mmap.mmap] = {}
-
-    def _map(self, path: Path) -> mmap.mmap:
-        if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._maps[path]
 
     def tensor(self, name: str) -> torch.Tensor:
         """A read-only view of one tensor, in its stored dtype and shape."""
@@ -57,19 +50,6 @@ class ModelReader:
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[entry.dtype], count=entry.numel, offset=entry.begin)
         return flat.view(entry.shape)
-
-    def raw(self, name: str) -> memoryview:
-        """The stored bytes of one tensor."""
-        entry = self.files.tensors[name]
-        return memoryview(self._map(self.files.shard_of[name]))[entry.begin:entry.end]
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            try:
-                m.close()
-            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
-                pass
-        self._maps.clear()
 
 
 def shard_layout(tensors: list[TensorSpec], shard_size: int) -> list[list[TensorSpec]]:
@@ -107,11 +87,13 @@ def shard_names(count: int) -> list[str]:
 class ModelWriter:
     """Writes a model's safetensors files into `directory`, tensor by tensor, into pre-allocated space.
 
-    Each tensor arrives as one or more contiguous pieces, in order (`write`); the writer hashes the bytes
-    as they pass, the only time they are content-hashed (the tensor digests for the model's content
-    digest; `SHA256SUMS` is the files' SHA-256, taken once when the object is committed), and, once a
-    tensor is complete,
-    asks the kernel to start writing it back, so the final fsync has little left to do.
+    Each tensor arrives as one or more contiguous pieces, in order (`write`); the writer content-hashes
+    the bytes as they pass (the tensor digests of the model's content digest) and, once a tensor is
+    complete, asks the kernel to start writing it back, so the final fsync has little left to do. Each
+    file's SHA-256 (for `SHA256SUMS`) is taken on a thread of its own while the rest is being computed:
+    whenever every byte of a file up to some tensor is written, those bytes are read back from the page
+    cache and hashed, so writing tensors in file order (`file_order`) leaves only the last to hash when
+    the writing ends. Either way each byte is hashed once per algorithm.
     """
 
     def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int):
@@ -123,8 +105,15 @@ class ModelWriter:
         self._done: dict[str, int] = {}
         self._hashes: dict[str, object] = {}  # tensor name -> its content hasher
         self.nonfinite: dict[str, int] = {}  # tensor name -> NaN and ±inf values written, where any
+        self._file_sums: list = []  # per shard, the SHA-256 of its bytes up to tensor `_file_hashed[k]`
+        self._file_hashed: list[int] = []
+        self._file_lock = threading.Lock()
+        self._file_hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipec-sha256")
+        self._file_hashing: list = []  # its futures, whose errors must surface
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):
             header, offsets = header_bytes(shard)
+            self._file_sums.append(hashlib.sha256(header))
+            self._file_hashed.append(0)
             size = len(header) + sum(t.nbytes for t in shard)
             fd = os.open(directory / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
@@ -154,6 +143,27 @@ class ModelWriter:
         self._done[name] = offset + data.nbytes
         if self._done[name] == t.nbytes:
             _start_writeback(self._fds[k], begin, t.nbytes)
+            self._hash_written_prefix(k)
+
+    def file_order(self) -> list[str]:
+        """Tensor names in the order they lie in the files: the order that lets file hashing keep up."""
+        return [t.name for shard in self.layout for t in shard]
+
+    def _hash_written_prefix(self, k: int) -> None:
+        """Hand the hashing thread the bytes of shard `k` that are now written without a gap after
+        those it already has (tensors complete, in file order); the thread reads them in that order."""
+        with self._file_lock:
+            shard, first = self.layout[k], self._file_hashed[k]
+            last = first
+            while last < len(shard) and self._done[shard[last].name] == shard[last].nbytes:
+                last += 1
+            if last == first:
+                return
+            self._file_hashed[k] = last
+            begin = self._where[shard[first].name][1]
+            end = self._where[shard[last - 1].name][1] + shard[last - 1].nbytes
+            self._file_hashing.append(
+                self._file_hasher.submit(_hash_range, self._file_sums[k], self._fds[k], begin, end))
 
     def digests(self) -> list[tuple]:
         """Every tensor's digest entry; all tensors must be complete."""
@@ -165,10 +175,18 @@ class ModelWriter:
         return entries
 
     def finish(self) -> str:
-        """Fsync every shard, write the index when sharded, close; returns the model's content digest."""
+        """Fsync every shard, write the index when sharded, close; returns the model's content digest.
+        Each shard's SHA-256 is remembered for the object's `SHA256SUMS` (filehash.hash_file)."""
         digest = model_digest(self.digests())
+        for k in range(len(self.layout)):
+            self._hash_written_prefix(k)  # empty tensors at a shard's end, which are never written
         for fd in self._fds:
-            os.fsync(fd)
+            os.fsync(fd)  # while the hashing thread finishes the last tensors
+        for future in self._file_hashing:
+            future.result()
+        for file, total, hashed, shard in zip(self.files, self._file_sums, self._file_hashed, self.layout):
+            if hashed == len(shard):
+                remember_written_hash(self.directory / file, total.hexdigest())
         self.close()
         if len(self.files) > 1:
             weight_map = {t.name: file for shard, file in zip(self.layout, self.files) for t in shard}
@@ -178,6 +196,7 @@ class ModelWriter:
         return digest
 
     def close(self) -> None:
+        self._file_hasher.shutdown(wait=True, cancel_futures=True)  # before its files are closed
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -195,6 +214,19 @@ def count_nonfinite(values: torch.Tensor) -> int:
     if torch.isfinite(low) and torch.isfinite(high):
         return 0
     return values.numel() - int(torch.isfinite(values).sum())
+
+
+def _hash_range(total, fd: int, begin: int, end: int) -> None:
+    """Add bytes [begin, end) of an open file to the SHA-256 `total` (read back: they are in the page cache)."""
+    while begin < end:
+        block = os.pread(fd, min(_HASH_BLOCK, end - begin), begin)
+        if not block:
+            raise OSError(f"the file ended at byte {begin} while {end - begin} more were expected")
+        total.update(block)
+        begin += len(block)
+
+
+_HASH_BLOCK = 8 << 20
 
 
 def _load_sync_file_range():
@@ -225,19 +257,3 @@ def write_json(path: Path, data: object) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def digest_entry(name: str, dtype: str, shape: tuple[int, ...], content_hex: str) -> tuple:
-    """One tensor's entry in a model digest: (name, dtype, shape, content hash of its bytes)."""
-    return (name, dtype, list(shape), content_hex)
-
-
-def tensor_digest(name: str, dtype: str, shape: tuple[int, ...], data: memoryview | bytes) -> tuple:
-    """One tensor's entry in a model digest, hashing its bytes."""
-    return digest_entry(name, dtype, shape, content_hash(data))
-
-
-def model_digest(entries: list[tuple]) -> str:
-    """A model's content digest: over sorted (name, dtype, shape, content hash of bytes), so it does not
-    depend on how the model is sharded."""
-    return content_digest(sorted(entries))

@@ -17,7 +17,10 @@ process with the same settings:
 
 The table is printed and written as Markdown (`--out`). For structured rows it gives the measured prefill
 latency reduction over the MAC reduction: the target is at least 0.8. The unstructured rows show that
-dense zeros do not speed anything up.
+dense zeros do not speed anything up. `stats` times the models in rotating rounds (they fit in memory
+together), so the ratios do not drift with the machine's load. Below the table: pruning's own peak memory
+(magnitude pruning, global and per tensor, and head pruning of the dense model, each a `recipec run` of its
+own), which should stay within a few tensors plus the threshold selection, not grow with the model.
 
 An op this recipec lacks is named, with its rows, before anything runs (exit status 2); `--rows dense`
 runs what needs no compression op at all. Usage:
@@ -31,6 +34,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shutil
 import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
@@ -42,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from recipec.cli import main as recipec
 from recipec.ops import REGISTRY
+from recipec.store.cache import Cache
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,8 @@ def recipe_text(rows: list[Row], arch: str, size: str, settings: dict[str, int])
 
 
 def run_recipe(text: str, workdir: Path) -> dict:
-    """`recipec run --json` of the recipe: the stats report's data. Raises SystemExit with recipec's
-    own diagnostics when the recipe is refused or a node fails."""
+    """`recipec run --json` of the recipe: its JSON summary (nodes, reports). Raises SystemExit with
+    recipec's own diagnostics when the recipe is refused or a node fails."""
     recipe = workdir / "compression_table.rcp"
     recipe.write_text(text, encoding="utf-8")
     out, err = io.StringIO(), io.StringIO()
@@ -99,7 +105,43 @@ def run_recipe(text: str, workdir: Path) -> dict:
     if status != 0:
         sys.stderr.write(err.getvalue() + out.getvalue())
         raise SystemExit(f"compression_table: recipec refused or failed (exit status {status}); recipe:\n{text}")
-    return json.loads(out.getvalue())["reports"]["table"]
+    return json.loads(out.getvalue())
+
+
+PRUNE_MEMORY_CALLS = ("sparsity 0.5, global", 'prune(dense, sparsity=0.5)'), \
+    ("sparsity 0.5, per tensor", 'prune(dense, sparsity=0.5, scope="layer")'), \
+    ("heads 0.5", "prune(dense, heads=0.5)")
+
+
+def pruning_memory(dense: Path, workdir: Path) -> list[str]:
+    """Lines saying how much memory pruning the dense model takes beyond a process that has loaded what
+    it needs: each prune a `recipec run` of its own, from the dense model's folder, on a fresh cache."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from procmeter import measure_process
+
+    from recipec.store.model_dir import read_model_dir
+
+    files = read_model_dir(dense)
+    largest = max(t.nbytes for t in files.tensors.values())
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
+    base = measure_process([sys.executable, "-c", "import recipec.cli, recipec.backends.prune"], env=env)
+    lines = [(f"Pruning's own memory on this model ({files.nbytes / 2**20:,.0f} MiB of weights, largest tensor "
+              f"{largest / 2**20:,.0f} MiB): peak anonymous memory of a `recipec run` that prunes it, less "
+              f"{base['peak_anon_bytes'] / 2**20:,.0f} MiB for the interpreter with recipec and torch loaded:"), ""]
+    for label, call in PRUNE_MEMORY_CALLS:
+        folder = workdir / f"prune-memory-{len(lines)}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        (folder / "r.rcp").write_text(f'recipec 1\ndense = load("{dense}")\nexport {call} to "out/p"\n')
+        result = measure_process([sys.executable, "-m", "recipec", "run", "--cache", str(folder / "cache"),
+                                  str(folder / "r.rcp")], env=env)
+        if result["returncode"] != 0:
+            raise SystemExit(f"compression_table: {call} failed: {result['output_tail']}")
+        extra = max(0, result["peak_anon_bytes"] - base["peak_anon_bytes"])
+        lines.append(f"- {label}: {extra / 2**20:,.0f} MiB ({extra / largest:.1f}× the largest tensor, "
+                     f"{extra / files.nbytes:.2f}× the weights)")
+        shutil.rmtree(folder, ignore_errors=True)
+    return lines
 
 
 def _ratio(value, first) -> float | None:
@@ -170,6 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
+    parser.add_argument("--skip-prune-memory", action="store_true", help="do not measure pruning's own memory")
     parser.add_argument("--workdir", type=Path, help="where the recipe and its cache go (default: a temporary directory)")
     return parser.parse_args(argv)
 
@@ -194,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="recipec-compression-") as scratch:
         workdir = args.workdir or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
-        report = run_recipe(text, workdir)
-    page = markdown(table_rows(rows, report), report, args.arch, args.size)
+        summary = run_recipe(text, workdir)
+        report = summary["reports"]["table"]
+        page = markdown(table_rows(rows, report), report, args.arch, args.size)
+        if not args.skip_prune_memory:
+            dense_key = next(n["key"] for n in summary["nodes"] if n["label"] == "dense")
+            dense = Cache(workdir / "cache").lookup(dense_key).path
+            page += "\n" + "\n".join(pruning_memory(dense, workdir)) + "\n"
     sys.stdout.write(page)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

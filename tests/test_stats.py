@@ -65,6 +65,7 @@ def test_latency_and_memory_are_measured(measured):
         times = model["measured"]
         assert times["prefill_seconds"] > 0 and times["prefill_tokens_per_second"] > 0
         assert times["peak_memory_bytes"] >= 4 * model["params"]  # the fp32 weights are in it
+        assert times["timed"] == "in rotating rounds with the other models"  # tiny models fit together
         if model["causal"]:
             assert times["decode_seconds_per_token"] > 0 and times["decode_tokens_per_second"] > 0
         else:
@@ -192,6 +193,7 @@ def test_inspect_prints_the_report_of_a_folder(tmp_path, capsys):
     assert {"params", "nonzero", "zero_share", "macs_per_token", "macs_per_token_architecture", "measured",
             "ratios"} <= set(model)
     assert set(model["measured"]) >= {"prefill_seconds", "decode_seconds_per_token", "peak_memory_bytes"}
+    assert model["measured"]["timed"] == "alone"
     assert data["settings"]["seq_len"] == 8 and data["settings"]["decode_tokens"] == 16
 
 
@@ -227,7 +229,8 @@ def test_benchmark_dense_row_runs_and_missing_ops_are_named(tmp_path, capsys):
     bench = _benchmark()
     out = tmp_path / "table.md"
     status = bench.main(["--rows", "dense", "--size", "tiny", "--seq-len", "8", "--repeats", "1",
-                         "--decode-tokens", "2", "--out", str(out), "--workdir", str(tmp_path / "work")])
+                         "--decode-tokens", "2", "--out", str(out), "--workdir", str(tmp_path / "work"),
+                         "--skip-prune-memory"])
     assert status == 0
     page = out.read_text()
     assert "# Compression table: llama tiny (205,120 parameters)" in page
@@ -260,3 +263,13 @@ def test_benchmark_table_judges_rows_by_measured_ratios():
     assert "| ffn 0.5 | 0.750 | 0.750 | 0.750 | 0.900 | 0.900 | 0.750 | 0.400 ✗ (target 0.8) |" in page
     assert ("sparsity 0.5: 50% fewer non-zeros, stored as zeros in dense tensors; MACs 1.000×, prefill latency "
             "1.020× the dense model's") in page
+
+
+def test_models_that_do_not_fit_together_are_timed_one_after_another(tmp_path, monkeypatch):
+    from recipec.backends import measure
+
+    monkeypatch.setattr(measure, "_available_bytes", lambda: 0)
+    roots = [write_model(tmp_path / name, arch.preset_config("llama", "tiny")) for name in ("a", "b")]
+    results, together = measure.measure_models(roots, measure.Settings(seq_len=8, repeats=1, decode_tokens=2),
+                                               ["a", "b"], [10, 10])
+    assert not together and all(r.prefill_seconds > 0 and r.decode_seconds > 0 for r in results)

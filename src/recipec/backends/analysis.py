@@ -31,7 +31,7 @@ from ..store.filehash import content_digest
 from ..store.model_dir import ModelFiles
 from ..units import human_bytes
 from .job import Job, RunFailure
-from .measure import Measurement, Settings, measure_model
+from .measure import Measurement, Settings, measure_models
 
 CHUNK_BYTES = 8 << 20
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -110,12 +110,21 @@ def _macs_check(counted: tuple[int, int | None], analytic: tuple[int | None, int
                      for what, c, a in zip(("prefill", "decode"), counted, analytic) if c != a and c and a)
 
 
-def model_stats(files: ModelFiles, settings: Settings, name: str, where: str | None = None,
-                progress: Callable[[int], None] = lambda n: None, scratch: Path | None = None) -> dict:
-    """Everything `stats` reports about one model (`name` in the table, `where` in messages, its name by
-    default): its counts, then what running it showed (onnxruntime's export written inside `scratch`)."""
-    model = {"name": name} | summarize(files, progress)
-    measured: Measurement = measure_model(files.root, settings, where or f"`{name}`", scratch)
+def models_stats(files: list[ModelFiles], settings: Settings, names: list[str], where: list[str] | None = None,
+                 progress: Callable[[int], None] = lambda n: None, scratch: Path | None = None) -> list[dict]:
+    """Everything `stats` reports about each model (`names` in the table, `where` in messages, their names
+    by default): its counts, then what running it showed (onnxruntime's exports written inside `scratch`)."""
+    summaries = [summarize(f, progress) for f in files]
+    fp32_bytes = [4 * summary["params"] for summary in summaries]
+    measured, together = measure_models([f.root for f in files], settings, where or [f"`{n}`" for n in names],
+                                        fp32_bytes, scratch)
+    return [_model_stats(f, settings, name, summary, m, together)
+            for f, name, summary, m in zip(files, names, summaries, measured)]
+
+
+def _model_stats(files: ModelFiles, settings: Settings, name: str, summary: dict, measured: Measurement,
+                 together: bool) -> dict:
+    model = {"name": name} | summary
     analytic = architecture_macs(files.config, settings.seq_len)
     decode_analytic = architecture_macs(files.config, settings.seq_len + 1) if measured.causal else None
     model |= {"causal": measured.causal, "macs_per_token": measured.macs_per_token,
@@ -134,6 +143,7 @@ def model_stats(files: ModelFiles, settings: Settings, name: str, where: str | N
                                      else round(settings.batch / measured.decode_seconds, 1)),
         "peak_memory_bytes": measured.peak_bytes,
         "timed_with": f"{measured.timed_with} attention",
+        "timed": "in rotating rounds with the other models" if together else "alone",
     }
     if settings.onnx:
         onnx = measured.onnx_prefill_seconds
@@ -223,7 +233,10 @@ def _notes(models: list[dict], settings: Settings) -> list[str]:
     decode = f", then {settings.decode_tokens} tokens decoded one at a time" if settings.decode_tokens else ""
     timing = (f"Latency: median of {settings.repeats} runs after a warm-up, {settings.threads} thread"
               f"{'s' if settings.threads != 1 else ''}, float32: a prefill of {settings.batch} × {settings.seq_len} "
-              f"tokens{decode} (causal models, with the KV cache). Peak memory is the model's weights plus the "
+              f"tokens{decode} (causal models, with the KV cache). Models that fit in memory together are timed "
+              "in rounds, each round running every model once in a rotating order, so that a machine getting "
+              "busier or quieter moves their times alike (each model's `timed` entry in the data says how it "
+              "was timed). Peak memory is the model's weights plus the "
               "most the timed runs held above them. Times and memory are measured: they differ from run to run "
               "and are not part of the report's digest.")
     notes = [timing]
@@ -261,8 +274,8 @@ def settings_of(params: StatsParams) -> Settings:
 def build_stats(job: Job) -> str:
     """The rule of `stats`: the report, and (as its digest) the digest of its reproducible part."""
     settings = settings_of(Stats.params_of(job.node))
-    models = [model_stats(a.files, settings, name, progress=job.progress, scratch=job.work)
-              for a, name in zip(job.inputs, model_names(job.node.inputs))]
+    models = models_stats([a.files for a in job.inputs], settings, model_names(job.node.inputs),
+                          progress=job.progress, scratch=job.work)
     report = stats_report(models, settings)
     write_report(report, job.out)
     return content_digest(reproducible(report.data))
@@ -286,4 +299,4 @@ def inspect_dir(root: Path, params: StatsParams) -> Report:
         raise RunFailure("E482", problem[0], problem[1].replace("`seq_len`", "--seq-len")
                          .replace("`decode_tokens`", "--decode-tokens"))
     settings = settings_of(params)
-    return stats_report([model_stats(files, settings, "model 1", str(root))], settings)
+    return stats_report(models_stats([files], settings, ["model 1"], [str(root)]), settings)

@@ -9,7 +9,12 @@ being this module's package), so its pruned and low-rank outputs load the same w
   matrix products; the count is half the FLOPs it reports.
 - Latency: with the model's own attention (the fast one a user gets), on a fixed number of threads, one
   warm-up then `repeats` timed runs, the median: a prefill of batch × seq_len tokens, then (causal
-  models) `decode_tokens` steps of one token each on the prefill's KV cache.
+  models) `decode_tokens` steps of one token each on the prefill's KV cache. Models whose float32
+  weights fit in memory together (half of what is available) are loaded together and timed in rounds,
+  each round running every model once, in an order that rotates: a machine that gets busier or quieter
+  during the measurement then moves every model's times alike, and their ratios hold (timed one model
+  after another, a drift of a few percent reads as a compression's whole gain). Models that do not fit
+  are timed one after another.
 - onnxruntime latency (`onnx=true`): the model exported in-process to a temporary folder by the `onnx`
   rule's own exporter (backends/onnx_export.py, a logits graph), its output checked against PyTorch's on
   the measured input, then the same prefill timed in onnxruntime the same way, on as many intra-op threads.
@@ -32,13 +37,14 @@ import inspect
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .job import RunFailure
 from .threads import torch_threads
 
 _STATUS = Path("/proc/self/status")
+_MEMINFO = Path("/proc/meminfo")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -69,30 +75,71 @@ class Measurement:
     onnx_prefill_seconds: float | None = None  # median, the same prefill in onnxruntime; None unless asked
 
 
-def measure_model(root: Path, settings: Settings, name: str, scratch: Path | None = None) -> Measurement:
-    """Load the model folder at `root` and measure it; RunFailure E610 when it cannot be loaded, E611
-    when it fails while running, its message naming the model as `name`. The onnxruntime timing exports
-    the model into a temporary folder inside `scratch` (the system's temporary folder when None)."""
+def measure_models(roots: list[Path], settings: Settings, names: list[str], weight_bytes: list[int],
+                   scratch: Path | None = None) -> tuple[list[Measurement], bool]:
+    """Load the model folders at `roots` and measure them, and whether they were timed together (in
+    rotating rounds) rather than one after another; `weight_bytes` are their float32 weights' sizes. A
+    model that cannot be loaded is RunFailure E610, one that fails while running E611, its message
+    naming it by `names`. onnxruntime timings export each model into a temporary folder inside `scratch`."""
+    together = len(roots) > 1 and sum(weight_bytes) <= _available_bytes() // 2
+    groups = [list(range(len(roots)))] if together else [[i] for i in range(len(roots))]
+    measured: dict[int, Measurement] = {}
+    for group in groups:
+        measured |= dict(zip(group, _measure_group([roots[i] for i in group], settings, [names[i] for i in group])))
+    results = [measured[i] for i in range(len(roots))]
+    if settings.onnx:
+        results = [replace(m, onnx_prefill_seconds=onnx_prefill_seconds(root, settings, name, scratch))
+                   for m, root, name in zip(results, roots, names)]
+    return results, together
+
+
+def _measure_group(roots: list[Path], settings: Settings, names: list[str]) -> list[Measurement]:
+    """Measure models held in memory together: each one's MACs, then their times in rotating rounds."""
     import torch
 
-    model, causal = load_model(root, name)
+    loaded = [load_model(root, name) for root, name in zip(roots, names)]
+    for model, _ in loaded:
+        _own_memory(model)
+    name = names[0] if len(names) == 1 else "one of " + ", ".join(names)
     try:
         with torch_threads(settings.threads), torch.inference_mode():
-            counted_with, macs, decode_macs = _count_macs(model, causal, settings)
-            timed_with = _attention(model, None)
-            prefill, decode, working = _time(model, causal, settings)
-        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            counts = [_count_macs(model, causal, settings) for model, causal in loaded]
+            timings = _time(loaded, settings)
+        weights = [sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                   for model, _ in loaded]
     except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as err:
         raise RunFailure("E611", f"{name} failed while measured: {type(err).__name__}: {err}",
                          "lower `seq_len` or `batch` if memory ran out; otherwise the model's weights or "
                          "config do not fit together") from None
     finally:
-        del model
+        attention = [_attention(model, None) for model, _ in loaded]
+        del loaded
         gc.collect()
         _return_free_memory()
-    onnx_prefill = onnx_prefill_seconds(root, settings, name, scratch) if settings.onnx else None
-    return Measurement(causal, macs, decode_macs, counted_with, timed_with, prefill, decode,
-                       None if working is None else weights + working, onnx_prefill)
+    return [Measurement(causal, macs, decode_macs, counted_with, timed_with, prefill, decode,
+                        None if working is None else weight + working)
+            for (counted_with, macs, decode_macs), timed_with, (prefill, decode, working, causal), weight
+            in zip(counts, attention, timings, weights)]
+
+
+def _own_memory(model) -> None:
+    """Copy every weight into memory of the process's own. Loaded tensors may still be views of the
+    weight files' pages (4 KiB each, so more TLB misses), and such a model runs several percent slower
+    than a copy does: which model was loaded first would then decide part of the ratios."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = tensor.data.clone()
+
+
+def _available_bytes() -> int:
+    """Memory the system can give this process now (Linux `MemAvailable`); 0 where it cannot tell."""
+    try:
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", _MEMINFO.read_text(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(match.group(1)) * 1024 if match else 0
 
 
 def onnx_prefill_seconds(root: Path, settings: Settings, name: str, scratch: Path | None) -> float:
@@ -219,33 +266,48 @@ def _count_macs(model, causal: bool, settings: Settings) -> tuple[str, int, int 
     return used, prefill, decode
 
 
-def _time(model, causal: bool, settings: Settings) -> tuple[float, float | None, int | None]:
-    """Median seconds of a prefill and of one decode step over `repeats` runs after one warm-up, and the
-    most memory the timed runs held above what the process held after the warm-up (None: unknown)."""
-    ids = _inputs(model, settings.batch, settings.seq_len)
-    step = ids[:, -1:]
-    decoding = causal and settings.decode_tokens > 0
-    prefills, decodes, before = [], [], None
-    for run in range(1 + settings.repeats):
-        if run == 1:  # the first run warms caches and allocators up; memory is measured from here
+def _time(models: list, settings: Settings) -> list[tuple[float, float | None, int | None, bool]]:
+    """For each (model, causal): median seconds of a prefill and of one decode step over `repeats` runs
+    after one warm-up, the most memory its timed runs held above what the process held just before each
+    (None: unknown), and whether it is causal. Round r runs the models starting from the r-th."""
+    ids = [_inputs(model, settings.batch, settings.seq_len) for model, _ in models]
+    prefills: list[list[float]] = [[] for _ in models]
+    decodes: list[list[float]] = [[] for _ in models]
+    working: list[int | None] = [0 for _ in models]
+    for (model, causal), model_ids in zip(models, ids):  # warm-up: caches, allocators, library code paged in
+        _run_once(model, causal, model_ids, settings)
+    for round_ in range(settings.repeats):
+        for i in [(round_ + k) % len(models) for k in range(len(models))]:
+            model, causal = models[i]
             _return_free_memory()
             before = _status_bytes("VmRSS") if _restart_peak() else None
-        started = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
-        prefilled = time.perf_counter()
-        if decoding:
-            cache = cache_of(out)
-            for _ in range(settings.decode_tokens):
-                cache = cache_of(_decode_step(model, step, cache))
-            del cache
-        finished = time.perf_counter()
-        del out
-        if run:
-            prefills.append(prefilled - started)
-            decodes.append((finished - prefilled) / settings.decode_tokens if decoding else 0.0)
-    peak = _status_bytes("VmHWM")
-    working = None if before is None or peak is None else max(0, peak - before)
-    return statistics.median(prefills), statistics.median(decodes) if decoding else None, working
+            prefill, decode = _run_once(model, causal, ids[i], settings)
+            peak = _status_bytes("VmHWM")
+            prefills[i].append(prefill)
+            decodes[i].append(decode)
+            if before is None or peak is None or working[i] is None:
+                working[i] = None
+            else:
+                working[i] = max(working[i], peak - before)
+    return [(statistics.median(p), statistics.median(d) if causal and settings.decode_tokens > 0 else None,
+             w, causal) for p, d, w, (_, causal) in zip(prefills, decodes, working, models)]
+
+
+def _run_once(model, causal: bool, ids, settings: Settings) -> tuple[float, float]:
+    """Seconds of one prefill and of each decode step after it (0.0 when nothing is decoded)."""
+    decoding = causal and settings.decode_tokens > 0
+    started = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True) if causal else model(input_ids=ids)
+    prefilled = time.perf_counter()
+    if decoding:
+        cache = cache_of(out)
+        step = ids[:, -1:]
+        for _ in range(settings.decode_tokens):
+            cache = cache_of(_decode_step(model, step, cache))
+        del cache
+    finished = time.perf_counter()
+    del out
+    return prefilled - started, (finished - prefilled) / settings.decode_tokens if decoding else 0.0
 
 
 def _decode_step(model, token, cache):

@@ -125,6 +125,44 @@ def test_packed_logits_equal_each_document_alone(make_model):
     assert packing_isolates(model)
 
 
+@pytest.mark.parametrize("per_document", [True, False], ids=["per-document", "masked"])
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_attention_document_by_document_equals_the_block_diagonal_mask(make_model, per_document, monkeypatch):
+    """What the loop trains with (each document attended to on its own; short rows with transformers' mask)
+    gives the logits and gradients of transformers' packed-sequence mask; other calls are left to it."""
+    from recipec.backends.train import attention
+    from recipec.backends.train.attention import packed_attention
+
+    monkeypatch.setattr(attention, "PER_DOCUMENT_FROM", 0 if per_document else 10**9)
+
+    docs = [Document([random.Random(n).randrange(VOCAB) for _ in range(n)]) for n in (5, 11, 3, 20, 1, 16)]
+    batch = collate(list(pack(docs, 16)))
+
+    def logits_and_grads(model):
+        model.zero_grad()
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None,
+                       use_cache=False).logits
+        (logits.square().mean()).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model = make_model().eval()  # no dropout: the two must see the same computation
+    expected, expected_grads = logits_and_grads(model)
+    with packed_attention(model) as used:
+        assert used and model.config._attn_implementation == "recipec_packed"
+        actual, grads = logits_and_grads(model)
+        assert packing_isolates(model)
+        with torch.no_grad():  # a left-padded batch with its mask goes to transformers' attention
+            ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+            mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+            padded = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(padded, model(input_ids=ids, attention_mask=mask).logits)
+
+
 class LeakyModel(torch.nn.Module):
     """A causal LM that ignores position_ids: every token sees all earlier tokens of its row."""
 

@@ -8,7 +8,7 @@ p = softmax(teacher_t / T) and q = softmax(student_t / T), both in fp32, the obj
 and the loop divides the sum by the step's target tokens, so the loss is an average over valid tokens
 whatever the micro-batching. T² keeps the gradient's scale independent of T (Hinton et al., 2015); at
 T = 1 it is 1. The teacher runs without gradients, in eval mode, on the same packed rows as the student
-(positions restarting per document, no attention across documents). Everything else — tokenization,
+(positions restarting per document, each document attended to on its own: attention.py). Everything else — tokenization,
 checkpoints, resume, metrics, the release — is `cp`'s (rules.py).
 """
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ...ops.distill import Distill
 from ..job import Job, RunFailure
 from ..model_files import tokenizer_vocab
+from .attention import packed_attention
 from .loop import packing_isolates
 from .packing import IGNORE
 from .rules import build_train
@@ -68,12 +69,13 @@ def build_distill(job: Job) -> str | None:
     transformers.logging.disable_progress_bar()
     teacher = transformers.AutoModelForCausalLM.from_pretrained(str(teacher_dir.path), dtype=torch.float32)
     teacher.eval().requires_grad_(False)
-    if not packing_isolates(teacher):
-        raise RunFailure("E596", f"the teacher `{job.node.inputs[0].label}` ({type(teacher).__name__}) lets packed "
-                                 "documents attend to each other", "use a teacher whose attention follows "
-                                                                   "position_ids (Llama, GPT-2, Qwen2, Mistral, ...)")
-    student_job = dataclasses.replace(job, inputs=[student, corpus])
-    return build_train(student_job, TeacherObjective(teacher, params.temperature, params.alpha))
+    with packed_attention(teacher):  # it reads the same packed rows as the student
+        if not packing_isolates(teacher):
+            raise RunFailure("E596", f"the teacher `{job.node.inputs[0].label}` ({type(teacher).__name__}) lets "
+                                     "packed documents attend to each other", "use a teacher whose attention "
+                                     "follows position_ids (Llama, GPT-2, Qwen2, Mistral, ...)")
+        student_job = dataclasses.replace(job, inputs=[student, corpus])
+        return build_train(student_job, TeacherObjective(teacher, params.temperature, params.alpha))
 
 
 def _check_vocabularies(job: Job) -> None:

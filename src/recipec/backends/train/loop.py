@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import latest_good_checkpoint, remove_unfinished, save_checkpoint
 from ...ops.train_config import TrainConfig, TrainingError, batch_shape, passes_needed, sequences_in, total_steps
+from .attention import packed_attention
+from .checkpoint import latest_good_checkpoint, remove_unfinished, save_checkpoint
 from .metrics import METRICS, Trackers, append_metrics, truncate_metrics
 from .packing import IGNORE, DocumentSource, Row, collate, corpus_tokens, row_stream
 from .schedule import optimizer_and_schedule
@@ -87,7 +88,17 @@ def train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
           run_name: str = "train") -> tuple[torch.nn.Module, TrainSummary]:
     """Train `model` on `documents` as `config` says, checkpointing into `work_dir`; resumes if it can.
     `objective` is what a step minimizes (next-token cross entropy unless given: distill passes its own);
-    each step's metrics also go to `trackers` (accelerate's), under `run_name`, when given."""
+    each step's metrics also go to `trackers` (accelerate's), under `run_name`, when given. The model
+    attends to each packed document on its own while it trains (attention.py)."""
+    with packed_attention(model):
+        return _train(model, documents, config, work_dir, on_progress, on_notice, pad_id, objective, trackers,
+                      run_name)
+
+
+def _train(model, documents: DocumentSource, config: TrainConfig, work_dir: Path,
+           on_progress: Callable[[Progress], None] | None, on_notice: Callable[[str], None] | None,
+           pad_id: int, objective: Objective, trackers: Trackers | None,
+           run_name: str) -> tuple[torch.nn.Module, TrainSummary]:
     work_dir.mkdir(parents=True, exist_ok=True)
     accelerator = _accelerator(config.precision, trackers)
     shape = batch_shape(config, accelerator.num_processes)

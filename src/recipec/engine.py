@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
-from .backends import Job, Meter, RunFailure, import_rules_in_background, rule_for
+from .backends import Job, Meter, RunFailure, import_torch_in_background, rule_for
 from .backends.launch import run_launched
 from .check import Program
 from .diagnostics import Diagnostic, RecipeError
@@ -106,6 +106,7 @@ class Engine:
         self.cache = Cache(options.cache_dir)
         self.versions = toolchain_versions()
         self.cancelled = threading.Event()
+        self.importing: threading.Thread | None = None  # torch, imported while the inputs are hashed
 
     def check_rules(self) -> None:
         missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and REGISTRY[n.op].rule is None]
@@ -148,8 +149,8 @@ class Engine:
     def _build_all(self) -> list[NodeResult]:
         by_id: dict[int, NodeResult] = {}
         self.hub_snapshots = self._resolve_hub_inputs()
-        if to_build := self._not_known_cached():
-            import_rules_in_background(to_build)  # torch loads while the inputs are hashed
+        if self._may_build():
+            self.importing = import_torch_in_background()  # torch loads while the inputs are hashed
         for node in self.program.graph.reachable():
             op = REGISTRY[node.op]
             if not op.builds:
@@ -159,13 +160,18 @@ class Engine:
             by_id[node.id] = self._build(node, inputs, {n.id: by_id[n.id].artifact for n in _upstream(node)})
         return list(by_id.values())
 
-    def _not_known_cached(self) -> list[str]:
-        """The ops of the nodes this process may have to build: those not known to be cached (without
-        reading a weight), less those launched as processes of their own."""
+    def _may_build(self) -> bool:
+        """Whether this process may have to build a node: one not known to be cached (without reading a
+        weight), and not launched as a process of its own."""
         cached = cached_keys(self.program.graph, self.cache)
-        return [n.op for n in self.program.graph.reachable()
-                if REGISTRY[n.op].builds and n.id not in cached
-                and not (REGISTRY[n.op].launchable and self.options.launch)]
+        return any(REGISTRY[n.op].builds and n.id not in cached and not (REGISTRY[n.op].launchable and self.options.launch)
+                   for n in self.program.graph.reachable())
+
+    def _imported(self) -> None:
+        """Wait for the torch import started by `_build_all`: a rule imports torch and transformers itself,
+        and transformers must not be imported while another thread imports anything it needs."""
+        if self.importing is not None:
+            self.importing.join()
 
     def _resolve_hub_inputs(self) -> dict:
         """Every hub input, resolved before anything is built, so that all missing ones are reported at once."""
@@ -196,6 +202,7 @@ class Engine:
 
     def _converted_pickle(self, node: Node, root: Path) -> Path:
         """Pickled weights converted once into a cache object, keyed by the pickle files' hashes."""
+        self._imported()
         from .backends.sources import convert_pickle  # torch, only when a pickle must be converted
 
         pickles = pickled_weights(root)
@@ -257,6 +264,7 @@ class Engine:
                 job = Job(node, inputs, tmp, self.cache.work_dir(key), self.options.threads, self.cancelled, meter,
                           upstream=upstream)
                 meter.sink(meter)  # started: shown before its first report
+                self._imported()
                 weights = run_launched(job, self.options.launch) if op.launchable else rule_for(node.op)(job)
                 digest = artifact_kind(node.type.kind).digest(tmp, weights)
                 self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)

@@ -17,7 +17,7 @@ import contextlib
 import importlib
 import importlib.util
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from ..ops import REGISTRY
 from .job import Artifact, Job, Meter, RunFailure
@@ -42,22 +42,21 @@ def rule_for(op: str) -> Callable[[Job], str | None]:
     return rule_at(*rule_module(op))
 
 
-def import_rules_in_background(ops: Iterable[str]) -> threading.Thread:
-    """Import the rules of `ops` on a thread of their own and return it (started).
+def import_torch_in_background() -> threading.Thread:
+    """Import torch on a thread of its own and return it (started); join it before running a rule.
 
-    Importing a rule imports torch, seconds of one core, while a cold run's first seconds go to hashing
-    its inputs on the others (torch-free, see store/digests.py): done side by side, a cold run takes the
-    time of the longer, not of both. A rule that fails to import here is imported again when it is
-    used, and fails there with its own message.
+    Importing torch takes seconds of one core, while a cold run's first seconds go to hashing its inputs
+    on the others (torch-free, see store/digests.py): side by side, a cold run takes the time of the
+    longer, not of both. Only torch: packages that install a lazy module in place of themselves, as
+    transformers does, must not be imported from two threads at once, and a rule imports those.
     """
     def work() -> None:
-        for op in sorted(set(ops)):
-            with contextlib.suppress(Exception):  # reported where the rule is used
-                rule_for(op)
+        with contextlib.suppress(Exception):  # a broken install fails again, with its message, in the rule
+            importlib.import_module("torch")
 
-    thread = threading.Thread(target=work, name="recipec-import-rules")
+    thread = threading.Thread(target=work, name="recipec-import-torch")
     thread.start()
     return thread
 
 
-__all__ = ["Artifact", "Job", "Meter", "RunFailure", "import_rules_in_background", "rule_at", "rule_for", "rule_module"]
+__all__ = ["Artifact", "Job", "Meter", "RunFailure", "import_torch_in_background", "rule_at", "rule_for", "rule_module"]

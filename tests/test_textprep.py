@@ -315,3 +315,9 @@ def test_the_cache_key_follows_tokenizer_bytes_data_and_wrapping(tmp_path, train
     assert tokenization_key(copy, "sha256:a", "inscp", {"system": None, "loss": "all"}) == key
     (copy / "chat_template.jinja").write_text("{{ messages }}")
     assert tokenization_key(copy, "sha256:a", "inscp", {"system": None, "loss": "all"}) != key
+
+
+def test_a_folder_without_a_tokenizer_is_refused_not_loaded_empty(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TextPrepError, match="holds no tokenizer"):
+        load_tokenizer(tmp_path)

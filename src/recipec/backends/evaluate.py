@@ -31,8 +31,7 @@ from ..store.release_files import TRAINING_FILES
 from ..textprep.encode import ChatFormat, chat_format, encode_document, load_tokenizer
 from ..textprep.errors import TextPrepError
 from ..textprep.language import identify
-from .job import Job, RunFailure
-from .text import _read_checked
+from .job import Job, RunFailure, checked_bytes
 from .train.metrics import read_metrics
 
 SAMPLE_CHARS = 240  # an answer on the report's page; report.json keeps it whole
@@ -243,7 +242,7 @@ def _prompts(job: Job, params: Eval.Params) -> list[list[dict]]:
         return prompts
     if params.prompts is None:
         return []
-    return read_prompt_lines(_read_checked(params.prompts))
+    return read_prompt_lines(checked_bytes(params.prompts.path, params.prompts.sha256).decode())
 
 
 def _with_reference(models: list[dict], language: str | None) -> None:

@@ -10,14 +10,15 @@ inputs (the loss curves of training nodes upstream of an evaluated model). A lau
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..ir.graph import Node
 from ..artifacts import Artifact  # what a rule reads: its inputs' results, of any kind
+from ..ir.graph import Node
 
 
 class RunFailure(Exception):
@@ -26,6 +27,15 @@ class RunFailure(Exception):
     def __init__(self, code: str, message: str, hint: str | None = None):
         super().__init__(message)
         self.code, self.message, self.hint = code, message, hint
+
+
+def checked_bytes(path: Path | str, sha256: str) -> bytes:
+    """A file a parameter names, as the recipe was checked with it: RunFailure E502 when it changed since."""
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise RunFailure("E502", f"{path} changed since the recipe was checked",
+                         "run `recipec check` again: the recipe's key holds the file's content")
+    return data
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from .job import Job, Meter, RunFailure
 from .prune import SHARD_SIZE, Pass, one_pass, prune_once
 from .train.loop import Progress, train
 from .train.metrics import METRICS, read_metrics, render_loss_curve
-from .train.rules import LOSS_CURVE, RELEASED_METRICS, REPRODUCIBLE_FIELDS, _tokenized
+from .train.rules import LOSS_CURVE, RELEASED_METRICS, REPRODUCIBLE_FIELDS, tokenized
 
 
 def round_pass(params: Prune.Params, facts, index: int, rounds: int) -> Pass:
@@ -100,7 +100,7 @@ def _documents(job: Job, params, model_dir: Path, retrain: Artifact):
     """The retraining corpus tokenized by the model's tokenizer (cached in the work directory), and the pad id;
     the tokenizer is the input's in every round (pruning keeps it)."""
     try:
-        return _tokenized(dataclasses.replace(job, inputs=[job.inputs[0], retrain]), "cp", params, model_dir, None)
+        return tokenized(dataclasses.replace(job, inputs=[job.inputs[0], retrain]), "cp", params, model_dir, None)
     except TextPrepError as err:
         raise RunFailure("E616", f"cannot prepare the corpus `retrain` of `{job.node.label}`: {err.message}",
                          err.hint) from None

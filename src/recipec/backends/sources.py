@@ -8,7 +8,6 @@ weights do not depend on the thread count.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,11 +16,11 @@ import torch
 
 from .. import arch
 from ..dtypes import DTYPE_CODES, TensorSpec
+from ..ops.sources import Init
 from ..store.model_dir import TOKENIZER_FILES
 from ..store.tensors import TORCH_DTYPES, ModelWriter, write_json
-from ..ops.sources import Init
 from ..textprep.vocab import read_tokenizer_json, vocabulary_size
-from .job import Job, RunFailure
+from .job import Job, RunFailure, checked_bytes
 
 _AUTO_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
 
@@ -58,10 +57,7 @@ def build_init(job: Job) -> str:
     if params.tokenizer is not None:
         source = Path(params.tokenizer.path)
         for name, expected in params.tokenizer.files.items():
-            data = (source / name).read_bytes()
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise RunFailure("E502", f"{source / name} changed since the recipe was checked")
-            (job.out / name).write_bytes(data)
+            (job.out / name).write_bytes(checked_bytes(source / name, expected))
     return digest
 
 

@@ -7,7 +7,6 @@ expects: a tokenizer directory, a model directory (canonical safetensors), norma
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +18,12 @@ from ..artifacts.corpus import iter_texts
 from ..artifacts.data import RECORDS, iter_records
 from ..dtypes import TensorSpec
 from ..ir.types import Kind
-from ..ops.base import FileDigest
 from ..ops.text import VOCAB_ROW_TENSORS, ExtendVocab, PplFilter, TrainTokenizer
 from ..store.tensors import ModelReader, ModelWriter, write_json
 from ..textprep.errors import TextPrepError
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE
 from ..textprep.vocab import extend_rows, extend_tokenizer, read_tokenizer_json, vocabulary_size
-from .job import Job, RunFailure
+from .job import Job, RunFailure, checked_bytes
 
 SHARD_SIZE = 5 * 10**9
 # Upper edges of the perplexity histogram's bins; the last bin holds everything above the last edge.
@@ -35,14 +33,6 @@ FILTER_META = "ppl_filter.json"
 
 def _text_prep(err: TextPrepError) -> RunFailure:
     return RunFailure("E582", err.message, err.hint)
-
-
-def _read_checked(file: FileDigest) -> str:
-    """A file parameter's text, refusing one that changed since the recipe was checked."""
-    data = Path(file.path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != file.sha256:
-        raise RunFailure("E502", f"{file.path} changed since the recipe was checked")
-    return data.decode("utf-8")
 
 
 def _counted(texts: Iterator[str], job: Job) -> Iterator[str]:
@@ -55,7 +45,7 @@ def build_tokenizer(job: Job) -> None:
     from ..textprep.bpe import train_bpe
 
     params: TrainTokenizer.Params = TrainTokenizer.params_of(job.node)
-    template = _read_checked(params.chat_template) if params.chat_template else DEFAULT_CHAT_TEMPLATE
+    template = checked_bytes(params.chat_template.path, params.chat_template.sha256).decode() if params.chat_template else DEFAULT_CHAT_TEMPLATE
     try:
         train_bpe(_counted(iter_texts(job.inputs[0]), job), job.out, params.vocab_size, params.special_tokens,
                   template)

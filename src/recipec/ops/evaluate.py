@@ -35,7 +35,7 @@ from ..textprep.language import SUPPORTED_LANGUAGES, canonical_language
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE, missing_markers, read_chat_template
 from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
-from .train import _encoder, model_config
+from .train import model_config, tokenizer_encoder
 
 DEFAULT_SEQ_LEN = 1024  # the longest default window: longer ones cost memory (logits) for little change
 # Files a tokenizer directory may hold that are no tokenizer by themselves.
@@ -307,7 +307,7 @@ def _check_model(ctx: Context, model: Node, params, has_corpus: bool, has_prompt
                   "prompts", "evaluate a chat model, or give this one a template (`chat_template=` on a "
                              "combination, `chat_template=` of `tokenizer`)")
         return False
-    encode = _encoder(facts.directory) if facts.directory is not None else None
+    encode = tokenizer_encoder(facts.directory) if facts.directory is not None else None
     missing = missing_markers(facts.template, encode) if encode is not None else []
     if missing:
         names = ", ".join(f"`{m}`" for m in missing)

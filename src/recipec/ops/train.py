@@ -19,8 +19,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .train_config import (BatchShape, Device, TrainConfig, TrainingError, batch_shape,
-                           largest_fitting_micro_batch, resolved_precision, this_machine)
 from ..ir.graph import Node
 from ..ir.types import Kind, Type
 from ..store.model_dir import ModelDirError, read_config
@@ -29,6 +27,16 @@ from ..textprep.templates import missing_markers, read_chat_template
 from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .sources import Init
 from .text import corpus_bytes
+from .train_config import (
+    BatchShape,
+    Device,
+    TrainConfig,
+    TrainingError,
+    batch_shape,
+    largest_fitting_micro_batch,
+    resolved_precision,
+    this_machine,
+)
 
 LENGTHS = ("steps", "epochs", "tokens")
 BYTES_PER_TOKEN = 4  # a corpus's tokens, estimated from its bytes before it is tokenized (BPE on prose: 3-5)
@@ -196,7 +204,7 @@ def _check_template(ctx: Context, model: Node, params: ChatTrainParams) -> bool:
         ctx.error("E431", f"`{model.label}` has no chat template", None,
                   "give the op `template=` (a Jinja file), or the model one (`chat_template=` on a combination)")
         return False
-    encode = _encoder(directory)
+    encode = tokenizer_encoder(directory)
     missing = missing_markers(template, encode) if encode is not None else []
     if missing:
         names = ", ".join(f"`{m}`" for m in missing)
@@ -207,7 +215,7 @@ def _check_template(ctx: Context, model: Node, params: ChatTrainParams) -> bool:
     return True
 
 
-def _encoder(directory: Path):
+def tokenizer_encoder(directory: Path):
     """Text -> ids without special tokens added, by the directory's tokenizer.json (None without one)."""
     path = directory / "tokenizer.json"
     if not path.is_file():

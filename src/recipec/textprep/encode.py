@@ -42,10 +42,17 @@ class ChatFormat:
     template: str
 
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # a tokenizer has one
+
+
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The tokenizer in a local directory, loaded by transformers."""
     if not Path(directory).is_dir():
         raise TextPrepError(f"no tokenizer directory at {directory}", "name a directory with tokenizer.json")
+    if not any((Path(directory) / name).is_file() for name in VOCABULARY_FILES):
+        # transformers 5 would hand back a tokenizer with an empty vocabulary
+        raise TextPrepError(f"{directory} holds no tokenizer (none of {', '.join(VOCABULARY_FILES)})",
+                            "give the model a tokenizer: `tokenizer=` on `init`, or a model folder that has one")
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError) as e:

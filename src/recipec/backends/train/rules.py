@@ -11,7 +11,6 @@ curve drawn from them. Under a launcher every process trains; only rank 0 writes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,13 +22,13 @@ import torch
 from ...dtypes import TensorSpec
 from ...ops import REGISTRY
 from ...ops.train import ChatTrainParams, TrainParams, planned_shape, training_memory
+from ...ops.train_config import TrainConfig, TrainingError, batch_shape, this_machine
 from ...store.model_dir import TOKENIZER_FILES
 from ...store.release_files import TRAINING_FILES
 from ...store.tensors import TORCH_DTYPES, ModelWriter
 from ...textprep import TextPrepError
-from ..job import Job, RunFailure
+from ..job import Job, RunFailure, checked_bytes
 from ..model_files import set_chat_template
-from ...ops.train_config import TrainConfig, TrainingError, batch_shape, this_machine
 from .loop import Objective, Progress, next_token_loss, train
 from .metrics import METRICS, Trackers, read_metrics, render_loss_curve
 from .packing import Document
@@ -51,7 +50,7 @@ def build_train(job: Job, objective: Objective = next_token_loss) -> str | None:
     job.work.mkdir(parents=True, exist_ok=True)
     template = _template(params)
     try:
-        documents, pad_id = _tokenized(job, op.name, params, model_dir, template)
+        documents, pad_id = tokenized(job, op.name, params, model_dir, template)
     except TextPrepError as err:
         raise RunFailure("E571", f"cannot prepare the data of `{job.node.label}`: {err.message}", err.hint) from None
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -136,13 +135,10 @@ def _template(params: TrainParams) -> str | None:
     given = getattr(params, "template", None)
     if given is None:
         return None
-    data = Path(given.path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != given.sha256:
-        raise RunFailure("E502", f"{given.path} changed since the recipe was checked")
-    return data.decode("utf-8")
+    return checked_bytes(given.path, given.sha256).decode("utf-8")
 
 
-def _tokenized(job: Job, mode: str, params: TrainParams, model_dir: Path, template: str | None):
+def tokenized(job: Job, mode: str, params: TrainParams, model_dir: Path, template: str | None):
     """A document source over the data tokenized for `mode` (cached in the work directory), and the pad id."""
     from ...artifacts.corpus import iter_texts
     from ...artifacts.dataset import iter_conversations

@@ -248,6 +248,7 @@ def test_bad_inputs_are_located_errors_with_hints(tmp_path, capsys):
         "prune(odd, heads=0.25)": ("E452", "valid fractions: 0, 0.5"),
         "prune(odd, ffn=0.999)": ("E453", "remove all"),
         "prune(other, heads=0.5)": ("E455", "llama"),
+        "prune(lowrank(odd, ratio=0.5), ffn=0.5)": ("E455", "prune heads and neurons before `lowrank`"),
         "prune(odd)": ("E456", "sparsity="),
         'prune(odd, sparsity=0.5, targets=["nothing.*"])': ("E457", "targets"),
         'prune(odd, heads=0.5, score="gradient")': ("E454", "data="),

@@ -308,14 +308,14 @@ class Prune(Op):
     @classmethod
     def _structured_type(cls, ctx: Context, sig: Signature, params) -> Type:
         family = modeling.family(sig.model_type)
+        if family is not None and has_low_rank(sig):  # its projections are factored: no rows to remove
+            return ctx.error("E455", "this model has low-rank linears; prune heads and neurons before `lowrank`",
+                             "model", "reorder: lowrank(prune(model, heads=...), ...)")
         if family is None or sig.facts is None or layer_prefix(family, sig.by_name) is None:
             return ctx.error("E455", f"prune removes heads and neurons of llama, gpt2 and bert models, not of "
                              f"this {sig.model_type} model", "model",
                              "supported: llama (with grouped-query attention), gpt2 and bert, with or without "
                              "their task head")
-        if has_low_rank(sig):
-            return ctx.error("E455", "this model has low-rank linears; prune heads and neurons before `lowrank`",
-                             "model", "reorder: lowrank(prune(model, heads=...), ...)")
         if params.score == "gradient" and layer_prefix(family, sig.by_name) != LAYOUTS[family].prefixes[0]:
             return ctx.error("E454", f"`score=\"gradient\"` needs a loss, and this headless {family} model has no "
                              "LM head", "score", "use score=\"l1\", or prune the model with its task head")

@@ -163,6 +163,21 @@ def test_attention_document_by_document_equals_the_block_diagonal_mask(make_mode
         torch.testing.assert_close(padded, model(input_ids=ids, attention_mask=mask).logits)
 
 
+def test_attention_document_by_document_without_sdpa_grouping(monkeypatch):
+    """Before torch 2.5, SDPA cannot group query heads over key/value heads: they are repeated instead."""
+    from recipec.backends.train import attention
+
+    monkeypatch.setattr(attention, "PER_DOCUMENT_FROM", 0)
+    monkeypatch.setattr(attention, "_SDPA_GROUPS", False)
+    batch = collate(list(pack([Document(list(range(1, n + 1))) for n in (5, 11, 3, 20)], 16)))
+    model = tiny_llama().eval()  # 4 query heads over 2 key/value heads
+    with torch.no_grad():
+        expected = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        with attention.packed_attention(model):
+            actual = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
 class LeakyModel(torch.nn.Module):
     """A causal LM that ignores position_ids: every token sees all earlier tokens of its row."""
 

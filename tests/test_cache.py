@@ -202,3 +202,21 @@ def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path, capsys, verb):
         status, _, err = run([*verb.split(), "--cache", str(cache), str(recipe)], capsys)
         assert status == 1 and f"error[E531]: the cache {cache}" in err and "is a file, not a directory" in err
         assert "internal error" not in err and file.read_text() == "mine\n"
+
+
+def test_a_run_that_finds_everything_cached_never_imports_torch(tmp_path):
+    """The rules, and torch with them, are imported only when something is built (torch is imported on a
+    thread of its own while inputs are hashed only when some node is not known to be cached)."""
+    (tmp_path / "r.rcp").write_text('recipec 1\na = init("llama", size="tiny", seed=1)\n'
+                                    'b = init("llama", size="tiny", seed=2)\nexport 0.5*a + 0.5*b to "out/m"\n')
+    code = ("import sys; from recipec.cli import main; status = main(['run', 'r.rcp']); "
+            "print(status, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+
+    def imported() -> str:
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert imported() == "0 ['torch', 'transformers']"  # built
+    assert imported() == "0 []"  # everything cached

@@ -273,3 +273,23 @@ def test_models_that_do_not_fit_together_are_timed_one_after_another(tmp_path, m
     results, together = measure.measure_models(roots, measure.Settings(seq_len=8, repeats=1, decode_tokens=2),
                                                ["a", "b"], [10, 10])
     assert not together and all(r.prefill_seconds > 0 and r.decode_seconds > 0 for r in results)
+
+
+def test_a_model_that_fails_while_timed_with_others_is_named(tmp_path, monkeypatch):
+    from recipec.backends import measure
+    from recipec.backends.job import RunFailure
+
+    roots = [write_model(tmp_path / "a", arch.preset_config("llama", "tiny")),
+             write_model(tmp_path / "b", arch.preset_config("gpt2", "tiny"))]
+    real = measure._run_once
+
+    def failing(model, causal, ids, settings):
+        if model.config.model_type == "gpt2":
+            raise RuntimeError("out of memory")
+        return real(model, causal, ids, settings)
+
+    monkeypatch.setattr(measure, "_run_once", failing)
+    with pytest.raises(RunFailure) as caught:
+        measure.measure_models(roots, measure.Settings(seq_len=8, repeats=1, decode_tokens=2), ["`a`", "`b`"],
+                               [10, 10])
+    assert caught.value.code == "E611" and "`b` failed while measured: RuntimeError: out of memory" in caught.value.message

@@ -30,6 +30,7 @@ reproducible (the counts).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -100,17 +101,15 @@ def _measure_group(roots: list[Path], settings: Settings, names: list[str]) -> l
     loaded = [load_model(root, name) for root, name in zip(roots, names)]
     for model, _ in loaded:
         _own_memory(model)
-    name = names[0] if len(names) == 1 else "one of " + ", ".join(names)
     try:
         with torch_threads(settings.threads), torch.inference_mode():
-            counts = [_count_macs(model, causal, settings) for model, causal in loaded]
-            timings = _time(loaded, settings)
+            counts = []
+            for (model, causal), name in zip(loaded, names):
+                with _failing_as(name):
+                    counts.append(_count_macs(model, causal, settings))
+            timings = _time(loaded, settings, names)
         weights = [sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
                    for model, _ in loaded]
-    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as err:
-        raise RunFailure("E611", f"{name} failed while measured: {type(err).__name__}: {err}",
-                         "lower `seq_len` or `batch` if memory ran out; otherwise the model's weights or "
-                         "config do not fit together") from None
     finally:
         attention = [_attention(model, None) for model, _ in loaded]
         del loaded
@@ -120,6 +119,17 @@ def _measure_group(roots: list[Path], settings: Settings, names: list[str]) -> l
                         None if working is None else weight + working)
             for (counted_with, macs, decode_macs), timed_with, (prefill, decode, working, causal), weight
             in zip(counts, attention, timings, weights)]
+
+
+@contextlib.contextmanager
+def _failing_as(name: str):
+    """What goes wrong while a model runs, as RunFailure E611 naming it."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, IndexError, MemoryError) as err:
+        raise RunFailure("E611", f"{name} failed while measured: {type(err).__name__}: {err}",
+                         "lower `seq_len` or `batch` if memory ran out; otherwise the model's weights or "
+                         "config do not fit together") from None
 
 
 def _own_memory(model) -> None:
@@ -266,7 +276,7 @@ def _count_macs(model, causal: bool, settings: Settings) -> tuple[str, int, int 
     return used, prefill, decode
 
 
-def _time(models: list, settings: Settings) -> list[tuple[float, float | None, int | None, bool]]:
+def _time(models: list, settings: Settings, names: list[str]) -> list[tuple[float, float | None, int | None, bool]]:
     """For each (model, causal): median seconds of a prefill and of one decode step over `repeats` runs
     after one warm-up, the most memory its timed runs held above what the process held just before each
     (None: unknown), and whether it is causal. Round r runs the models starting from the r-th."""
@@ -274,14 +284,16 @@ def _time(models: list, settings: Settings) -> list[tuple[float, float | None, i
     prefills: list[list[float]] = [[] for _ in models]
     decodes: list[list[float]] = [[] for _ in models]
     working: list[int | None] = [0 for _ in models]
-    for (model, causal), model_ids in zip(models, ids):  # warm-up: caches, allocators, library code paged in
-        _run_once(model, causal, model_ids, settings)
+    for (model, causal), model_ids, name in zip(models, ids, names):  # warm-up: caches, allocators, code paged in
+        with _failing_as(name):
+            _run_once(model, causal, model_ids, settings)
     for round_ in range(settings.repeats):
         for i in [(round_ + k) % len(models) for k in range(len(models))]:
             model, causal = models[i]
             _return_free_memory()
             before = _status_bytes("VmRSS") if _restart_peak() else None
-            prefill, decode = _run_once(model, causal, ids[i], settings)
+            with _failing_as(names[i]):
+                prefill, decode = _run_once(model, causal, ids[i], settings)
             peak = _status_bytes("VmHWM")
             prefills[i].append(prefill)
             decodes[i].append(decode)

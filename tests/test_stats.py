@@ -292,4 +292,5 @@ def test_a_model_that_fails_while_timed_with_others_is_named(tmp_path, monkeypat
     with pytest.raises(RunFailure) as caught:
         measure.measure_models(roots, measure.Settings(seq_len=8, repeats=1, decode_tokens=2), ["`a`", "`b`"],
                                [10, 10])
-    assert caught.value.code == "E611" and "`b` failed while measured: RuntimeError: out of memory" in caught.value.message
+    assert caught.value.code == "E611"
+    assert "`b` failed while measured: RuntimeError: out of memory" in caught.value.message

@@ -164,7 +164,8 @@ class Engine:
         """Whether this process may have to build a node: one not known to be cached (without reading a
         weight), and not launched as a process of its own."""
         cached = cached_keys(self.program.graph, self.cache)
-        return any(REGISTRY[n.op].builds and n.id not in cached and not (REGISTRY[n.op].launchable and self.options.launch)
+        return any(REGISTRY[n.op].builds and n.id not in cached
+                   and not (REGISTRY[n.op].launchable and self.options.launch)
                    for n in self.program.graph.reachable())
 
     def _imported(self) -> None:

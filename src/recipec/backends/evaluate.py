@@ -31,7 +31,7 @@ from ..store.release_files import TRAINING_FILES
 from ..textprep.encode import ChatFormat, chat_format, encode_document, load_tokenizer
 from ..textprep.errors import TextPrepError
 from ..textprep.language import identify
-from .job import Job, RunFailure, checked_bytes
+from .job import Job, RunFailure, checked_text
 from .train.metrics import read_metrics
 
 SAMPLE_CHARS = 240  # an answer on the report's page; report.json keeps it whole
@@ -242,7 +242,7 @@ def _prompts(job: Job, params: Eval.Params) -> list[list[dict]]:
         return prompts
     if params.prompts is None:
         return []
-    return read_prompt_lines(checked_bytes(params.prompts.path, params.prompts.sha256).decode())
+    return read_prompt_lines(checked_text(params.prompts))
 
 
 def _with_reference(models: list[dict], language: str | None) -> None:

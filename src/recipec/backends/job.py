@@ -38,6 +38,11 @@ def checked_bytes(path: Path | str, sha256: str) -> bytes:
     return data
 
 
+def checked_text(file) -> str:
+    """The UTF-8 text of a file parameter (a `FileDigest`: path and sha256), as `checked_bytes` reads it."""
+    return checked_bytes(file.path, file.sha256).decode("utf-8")
+
+
 @dataclass(frozen=True)
 class RunWarning:
     """A run-time warning from a rule; the engine reports it at the span of the op that built the node."""

@@ -23,7 +23,7 @@ from ..store.tensors import ModelReader, ModelWriter, write_json
 from ..textprep.errors import TextPrepError
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE
 from ..textprep.vocab import extend_rows, extend_tokenizer, read_tokenizer_json, vocabulary_size
-from .job import Job, RunFailure, checked_bytes
+from .job import Job, RunFailure, checked_text
 
 SHARD_SIZE = 5 * 10**9
 # Upper edges of the perplexity histogram's bins; the last bin holds everything above the last edge.
@@ -45,7 +45,7 @@ def build_tokenizer(job: Job) -> None:
     from ..textprep.bpe import train_bpe
 
     params: TrainTokenizer.Params = TrainTokenizer.params_of(job.node)
-    template = checked_bytes(params.chat_template.path, params.chat_template.sha256).decode() if params.chat_template else DEFAULT_CHAT_TEMPLATE
+    template = checked_text(params.chat_template) if params.chat_template else DEFAULT_CHAT_TEMPLATE
     try:
         train_bpe(_counted(iter_texts(job.inputs[0]), job), job.out, params.vocab_size, params.special_tokens,
                   template)

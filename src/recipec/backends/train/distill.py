@@ -8,8 +8,8 @@ p = softmax(teacher_t / T) and q = softmax(student_t / T), both in fp32, the obj
 and the loop divides the sum by the step's target tokens, so the loss is an average over valid tokens
 whatever the micro-batching. T² keeps the gradient's scale independent of T (Hinton et al., 2015); at
 T = 1 it is 1. The teacher runs without gradients, in eval mode, on the same packed rows as the student
-(positions restarting per document, each document attended to on its own: attention.py). Everything else — tokenization,
-checkpoints, resume, metrics, the release — is `cp`'s (rules.py).
+(positions restarting per document, each document attended to on its own: attention.py).
+Everything else — tokenization, checkpoints, resume, metrics, the release — is `cp`'s (rules.py).
 """
 
 from __future__ import annotations

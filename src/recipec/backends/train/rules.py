@@ -27,7 +27,7 @@ from ...store.model_dir import TOKENIZER_FILES
 from ...store.release_files import TRAINING_FILES
 from ...store.tensors import TORCH_DTYPES, ModelWriter
 from ...textprep import TextPrepError
-from ..job import Job, RunFailure, checked_bytes
+from ..job import Job, RunFailure, checked_text
 from ..model_files import set_chat_template
 from .loop import Objective, Progress, next_token_loss, train
 from .metrics import METRICS, Trackers, read_metrics, render_loss_curve
@@ -135,7 +135,7 @@ def _template(params: TrainParams) -> str | None:
     given = getattr(params, "template", None)
     if given is None:
         return None
-    return checked_bytes(given.path, given.sha256).decode("utf-8")
+    return checked_text(given)
 
 
 def tokenized(job: Job, mode: str, params: TrainParams, model_dir: Path, template: str | None):

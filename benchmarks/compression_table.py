@@ -129,9 +129,7 @@ def pruning_memory(dense: Path, workdir: Path) -> list[str]:
               f"{largest / 2**20:,.0f} MiB): peak anonymous memory of a `recipec run` that prunes it, less "
               f"{base['peak_anon_bytes'] / 2**20:,.0f} MiB for the interpreter with recipec and torch loaded:"), ""]
     for label, call in PRUNE_MEMORY_CALLS:
-        folder = workdir / f"prune-memory-{len(lines)}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        folder = Path(tempfile.mkdtemp(prefix="prune-memory-", dir=workdir))  # never a folder of the user's
         (folder / "r.rcp").write_text(f'recipec 1\ndense = load("{dense}")\nexport {call} to "out/p"\n')
         result = measure_process([sys.executable, "-m", "recipec", "run", "--cache", str(folder / "cache"),
                                   str(folder / "r.rcp")], env=env)

@@ -97,12 +97,14 @@ def main() -> int:
     report, argv = Path(sys.argv[1]), sys.argv[2:]
     meter = _Meter()
     install(meter)
-    from recipec.cli import main as recipec_main
+    from recipec.cli import entry  # as the `recipec` command runs, exit included
 
+    sys.argv = ["recipec", *argv]
     try:
-        return recipec_main(argv)
+        entry()
     finally:
         report.write_text(json.dumps(meter.report(), indent=1))
+    return 0
 
 
 if __name__ == "__main__":

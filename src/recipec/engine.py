@@ -263,7 +263,7 @@ class Engine:
         try:
             with self.cache.new_object(key) as tmp:
                 job = Job(node, inputs, tmp, self.cache.work_dir(key), self.options.threads, self.cancelled, meter,
-                          upstream=upstream)
+                          upstream=upstream, read_again=self._read_again(node))
                 meter.sink(meter)  # started: shown before its first report
                 self._imported()
                 weights = run_launched(job, self.options.launch) if op.launchable else rule_for(node.op)(job)
@@ -279,6 +279,10 @@ class Engine:
             self.cache.drop_work_if_empty(key)
             meter.finish()
         return job
+
+    def _read_again(self, node: Node) -> bool:
+        """Whether another node this run builds reads `node`'s result (it then stays in the page cache)."""
+        return any(node in n.inputs for n in self.program.graph.reachable())
 
     def _calibrate(self, op: str, cost, seconds: float) -> None:
         """Remember how this machine compares with the plan's time model for `op`; only builds the model

@@ -26,10 +26,11 @@ import torch
 
 from .. import arch
 from ..dtypes import TensorSpec
-from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_CHUNK_ELEMENTS, UNCOMPUTABLE_HINT, Combine, VocabularyPolicy,
+from ..ops.arithmetic import (COMPUTE_DTYPES, STREAM_AHEAD_BYTES_PER_WORKER, STREAM_CHUNK_ELEMENTS,
+                              STREAM_WRITE_BYTES, STREAM_WRITERS, UNCOMPUTABLE_HINT, Combine, VocabularyPolicy,
                               output_signature, overridden_coefficients, parse_overrides, uncomputable_message)
 from ..ops.sources import signature_of_files
-from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, count_nonfinite
+from ..store.tensors import TORCH_DTYPES, ModelReader, ModelWriter, OrderedModelWriter, count_nonfinite
 from .job import Job, RunFailure
 from .model_files import chat_leaf, check_shared_tokens, copy_model_files, tokenizer_rows
 
@@ -197,11 +198,18 @@ def _compute(plan: TensorPlan, t: TensorSpec, readers: list[ModelReader], writer
     writer.write(t.name, whole)
 
 
-def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], compute, shard_size: int) -> str:
-    """Run `compute(plan, tensor, readers, writer, kernel)` for every tensor on the job's threads; returns
-    the result's content digest."""
+def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], compute, shard_size: int,
+                   ordered: bool = False) -> str:
+    """Run `compute(plan, tensor, readers, writer, kernel)` for every tensor on the job's threads, in file
+    order; returns the result's content digest. `ordered`: `compute` writes each tensor in a few pieces
+    (not whole), so a result that no later node reads can be written front to back, past the page cache."""
     readers = [ModelReader(a.files) for a in job.inputs]
-    writer = ModelWriter(job.out, out, shard_size)
+    if ordered and not job.read_again:
+        workers = max(1, job.threads)
+        writer = OrderedModelWriter(job.out, out, shard_size, workers, (workers - 1) * STREAM_AHEAD_BYTES_PER_WORKER,
+                                    STREAM_WRITE_BYTES, STREAM_WRITERS)
+    else:
+        writer = ModelWriter(job.out, out, shard_size)
     local = threading.local()
     by_name = {t.name: t for t in out}
 
@@ -216,9 +224,10 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
     try:
-        order = _work_order(plans, writer.file_order(), {t.name: t.nbytes for t in out})
+        by_plan = {p.name: p for p in plans}
         with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
-            futures = [pool.submit(one, p) for p in order]
+            # In file order: the writer hashes (and, ordered, writes) each file front to back.
+            futures = [pool.submit(one, by_plan[name]) for name in writer.file_order() if name in by_plan]
             try:
                 for future in futures:
                     future.result()
@@ -226,6 +235,7 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
                 job.cancelled.set()
                 for future in futures:
                     future.cancel()
+                writer.abort()  # and wake those waiting for the frontier
                 raise
         digest = writer.finish()
         _report_nonfinite(job, readers, plans, writer.nonfinite)
@@ -235,17 +245,6 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
         writer.close()
         for r in readers:
             r.close()
-
-
-def _work_order(plans: list[TensorPlan], file_order: list[str], nbytes: dict[str, int]) -> list[TensorPlan]:
-    """The outliers in size (embeddings, output heads) first, so that the threads end together on small
-    tensors; the rest in file order, so that the files' SHA-256 keeps up with the writing."""
-    by_name = {p.name: p for p in plans}
-    names = [n for n in file_order if n in by_name]
-    sizes = sorted(nbytes[n] for n in names)
-    big = 4 * sizes[len(sizes) // 2] if sizes else 0
-    first = sorted((n for n in names if nbytes[n] > big), key=lambda n: -nbytes[n])
-    return [by_name[n] for n in first] + [by_name[n] for n in names if nbytes[n] <= big]
 
 
 def _report_nonfinite(job: Job, readers: list[ModelReader], plans: list[TensorPlan], written: dict[str, int]) -> None:
@@ -293,6 +292,6 @@ def build_combine(job: Job) -> str:
     params: Combine.Params = Combine.params_of(job.node)
     out = output_tensors(job, params.dtype)
     plans = tensor_plans(job, out, params, params.coefficients, lambda name: combine_coefficients(params, name))
-    digest = stream_tensors(job, out, plans, _compute, shard_size=params.shard_size)
+    digest = stream_tensors(job, out, plans, _compute, shard_size=params.shard_size, ordered=True)
     copy_model_files(job, out, params.coefficients, params.tokenizer, params.chat_template)
     return digest

@@ -114,6 +114,7 @@ class Job:
     warnings: list[RunWarning] = field(default_factory=list)
     nonfinite: int = 0  # NaN and ±inf values written into the result
     upstream: dict[int, Artifact] = field(default_factory=dict)  # node id -> result, for every node upstream
+    read_again: bool = False  # whether another node of this run reads the result (from the page cache, then)
 
     def warn(self, code: str, message: str, hint: str | None = None) -> None:
         self.warnings.append(RunWarning(code, message, hint))

@@ -23,6 +23,13 @@ from .base import LINEAR, Context, Cost, FileDigest, FileDigests, Input, Op, Par
 # The streaming engine works through each tensor in chunks of this many elements per input, in fp32,
 # on the run's threads: the planner's peak-memory estimate and the engine share this number.
 STREAM_CHUNK_ELEMENTS = 1 << 18  # 1 MiB of fp32: measured fastest on this CPU (per-op overhead vs cache)
+# A result that no later node reads is written front to back past the page cache (store/tensors.py's
+# OrderedModelWriter), in writes of STREAM_WRITE_BYTES, STREAM_WRITERS at a time, from a buffer per
+# worker and writer and one more; each worker beyond the first may compute STREAM_AHEAD_BYTES_PER_WORKER
+# ahead of the file's frontier, held until the frontier gets there.
+STREAM_WRITE_BYTES = 4 << 20
+STREAM_WRITERS = 2
+STREAM_AHEAD_BYTES_PER_WORKER = 16 << 20
 # Parsing an input's tokenizer.json to compare vocabularies, and keeping its id → token table (Python
 # objects, generously: a vocabulary entry and its merge rule take a few hundred bytes).
 TOKENIZER_PARSE_BYTES_PER_TOKEN = 1024
@@ -159,6 +166,9 @@ class Combine(Op):
         workers = min(threads, len(sig.tensors))
         # Per worker: the fp32 accumulator and an output-dtype staging buffer.
         chunks = workers * min(STREAM_CHUNK_ELEMENTS, largest) * (4 + widest)
+        # The writer's buffers and what it holds ahead: pages are only taken as data fills them.
+        writing = (min(sig.nbytes, (workers + STREAM_WRITERS + 1) * STREAM_WRITE_BYTES)
+                   + min(sig.nbytes, (workers - 1) * STREAM_AHEAD_BYTES_PER_WORKER))
         # Where vocabularies differ under embeddings="overlap", each vocabulary tensor is assembled whole in
         # the output dtype before it is written, as many at once as there are workers.
         vocab_sizes = {n.type.signature.vocab_size if n.type.signature else None for n in inputs}
@@ -167,7 +177,7 @@ class Combine(Op):
         # Before any tensor, the inputs' vocabularies are compared: every table held, one file parsed.
         tokens = (sig.vocab_size or 0) * (TOKENIZER_PARSE_BYTES_PER_TOKEN + len(inputs) * TOKEN_TABLE_BYTES_PER_TOKEN)
         return Cost(bytes_read=bytes_read(inputs, out), bytes_written=sig.nbytes,
-                    peak_bytes=max(chunks + whole, tokens), flops=2 * len(inputs) * sig.params)
+                    peak_bytes=max(chunks + writing + whole, tokens), flops=2 * len(inputs) * sig.params)
 
 
 def _coefficient_overflow(params, inputs) -> tuple[str, str] | None:

@@ -201,8 +201,10 @@ def _compute(plan: TensorPlan, t: TensorSpec, readers: list[ModelReader], writer
 def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], compute, shard_size: int,
                    ordered: bool = False) -> str:
     """Run `compute(plan, tensor, readers, writer, kernel)` for every tensor on the job's threads, in file
-    order; returns the result's content digest. `ordered`: `compute` writes each tensor in a few pieces
-    (not whole), so a result that no later node reads can be written front to back, past the page cache."""
+    order; returns the result's content digest. `ordered`: a result that no later node reads is written
+    front to back, past the page cache (store/tensors.py's OrderedModelWriter), for a `compute` that writes
+    tensors in chunks as it goes; one that writes whole tensors (merge's kernels) would wait for the
+    file's frontier with each."""
     readers = [ModelReader(a.files) for a in job.inputs]
     if ordered and not job.read_again:
         workers = max(1, job.threads)

@@ -4,10 +4,11 @@ Reading maps each file once and hands out zero-copy torch views, so a model is n
 Writing knows every output tensor's name, dtype and shape before any is computed (the plan has them),
 so each shard's header is written first and its space reserved with `posix_fallocate` (a full disk
 fails there, cleanly), then each tensor's bytes are written at their place as they are computed, with
-`pwrite` from small reused buffers: no tensor, shard or model is ever held whole. On the way the writer
-counts NaN and infinite values, so that a run can say where a result went wrong. Headers are
-canonical — sorted names, 8-byte aligned, metadata exactly `{"format": "pt"}` — so the same tensors
-always give the same bytes.
+`pwrite` from small reused buffers: no tensor, shard or model is ever held whole (`OrderedModelWriter`
+writes a result front to back past the page cache instead, for threads that compute it nearly in file
+order). On the way the writer counts NaN and infinite values, so that a run can say where a result went
+wrong. Headers are canonical — sorted names, 8-byte aligned, metadata exactly `{"format": "pt"}` — so
+the same tensors always give the same bytes, whichever writer writes them.
 """
 
 from __future__ import annotations

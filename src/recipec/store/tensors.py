@@ -100,6 +100,8 @@ class ModelWriter:
     the writing ends. Either way each byte is hashed once per algorithm.
     """
 
+    _background_threads = 1
+
     def __init__(self, directory: Path, tensors: list[TensorSpec], shard_size: int):
         self.directory = directory
         self.layout = shard_layout(tensors, shard_size)
@@ -112,8 +114,8 @@ class ModelWriter:
         self._file_sums: list = []  # per shard, the SHA-256 of its bytes up to tensor `_file_hashed[k]`
         self._file_hashed: list[int] = []
         self._file_lock = threading.Lock()
-        # The writer's own thread: it hashes what is written in order (read back) or, ordered, writes.
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recipec-writer")
+        # The writer's own threads: one hashes what is written in order (read back); ordered, they write.
+        self._background = ThreadPoolExecutor(max_workers=self._background_threads, thread_name_prefix="recipec-writer")
         self._pending: list = []  # its futures, whose errors must surface
         self.sizes: list[int] = []  # each shard's size in bytes
         for k, (shard, file) in enumerate(zip(self.layout, self.files)):
@@ -263,9 +265,8 @@ class OrderedModelWriter(ModelWriter):
         self._made = 0
         self._state = threading.Condition()
         self._failed = False
+        self._background_threads = writers
         super().__init__(directory, tensors, shard_size)
-        self._background.shutdown()
-        self._background = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="recipec-writer")
 
     def _start(self, k: int, header: bytes) -> None:
         self._held.append({0: header})  # taken with the shard's first bytes at the frontier

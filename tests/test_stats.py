@@ -294,3 +294,43 @@ def test_a_model_that_fails_while_timed_with_others_is_named(tmp_path, monkeypat
                                [10, 10])
     assert caught.value.code == "E611"
     assert "`b` failed while measured: RuntimeError: out of memory" in caught.value.message
+
+
+def test_renaming_a_model_rebuilds_the_report_that_shows_its_name(tmp_path, capsys):
+    """A report shows its models by the names the recipe binds them to, so a renamed binding is a new key;
+    an edit that moves the plan's node numbers (a line above) is not: no report shows `%id`."""
+    for name in ("m", "n"):
+        write_model(tmp_path / name, arch.preset_config("gpt2", "tiny"))
+    recipe = tmp_path / "r.rcp"
+
+    def run(text: str) -> dict:
+        recipe.write_text("recipec 1\n" + text)
+        status, out, err = run_cli(["run", "--json", recipe], capsys)
+        assert status == 0, err
+        return json.loads(out)
+
+    def status(result: dict, label: str) -> str:
+        return next(n["status"] for n in result["nodes"] if n["label"] == label)
+
+    first = run(f's = stats(load("m"), load("n"), {FAST})\n')
+    renamed = run(f'base = load("m")\ns = stats(base, load("n"), {FAST})\n')
+    moved = run(f'base = load("m")\nt = stats(base, repeats=1, decode_tokens=0, seq_len=8)\ns = stats(base, load("n"), {FAST})\n')
+    assert [m["name"] for m in first["reports"]["s"]["models"]] == ["model 1", "model 2"]
+    assert [m["name"] for m in renamed["reports"]["s"]["models"]] == ["base", "model 2"]
+    assert status(renamed, "s") == "built" and (status(moved, "s"), status(moved, "t")) == ("cached", "built")
+
+
+def test_nodes_upstream_of_a_report_are_named_without_plan_numbers(tmp_path):
+    from recipec.check import lower_file
+    from recipec.ops.base import upstream_names
+
+    for name in ("m", "n", "o"):
+        write_model(tmp_path / name, arch.preset_config("gpt2", "tiny"))
+    (tmp_path / "r.rcp").write_text(
+        'recipec 1\nbase = load("m")\nhalf = combine(0.5*base + 0.5*load("n"))\n'
+        's = stats(half, combine(0.5*base + 0.5*load("o")), seq_len=8)\n')
+    graph = lower_file(tmp_path / "r.rcp").graph
+    s = next(n for n in graph.reachable() if n.label == "s")
+    names = upstream_names(s.inputs)
+    assert [names[n.id] for n in s.inputs] == ["half", "model 2"]
+    assert sorted(names.values()) == ["base", "half", "load 1", "load 2", "model 2"]

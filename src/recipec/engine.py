@@ -321,9 +321,13 @@ class Engine:
         return written
 
     def _card_sections(self, node: Node, results: list[NodeResult]) -> tuple[str, ...]:
-        """What the results built from `node` (reports) say about it, for its card, in plan order."""
-        sections = (artifact_kind(r.artifact.kind).card_section(r.artifact.path, node.label, r.node.label)
-                    for r in results if r.key is not None and any(i.id == node.id for i in r.node.inputs))
+        """What the results built from `node` (reports) say about it, for its card, in plan order; each
+        report names `node` as its op shows it (`shown_names`)."""
+        sections = []
+        for r in results:
+            if r.key is not None and any(i.id == node.id for i in r.node.inputs):
+                shown = REGISTRY[r.node.op].shown_names(r.node).get(node.id, node.label)
+                sections.append(artifact_kind(r.artifact.kind).card_section(r.artifact.path, shown, r.node.label))
         return tuple(section for section in sections if section)
 
     def _base_models(self, node: Node, by_node: dict[int, NodeResult]) -> tuple[str, ...]:

@@ -24,7 +24,6 @@ from ..artifacts import Artifact
 from ..artifacts.corpus import iter_texts
 from ..artifacts.dataset import iter_conversations
 from ..artifacts.report import Report, Table, bar_chart, cell_text, line_chart, write_report
-from ..ir.graph import Node
 from ..ir.types import Kind
 from ..ops.evaluate import DEFAULT_SEQ_LEN, Eval, prompt_of_conversation, read_prompt_lines
 from ..store.release_files import TRAINING_FILES
@@ -202,22 +201,15 @@ def _identified(text: str):
         raise RunFailure("E609", err.message, err.hint) from None
 
 
-def training_curves(job: Job, model_nodes: list) -> dict[str, list[dict]]:
+def training_curves(job: Job, names: dict[int, str]) -> dict[str, list[dict]]:
     """The per-step losses of every trained node upstream of the evaluated models (and of the models
-    themselves), by label, in plan order."""
-    seen: dict[int, Node] = {}
-    stack = list(model_nodes)
-    while stack:
-        node = stack.pop()
-        if node.id not in seen:
-            seen[node.id] = node
-            stack.extend(node.inputs)
+    themselves), by the name the report shows it by (`names`, ops/base.py `upstream_names`), in plan order."""
     curves = {}
-    for node_id in sorted(seen):
+    for node_id in sorted(names):
         artifact = job.upstream.get(node_id)
         losses = _training_losses(artifact.path) if artifact is not None and artifact.kind is Kind.MODEL else None
         if losses:
-            curves[seen[node_id].label] = losses
+            curves[names[node_id]] = losses
     return curves
 
 
@@ -352,8 +344,8 @@ def build_eval(job: Job) -> None:
     corpus = ({"documents": len(documents), "bytes": sum(len(t.encode("utf-8")) for t in documents)}
               if documents is not None else None)
     prompts = _prompts(job, params)
-    model_nodes = [node for node, artifact in zip(job.node.inputs, job.inputs) if artifact.kind is Kind.MODEL]
-    models = [(node.label, artifact) for node, artifact in zip(job.node.inputs, job.inputs)
+    names = Eval.shown_names(job.node)
+    models = [(names[node.id], artifact) for node, artifact in zip(job.node.inputs, job.inputs)
               if artifact.kind is Kind.MODEL]
     params = params.model_copy(update={"seq_len": params.seq_len or window_length([a for _, a in models])})
     results = []
@@ -361,4 +353,4 @@ def build_eval(job: Job) -> None:
         job.progress.update(done, len(models), "models")
         results.append(evaluate_model(label, artifact, documents, prompts, params))
     job.progress.update(len(models), len(models), "models")
-    write_report(eval_report(results, params, corpus, prompts, training_curves(job, model_nodes)), job.out)
+    write_report(eval_report(results, params, corpus, prompts, training_curves(job, names)), job.out)

@@ -18,7 +18,7 @@ from pydantic import Field
 from ..arch import ArchFacts
 from ..artifacts.report import REPORT
 from ..ir.types import Kind, Signature, Type
-from .base import Cost, Input, Op, Params, bytes_read, register
+from .base import Cost, Input, Op, Params, bytes_read, model_names, register
 from .export import family_problem
 
 # Model types that encode without generating: their measurement has no decode step.
@@ -59,6 +59,10 @@ class Stats(Op):
     Params = StatsParams
 
     @classmethod
+    def shown_names(cls, node):
+        return dict(zip((i.id for i in node.inputs), model_names(node.inputs)))
+
+    @classmethod
     def output_type(cls, ctx, inputs, params):
         for model, name in zip(inputs, model_names(inputs)):
             sig = model.type.signature
@@ -82,12 +86,6 @@ class Stats(Op):
             peak = max([peak, *(3 * 4 * sig.params for sig in sigs)])
         return Cost(bytes_read=bytes_read(inputs, out), peak_bytes=peak, flops=flops,
                     detail=_plan_detail(params, len(inputs), flops))
-
-
-def model_names(nodes) -> list[str]:
-    """How `stats` names each model, in its report and messages: the name the recipe binds it to, else its
-    place (`model 2`)."""
-    return [node.names[0] if node.names else f"model {i + 1}" for i, node in enumerate(nodes)]
 
 
 def sequence_problem(model_type: str, facts: ArchFacts | None, params: StatsParams) -> tuple[str, str] | None:

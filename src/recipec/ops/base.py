@@ -133,6 +133,12 @@ class Op:
         return Cost()
 
     @classmethod
+    def shown_names(cls, node: Node) -> dict[int, str]:
+        """The nodes its result names (a report's models), by node id, with the name it shows each by:
+        part of its key, so that a renamed binding rebuilds what would still show the old name."""
+        return {}
+
+    @classmethod
     def node_params(cls, params: Params, ctx: Context) -> dict[str, Any]:
         """The parameters recorded on the graph node (and hashed into its cache key): the validated
         `Params`, with anything resolved at check time (file contents, filled-in fields) put in its
@@ -223,12 +229,41 @@ def key_toolchain(op: type[Op]) -> dict[str, str]:
 
 def cache_key(node: Node, input_digests: list[str]) -> str:
     """sha256 over canonical JSON of op, op version, parameters (file parameters by content; a compute
-    precision where the op has one), input content digests and the installed versions of the packages
-    that can change this op's bytes (`key_toolchain`)."""
+    precision where the op has one), input content digests, the installed versions of the packages
+    that can change this op's bytes (`key_toolchain`) and the names its result shows (`shown_names`)."""
     op = REGISTRY[node.op]
     doc = {"op": node.op, "version": op.version, "params": key_params(node.params), "inputs": input_digests,
            "toolchain": key_toolchain(op)}
+    names = list(op.shown_names(node).values())
+    if names:  # only ops that show names have the field: every other key stays as it was
+        doc["names"] = names
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
+
+
+def model_names(nodes: list[Node]) -> list[str]:
+    """How a report names the models it is given: the name the recipe binds each to, else its place among
+    them (`model 2`); never the plan's `%id`, which an edit elsewhere in the recipe changes."""
+    return [node.names[0] if node.names else f"model {i + 1}" for i, node in enumerate(nodes)]
+
+
+def upstream_names(models: list[Node]) -> dict[int, str]:
+    """`model_names` of `models`, by node id, and a name for every node they are built from: the bound one,
+    else its op and its place among the unnamed ones of that op upstream, in plan order (`cp 2`)."""
+    names = dict(zip((m.id for m in models), model_names(models)))
+    found: dict[int, Node] = {}
+    stack = [i for m in models for i in m.inputs]
+    while stack:
+        node = stack.pop()
+        if node.id not in found and node.id not in names:
+            found[node.id] = node
+            stack.extend(node.inputs)
+    unnamed: dict[str, int] = {}
+    for node_id in sorted(found):
+        node = found[node_id]
+        if not node.names:
+            unnamed[node.op] = unnamed.get(node.op, 0) + 1
+        names[node_id] = node.names[0] if node.names else f"{node.op} {unnamed[node.op]}"
+    return names
 
 
 def file_digest(ctx: Context, path: str) -> FileDigest:

@@ -33,7 +33,19 @@ from ..store.model_dir import TOKENIZER_FILES
 from ..textprep.errors import TextPrepError
 from ..textprep.language import SUPPORTED_LANGUAGES, canonical_language
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE, missing_markers, read_chat_template
-from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
+from .base import (
+    ERROR_TYPE,
+    REGISTRY,
+    Context,
+    Cost,
+    FileDigest,
+    Input,
+    Op,
+    Params,
+    file_digest,
+    register,
+    upstream_names,
+)
 from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
 from .train import model_config, tokenizer_encoder
 
@@ -165,6 +177,10 @@ class Eval(Op):
     rule = "evaluate:build_eval"
     runtime_bytes = 192 << 20  # transformers and its model code, as for `init`
 
+    @classmethod
+    def shown_names(cls, node):
+        return upstream_names(evaluated_models(node))
+
     class Params(Params):
         # As the recipe gives it, a path; once checked, its content (see `node_params`).
         prompts: str | FileDigest | None = Field(None, description="a JSON-lines file of prompts (a string, "
@@ -231,6 +247,11 @@ class Eval(Op):
                     detail=f"{len(models)} model{'s' if len(models) != 1 else ''}"
                            + (f" · ≈{tokens:,} corpus tokens each" if corpus is not None else "")
                            + (f" · ≈{prompts:,} prompts × ≤{params.max_new_tokens} new tokens" if prompts else ""))
+
+
+def evaluated_models(node: Node) -> list[Node]:
+    """The models an `eval` node measures, in order (its other inputs are data)."""
+    return [n for n in node.inputs if n.type.kind is Kind.MODEL]
 
 
 def _prompt_count(path: Path) -> int:

@@ -213,7 +213,8 @@ class Eval(Op):
         if has_prompts and not _check_prompt_set(ctx, inputs, params):
             return ERROR_TYPE
         models = [n for n in inputs if n.type.kind is Kind.MODEL]
-        if not all([_check_model(ctx, model, params, has_corpus, has_prompts) for model in models]):
+        # A list, not a generator: every model is checked and reported, not only those before the first problem.
+        if not all([_check_model(ctx, model, params, has_corpus, has_prompts) for model in models]):  # noqa: C419
             return ERROR_TYPE
         return Type(REPORT)
 

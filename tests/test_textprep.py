@@ -15,6 +15,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from recipec.store.atomic import remove_stale_temporaries
 from recipec.textprep import TextPrepError
 from recipec.textprep.bpe import train_bpe
 from recipec.textprep.encode import chat_format, encode_conversation, encode_document, load_tokenizer, wrap_inscp
@@ -298,6 +299,23 @@ def test_a_second_tokenization_with_the_same_inputs_comes_from_the_cache(tmp_pat
     for i, text in enumerate(documents):
         ids, mask = second.document(i)
         assert ids.tolist() == encode_document(tok, text).ids and mask.tolist() == [1] * len(ids)
+
+
+def test_a_temporary_that_a_live_process_is_writing_is_left_to_it(tmp_path, trained, tok):
+    """Two ranks of a launched job tokenize the same data at once: neither removes the other's temporary,
+    which that one would then rename into place with files missing. Once its process is gone, it goes."""
+    key = tokenization_key(trained, "sha256:data", "cp", {})
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = tmp_path / f".recipec-tmp-{key}-{writer.pid}"
+    try:
+        live.mkdir()
+        (live / "ids.npy").write_bytes(b"being written")
+        docs = cached_tokenization(tmp_path, key, lambda: (encode_document(tok, d) for d in ["the cat"]))
+        assert len(docs) == 1 and (live / "ids.npy").read_bytes() == b"being written"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert remove_stale_temporaries(tmp_path, key) == 1 and sorted(p.name for p in tmp_path.iterdir()) == [key]
 
 
 def test_the_cache_key_follows_tokenizer_bytes_data_and_wrapping(tmp_path, trained):

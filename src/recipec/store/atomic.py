@@ -49,17 +49,40 @@ def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
     """Delete temporaries a killed run left in a directory; returns how many.
 
     With `owner`, only the temporaries recipec names after that entry (`.recipec-tmp-NAME-PID` and
-    `.recipec-tmp-old-NAME-PID`): a directory shared with the user's files loses nothing else.
+    `.recipec-tmp-old-NAME-PID`): a directory shared with the user's files loses nothing else; and of
+    those, only the ones whose process is gone. Another live process may be writing the same entry (two
+    ranks of a launched job tokenizing the same data, two runs exporting to one place): removing its
+    temporary from under it would let it publish an entry with files missing.
     """
     removed = 0
     if not directory.is_dir():
         return 0
-    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(old-)?{re.escape(owner)}-\d+") if owner else None
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}(?:old-)?{re.escape(owner)}-(\d+)") if owner else None
     for entry in directory.iterdir():
-        if pattern.fullmatch(entry.name) if pattern else entry.name.startswith(TMP_PREFIX):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed += 1
+        if pattern is not None:
+            match = pattern.fullmatch(entry.name)
+            stale = match is not None and not _alive_elsewhere(int(match.group(1)))
+        else:
+            stale = entry.name.startswith(TMP_PREFIX)
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed += 1
     return removed
+
+
+def _alive_elsewhere(pid: int) -> bool:
+    """Whether `pid` is another process that is running (this machine's: temporaries are made beside
+    their entry, and an entry is written by processes of one run)."""
+    if pid == os.getpid():
+        return False  # this process's own leftover, from an attempt that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True

@@ -326,11 +326,12 @@ def test_nodes_upstream_of_a_report_are_named_without_plan_numbers(tmp_path):
 
     for name in ("m", "n", "o"):
         write_model(tmp_path / name, arch.preset_config("gpt2", "tiny"))
+    (tmp_path / "c.jsonl").write_text('{"text": "a b c"}\n')
     (tmp_path / "r.rcp").write_text(
-        'recipec 1\nbase = load("m")\nhalf = combine(0.5*base + 0.5*load("n"))\n'
-        's = stats(half, combine(0.5*base + 0.5*load("o")), seq_len=8)\n')
-    graph = lower_file(tmp_path / "r.rcp").graph
-    s = next(n for n in graph.reachable() if n.label == "s")
+        'recipec 1\nbase = load("m")\nhalf = combine(0.5*base + 0.5*load("n"))\ncorpus = text("c.jsonl")\n'
+        's = stats(half, combine(0.5*base + 0.5*load("o")), cp(base, corpus, steps=1, seq_len=8, batch=1, lr=1e-3), seq_len=8)\n')
+    program = lower_file(tmp_path / "r.rcp")
+    s = next(n for n in program.graph.reachable() if n.label == "s")
     names = upstream_names(s.inputs)
-    assert [names[n.id] for n in s.inputs] == ["half", "model 2"]
-    assert sorted(names.values()) == ["base", "half", "load 1", "load 2", "model 2"]
+    assert [names[n.id] for n in s.inputs] == ["half", "model 2", "model 3"]
+    assert sorted(names.values()) == ["base", "half", "load 1", "load 2", "model 2", "model 3"]  # no corpus

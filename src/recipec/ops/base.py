@@ -247,8 +247,9 @@ def model_names(nodes: list[Node]) -> list[str]:
 
 
 def upstream_names(models: list[Node]) -> dict[int, str]:
-    """`model_names` of `models`, by node id, and a name for every node they are built from: the bound one,
-    else its op and its place among the unnamed ones of that op upstream, in plan order (`cp 2`)."""
+    """`model_names` of `models`, by node id, and a name for every model they are built from (a trained one
+    shows its losses): the bound one, else its op and its place among the unnamed ones of that op upstream,
+    in plan order (`cp 2`). Data is left out: renaming a corpus changes nothing shown."""
     names = dict(zip((m.id for m in models), model_names(models)))
     found: dict[int, Node] = {}
     stack = [i for m in models for i in m.inputs]
@@ -258,7 +259,7 @@ def upstream_names(models: list[Node]) -> dict[int, str]:
             found[node.id] = node
             stack.extend(node.inputs)
     unnamed: dict[str, int] = {}
-    for node_id in sorted(found):
+    for node_id in sorted(i for i, node in found.items() if node.type.kind is Kind.MODEL):
         node = found[node_id]
         if not node.names:
             unnamed[node.op] = unnamed.get(node.op, 0) + 1

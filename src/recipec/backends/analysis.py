@@ -25,7 +25,8 @@ import numpy as np
 from ..arch import facts_from_config, tensor_shapes
 from ..artifacts.report import Measured, Report, Table, write_report
 from ..dtypes import DTYPE_BYTES
-from ..ops.analysis import Stats, StatsParams, macs_per_token, model_names, sequence_problem
+from ..ops.analysis import Stats, StatsParams, macs_per_token, sequence_problem
+from ..ops.base import model_names
 from ..ops.export import Onnx
 from ..store.filehash import content_digest
 from ..store.model_dir import ModelFiles

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -224,6 +225,38 @@ def test_a_launched_job_runs_in_a_worker_and_reports_steps(toy, tmp_path):
     assert pids and str(os.getpid()) not in pids  # the rule ran in another process
     assert (6, 6, "steps") in seen
     assert not list((Cache(_cache()).work).glob("*"))  # control files and checkpoints gone with the commit
+
+
+def test_a_launched_worker_dies_with_its_driver(toy):
+    # SIGKILL gives the driver no chance to stop its worker: the kernel does (PR_SET_PDEATHSIG), set up
+    # between fork and exec without importing anything there.
+    recipe = _recipe(toy, "orphan", 'launched_count(base, steps=100000, tag="orphan")')
+    driver, worker = _spawn(recipe, TOY_STEP_SECONDS="0.1"), None
+    try:
+        deadline = time.monotonic() + 60
+        while not any(line.startswith("start orphan") for line in _log(toy)):
+            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
+            time.sleep(0.05)
+        [worker] = [int(line.split(" pid ")[1]) for line in _log(toy) if line.startswith("start orphan")]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)  # not communicate(): a live worker holds the driver's pipes open
+        deadline = time.monotonic() + 30
+        while _alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived its driver"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+        driver.communicate()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_a_launched_failure_is_located_at_the_op_and_the_prefix_is_used(toy, capsys, monkeypatch, tmp_path):

@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from . import rule_module
@@ -77,14 +78,18 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: be killed when the driver dies (SIGKILL included), Linux only."""
+def _die_with_parent() -> Callable[[], None] | None:
+    """What the child runs between fork and exec to be killed when the driver dies (SIGKILL included),
+    Linux only; None elsewhere. prctl is looked up here, in the driver: the child may not import or dlopen,
+    as another thread of the driver (importing torch, say) may have held those locks at the fork."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    set_death_signal, kill = 1, int(signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return lambda: prctl(set_death_signal, kill)
 
 
 class _Tail:
@@ -119,7 +124,7 @@ def run_launched(job: Job, prefix: list[str]) -> str:
     tail = _Tail(control / "progress.jsonl", job)
     try:
         try:
-            child = subprocess.Popen(command(spec, prefix), env=_environment(), preexec_fn=_die_with_parent)
+            child = subprocess.Popen(command(spec, prefix), env=_environment(), preexec_fn=_die_with_parent())
         except OSError as err:
             raise RunFailure("E560", f"cannot start the launched job for `{job.node.label}`: {err}",
                              "check the --launch command: it must accept `-m MODULE ARGS` like python") from None

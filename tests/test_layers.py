@@ -30,7 +30,7 @@ def import_graph() -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for path in ROOT.rglob("*.py"):
         parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-        package = parts[:-1] if path.name == "__init__.py" else parts[:-1]
+        package = parts[:-1]  # what a relative import starts from, for a package's __init__ and a module alike
         module = ".".join(parts[:-1] if path.name == "__init__.py" else parts)
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             targets: list[str] = []

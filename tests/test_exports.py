@@ -155,6 +155,94 @@ def test_an_empty_folder_and_a_previous_release_are_replaced(project, capsys):
     assert sorted(p.name for p in (project / "out").iterdir()) == ["model"]  # nothing moved aside or left
 
 
+def test_a_release_with_files_added_or_edited_is_refused_and_with_force_kept(project, capsys):
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    assert run(["run", str(r)], capsys)[0] == 0  # as recipec wrote it: replaced
+    (target / "NOTES.md").write_text("my evaluation notes")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | {"rope_theta": 5e5}))  # editable, edited
+    before = snapshot(target)
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 1 and "error[E512]" in err and "r.rcp:5:" in err, err
+    assert "NOTES.md added" in err and "config.json changed" in err and "--force" in err, err
+    assert snapshot(target) == before
+
+    status, _, err = run(["run", str(r), "--force"], capsys)
+    assert status == 0, err
+    (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
+    assert f"moved to {aside}" in err and snapshot(aside) == before
+    assert not (target / "NOTES.md").exists() and (target / ".recipec-release").is_file()
+
+
+def test_a_release_missing_a_file_is_still_recipecs_to_replace(project, capsys):
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    (target / "README.md").unlink()  # nothing of anyone's is lost by replacing it
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0, err
+    assert (target / "README.md").is_file() and sorted(p.name for p in (project / "out").iterdir()) == ["model"]
+
+
+def test_a_file_added_while_the_release_is_replaced_moves_it_aside(project, capsys, monkeypatch):
+    # Between the check and the swap a file may still arrive: the old release is looked at again once
+    # renamed away, and kept if it changed.
+    from recipec.store import release
+
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    swap = release._swap_into_place
+
+    def late_file(new, where):
+        (where / "late.txt").write_text("written during the run")
+        return swap(new, where)
+
+    monkeypatch.setattr(release, "_swap_into_place", late_file)
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0, err
+    (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
+    assert (aside / "late.txt").read_text() == "written during the run" and f"moved to {aside}" in err
+
+
+def test_an_export_to_another_filesystem_is_copied(project, capsys, monkeypatch):
+    # Hard links and copy_file_range both fail across filesystems (EXDEV, on kernels since 5.19 for the
+    # latter): the weights are then copied read-only through sendfile.
+    import errno
+
+    from recipec.store import release
+
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(release.os, "link", cross_device)
+    monkeypatch.setattr(release.os, "copy_file_range", cross_device)
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0, err
+    weights = project / "out" / "model" / "model.safetensors"
+    assert weights.stat().st_nlink == 1 and stat.S_IMODE(weights.stat().st_mode) == 0o444
+    assert run(["verify", str(r)], capsys)[0] == 0
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
+def test_an_export_to_another_real_filesystem(project, capsys, tmp_path_factory):
+    target = Path("/dev/shm") / f"recipec-test-{os.getpid()}-{tmp_path_factory.mktemp('x').name}"
+    if os.stat("/dev/shm").st_dev == os.stat(project).st_dev:
+        pytest.skip("/dev/shm is on the same filesystem as the tests' temporary folders")
+    r = recipe(project, MERGE + f'export m to "{target}"\n')
+    try:
+        status, _, err = run(["run", str(r)], capsys)
+        assert status == 0, err
+        assert (target / "model.safetensors").stat().st_size > 0 and (target / ".recipec-release").is_file()
+    finally:
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def test_a_release_leaves_no_stray_file_beside_it(project, capsys):
     r = recipe(project, MERGE + 'export m to "out/model"\n')
     (project / "out").mkdir()

@@ -371,6 +371,12 @@ _ENTRIES += [
     Code("E511", "export target is a file", RUNTIME,
          "The export path, or a directory above it, is an existing file. A release is a directory, and\n"
          "recipec never turns a file into one, even with `--force`. Move the file, or export elsewhere."),
+    Code("E512", "export target changed since it was released", RUNTIME,
+         "The export path holds a release recipec wrote, but files were added to it, or its editable files\n"
+         "(config, tokenizer, card) edited, since: its `SHA256SUMS` no longer describes it. Replacing it\n"
+         "would lose that work, so recipec refuses. Move your files out of it, or run with `--force`: the\n"
+         "old release is then renamed to `NAME.replaced-TIME` beside it and kept. Weights are read-only\n"
+         "and taken as written; a removed file is not a change."),
     Code("E520", "unusable lockfile", RECIPE,
          "The lockfile (`FILE.lock`) is not TOML, does not have the shape recipec writes (e.g. `inputs`\n"
          "is not a table), or was written in another lock format version. Nothing was built. Recreate it\n"

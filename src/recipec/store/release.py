@@ -8,10 +8,10 @@ temporary. Runs writing into the same parent directory take turns through a lock
 itself, which leaves no file behind.
 
 What is at the target decides what may happen to it: nothing, or an empty directory, is simply
-replaced; a release recipec wrote (it has the marker) is replaced and then removed; anything else is
-refused, unless the user forces it, and then it is moved aside and kept, never deleted. A file is
-never replaced. Small files users edit are copied; weights may be hard links shared with the cache,
-so they are made read-only.
+replaced; a release recipec wrote (it has the marker), as it wrote it, is replaced and then removed; a
+release someone added files to or edited since, or anything else, is refused unless the user forces it,
+and then it is moved aside and kept, never deleted. A file is never replaced. Small files users edit
+are copied; weights may be hard links shared with the cache, so they are made read-only.
 
 A release whose kind says some files hold measurements (a report's times) is compared by the reproducible
 part of those files (`reproducible_hashes`); `SHA256SUMS` then holds one such part too, its other lines.
@@ -19,6 +19,7 @@ part of those files (`reproducible_hashes`); `SHA256SUMS` then holds one such pa
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -37,6 +38,8 @@ MARKER = ".recipec-release"
 SUMS = "SHA256SUMS"
 MARKER_FORMAT = 1
 EDITABLE_MODE, SHARED_MODE = 0o644, 0o444  # copies are the user's to edit; shared weights are not
+# copy_file_range refuses these pairs of files (across filesystems, or a filesystem without it): sendfile copies.
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 @dataclass(frozen=True)
@@ -77,23 +80,64 @@ def is_release(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
 
 
+def release_changes(release: Path) -> list[str]:
+    """What was done to a release since recipec wrote it, as "NAME added" / "NAME changed": files its
+    SHA256SUMS does not list, and listed files whose bytes differ from it. A listed file nobody may write
+    (weights: a hard link to the cache or a read-only copy) is taken as written, since hashing gigabytes
+    on every rerun would cost more than it protects; a file edited or put there anew is writable, and is
+    hashed (configs, tokenizer, card: small). A file removed is not a change that loses anyone's work."""
+    try:
+        sums = (release / SUMS).read_text(encoding="utf-8")
+        listed = {name: digest for name, digest, _ in _sums_lines(sums)}
+    except (OSError, UnicodeDecodeError, ValueError):
+        return [f"{SUMS} missing or unreadable"]
+    changes = []
+    for entry in sorted(os.scandir(release), key=lambda e: e.name):
+        if entry.name == SUMS:
+            continue
+        if entry.name not in listed:
+            changes.append(f"{entry.name} added")
+        elif entry.is_symlink() or not entry.is_file():
+            changes.append(f"{entry.name} changed")
+        elif entry.stat().st_mode & 0o222 and hash_file(Path(entry.path)) != listed[entry.name]:
+            changes.append(f"{entry.name} changed")
+    return changes
+
+
+def _sums_lines(text: str) -> Iterator[tuple[str, str, str]]:
+    """(name, sha256, the line itself) for each line of a SHA256SUMS file; ValueError on a line of
+    another shape."""
+    for line in text.splitlines(keepends=True):
+        digest, sep, name = line.rstrip("\n").partition("  ")
+        if not sep:
+            raise ValueError(f"{SUMS}: a line is not `SHA256  NAME`")
+        yield name, digest, line
+
+
 def target_state(target: Path) -> str:
-    """What is at an export target: absent, empty, release, file, or other (anything recipec did not write)."""
+    """What is at an export target: absent, empty, release (as recipec wrote it), changed (a release
+    with files added or edited since), file, or other (anything recipec did not write). Raises OSError
+    when the target cannot be inspected."""
     blocking_file = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocking_file is not None or (target.exists() and not target.is_dir() and not target.is_symlink()):
         return "file"
     if not os.path.lexists(target):
         return "absent"
     if is_release(target):
-        return "release"
+        return "changed" if release_changes(target) else "release"
     if not target.is_symlink() and not any(target.iterdir()):
         return "empty"
     return "other"
 
 
-def check_target(target: Path, force: bool) -> None:
-    """Refuse (TargetRefused) a target whose content recipec may not replace."""
-    state = target_state(target)
+def check_target(target: Path, force: bool) -> str:
+    """What is at `target` (see `target_state`); raises TargetRefused when recipec may not replace it."""
+    try:
+        state = target_state(target)
+    except OSError as err:
+        raise TargetRefused("E504", f"cannot export to {target}: {os.strerror(err.errno or 0)} "
+                            f"({err.filename or target})",
+                            "check the permissions of the export path and the folders above it") from None
     if state == "file":
         raise TargetRefused("E511", f"cannot export to {target}: a file is in the way",
                             "recipec never turns a file into a folder: move or remove the file, "
@@ -102,6 +146,13 @@ def check_target(target: Path, force: bool) -> None:
         raise TargetRefused("E510", f"{target} already exists and is not a release recipec wrote",
                             f"recipec replaces only its own releases (those holding `{MARKER}`): export to "
                             "another path, move it away, or run with --force to move it aside (it is kept)")
+    if state == "changed" and not force:
+        changes = release_changes(target)
+        shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise TargetRefused("E512", f"{target} is a release recipec wrote, but changed since: {shown}",
+                            "recipec replaces only its releases as it wrote them: move your files out of it, "
+                            "or run with --force to move it aside (it is kept)")
+    return state
 
 
 @contextmanager
@@ -119,14 +170,20 @@ def output_lock(target: Path) -> Iterator[None]:
 
 
 def _copy(source: Path, dest: Path, mode: int = EDITABLE_MODE) -> None:
-    """A durable copy, in the kernel (no user-space buffer)."""
+    """A durable copy, in the kernel (no user-space buffer): copy_file_range, which may share blocks
+    (reflinks) and works within a filesystem, else sendfile, which works across them."""
     with open(source, "rb") as src, open(dest, "wb") as dst:
-        remaining = os.fstat(src.fileno()).st_size
-        while remaining > 0:
-            sent = os.copy_file_range(src.fileno(), dst.fileno(), remaining)
-            if sent == 0:
-                break
-            remaining -= sent
+        size, offset = os.fstat(src.fileno()).st_size, 0
+        try:
+            while offset < size and (sent := os.copy_file_range(src.fileno(), dst.fileno(), size - offset,
+                                                                offset, offset)):
+                offset += sent
+        except OSError as err:
+            if err.errno not in _NO_COPY_RANGE:
+                raise
+            os.lseek(dst.fileno(), offset, os.SEEK_SET)
+        while offset < size and (sent := os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)):
+            offset += sent
         os.fsync(dst.fileno())
     os.chmod(dest, mode)
 
@@ -167,7 +224,7 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
     """Write `files` to `target` as a release of the artifact with `digest`; returns (file -> sha256,
     where the target's previous content was moved aside, if it was). Raises TargetRefused."""
     with output_lock(target):
-        check_target(target, force)  # again, under the lock: the target may have changed since the plan
+        state = check_target(target, force)  # again, under the lock: the target may have changed since the plan
         tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -179,8 +236,8 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
             sums[SUMS] = hash_file(tmp / SUMS)
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
-            aside = _move_aside(target) if target_state(target) == "other" else None
-            _swap_into_place(tmp, target)
+            aside = _move_aside(target) if state in ("other", "changed") else None
+            aside = _swap_into_place(tmp, target) or aside
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return sums, aside
@@ -192,12 +249,8 @@ def reproducible_hashes(release: Path, views: dict[str, bytes]) -> dict[str, str
     files with their present sha256: measured bytes are not compared, but they must be the ones released."""
     if not views:
         return {}
-    listed = {}
-    for line in (release / SUMS).read_text(encoding="utf-8").splitlines(keepends=True):
-        digest, sep, name = line.rstrip("\n").partition("  ")
-        if not sep:
-            raise ValueError(f"{SUMS}: a line is not `SHA256  NAME`")
-        listed[name] = (digest, line)
+    sums = (release / SUMS).read_text(encoding="utf-8")
+    listed = {name: (digest, line) for name, digest, line in _sums_lines(sums)}
     for name in views:
         if name not in listed or listed[name][0] != hash_file(release / name):
             raise ValueError(f"{SUMS} does not list {name} as it is")
@@ -208,24 +261,38 @@ def reproducible_hashes(release: Path, views: dict[str, bytes]) -> dict[str, str
 
 def _move_aside(target: Path) -> Path:
     """Rename what is at `target` to a sibling that says what happened; it is kept, never deleted."""
+    aside = _aside_name(target)
+    os.rename(target, aside)
+    return aside
+
+
+def _aside_name(target: Path) -> Path:
+    """A free sibling name for what was at `target`: NAME.replaced-TIME."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = target.with_name(f"{target.name}.replaced-{stamp}")
     n = 1
     while os.path.lexists(aside):
         n += 1
         aside = target.with_name(f"{target.name}.replaced-{stamp}-{n}")
-    os.rename(target, aside)
     return aside
 
 
-def _swap_into_place(new: Path, target: Path) -> None:
-    """Rename the finished release to `target`. Only recipec's own previous release is removed; an
-    empty directory is replaced by the rename itself, and anything else makes the rename fail."""
+def _swap_into_place(new: Path, target: Path) -> Path | None:
+    """Rename the finished release to `target`. Only recipec's own previous release, as it wrote it, is
+    removed: looked at again once renamed away, so a file added to it meanwhile moves it aside instead
+    (returned: where it is kept). An empty directory is replaced by the rename itself, and anything else
+    makes the rename fail."""
     old = None
     if is_release(target):
         old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
         os.rename(target, old)
     os.rename(new, target)
     fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is None:
+        return None
+    if release_changes(old):
+        aside = _aside_name(target)
+        os.rename(old, aside)
+        return aside
+    shutil.rmtree(old, ignore_errors=True)
+    return None

@@ -220,3 +220,64 @@ def test_a_run_that_finds_everything_cached_never_imports_torch(tmp_path):
 
     assert imported() == "0 ['torch', 'transformers']"  # built
     assert imported() == "0 []"  # everything cached
+
+
+def test_a_committed_object_is_never_replaced_by_another_build_of_its_key(tmp_path):
+    # Two runs may build one key (a data source resolved by both): the second finds it committed and
+    # leaves it, since the first may be reading it.
+    cache = Cache(tmp_path / "cache")
+
+    def build(text):
+        def fill(tmp):
+            (tmp / "data.txt").write_text(text)
+            cache.commit_meta(tmp, "k" * 64, "text", "blake3:" + "0" * 64)
+        return fill
+
+    first = cache.obtain("k" * 64, build("first"))
+    inode = (first.path / "data.txt").stat().st_ino
+    with cache.new_object("k" * 64) as tmp:  # as a run that looked before the first committed
+        build("second")(tmp)
+    assert (first.path / "data.txt").read_text() == "first" and (first.path / "data.txt").stat().st_ino == inode
+    assert cache.temporaries() == []
+
+
+def test_a_leftover_of_a_killed_removal_does_not_block_the_next(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    (cache.objects / "k").mkdir(parents=True)
+    leftover = cache.objects / ".recipec-tmp-removed-k"  # what a removal killed mid-way left, by the old name
+    leftover.mkdir()
+    (leftover / "half").write_text("x")
+    cache.remove("k")
+    assert not (cache.objects / "k").exists()
+
+
+RESOLVER = """
+import sys, time
+from pathlib import Path
+from recipec.artifacts.data import RECORDS, resolve_records
+from recipec.ops.sources import Text
+from recipec.store.cache import Cache
+
+cache, corpus, start = Cache(Path(sys.argv[1])), Path(sys.argv[2]), float(sys.argv[3])
+reader = Text.reader({"field": "text"}, str)
+for i in range(12):
+    while time.time() < start + i * 0.25:
+        time.sleep(0.0005)
+    with cache.locked(exclusive=False):
+        artifact, _ = resolve_records(Text.artifact_kind, "text", [corpus], {"field": "text", "round": i}, reader,
+                                      str, cache, 1, False)
+        for _ in range(20):
+            assert sum(1 for _ in open(artifact.path / RECORDS)) == 2000
+"""
+
+
+def test_two_runs_resolving_one_corpus_at_once_share_its_object(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "document {i} {"x" * 200}"}}\n' for i in range(2000)))
+    script = tmp_path / "resolver.py"
+    script.write_text(RESOLVER)
+    start = f"{__import__('time').time() + 3:.3f}"
+    children = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(corpus), start],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [c.communicate(timeout=120)[0] for c in children]
+    assert [c.returncode for c in children] == [0, 0], outputs

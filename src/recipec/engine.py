@@ -210,14 +210,15 @@ class Engine:
         sums = hash_files(pickles + [root / "config.json"], self.options.threads)
         blob = "pickle:" + ",".join(sums[p] for p in pickles + [root / "config.json"])
         key = hashlib.sha256(blob.encode()).hexdigest()
-        if self.cache.lookup(key) is None:
-            try:
-                with self.cache.new_object(key) as tmp:
-                    digest = model_dir_digest(tmp, convert_pickle(pickles, root, tmp))
-                    self.cache.commit_meta(tmp, key, "load", digest, self.options.threads)
-            except RunFailure as err:
-                raise _failure(node, err.code, err.message, err.hint) from None
-        return self.cache.lookup(key).path
+
+        def build(tmp: Path) -> None:
+            digest = model_dir_digest(tmp, convert_pickle(pickles, root, tmp))
+            self.cache.commit_meta(tmp, key, "load", digest, self.options.threads)
+
+        try:
+            return (self.cache.lookup(key) or self.cache.obtain(key, build)).path
+        except RunFailure as err:
+            raise _failure(node, err.code, err.message, err.hint) from None
 
     def _check_locked(self, node: Node, key: str | None = None, digest: str | None = None) -> None:
         if self.options.locked is None:

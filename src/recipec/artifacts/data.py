@@ -111,12 +111,12 @@ def resolve_records(kind: type[DataKind], op: str, files: list[Path], options: d
         raise ArtifactError([Problem("E554", f"{err.filename} no longer exists",
                                      "the data changed since the recipe was checked: run again")]) from None
     key = records_key(kind, options, raw)
-    cached = cache.lookup(key)
-    if cached is None:
-        with cache.new_object(key) as tmp:
-            _write_records(tmp / RECORDS, files, read, shown)
-            cache.commit_meta(tmp, key, op, kind.digest(tmp), threads)
-        cached = cache.lookup(key)
+
+    def build(tmp: Path) -> None:
+        _write_records(tmp / RECORDS, files, read, shown)
+        cache.commit_meta(tmp, key, op, kind.digest(tmp), threads)
+
+    cached = cache.lookup(key) or cache.obtain(key, build)
     return Artifact(kind.kind, cached.path, cached.digest, {"key": key}), sums
 
 

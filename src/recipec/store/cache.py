@@ -27,9 +27,11 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,13 +122,39 @@ class Cache:
         try:
             yield tmp
             fsync_dir(tmp)
-            final = self.objects / key
-            if final.exists():  # built meanwhile by an earlier, interrupted run's leftovers
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.objects)
+            self._commit(tmp, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, tmp: Path, key: str) -> None:
+        """Rename a finished temporary to `key`. An object already committed there stays (its key says it
+        holds the same result, and another run may be reading it); what fails `lookup` there (a damaged or
+        edited object) is renamed away and removed first."""
+        final = self.objects / key
+        if self.lookup(key) is not None:
+            return
+        if os.path.lexists(final):
+            _remove_renamed(self.objects, key)
+        try:
+            os.rename(tmp, final)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or self.lookup(key) is None:
+                raise
+            return  # committed by another run between the look and the rename
+        fsync_dir(self.objects)
+
+    def obtain(self, key: str, build: Callable[[Path], None]) -> CachedObject:
+        """The object under `key`, built first if the cache lacks it: `build(tmp)` fills a temporary
+        directory and records it (`commit_meta`). Under the key's lock, so runs sharing the cache build
+        it once and never replace it under each other."""
+        with self.building(key):
+            if self.lookup(key) is None:
+                with self.new_object(key) as tmp:
+                    build(tmp)
+        cached = self.lookup(key)
+        if cached is None:
+            raise OSError(errno.ENOENT, f"the cache object {key[:16]} vanished as it was committed", str(self.objects))
+        return cached
 
     def commit_meta(self, directory: Path, key: str, op: str, digest: str, threads: int = 2) -> None:
         """Record what an object is and every file's size, mtime and sha256 (hashed once, here, so
@@ -362,7 +390,7 @@ def file_identity(path: Path) -> str:
 
 def _remove_renamed(directory: Path, name: str) -> None:
     """Remove `directory/name` by first renaming it to a temporary that the next run would clean up."""
-    doomed = directory / f"{TMP_PREFIX}removed-{name}"
+    doomed = directory / f"{TMP_PREFIX}removed-{name}-{os.getpid()}-{secrets.token_hex(4)}"  # a leftover never blocks
     try:
         os.rename(directory / name, doomed)
     except FileNotFoundError:

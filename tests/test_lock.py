@@ -4,6 +4,7 @@ and builds (keys, digests, locks) that do not depend on where the project lies."
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -116,14 +117,66 @@ def test_run_locked_refuses_a_tampered_key_digest_or_output_and_never_writes_the
     cases = [(node["key"], "0" * 64, "the key of node `%2`"),
              (node["digest"], "blake3:" + "0" * 64, "the digest of node `%2`"),
              (sums["config.json"], "0" * 64, "output out/m: file config.json")]
+    released = project.parent / "out" / "m" / "config.json"
+    before = released.stat().st_ino
     for old, new, named in cases:
         tampered = tamper(project, old, new)
         status, _, err = run(["run", "--locked", project], capsys)
         assert status == 65 and f"error[E506]: {named}" in err and "differs from r.rcp.lock" in err, err
         assert lock_file(project).read_text() == tampered  # never rewritten
+        assert released.stat().st_ino == before  # and the release that matched the lock is still there
         lock_file(project).write_text(good)
     status, _, err = run(["run", "--locked", project], capsys)
     assert status == 0 and lock_file(project).read_text() == good
+
+
+def test_the_lock_and_the_caches_root_are_written_while_the_run_holds_the_cache(project, capsys, monkeypatch):
+    # `cache gc` takes the cache exclusively: were the root registered after the run let go, a gc in
+    # between would find the new objects unreferenced and remove them.
+    import fcntl
+
+    held = []
+
+    def register_root(cache, lock):
+        with open(cache.home / ".lock", "a+") as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+
+    monkeypatch.setattr(Cache, "register_root", register_root)
+    assert run(["run", project], capsys)[0] == 0
+    assert run(["lock", project], capsys)[0] == 0
+    assert held == [True, True]
+
+
+def test_a_lockfile_that_cannot_be_written_is_an_error_not_a_traceback(project, capsys, monkeypatch):
+    from recipec.store import lockfile
+
+    def refused(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(lockfile, "write_lock", refused)
+    status, _, err = run(["run", project], capsys)
+    assert status != 0 and "error[E504]: cannot write the lockfile" in err and "Permission denied" in err, err
+    assert "Traceback" not in err and "run again" in err
+    assert (project.parent / "out" / "m" / "model.safetensors").is_file()
+
+
+def test_run_locked_does_not_wait_for_another_run_on_the_cache(project, capsys):
+    # Another run holds the cache (shared, as runs do); checking the inputs against the lock may not
+    # wait for it to end.
+    import fcntl
+    import subprocess
+    import sys
+
+    assert run(["run", project], capsys)[0] == 0
+    with open(Cache(Path(os.environ["RECIPEC_CACHE"])).home / ".lock", "a+") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_SH)
+        done = subprocess.run([sys.executable, "-m", "recipec", "run", "--locked", str(project)],
+                              capture_output=True, text=True, timeout=120, cwd=project.parent)
+    assert done.returncode == 0 and "waiting" not in done.stderr, done.stderr
 
 
 def test_a_tampered_key_is_refused_before_anything_is_built(project, capsys):

@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
     from .artifacts.report import page_of
     from .engine import Engine
     from .store.lockfile import lock_path
-    from .verify import check_locked, check_outputs
+    from .verify import check_locked
 
     recipe = Path(args.file)
     program = _lower(args.file)
@@ -215,17 +215,17 @@ def cmd_run(args) -> int:
     engine = Engine(program, recipe, options)
     if args.locked:  # checked before anything is built; the engine then checks each node's key and digest
         options.locked = check_locked(engine)
+
+    def record(result) -> None:
+        """The lock (never under --locked: the engine held every node and release to it) and the cache's
+        root, written while the run still holds the cache, so `cache gc` cannot come between."""
+        if not args.locked:
+            _update_lock(recipe, result.lock)
+        engine.cache.register_root(lock_path(recipe))
+
     with _tracking(args.log_with, recipe):
-        if progress:
-            with progress:
-                result = engine.run()
-        else:
-            result = engine.run()
-    if args.locked:
-        check_outputs(recipe, options.locked, result.exports)  # and the lock is never written
-    else:
-        _update_lock(recipe, result.lock)
-    engine.cache.register_root(lock_path(recipe))
+        with progress or contextlib.nullcontext():
+            result = engine.run(then=record)
     for e in result.exports:
         if e["moved_aside"]:
             sys.stderr.write(f"recipec: {e['path']} held files recipec did not write; they were moved to "
@@ -259,25 +259,40 @@ def cmd_run(args) -> int:
 def _update_lock(recipe: Path, data: dict) -> None:
     """Write the lock `run` made, keeping the input file hashes an earlier `lock` recorded; a previous
     lockfile that cannot be read (another format, damaged) is simply replaced."""
-    from .store.lockfile import LockError, carry_file_hashes, lock_path, read_lock, write_lock
+    from .store.lockfile import LockError, carry_file_hashes, lock_path, read_lock
 
     try:
         previous = read_lock(lock_path(recipe))
     except LockError:
         previous = None
-    write_lock(lock_path(recipe), carry_file_hashes(previous, data))
+    _write_lock(recipe, carry_file_hashes(previous, data))
+
+
+def _write_lock(recipe: Path, data: dict) -> None:
+    from .diagnostics import Diagnostic
+    from .store.lockfile import lock_path, write_lock
+
+    try:
+        write_lock(lock_path(recipe), data)
+    except OSError as err:
+        raise RecipeError([Diagnostic(
+            "E504", f"cannot write the lockfile {lock_path(recipe)}: {os.strerror(err.errno or 0)}", path=str(recipe),
+            hint="everything else is done and cached: make the recipe's folder writable and run again")]) from None
 
 
 def cmd_lock(args) -> int:
     from .engine import Engine
-    from .store.lockfile import lock_path, write_lock
+    from .store.lockfile import lock_path
 
     recipe = Path(args.file)
     program = _lower(args.file)
     engine = Engine(program, recipe, _run_options(args, write_exports=False, hash_input_files=True))
-    result = engine.run()
-    write_lock(lock_path(recipe), result.lock)
-    engine.cache.register_root(lock_path(recipe))
+
+    def record(result) -> None:  # while the run holds the cache (see cmd_run)
+        _write_lock(recipe, result.lock)
+        engine.cache.register_root(lock_path(recipe))
+
+    engine.run(then=record)
     sys.stderr.write(f"wrote {lock_path(recipe)}\n")
     return 0
 

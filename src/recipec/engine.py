@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from .store.cache import Cache
 from .store.digests import model_dir_digest
 from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
-from .store.lockfile import lock_data, lock_digest, lock_path, node_drift
+from .store.lockfile import export_drift, lock_data, lock_digest, lock_path, node_drift
 from .store.model_dir import pickled_weights
 from .store.release import TargetRefused, check_target, reproducible_hashes, write_release
 from .toolchain import toolchain_versions
@@ -130,7 +131,9 @@ class Engine:
         if problems:
             raise RecipeError(problems)
 
-    def run(self) -> RunResult:
+    def run(self, then: Callable[[RunResult], None] | None = None) -> RunResult:
+        """Build and export; `then(result)` runs while the cache is still held by this run (to write the
+        lockfile and register it as the cache's root before `cache gc` may look)."""
         self.check_rules()
         if self.options.write_exports:
             self.check_targets()
@@ -140,11 +143,14 @@ class Engine:
             with self.cache.locked(exclusive=False):  # each node is locked by its key as it is built
                 results = self._build_all()
                 exports = self._export_all(results) if self.options.write_exports else []
+                roots = frozenset(n.id for n in self.program.graph.roots)
+                result = RunResult(results, exports, self.lock_data(results, exports), time.monotonic() - started,
+                                   roots)
+                if then is not None:
+                    then(result)
         finally:
             signal.signal(signal.SIGXFSZ, previous)
-        lock = self.lock_data(results, exports)
-        roots = frozenset(n.id for n in self.program.graph.roots)
-        return RunResult(results, exports, lock, time.monotonic() - started, roots)
+        return result
 
     def _build_all(self) -> list[NodeResult]:
         by_id: dict[int, NodeResult] = {}
@@ -307,18 +313,31 @@ class Engine:
                                keeps_code_references(export.node), self._card_sections(export.node, results))
             kind = artifact_kind(artifact.kind)
             files = kind.release_files(artifact, info, export.format)
+            entry = {"path": export.display, "resolved": str(export.path), "node": export.node.label,
+                     "digest": artifact.digest}
+
+            def accept(release: Path, sums: dict[str, str], export=export, kind=kind, entry=entry) -> None:
+                """Under `run --locked`, a release that differs from the lock replaces nothing."""
+                reproducible = reproducible_hashes(release, kind.reproducible_views(release))
+                entry.update(files=sums, reproducible=reproducible, measured=kind.measured_what(release))
+                drift = (export_drift(self.options.locked, export.display, sums, reproducible)
+                         if self.options.locked is not None else None)
+                if drift:
+                    raise RecipeError([Diagnostic(
+                        "E506", f"{drift} differs from {lock_path(self.recipe).name}", export.span,
+                        "the release was made from the locked nodes and not written; run `recipec lock` to "
+                        "accept it, or restore the lockfile")])
+
             try:
-                sums, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force)
-                reproducible = reproducible_hashes(export.path, kind.reproducible_views(export.path))
+                _, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force,
+                                         accept)
             except TargetRefused as err:
                 raise RecipeError([Diagnostic(err.code, err.message, export.span, err.hint)]) from None
             except ArtifactError as err:
                 raise _artifact_failure(export.node, err) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
-            written.append({"path": export.display, "resolved": str(export.path), "node": export.node.label,
-                            "digest": artifact.digest, "files": sums, "moved_aside": str(aside) if aside else None,
-                            "reproducible": reproducible, "measured": kind.measured_what(export.path)})
+            written.append(entry | {"moved_aside": str(aside) if aside else None})
         return written
 
     def _card_sections(self, node: Node, results: list[NodeResult]) -> tuple[str, ...]:

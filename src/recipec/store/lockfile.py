@@ -199,6 +199,15 @@ def release_order(name: str) -> tuple[int, str]:
     return ({"README.md": 1, SUMS: 2}.get(name, 0), name)
 
 
+def export_drift(lock: dict, path: str, files: dict[str, str], reproducible: dict[str, str]) -> str | None:
+    """Whether a release about to be written under `run --locked` disagrees with the lock's outputs; a
+    lock written by `recipec lock` records no outputs, so there is nothing to disagree with."""
+    if not lock["outputs"]:
+        return None
+    locked = lock["outputs"].get(path)
+    return f"output {path} (not in the lock)" if locked is None else output_drift(path, locked, files, reproducible)
+
+
 def output_drift(path: str, locked: dict, files: dict[str, str], reproducible: dict[str, str] | None = None
                  ) -> str | None:
     """Whether an export's files (name -> sha256) disagree with the lock; names the first such file. A file

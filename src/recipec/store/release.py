@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,10 +220,11 @@ def _put(file: ReleaseFile, dest: Path) -> str:
     return file.sha256 or hash_file(dest)
 
 
-def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, digest: str,
-                  force: bool = False) -> tuple[dict[str, str], Path | None]:
+def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, digest: str, force: bool = False,
+                  accept: Callable[[Path, dict[str, str]], None] | None = None) -> tuple[dict[str, str], Path | None]:
     """Write `files` to `target` as a release of the artifact with `digest`; returns (file -> sha256,
-    where the target's previous content was moved aside, if it was). Raises TargetRefused."""
+    where the target's previous content was moved aside, if it was). Raises TargetRefused. `accept(release,
+    sums)` sees the finished release before it replaces anything: what it raises leaves the target as it was."""
     with output_lock(target):
         state = check_target(target, force)  # again, under the lock: the target may have changed since the plan
         tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
@@ -236,6 +238,8 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
             sums[SUMS] = hash_file(tmp / SUMS)
             os.chmod(tmp, 0o755)
             fsync_dir(tmp)
+            if accept is not None:
+                accept(tmp, sums)
             aside = _move_aside(target) if state in ("other", "changed") else None
             aside = _swap_into_place(tmp, target) or aside
         finally:

@@ -129,10 +129,10 @@ def _cache() -> Path:
     return Path(os.environ["RECIPEC_CACHE"])
 
 
-def _spawn(recipe: Path, **env) -> subprocess.Popen:
+def _spawn(recipe: Path, *options: str, **env) -> subprocess.Popen:
     """`recipec run` in a child process that registers the toy ops first."""
     code = "import sys, toyjobs.rules; from recipec.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "run", str(recipe)], env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-c", code, "run", *options, str(recipe)], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -227,11 +227,18 @@ def test_a_launched_job_runs_in_a_worker_and_reports_steps(toy, tmp_path):
     assert not list((Cache(_cache()).work).glob("*"))  # control files and checkpoints gone with the commit
 
 
-def test_a_launched_worker_dies_with_its_driver(toy):
-    # SIGKILL gives the driver no chance to stop its worker: the kernel does (PR_SET_PDEATHSIG), set up
-    # between fork and exec without importing anything there.
+# A launcher that runs the worker as its grandchild, as `accelerate launch` and `torchrun` run ranks.
+DEEP_LAUNCHER = f"sh -c '\"$0\" \"$@\" & wait' {sys.executable}"
+
+
+@pytest.mark.parametrize("launcher", [None, DEEP_LAUNCHER], ids=["child", "grandchild"])
+def test_a_launched_worker_dies_with_its_driver(toy, launcher):
+    # SIGKILL gives the driver no chance to stop its worker: the kernel kills its child (PR_SET_PDEATHSIG,
+    # set up between fork and exec without importing anything there), and a deeper worker sees its
+    # driver gone and ends itself.
     recipe = _recipe(toy, "orphan", 'launched_count(base, steps=100000, tag="orphan")')
-    driver, worker = _spawn(recipe, TOY_STEP_SECONDS="0.1"), None
+    options = ("--launch", launcher) if launcher else ()
+    driver, worker = _spawn(recipe, *options, TOY_STEP_SECONDS="0.1"), None
     try:
         deadline = time.monotonic() + 60
         while not any(line.startswith("start orphan") for line in _log(toy)):
@@ -249,6 +256,29 @@ def test_a_launched_worker_dies_with_its_driver(toy):
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
         driver.communicate()
+
+
+def test_a_new_attempt_waits_for_the_workers_of_a_stopped_one(toy, capsys, monkeypatch):
+    from recipec.backends.launch import hold_work
+
+    recipe = _recipe(toy, "wait", 'launched_count(base, steps=3, tag="wait")')
+    monkeypatch.setenv("TOY_FAIL", "2")
+    assert _run(recipe, capsys)[0] == 1
+    monkeypatch.delenv("TOY_FAIL")
+    [kept] = list((Cache(_cache()).work).iterdir())
+    lingering = hold_work(kept, exclusive=False)  # as a worker of a killed run still would
+    try:
+        driver = _spawn(recipe)
+        deadline = time.monotonic() + 60
+        while "waiting for the workers of a stopped run building `m` to end" not in driver.stderr.readline():
+            assert time.monotonic() < deadline and driver.poll() is None
+        time.sleep(0.5)
+        assert driver.poll() is None and _log(toy)[-1].startswith("start wait 0")  # nothing new started
+    finally:
+        os.close(lingering)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, err
+    assert [line.split(" pid")[0] for line in _log(toy)][-2:] == ["start wait 2", "built wait"]
 
 
 def _alive(pid: int) -> bool:

@@ -14,14 +14,19 @@ files in `<work dir>/.recipec-launch/`, so nothing but a path crosses the proces
 - `failure.json`: the code, message and hint of a `RunFailure` (or of an unexpected error), so that the
   driver reports it at the op's span like any in-process failure.
 
-Ctrl-C in the driver stops the worker (SIGINT, then SIGKILL if it lingers), and a worker whose driver
-dies is killed too (Linux's parent-death signal), so a killed run never leaves a job writing behind it.
-The control folder is removed when the job ends; the work directory around it is the rule's.
+Ctrl-C in the driver stops the worker (SIGINT, then SIGKILL if it lingers). A driver killed outright
+(SIGKILL) cannot: its direct child gets Linux's parent-death signal, and every worker, however deep
+under a launcher, watches the driver (`RECIPEC_DRIVER`: its pid and start time) and kills itself when
+the driver is gone. Each worker holds a shared lock on the work directory, which the next driver takes
+exclusively before it launches: a new attempt never starts beside the workers of a killed one, so a
+killed run never leaves a job writing behind it. The control folder is removed when the job ends; the
+work directory around it is the rule's.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import pickle
@@ -40,6 +45,7 @@ CONTROL = ".recipec-launch"
 WORKER_MODULE = "recipec.backends.worker"
 STOP_GRACE_SECONDS = 10.0
 POLL_SECONDS = 0.1
+DRIVER_VARIABLE = "RECIPEC_DRIVER"  # the driver's process_identity, for its workers to watch
 
 
 def control_dir(work: Path) -> Path:
@@ -71,11 +77,55 @@ def command(spec: Path, prefix: list[str]) -> list[str]:
 
 
 def _environment() -> dict[str, str]:
-    """The worker imports this very recipec, wherever it was imported from."""
+    """The worker imports this very recipec, wherever it was imported from, and knows its driver."""
     package_parent = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
+    env[DRIVER_VARIABLE] = process_identity(os.getpid())
     return env
+
+
+def process_identity(pid: int) -> str:
+    """`pid` with its start time where the system says it (Linux's /proc), so that a pid reused by
+    another process is not taken for the one that ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+        return f"{pid}:{fields[19]}"  # field 22, starttime, counted from the state (field 3)
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def is_running(identity: str) -> bool:
+    """Whether the process `process_identity` described is still running (a zombie is not)."""
+    pid = int(identity.split(":")[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: alive
+        pass
+    try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z"):
+            return False
+    except (OSError, IndexError):
+        pass
+    return process_identity(pid) == identity or ":" not in identity
+
+
+def hold_work(work: Path, exclusive: bool, waiting: str | None = None) -> int:
+    """A lock on the work directory itself (no file is left behind): workers hold it shared while they
+    live; a driver takes it exclusively, saying `waiting` if it must wait, before it launches. Returns
+    the descriptor that holds it."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if waiting:
+            sys.stderr.write(f"recipec: {waiting}\n")
+        fcntl.flock(fd, mode)
+    return fd
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -119,6 +169,8 @@ class _Tail:
 def run_launched(job: Job, prefix: list[str]) -> str:
     """Build `job` in a worker process and return the digest its rule returned; a failure becomes a
     `RunFailure`, as if the rule had raised it here."""
+    os.close(hold_work(job.work, exclusive=True,
+                       waiting=f"waiting for the workers of a stopped run building `{job.node.label}` to end"))
     spec = write_spec(job)
     control = spec.parent
     tail = _Tail(control / "progress.jsonl", job)

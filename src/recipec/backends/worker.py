@@ -4,6 +4,7 @@ It runs the op's rule on the job that `launch.py` described in SPEC and answers 
 it: progress lines, then the result or the failure (see launch.py). Under a multi-process launcher
 (`accelerate launch`, `torchrun`) every process runs the rule; only rank 0 reports progress and the
 result, while any rank's failure is written (rank 0's first), so the driver names the real cause.
+Every worker holds the work directory's lock while it lives and ends itself when its driver is gone.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import base64
 import json
 import os
 import pickle
+import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
 from ..store.atomic import write_bytes_atomic
 from . import rule_at
 from .job import Job, Meter, RunFailure
+from .launch import DRIVER_VARIABLE, hold_work, is_running
+
+DRIVER_POLL_SECONDS = 0.5
 
 
 def _rank() -> int:
@@ -40,8 +47,22 @@ def _progress_writer(path: Path):
     return report
 
 
+def _watch(driver: str) -> None:
+    """End this process when the driver that launched it is gone (killed outright, it could not say
+    so): its checkpoints are written whole, and the next run resumes from them."""
+    while is_running(driver):
+        time.sleep(DRIVER_POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def run(spec_path: Path) -> int:
     control = spec_path.parent
+    hold_work(control.parent, exclusive=False)  # held until this process ends, however it ends
+    driver = os.environ.get(DRIVER_VARIABLE)
+    if driver is not None:
+        if not is_running(driver):  # started after its driver was killed: another run may be here now
+            return 1
+        threading.Thread(target=_watch, args=(driver,), daemon=True, name="recipec-driver-watch").start()
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     node, inputs = pickle.loads(base64.b64decode(spec["objects"]))
     rank = _rank()

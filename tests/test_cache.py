@@ -71,6 +71,7 @@ def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, ca
     status, out, err = run(["cache", "gc", str(recipe)], capsys)
     assert status == 0 and "removed 1 object, " in err and " freed" in err
     assert not leftover.exists() and objects(cache) == set(lock_keys(recipe).values())
+    assert not list(Cache(cache).key_locks.glob("*.lock"))  # one per key ever built, gone with gc
     assert "Plan: 0 to build, 4 cached, 1 export." in run(["plan", str(recipe)], capsys)[1]
 
 

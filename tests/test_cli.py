@@ -74,6 +74,18 @@ def test_fmt_rewrites_in_place_and_check_reports(tmp_path, capsys):
     assert path.read_text() == "recipec 1\nx = 1\n"
 
 
+def test_fmt_keeps_a_linked_recipe_a_link_and_its_permissions(tmp_path, capsys):
+    real = tmp_path / "shared" / "r.rcp"
+    real.parent.mkdir()
+    real.write_text("recipec 1\nx=1\n")
+    real.chmod(0o600)
+    link = tmp_path / "r.rcp"
+    link.symlink_to(real)
+    assert run(["fmt", str(link)], capsys)[0] == 0
+    assert link.is_symlink() and real.read_text() == "recipec 1\nx = 1\n"
+    assert real.stat().st_mode & 0o777 == 0o600
+
+
 def test_shipped_recipes_are_formatted(capsys):
     for recipe in sorted(ROOT.glob("examples/*.rcp")) + sorted(ROOT.glob("recipes/*.rcp")):
         assert run(["fmt", "--check", str(recipe)], capsys)[0] == 0, recipe

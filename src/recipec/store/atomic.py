@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -24,9 +25,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see the old content or the new, never a mix. A file already there
+    keeps its permissions, and a symbolic link stays one: the file it points to is rewritten (a recipe
+    or lockfile kept elsewhere and linked into a project); a new file is 0644."""
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -224,6 +224,12 @@ class Cache:
             _flock(handle, fcntl.LOCK_EX, f"waiting for another run building {key[:16]} in {self.root}")
             yield
 
+    def drop_key_locks(self) -> None:
+        """Remove the per-key lock files (one per key ever built, otherwise); only while this process
+        holds the cache exclusively, when no run holds or waits on any of them."""
+        for lock in self.key_locks.glob("*.lock") if self.key_locks.is_dir() else ():
+            lock.unlink(missing_ok=True)
+
     def temporaries(self) -> list[Path]:
         """What killed runs left behind: half-built objects and half-written files."""
         places = (self.home, self.objects, self.roots, self.work)
@@ -299,8 +305,8 @@ class Cache:
             self.home.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(self.home / name, json.dumps(table, indent=1, sort_keys=True).encode())
         except OSError as err:
-            if err.errno not in _UNWRITABLE:
-                raise
+            if err.errno not in _UNWRITABLE and err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a memo is worth a write, not a failure: a full disk just goes without
 
     def known_digests(self) -> dict:
         return self._read_table("digests.json")

@@ -115,3 +115,4 @@ def sweep(cache: Cache, found: Collection, checkpoints: bool = False) -> None:
         if root.entry.parent == cache.roots:  # only our own registrations, never a lockfile
             root.entry.unlink(missing_ok=True)
     cache.clean_temporaries()
+    cache.drop_key_locks()

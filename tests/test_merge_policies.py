@@ -147,6 +147,14 @@ def test_a_coefficient_beyond_fp32_is_refused_at_check_time(tmp_path, capsys):
     assert "error[E321]: the coefficient of `a` is 1e+300, beyond what fp32 can hold" in err
 
 
+def test_coefficients_too_large_to_sum_to_one_in_floats_are_refused(tmp_path, capsys):
+    # 1 - 1e16 rounds to -1e16 as a float: the weights the engine would use sum to 0, a delta, not a model.
+    recipe = write_recipe(tmp_path, 'a = init("llama", size="tiny", seed=1)\nb = init("llama", size="tiny", seed=2)\n'
+                                    'export a + 1e16*(b - a) to "out/m"\nexport a + 1e6*(b - a) to "out/n"\n')
+    status, _, err = run(["check", str(recipe)], capsys)
+    assert status == 65 and err.count("error[") == 1 and ":4:8: error[E321]: model weights sum to 1, but" in err, err
+
+
 # ---------------------------------------------------------------------------------- non-finite values
 
 

@@ -152,7 +152,9 @@ _ENTRIES = [
     Code("E321", "coefficient beyond fp32", RECIPE,
          "The engine multiplies every weight by its coefficient in fp32, whose largest finite value is about\n"
          "3.4e38. A folded coefficient (or one scaled by an `overrides` factor) beyond that cannot be\n"
-         "computed with; weights of magnitude 1 would be infinite anyway. Keep coefficients near 1."),
+         "computed with; weights of magnitude 1 would be infinite anyway. Coefficients so large that their\n"
+         "floating-point values no longer sum to 1 (`a + 1e16*(b - a)`) are refused too: the result would be\n"
+         "mostly rounding error. Keep coefficients near 1."),
     Code("E322", "dtype recipec cannot compute with", RECIPE,
          "`combine`, model arithmetic and `merge` read every tensor into fp32, which recipec does for F64,\n"
          "F32, BF16 and F16. FP8 (F8_E4M3, F8_E5M2), integer and quantized weights hold codes that need\n"

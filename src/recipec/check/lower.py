@@ -24,7 +24,7 @@ from ..artifacts import KINDS, exportable_kinds
 from ..artifacts.onnx import ONNX_MODEL
 from ..diagnostics import Diagnostics, Note, RecipeError
 from ..ops import REGISTRY
-from ..ops.arithmetic import Combine
+from ..ops.arithmetic import FP32_MAX, Combine
 from ..ops.export import Onnx
 from ..ops.base import LINEAR, Context, Input, Op
 from ..ops.sources import model_reference
@@ -383,6 +383,15 @@ class Lowerer:
             return linear.terms[0][0]
         leaves = [n for n, _ in linear.terms]
         params = {"coefficients": tuple(float(c) for _, c in linear.terms), **policy}
+        as_computed = sum(float(c) for n, c in linear.terms if n.type.kind is Kind.MODEL)
+        beyond_fp32 = any(abs(c) > FP32_MAX for c in params["coefficients"])  # the op's own E321 says so
+        if abs(as_computed - float(total)) >= 1e-9 and not beyond_fp32:  # the op reads the kind from these floats
+            self.diags.error("E321", f"model weights sum to {_fmt(total)}, but as the floating-point numbers the "
+                             f"engine multiplies by they sum to {as_computed:g}: coefficients this large lose "
+                             "their last digits", span,
+                             "keep coefficients near 1: a large k in `a + k*(b - a)` cancels in the arithmetic, "
+                             "and the result would be mostly rounding error")
+            return None
         ctx = Context(module.dir, self.diags, span, {"expr": span, **arg_spans})
         return self._validated(Combine, leaves, params, ctx)
 

@@ -282,3 +282,11 @@ def test_two_runs_resolving_one_corpus_at_once_share_its_object(tmp_path):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [c.communicate(timeout=120)[0] for c in children]
     assert [c.returncode for c in children] == [0, 0], outputs
+
+
+def test_gc_names_what_an_input_was_read_into():
+    from recipec.store.gc import references
+
+    lock = {"nodes": {}, "inputs": {"w": {"converted_key": "k1", "converted_from_pickle": True},
+                                    "corpus": {"glob": "data/*.jsonl", "converted_key": "k2"}}}
+    assert references(lock) == {"k1": ["w (converted pickle)"], "k2": ["corpus (normalized records)"]}

@@ -86,6 +86,18 @@ def test_fmt_keeps_a_linked_recipe_a_link_and_its_permissions(tmp_path, capsys):
     assert real.stat().st_mode & 0o777 == 0o600
 
 
+def test_output_cut_short_by_its_reader_is_not_an_error_report():
+    # `recipec explain codes | head -1`: the reader goes away before recipec has written.
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "recipec", "explain", "codes"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()
+    err = child.stderr.read()
+    assert child.wait(timeout=60) == 141 and err == "", err
+
+
 def test_shipped_recipes_are_formatted(capsys):
     for recipe in sorted(ROOT.glob("examples/*.rcp")) + sorted(ROOT.glob("recipes/*.rcp")):
         assert run(["fmt", "--check", str(recipe)], capsys)[0] == 0, recipe

@@ -51,6 +51,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
     ("models/a", "E310", "would replace an input of `a`"),
     ("models/a/out", "E310", "writes inside an input of `a`"),
     ("r.rcp", "E310", "would replace the recipe r.rcp"),
+    ("r.rcp.lock", "E310", "would replace the lockfile r.rcp.lock"),
     (".recipec", "E310", "would replace the cache"),
 ])
 def test_check_refuses_targets_that_destroy_sources(project, capsys, monkeypatch, target, code, words):

@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("recipec: interrupted\n")
         return 130
+    except BrokenPipeError:  # `recipec cache ls | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        return 141
     except FileNotFoundError as err:
         sys.stderr.write(f"recipec: {err.filename}: no such file\n")
         return 66

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from .ops import REGISTRY
+from .store.lockfile import lock_path
 
 
 
@@ -108,9 +109,10 @@ def overlap_problem(written: str, target: Path, other_written: str, other: Path)
 
 
 def recipe_places(recipe: Path, used: list[Path], cache: Path) -> list[Place]:
-    """The recipe's directory, every recipe file it reads, and the cache."""
+    """The recipe's directory, every recipe file it reads, its lockfile, and the cache."""
     places = [Place(recipe.resolve().parent, "the recipe's directory", may_contain_exports=True)]
     places += [Place(p.resolve(), f"the recipe {p.name}") for p in [recipe, *used]]
+    places.append(Place(lock_path(recipe).resolve(), f"the lockfile {lock_path(recipe).name}"))
     return places + [cache_place(cache)]
 
 

@@ -223,6 +223,23 @@ def test_verify_claims_no_export_a_lock_does_not_record(project, capsys):
     assert status == 0 and "export" not in err.splitlines()[0] and "no export was compared" in err, err
 
 
+def test_lock_after_run_keeps_the_outputs_run_recorded(project, capsys):
+    assert run(["run", project], capsys)[0] == 0
+    outputs = tomllib.loads(lock_file(project).read_text())["outputs"]
+    assert outputs
+    status, _, err = run(["lock", project], capsys)
+    assert status == 0 and "records no outputs" not in err, err
+    locked = tomllib.loads(lock_file(project).read_text())
+    assert locked["outputs"] == outputs and all("files" in i for i in locked["inputs"].values())
+    status, _, err = run(["verify", project], capsys)
+    assert status == 0 and "no export was compared" not in err, err
+    # Once a result changes, the old outputs no longer hold, and `lock` says where they went.
+    project.write_text(RECIPE.replace("0.5*(b - a)", "0.25*(b - a)"))
+    status, _, err = run(["lock", project], capsys)
+    assert status == 0 and "the lock records no outputs now" in err and "`recipec run`" in err, err
+    assert not tomllib.loads(lock_file(project).read_text())["outputs"]
+
+
 @pytest.mark.parametrize("text, says", [
     ("this is [not toml", "is not a valid lockfile"),
     ('version = 2\ninputs = "x"\n', "`recipe`"),

@@ -282,18 +282,28 @@ def _write_lock(recipe: Path, data: dict) -> None:
 
 def cmd_lock(args) -> int:
     from .engine import Engine
-    from .store.lockfile import lock_path
+    from .store.lockfile import LockError, carry_outputs, lock_path, read_lock
 
     recipe = Path(args.file)
     program = _lower(args.file)
     engine = Engine(program, recipe, _run_options(args, write_exports=False, hash_input_files=True))
 
+    try:
+        previous = read_lock(lock_path(recipe))
+    except LockError:
+        previous = None
+    carried = []
+
     def record(result) -> None:  # while the run holds the cache (see cmd_run)
+        carried.append(carry_outputs(previous, result.lock))
         _write_lock(recipe, result.lock)
         engine.cache.register_root(lock_path(recipe))
 
     engine.run(then=record)
     sys.stderr.write(f"wrote {lock_path(recipe)}\n")
+    if previous and previous.get("outputs") and not carried[0]:
+        sys.stderr.write("recipec: the lock records no outputs now: the results changed since they were written; "
+                         "`recipec run` writes the releases and records them\n")
     return 0
 
 

@@ -163,6 +163,23 @@ def carry_file_hashes(previous: dict | None, current: dict) -> dict:
     return current
 
 
+def carry_outputs(previous: dict | None, current: dict) -> bool:
+    """`lock` writes no release, so it cannot hash one; where the recipe, toolchain, inputs and every node
+    are as an earlier lock recorded them, that lock's outputs still hold and carry over (True) instead of
+    vanishing from the lock (and from what `run --locked` and `verify` check)."""
+    if not previous or not previous.get("outputs"):
+        return False
+
+    def digests(lock: dict) -> dict:
+        return {label: entry.get("digest") for label, entry in (lock.get("inputs") or {}).items()}
+
+    same = all(previous.get(part) == current.get(part) for part in ("recipe", "toolchain", "nodes"))
+    if not same or digests(previous) != digests(current):
+        return False
+    current["outputs"] = previous["outputs"]
+    return True
+
+
 # What differs between a lock and the present, each named for a message "... differs from FILE.lock".
 
 def node_drift(lock: dict, label: str, key: str | None = None, digest: str | None = None) -> str | None:

@@ -132,7 +132,14 @@ def test_lock_records_every_data_file_by_content(tmp_path, capsys, toy):
     assert run(["run", "--locked", str(recipe)], capsys)[0] == 0
     (tmp_path / "d/2.jsonl").write_text('{"body": "c"}\n')
     status, _, err = run(["run", "--locked", str(recipe)], capsys)
-    assert status != 0 and "E506" in err and "d/2.jsonl" in err
+    assert status != 0 and "r.rcp:2:10: error[E506]: input `corpus` file d/2.jsonl" in err, err
+    # An unbound input is named by its call, at its place in the recipe, not by its plan id.
+    write_recipe(tmp_path, 'x = tally(text("d/*.jsonl", field="body"))\nexport x to "out/x"\n')
+    assert run(["lock", str(recipe)], capsys)[0] == 0
+    (tmp_path / "d/2.jsonl").write_text('{"body": "d"}\n')
+    status, _, err = run(["run", "--locked", str(recipe)], capsys)
+    assert status != 0 and 'r.rcp:2:11: error[E506]: input `text("d/*.jsonl", field="body")` file d/2.jsonl' in err, err
+    assert "%" not in err
 
 
 def test_malformed_data_is_reported_all_at_once_by_file_and_line(tmp_path, capsys, toy):

@@ -59,15 +59,18 @@ def pinned_drift(lock: dict, current: dict) -> list[tuple[str, str]]:
     return found
 
 
-def inputs_drift(lock: dict, current: dict) -> list[str]:
-    """Each input that differs from the lock, in plan order, then inputs only the lock has."""
+def inputs_drift(lock: dict, current: dict, shown: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(label, what) for each input that differs from the lock, in plan order, then inputs only the lock
+    has; an input is named as `shown` says (an unbound one by its call, not its plan id)."""
+    shown = shown or {}
     found = []
     for label, entry in current.items():
         locked = lock.get(label)
-        drift = f"input `{label}` (not in the lock)" if locked is None else input_drift(label, locked, entry)
+        name = shown.get(label, label)
+        drift = f"input `{name}` (not in the lock)" if locked is None else input_drift(name, locked, entry)
         if drift:
-            found.append(drift)
-    return found + [f"input `{label}` (in the lock, not in the recipe)" for label in sorted(set(lock) - set(current))]
+            found.append((label, drift))
+    return found + [(label, f"input `{label}` (in the lock, not in the recipe)") for label in sorted(set(lock) - set(current))]
 
 
 def check_locked(engine: Engine) -> dict:
@@ -84,7 +87,10 @@ def check_locked(engine: Engine) -> dict:
         hashing.hub_snapshots = hashing._resolve_hub_inputs()
         resolved = [hashing._resolve_input(n) for n in reachable if not REGISTRY[n.op].builds]
     now = hashing.lock_data(resolved, [])["inputs"]
-    problems += [_drift(recipe, what) for what in inputs_drift(lock["inputs"], now)]
+    inputs = {n.label: n for n in reachable if not REGISTRY[n.op].builds}
+    shown = {label: n.spans[0].text if label.startswith("%") and n.spans else label for label, n in inputs.items()}
+    problems += [_drift(recipe, what, span=inputs[label].spans[0] if label in inputs and inputs[label].spans else None)
+                 for label, what in inputs_drift(lock["inputs"], now, shown)]
     built = {n.label for n in reachable if REGISTRY[n.op].builds}
     problems += [_drift(recipe, f"node `{label}` (in the lock, not in the recipe)")
                  for label in sorted(set(lock["nodes"]) - built)]
@@ -93,7 +99,10 @@ def check_locked(engine: Engine) -> dict:
     return lock
 
 
-def _drift(recipe: Path, what: str, hint: str = _RELOCK) -> Diagnostic:
+def _drift(recipe: Path, what: str, hint: str = _RELOCK, span=None) -> Diagnostic:
+    """E506: `what` differs from the lock; at `span` (the input's call) where there is one."""
+    if span is not None:
+        return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", span, hint)
     return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", path=str(recipe), hint=hint)
 
 
@@ -146,7 +155,7 @@ def _lock_differences(lock: dict, current: dict) -> list[str]:
     """Everything the rebuild's record disagrees with the lock on, in the order that names causes first."""
     name = "the lock"
     found = [f"{what} differs from {name}" for what, _ in pinned_drift(lock, current)]
-    found += [f"{what} differs from {name}" for what in inputs_drift(lock["inputs"], current["inputs"])]
+    found += [f"{what} differs from {name}" for _, what in inputs_drift(lock["inputs"], current["inputs"])]
     for label, node in current["nodes"].items():
         drift = node_drift(lock, label, node["key"], None) or node_drift(lock, label, None, node["digest"])
         if drift:

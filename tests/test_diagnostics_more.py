@@ -37,6 +37,14 @@ def test_a_mistyped_local_path_is_an_error_with_the_nearest_directory(tmp_path, 
     assert status == 66 and "unknown" not in err
 
 
+def test_a_mistyped_first_folder_reads_as_a_hub_id_with_a_warning_naming_the_local_one(tmp_path, capsys):
+    tiny_llama(tmp_path / "models" / "qs")
+    r = recipe(tmp_path, 'f = "mdoels/qs"\ng = hf("mdoels/qs2")\nexport f to "out/f"\nexport g to "out/g"\n')
+    status, _, err = run(["check", str(r)], capsys)
+    assert status == 0 and err.count("warning[E408]") == 1 and err.count("note[E408]") == 1, err
+    assert "r.rcp:2:5: warning[E408]" in err and "did you mean the local directory 'models/qs'?" in err, err
+
+
 def test_explicitly_relative_and_absolute_paths_are_never_hub_ids(tmp_path, capsys):
     r = recipe(tmp_path, 'a = "./base"\nb = "/no/such/model"\nexport 0.5*a + 0.5*b to "out/m"\n')
     status, _, err = run(["check", str(r)], capsys)

@@ -27,7 +27,7 @@ from ..ops import REGISTRY
 from ..ops.arithmetic import FP32_MAX, Combine
 from ..ops.export import Onnx
 from ..ops.base import LINEAR, Context, Input, Op
-from ..ops.sources import model_reference
+from ..ops.sources import model_reference, nearest_directory
 from ..source import Span
 from ..store.cache import default_cache_dir
 from ..store.hub import fetch_hint
@@ -825,9 +825,18 @@ def lower_file(path: Path) -> Program:
     for node in lowerer.graph.reachable():
         if node.op == "hf" and node.type.signature is None:
             repo_id, revision = node.params["id"], node.params.get("revision")
-            lowerer.diags.note("E408", f"hub model {repo_id}@{revision or 'main'} is not in the local Hugging Face "
-                               "cache: its signature and costs are unknown until it is fetched",
-                               node.spans[0] if node.spans else None, fetch_hint(repo_id, revision, _display(path)))
+            span = node.spans[0] if node.spans else None
+            message = (f"hub model {repo_id}@{revision or 'main'} is not in the local Hugging Face cache: its "
+                       "signature and costs are unknown until it is fetched")
+            # A bare string whose first folder is not beside the recipe reads as a hub id: a mistyped
+            # local path would otherwise only fail when run, offline or at the hub.
+            local = (nearest_directory(module.dir, repo_id)
+                     if span is not None and not span.text.startswith("hf(") else None)
+            if local is not None:
+                lowerer.diags.warning("E408", message, span, f"did you mean the local directory {local!r}? A "
+                                      "string whose first folder is not beside the recipe is read as a hub id")
+            else:
+                lowerer.diags.note("E408", message, span, fetch_hint(repo_id, revision, _display(path)))
     referenced = lowerer.referenced(module)
     shown = {name for node in lowerer.graph.roots for name in node.names}
     for name, (owner, assign) in module.scope.items():

@@ -214,18 +214,20 @@ def _is_local_path(recipe_dir: Path, text: str) -> bool:
 
 def _missing_directory(ctx: Context, text: str, arg: str | None = None) -> Type:
     """E401 for a local model path that does not exist, suggesting the nearest directory that does."""
-    nearest = _nearest_directory(ctx.recipe_dir, text)
+    nearest = nearest_directory(ctx.recipe_dir, text)
     return ctx.error("E401", f"no model directory {text!r} (relative to {ctx.recipe_dir})", arg,
                      f"did you mean {nearest!r}?" if nearest else
                      "paths in a recipe are relative to the recipe's own directory")
 
 
-def _nearest_directory(recipe_dir: Path, text: str) -> str | None:
-    """The existing directory closest to a mistyped path: the deepest existing prefix, then the
-    sibling whose name is most like the next component (`out/m33` -> `out/m3`)."""
+def nearest_directory(recipe_dir: Path, text: str) -> str | None:
+    """The existing directory closest to a mistyped path, component by component: each one that exists,
+    else the sibling whose name is most like it (`out/m33` -> `out/m3`, `mdoels/qs` -> `models/qs`),
+    as deep as the guesses go; None when the path exists or nothing is close."""
     parts = [p for p in text.split("/") if p not in ("", ".")]
     prefix: list[str] = []
     base = Path("/") if text.startswith("/") else recipe_dir
+    guessed = False
     for part in parts:
         here = base.joinpath(*prefix)
         if (here / part).is_dir():
@@ -234,13 +236,16 @@ def _nearest_directory(recipe_dir: Path, text: str) -> str | None:
         try:
             siblings = sorted(p.name for p in here.iterdir() if p.is_dir())
         except OSError:
-            return None
+            break
         close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)
         if not close:
-            return None
-        guess = "/".join(prefix + [close[0]])
-        return ("/" + guess) if text.startswith("/") else ("./" + guess) if text.startswith("./") else guess
-    return None
+            break
+        prefix.append(close[0])
+        guessed = True
+    if not guessed:
+        return None
+    guess = "/".join(prefix)
+    return ("/" + guess) if text.startswith("/") else ("./" + guess) if text.startswith("./") else guess
 
 
 @register

@@ -116,6 +116,13 @@ def test_the_plan_knows_data_inputs_by_content(tmp_path, capsys, toy):
     status, out, _ = run(["plan", "--json", str(recipe)], capsys)
     steps = {s["label"]: s["status"] for s in json.loads(out)["steps"]}
     assert steps["x"] == "cached"
+    # A touch (a checkout, a copy) changes the file's time, not its content: the plan reads it again.
+    os.utime(tmp_path / "docs.jsonl", (1e9, 1e9))
+    status, out, _ = run(["plan", "--json", str(recipe)], capsys)
+    assert {s["label"]: s["status"] for s in json.loads(out)["steps"]}["x"] == "cached"
+    (tmp_path / "docs.jsonl").write_text('{"text": "hellO"}\n')
+    status, out, _ = run(["plan", "--json", str(recipe)], capsys)
+    assert {s["label"]: s["status"] for s in json.loads(out)["steps"]}["x"] != "cached"
 
 
 def test_lock_records_every_data_file_by_content(tmp_path, capsys, toy):

@@ -68,6 +68,9 @@ def json_lines(path: Path, shown: str) -> Iterator[tuple[int, object | Problem]]
                                       "each line of a .jsonl file is one JSON object")
 
 
+PLAN_REHASH_BYTES = 64 << 20  # what `plan` reads again when a data file's time changed: well under a second
+
+
 def raw_digest(files: list[Path], cache: Cache, threads: int, rehash: bool) -> tuple[str, dict[Path, str]]:
     """A content digest of the files' bytes, in order, remembered by the files' identity so that unchanged
     files are not read again; with `rehash` (a lock's file list) each is read anew and its sha256 returned."""
@@ -91,9 +94,13 @@ def records_key(kind: type[DataKind], options: dict, raw: str) -> str:
 
 
 def remembered_records_digest(kind: type[DataKind], files: list[Path], options: dict, cache: Cache) -> str | None:
-    """A data source's digest without reading its files, when their content and records are remembered."""
+    """A data source's digest when its records are in the cache: known from the files' identity without
+    reading them, or, for small files whose identity changed (a touch, a checkout), by hashing them again,
+    so that `plan` does not call a cached node unbuilt."""
     try:
         raw = cache.known_digests().get(_identity(files))
+        if raw is None and sum(p.stat().st_size for p in files) <= PLAN_REHASH_BYTES:
+            raw, _ = raw_digest(files, cache, 1, rehash=False)
     except OSError:
         return None
     cached = cache.lookup(records_key(kind, options, raw)) if raw else None

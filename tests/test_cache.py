@@ -147,6 +147,9 @@ def test_cache_rm_needs_a_key_that_names_exactly_one_object(tmp_path, capsys):
     status, _, err = run(["cache", "rm", ""], capsys)
     assert status == 2 and "names 4 objects; give more of the key" in err
     assert len(objects(Path(os.environ["RECIPEC_CACHE"]))) == 4
+    model = lock_keys(recipe)["model"]
+    status, out, err = run(["cache", "rm", model[:6]], capsys)
+    assert status == 0 and out == f"removed {model[:16]}  combine\n" and "removed 1 object" in err
 
 
 def test_gc_keeps_the_object_a_pickled_input_was_converted_into(tmp_path, capsys):
@@ -290,3 +293,10 @@ def test_gc_names_what_an_input_was_read_into():
     lock = {"nodes": {}, "inputs": {"w": {"converted_key": "k1", "converted_from_pickle": True},
                                     "corpus": {"glob": "data/*.jsonl", "converted_key": "k2"}}}
     assert references(lock) == {"k1": ["w (converted pickle)"], "k2": ["corpus (normalized records)"]}
+
+
+@pytest.mark.parametrize("action, status", [(["gc"], 0), (["verify"], 0), (["rm", "abc"], 2)])
+def test_cache_commands_on_no_cache_create_none(tmp_path, capsys, action, status):
+    missing = tmp_path / "no-cache-here"
+    code, _, err = run(["cache", *action, "--cache", str(missing)], capsys)
+    assert code == status and f"there is no cache at {missing}" in err and not missing.exists()

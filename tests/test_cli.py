@@ -138,6 +138,10 @@ def test_version_and_missing_file(capsys):
 def test_explain_lists_ops(capsys):
     status, out, _ = run(["explain", "ops"], capsys)
     assert status == 0 and "combine:" in out and "init:" in out
+    status, out, _ = run(["explain", "merge"], capsys)
+    assert status == 0 and out.startswith("merge: ") and "density" in out and "init:" not in out
+    status, out, err = run(["explain", "mrge"], capsys)
+    assert status == 2 and out == "" and "did you mean `merge`?" in err
 
 
 def test_a_run_with_everything_cached_never_imports_torch(tmp_path, capsys):

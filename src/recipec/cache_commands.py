@@ -25,6 +25,10 @@ def run_cache_action(args) -> int:
     if recipe is not None and not recipe.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(recipe))
     cache = Cache(default_cache_dir(recipe, args.cache))
+    if args.action != "ls" and not cache.root.exists():  # nothing to do, and nothing to create
+        sys.stderr.write(f"recipec: there is no cache at {cache.root}: name a recipe, or --cache DIR "
+                         "(the default is .recipec/cache beside the recipe, or $RECIPEC_CACHE)\n")
+        return 2 if args.action == "rm" else 0
     if args.action == "ls":
         return list_recipe(cache, recipe) if recipe else list_all(cache)
     if args.action == "verify":
@@ -183,6 +187,8 @@ def remove_objects(cache: Cache, prefixes: list[str]) -> int:
         chosen.append(matches[0])
     with cache.locked():
         for key in chosen:
+            built = cache.lookup(key)
             cache.remove(key)
+            sys.stdout.write(f"removed {key[:16]}  {built.meta.get('op', '?') if built else '(incomplete)'}\n")
     sys.stderr.write(f"removed {_plural(len(chosen), 'object')} from {cache.root}\n")
     return 0

@@ -117,8 +117,17 @@ def cmd_explain(args) -> int:
         return 0
     code = CODES.get(key)
     if code is None:
-        sys.stderr.write(f"recipec: no diagnostic code {args.code!r}; codes are "
-                         + ", ".join(CODES) + "\n")
+        from .ops import REGISTRY
+
+        if args.code in REGISTRY:  # `recipec explain merge`: one op
+            sys.stdout.write(_describe_op(REGISTRY[args.code]) + "\n")
+            return 0
+        import difflib
+
+        close = difflib.get_close_matches(args.code, [*REGISTRY, *CODES], n=1)
+        guess = f"did you mean `{close[0]}`? " if close else ""
+        sys.stderr.write(f"recipec: {args.code!r} is neither a diagnostic code nor an op; {guess}"
+                         "`recipec explain codes` lists the codes, `recipec explain ops` the ops\n")
         return 2
     sys.stdout.write(f"{code.code}: {code.title} ({code.consequence})\n\n{code.explanation}\n")
     return 0
@@ -400,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--check", action="store_true", help="exit 1 if the file is not formatted; change nothing")
     p.add_argument("--stdout", action="store_true", help="print the formatted recipe instead of rewriting it")
-    p = verb("explain", cmd_explain, "explain a diagnostic code (or list `ops` or `codes`)", json_flag=False)
+    p = verb("explain", cmd_explain, "explain a diagnostic code or an op (or list `ops` or `codes`)", json_flag=False)
     p.add_argument("code")
     p.add_argument("--markdown", action="store_true", help="with `ops` or `codes`: the README's table")
 

@@ -244,6 +244,17 @@ def test_an_export_to_another_real_filesystem(project, capsys, tmp_path_factory)
         shutil.rmtree(target, ignore_errors=True)
 
 
+def test_a_release_of_another_recipe_is_replaced_with_a_notice(project, capsys):
+    first = recipe(project, MERGE + 'export m to "out/model"\n', "first.rcp")
+    second = recipe(project, MERGE.replace("0.5*a + 0.5*b", "0.25*a + 0.75*b") + 'export m to "out/model"\n',
+                    "second.rcp")
+    assert run(["run", str(first)], capsys)[0] == 0
+    status, _, err = run(["run", str(second)], capsys)
+    assert status == 0 and "out/model was a release of first.rcp; it is this recipe's now" in err, err
+    status, _, err = run(["run", str(second)], capsys)
+    assert status == 0 and "was a release of" not in err, err
+
+
 def test_a_release_leaves_no_stray_file_beside_it(project, capsys):
     r = recipe(project, MERGE + 'export m to "out/model"\n')
     (project / "out").mkdir()

@@ -239,6 +239,9 @@ def cmd_run(args) -> int:
         if e["moved_aside"]:
             sys.stderr.write(f"recipec: {e['path']} held files recipec did not write; they were moved to "
                              f"{e['moved_aside']}\n")
+        if e["replaced_release_of"]:
+            sys.stderr.write(f"recipec: {e['path']} was a release of {e['replaced_release_of']}; it is this "
+                             "recipe's now (give each recipe its own export paths)\n")
     built = sum(r.status == "built" for r in result.results)
     cached = sum(r.status == "cached" for r in result.results)
     warnings = [w for r in result.results for w in r.warnings]

@@ -40,7 +40,7 @@ from .store.filehash import hash_files
 from .store.hub import fetch_hint, resolve_all
 from .store.lockfile import export_drift, lock_data, lock_digest, lock_path, node_drift
 from .store.model_dir import pickled_weights
-from .store.release import TargetRefused, check_target, reproducible_hashes, write_release
+from .store.release import TargetRefused, check_target, release_recipe, reproducible_hashes, write_release
 from .toolchain import toolchain_versions
 
 
@@ -329,6 +329,7 @@ class Engine:
                         "accept it, or restore the lockfile")])
 
             try:
+                previous = release_recipe(export.path)
                 _, aside = write_release(files, export.path, self.recipe.name, artifact.digest, self.options.force,
                                          accept)
             except TargetRefused as err:
@@ -337,7 +338,8 @@ class Engine:
                 raise _artifact_failure(export.node, err) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
-            written.append(entry | {"moved_aside": str(aside) if aside else None})
+            written.append(entry | {"moved_aside": str(aside) if aside else None,
+                                    "replaced_release_of": previous if previous not in (None, self.recipe.name) else None})
         return written
 
     def _card_sections(self, node: Node, results: list[NodeResult]) -> tuple[str, ...]:

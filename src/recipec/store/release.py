@@ -69,6 +69,14 @@ def marker_text(recipe_name: str, digest: str) -> str:
     return json.dumps(marker, indent=2, sort_keys=True) + "\n"
 
 
+def release_recipe(path: Path) -> str | None:
+    """The name of the recipe whose release is at `path` (its marker says), or None if none is there."""
+    if not is_release(path):
+        return None
+    recipe = json.loads((path / MARKER).read_text(encoding="utf-8")).get("recipe")
+    return recipe if isinstance(recipe, str) else None
+
+
 def is_release(path: Path) -> bool:
     """Whether `path` is a directory holding recipec's release marker (never guessed from other files)."""
     marker = path / MARKER

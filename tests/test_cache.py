@@ -139,6 +139,18 @@ def test_bit_rot_in_the_cache_is_refused_by_run_locked_and_found_by_cache_verify
     assert status == 0 and "verified 4 objects" in err
 
 
+def test_a_cache_object_changed_on_disk_is_rebuilt_with_a_warning(tmp_path, capsys):
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    weights = Cache(Path(os.environ["RECIPEC_CACHE"])).objects / lock_keys(recipe)["model"] / "model.safetensors"
+    os.utime(weights, (1e9, 1e9))  # as an edit would leave it
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 0 and "Built 1, 3 cached" in err, err
+    assert "warning[E530]: the cached result of `model` was changed on disk after it was built" in err
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 0 and "E530" not in err and "Built 0" in err
+
+
 def test_cache_rm_needs_a_key_that_names_exactly_one_object(tmp_path, capsys):
     recipe = copy_example(tmp_path, "quickstart.rcp")
     assert run(["run", str(recipe)], capsys)[0] == 0

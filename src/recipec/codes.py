@@ -387,7 +387,9 @@ _ENTRIES += [
          "A file of a cached result no longer has the sha256 recorded when it was built (bit rot, or an\n"
          "edit that kept its size and time). `run --locked` re-checks the content of every cached result it\n"
          "uses and refuses to release a damaged one; `recipec cache verify` checks the whole cache. Remove\n"
-         "the object with `recipec cache rm KEY` and run again: it is rebuilt."),
+         "the object with `recipec cache rm KEY` and run again: it is rebuilt. A cached result whose file\n"
+         "changed size or time (an edit) is no longer taken as built: every run rebuilds it, warning with\n"
+         "this code."),
     Code("E531", "cache is not a directory", RUNTIME,
          "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
          "recipec creates it when it does not exist."),

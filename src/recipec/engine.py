@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .artifacts import Artifact, ArtifactError, ReleaseInfo, artifact_kind
 from .backends import Job, Meter, RunFailure, import_torch_in_background, rule_for
+from .backends.job import RunWarning
 from .backends.launch import run_launched
 from .check import Program
 from .diagnostics import Diagnostic, RecipeError
@@ -245,8 +246,15 @@ class Engine:
                 cached = self.cache.lookup(key)
                 if cached is None:
                     status = "built"
+                    changed = (self.cache.objects / key).is_dir()  # there, but edited since it was committed
                     job = self._run_job(node, inputs, key, upstream)
                     cached = self.cache.lookup(key)
+                    if changed:
+                        job.warnings.append(RunWarning(
+                            "E530", f"the cached result of `{node.label}` was changed on disk after it was built "
+                            "(a file's size or time differs), so it was built again",
+                            "an edit to a release's weights reaches the cache through their hard links: copy a "
+                            "release before editing it"))
         if status == "cached" and self.options.verify_cache and (
                 damage := self.cache.damage(cached.path, self.options.threads)):
             raise _failure(node, "E530", f"the cached result of `{node.label}` is damaged: {damage}",

@@ -177,6 +177,31 @@ def test_a_release_with_files_added_or_edited_is_refused_and_with_force_kept(pro
     assert not (target / "NOTES.md").exists() and (target / ".recipec-release").is_file()
 
 
+def test_read_only_weights_put_in_a_release_are_not_taken_for_recipecs(project, capsys):
+    # Weights are read-only, but a read-only file moved in (from another release, say) is the user's.
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    mine = project / "mine.safetensors"
+    mine.write_bytes(b"my own weights")
+    mine.chmod(0o444)
+    os.replace(mine, target / "model.safetensors")
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 1 and "error[E512]" in err and "model.safetensors changed" in err, err
+    assert (target / "model.safetensors").read_bytes() == b"my own weights"
+
+
+def test_where_files_were_moved_is_said_even_when_the_run_then_fails(project, capsys):
+    target = project / "out" / "model"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    (project / "r.rcp.lock").mkdir()  # the lockfile cannot be written
+    status, _, err = run(["run", str(r), "--force"], capsys)
+    (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
+    assert status == 1 and "error[E504]: cannot write the lockfile" in err and f"moved to {aside}" in err, err
+
+
 def test_a_release_missing_a_file_is_still_recipecs_to_replace(project, capsys):
     target = project / "out" / "model"
     r = recipe(project, MERGE + 'export m to "out/model"\n')
@@ -197,9 +222,9 @@ def test_a_file_added_while_the_release_is_replaced_moves_it_aside(project, caps
     assert run(["run", str(r)], capsys)[0] == 0
     swap = release._swap_into_place
 
-    def late_file(new, where):
+    def late_file(new, where, *rest):
         (where / "late.txt").write_text("written during the run")
-        return swap(new, where)
+        return swap(new, where, *rest)
 
     monkeypatch.setattr(release, "_swap_into_place", late_file)
     status, _, err = run(["run", str(r)], capsys)
@@ -225,6 +250,22 @@ def test_an_export_to_another_filesystem_is_copied(project, capsys, monkeypatch)
     assert status == 0, err
     weights = project / "out" / "model" / "model.safetensors"
     assert weights.stat().st_nlink == 1 and stat.S_IMODE(weights.stat().st_mode) == 0o444
+    assert run(["verify", str(r)], capsys)[0] == 0
+
+
+def test_an_export_is_copied_where_the_kernel_copies_nothing(project, capsys, monkeypatch):
+    # macOS has no copy_file_range, and its sendfile writes only to sockets: a buffered copy then.
+    import errno
+
+    from recipec.store import release
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(release.os, "link", no_links)
+    monkeypatch.setattr(release, "_KERNEL_COPIES", [])
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
     assert run(["verify", str(r)], capsys)[0] == 0
 
 

@@ -96,7 +96,7 @@ def cmd_fmt(args) -> int:
     elif formatted != original:
         from .store.atomic import write_text_atomic
 
-        write_text_atomic(path, formatted)
+        write_text_atomic(path, formatted, follow_links=True)
         sys.stderr.write(f"{args.file}: reformatted\n")
     return 0
 
@@ -226,22 +226,19 @@ def cmd_run(args) -> int:
         options.locked = check_locked(engine)
 
     def record(result) -> None:
-        """The lock (never under --locked: the engine held every node and release to it) and the cache's
-        root, written while the run still holds the cache, so `cache gc` cannot come between."""
+        """The cache's root and the lock (never under --locked: the engine held every node and release to
+        it), written while the run still holds the cache, so `cache gc` cannot come between."""
+        engine.cache.register_root(lock_path(recipe))
         if not args.locked:
             _update_lock(recipe, result.lock)
-        engine.cache.register_root(lock_path(recipe))
 
-    with _tracking(args.log_with, recipe):
-        with progress or contextlib.nullcontext():
-            result = engine.run(then=record)
-    for e in result.exports:
-        if e["moved_aside"]:
-            sys.stderr.write(f"recipec: {e['path']} held files recipec did not write; they were moved to "
-                             f"{e['moved_aside']}\n")
-        if e["replaced_release_of"]:
-            sys.stderr.write(f"recipec: {e['path']} was a release of {e['replaced_release_of']}; it is this "
-                             "recipe's now (give each recipe its own export paths)\n")
+    try:
+        with _tracking(args.log_with, recipe):
+            with progress or contextlib.nullcontext():
+                result = engine.run(then=record)
+    finally:
+        for notice in engine.notices:
+            sys.stderr.write(f"recipec: {notice}\n")
     built = sum(r.status == "built" for r in result.results)
     cached = sum(r.status == "cached" for r in result.results)
     warnings = [w for r in result.results for w in r.warnings]
@@ -308,8 +305,8 @@ def cmd_lock(args) -> int:
 
     def record(result) -> None:  # while the run holds the cache (see cmd_run)
         carried.append(carry_outputs(previous, result.lock))
-        _write_lock(recipe, result.lock)
         engine.cache.register_root(lock_path(recipe))
+        _write_lock(recipe, result.lock)
 
     engine.run(then=record)
     sys.stderr.write(f"wrote {lock_path(recipe)}\n")

@@ -388,8 +388,8 @@ _ENTRIES += [
          "edit that kept its size and time). `run --locked` re-checks the content of every cached result it\n"
          "uses and refuses to release a damaged one; `recipec cache verify` checks the whole cache. Remove\n"
          "the object with `recipec cache rm KEY` and run again: it is rebuilt. A cached result whose file\n"
-         "changed size or time (an edit) is no longer taken as built: every run rebuilds it, warning with\n"
-         "this code."),
+         "changed size or time (an edit) is no longer taken as built: the next run rebuilds it, warning\n"
+         "with this code."),
     Code("E531", "cache is not a directory", RUNTIME,
          "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
          "recipec creates it when it does not exist."),

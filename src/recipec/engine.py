@@ -109,6 +109,8 @@ class Engine:
         self.versions = toolchain_versions()
         self.cancelled = threading.Event()
         self.importing: threading.Thread | None = None  # torch, imported while the inputs are hashed
+        # What happened to what stood at the export paths, as it happens: said even if a later step fails.
+        self.notices: list[str] = []
 
     def check_rules(self) -> None:
         missing = [n for n in self.program.graph.reachable() if REGISTRY[n.op].builds and REGISTRY[n.op].rule is None]
@@ -346,8 +348,13 @@ class Engine:
                 raise _artifact_failure(export.node, err) from None
             except OSError as err:
                 raise _os_failure(export.node, err) from None
-            written.append(entry | {"moved_aside": str(aside) if aside else None,
-                                    "replaced_release_of": previous if previous not in (None, self.recipe.name) else None})
+            if aside:
+                self.notices.append(f"{export.display} held files that were not the release recipec wrote there; "
+                                    f"they were moved to {aside}")
+            if previous not in (None, self.recipe.name):
+                self.notices.append(f"{export.display} was a release of {previous}; it is this recipe's now "
+                                    "(give each recipe its own export paths)")
+            written.append(entry)
         return written
 
     def _card_sections(self, node: Node, results: list[NodeResult]) -> tuple[str, ...]:

@@ -4,10 +4,9 @@ Every `run` and `lock` registers its lockfile as a root of the cache it used (`C
 An object is live when an existing root's lock names it: a node's `key`, or the object an input's
 pickled weights were converted into, or a data source's records normalized into (`converted_key`).
 Everything else in `objects/` is garbage, and so are roots whose lockfile is gone and the temporaries of
-killed runs. Work directories (checkpoints of
-failed or killed jobs) of keys no lock references are garbage only when asked (`checkpoints=True`): the
-first build of an hours-long node has no lock yet, and its checkpoints are what the next run resumes
-from. No run builds meanwhile: gc holds the cache exclusively, every run holds it shared. A lock that
+killed runs. Work directories (checkpoints of failed or killed jobs) of keys no lock references are
+garbage only when asked (`checkpoints=True`): the first build of an hours-long node has no lock yet, and
+its checkpoints are what the next run resumes from. No run builds meanwhile: gc holds the cache exclusively, every run holds it shared. A lock that
 cannot be read keeps every object: gc never guesses what a root needs.
 """
 

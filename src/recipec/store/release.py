@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -39,8 +40,9 @@ MARKER = ".recipec-release"
 SUMS = "SHA256SUMS"
 MARKER_FORMAT = 1
 EDITABLE_MODE, SHARED_MODE = 0o644, 0o444  # copies are the user's to edit; shared weights are not
-# copy_file_range refuses these pairs of files (across filesystems, or a filesystem without it): sendfile copies.
-_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+# How the kernel says it cannot copy between these two files (across filesystems, a filesystem without the
+# call): the next way of copying is tried.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 @dataclass(frozen=True)
@@ -89,15 +91,19 @@ def is_release(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == MARKER_FORMAT
 
 
-def release_changes(release: Path) -> list[str]:
+def release_changes(release: Path, sources: dict[str, Path] | None = None) -> list[str]:
     """What was done to a release since recipec wrote it, as "NAME added" / "NAME changed": files its
-    SHA256SUMS does not list, and listed files whose bytes differ from it. A listed file nobody may write
-    (weights: a hard link to the cache or a read-only copy) is taken as written, since hashing gigabytes
-    on every rerun would cost more than it protects; a file edited or put there anew is writable, and is
-    hashed (configs, tokenizer, card: small). A file removed is not a change that loses anyone's work."""
+    SHA256SUMS does not list (a missing SHA256SUMS says nothing is known), and listed files whose bytes
+    differ from it. A writable file (configs, tokenizer, card: small) is hashed. A read-only one (weights)
+    is hashed only when it may have changed, since hashing gigabytes on every rerun would cost more than
+    it protects: with `sources` (name -> the cache file the new release takes it from), not when it is that
+    very file (a hard link); and not when its inode changed no later than SHA256SUMS, which recipec writes
+    last (a write, a chmod or a file moved in all change an inode's ctime, which no one can set back). A
+    file removed is not a change that loses anyone's work."""
     try:
         sums = (release / SUMS).read_text(encoding="utf-8")
         listed = {name: digest for name, digest, _ in _sums_lines(sums)}
+        written = (release / SUMS).stat().st_ctime_ns
     except (OSError, UnicodeDecodeError, ValueError):
         return [f"{SUMS} missing or unreadable"]
     changes = []
@@ -108,9 +114,28 @@ def release_changes(release: Path) -> list[str]:
             changes.append(f"{entry.name} added")
         elif entry.is_symlink() or not entry.is_file():
             changes.append(f"{entry.name} changed")
-        elif entry.stat().st_mode & 0o222 and hash_file(Path(entry.path)) != listed[entry.name]:
+        elif _may_differ(entry, written, (sources or {}).get(entry.name), deep=sources is not None) and \
+                hash_file(Path(entry.path)) != listed[entry.name]:
             changes.append(f"{entry.name} changed")
     return changes
+
+
+def _may_differ(entry: os.DirEntry, written: int, source: Path | None, deep: bool) -> bool:
+    """Whether a listed release file must be hashed to know it is as released (see `release_changes`);
+    read-only files only when `deep`, as writing the release does (check time takes them as written)."""
+    st = entry.stat()
+    if st.st_mode & 0o222:
+        return True
+    if not deep:
+        return False
+    if source is not None:
+        try:
+            theirs = source.stat()
+            if (theirs.st_dev, theirs.st_ino) == (st.st_dev, st.st_ino):
+                return False
+        except OSError:
+            pass
+    return st.st_ctime_ns > written
 
 
 def _sums_lines(text: str) -> Iterator[tuple[str, str, str]]:
@@ -123,26 +148,26 @@ def _sums_lines(text: str) -> Iterator[tuple[str, str, str]]:
         yield name, digest, line
 
 
-def target_state(target: Path) -> str:
+def target_state(target: Path, sources: dict[str, Path] | None = None) -> str:
     """What is at an export target: absent, empty, release (as recipec wrote it), changed (a release
-    with files added or edited since), file, or other (anything recipec did not write). Raises OSError
-    when the target cannot be inspected."""
+    with files added or edited since; `sources` as for `release_changes`), file, or other (anything recipec
+    did not write). Raises OSError when the target cannot be inspected."""
     blocking_file = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
     if blocking_file is not None or (target.exists() and not target.is_dir() and not target.is_symlink()):
         return "file"
     if not os.path.lexists(target):
         return "absent"
     if is_release(target):
-        return "changed" if release_changes(target) else "release"
+        return "changed" if release_changes(target, sources) else "release"
     if not target.is_symlink() and not any(target.iterdir()):
         return "empty"
     return "other"
 
 
-def check_target(target: Path, force: bool) -> str:
+def check_target(target: Path, force: bool, sources: dict[str, Path] | None = None) -> str:
     """What is at `target` (see `target_state`); raises TargetRefused when recipec may not replace it."""
     try:
-        state = target_state(target)
+        state = target_state(target, sources)
     except OSError as err:
         raise TargetRefused("E504", f"cannot export to {target}: {os.strerror(err.errno or 0)} "
                             f"({err.filename or target})",
@@ -156,7 +181,7 @@ def check_target(target: Path, force: bool) -> str:
                             f"recipec replaces only its own releases (those holding `{MARKER}`): export to "
                             "another path, move it away, or run with --force to move it aside (it is kept)")
     if state == "changed" and not force:
-        changes = release_changes(target)
+        changes = release_changes(target, sources)
         shown = ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
         raise TargetRefused("E512", f"{target} is a release recipec wrote, but changed since: {shown}",
                             "recipec replaces only its releases as it wrote them: move your files out of it, "
@@ -179,22 +204,37 @@ def output_lock(target: Path) -> Iterator[None]:
 
 
 def _copy(source: Path, dest: Path, mode: int = EDITABLE_MODE) -> None:
-    """A durable copy, in the kernel (no user-space buffer): copy_file_range, which may share blocks
-    (reflinks) and works within a filesystem, else sendfile, which works across them."""
+    """A durable copy: in the kernel where it can (copy_file_range, which may share blocks and works within
+    a filesystem; sendfile, which works across them on Linux), else through a buffer (macOS)."""
     with open(source, "rb") as src, open(dest, "wb") as dst:
         size, offset = os.fstat(src.fileno()).st_size, 0
-        try:
-            while offset < size and (sent := os.copy_file_range(src.fileno(), dst.fileno(), size - offset,
-                                                                offset, offset)):
-                offset += sent
-        except OSError as err:
-            if err.errno not in _NO_COPY_RANGE:
-                raise
-            os.lseek(dst.fileno(), offset, os.SEEK_SET)
-        while offset < size and (sent := os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)):
-            offset += sent
+        for copy in _KERNEL_COPIES:
+            try:
+                while offset < size and (sent := copy(src.fileno(), dst.fileno(), offset, size - offset)):
+                    offset += sent
+                break
+            except OSError as err:
+                if err.errno not in _NO_KERNEL_COPY:
+                    raise
+        if offset < size:
+            src.seek(offset)
+            dst.seek(offset)
+            shutil.copyfileobj(src, dst, 16 << 20)
         os.fsync(dst.fileno())
     os.chmod(dest, mode)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> int:
+    return os.copy_file_range(src, dst, count, offset, offset)
+
+
+def _send(src: int, dst: int, offset: int, count: int) -> int:
+    os.lseek(dst, offset, os.SEEK_SET)  # sendfile writes at the file's position, copy_file_range did not move
+    return os.sendfile(dst, src, offset, count)
+
+
+_KERNEL_COPIES = [copy for copy, call in ((_copy_range, "copy_file_range"), (_send, "sendfile"))
+                  if hasattr(os, call) and (call != "sendfile" or sys.platform.startswith("linux"))]
 
 
 def _place(source: Path, dest: Path) -> None:
@@ -234,7 +274,8 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
     where the target's previous content was moved aside, if it was). Raises TargetRefused. `accept(release,
     sums)` sees the finished release before it replaces anything: what it raises leaves the target as it was."""
     with output_lock(target):
-        state = check_target(target, force)  # again, under the lock: the target may have changed since the plan
+        sources = {f.name: f.source for f in files if f.source is not None}
+        state = check_target(target, force, sources)  # again, under the lock, weights too: it may have changed
         tmp = target.parent / f"{TMP_PREFIX}{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -249,7 +290,7 @@ def write_release(files: list[ReleaseFile], target: Path, recipe_name: str, dige
             if accept is not None:
                 accept(tmp, sums)
             aside = _move_aside(target) if state in ("other", "changed") else None
-            aside = _swap_into_place(tmp, target) or aside
+            aside = _swap_into_place(tmp, target, sources) or aside
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return sums, aside
@@ -289,7 +330,7 @@ def _aside_name(target: Path) -> Path:
     return aside
 
 
-def _swap_into_place(new: Path, target: Path) -> Path | None:
+def _swap_into_place(new: Path, target: Path, sources: dict[str, Path]) -> Path | None:
     """Rename the finished release to `target`. Only recipec's own previous release, as it wrote it, is
     removed: looked at again once renamed away, so a file added to it meanwhile moves it aside instead
     (returned: where it is kept). An empty directory is replaced by the rename itself, and anything else
@@ -302,7 +343,7 @@ def _swap_into_place(new: Path, target: Path) -> Path | None:
     fsync_dir(target.parent)
     if old is None:
         return None
-    if release_changes(old):
+    if release_changes(old, sources):
         aside = _aside_name(target)
         os.rename(old, aside)
         return aside

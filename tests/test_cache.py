@@ -312,3 +312,13 @@ def test_cache_commands_on_no_cache_create_none(tmp_path, capsys, action, status
     missing = tmp_path / "no-cache-here"
     code, _, err = run(["cache", *action, "--cache", str(missing)], capsys)
     assert code == status and f"there is no cache at {missing}" in err and not missing.exists()
+
+
+def test_a_link_planted_in_the_cache_is_replaced_not_followed(tmp_path):
+    cache = Cache(tmp_path / "cache")
+    cache.home.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the cache's")
+    (cache.home / "digests.json").symlink_to(victim)
+    cache.remember_digest("identity", "blake3:" + "0" * 64)
+    assert victim.read_text() == "not the cache's" and not (cache.home / "digests.json").is_symlink()

@@ -26,6 +26,7 @@ work directory around it is the rule's.
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import json
 import os
@@ -86,17 +87,36 @@ def _environment() -> dict[str, str]:
 
 
 def process_identity(pid: int) -> str:
-    """`pid` with its start time where the system says it (Linux's /proc), so that a pid reused by
-    another process is not taken for the one that ended."""
+    """`pid` with its start time and where it can be seen from (this boot of this machine, this pid
+    namespace; Linux's /proc), so that a pid reused by another process is not taken for the one that
+    ended, and a worker elsewhere (another host under srun, another namespace under a container
+    launcher) does not take an unrelated process for its driver."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-        return f"{pid}:{fields[19]}"  # field 22, starttime, counted from the state (field 3)
+        return f"{pid}:{fields[19]}:{_visibility()}"  # field 22, starttime, counted from the state (field 3)
     except (OSError, IndexError):
         return str(pid)
 
 
+def _visibility() -> str:
+    """This machine's boot and this process's pid namespace: where a pid means the same process."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def can_watch(identity: str) -> bool:
+    """Whether this process sees the pids the process `identity` describes does (same machine, same pid
+    namespace); elsewhere its pid means nothing here."""
+    parts = identity.split(":", 2)
+    return len(parts) < 3 or parts[2] == _visibility()
+
+
 def is_running(identity: str) -> bool:
-    """Whether the process `process_identity` described is still running (a zombie is not)."""
+    """Whether the process `process_identity` described is still running (a zombie is not); call only
+    where `can_watch` it."""
     pid = int(identity.split(":")[0])
     try:
         os.kill(pid, 0)
@@ -112,19 +132,31 @@ def is_running(identity: str) -> bool:
     return process_identity(pid) == identity or ":" not in identity
 
 
-def hold_work(work: Path, exclusive: bool, waiting: str | None = None) -> int:
+def hold_work(work: Path, exclusive: bool, waiting: str | None = None) -> int | None:
     """A lock on the work directory itself (no file is left behind): workers hold it shared while they
     live; a driver takes it exclusively, saying `waiting` if it must wait, before it launches. Returns
-    the descriptor that holds it."""
-    work.mkdir(parents=True, exist_ok=True)
+    the descriptor that holds it; None where the filesystem locks no directory (NFS), where only the
+    workers' watch on their driver remains. A driver creates the directory; a worker finds it, or raises
+    FileNotFoundError."""
+    if exclusive:
+        work.mkdir(parents=True, exist_ok=True)
     fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        if waiting:
-            sys.stderr.write(f"recipec: {waiting}\n")
-        fcntl.flock(fd, mode)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                sys.stderr.write(f"recipec: {waiting}\n")
+            fcntl.flock(fd, mode)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -169,8 +201,10 @@ class _Tail:
 def run_launched(job: Job, prefix: list[str]) -> str:
     """Build `job` in a worker process and return the digest its rule returned; a failure becomes a
     `RunFailure`, as if the rule had raised it here."""
-    os.close(hold_work(job.work, exclusive=True,
-                       waiting=f"waiting for the workers of a stopped run building `{job.node.label}` to end"))
+    held = hold_work(job.work, exclusive=True,
+                     waiting=f"waiting for the workers of a stopped run building `{job.node.label}` to end")
+    if held is not None:
+        os.close(held)
     spec = write_spec(job)
     control = spec.parent
     tail = _Tail(control / "progress.jsonl", job)

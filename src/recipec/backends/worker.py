@@ -23,7 +23,7 @@ from pathlib import Path
 from ..store.atomic import write_bytes_atomic
 from . import rule_at
 from .job import Job, Meter, RunFailure
-from .launch import DRIVER_VARIABLE, hold_work, is_running
+from .launch import DRIVER_VARIABLE, can_watch, hold_work, is_running
 
 DRIVER_POLL_SECONDS = 0.5
 
@@ -57,11 +57,15 @@ def _watch(driver: str) -> None:
 
 def run(spec_path: Path) -> int:
     control = spec_path.parent
-    hold_work(control.parent, exclusive=False)  # held until this process ends, however it ends
+    try:
+        hold_work(control.parent, exclusive=False)  # held until this process ends, however it ends
+    except FileNotFoundError:  # its job is over (committed, or cleaned away): nothing to do
+        return 1
     driver = os.environ.get(DRIVER_VARIABLE)
-    if driver is not None:
-        if not is_running(driver):  # started after its driver was killed: another run may be here now
-            return 1
+    watched = driver is not None and can_watch(driver)  # not from another host or pid namespace
+    if watched and not is_running(driver):  # started after its driver was killed: another run may be here
+        return 1
+    if watched:
         threading.Thread(target=_watch, args=(driver,), daemon=True, name="recipec-driver-watch").start()
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     node, inputs = pickle.loads(base64.b64decode(spec["objects"]))

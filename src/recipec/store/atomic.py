@@ -25,14 +25,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, follow_links: bool = False) -> None:
     """Write a file so that readers see the old content or the new, never a mix. A file already there
-    keeps its permissions, and a symbolic link stays one: the file it points to is rewritten (a recipe
-    or lockfile kept elsewhere and linked into a project); a new file is 0644."""
-    path = Path(os.path.realpath(path)) if path.is_symlink() else path
+    keeps its permissions (a new one is 0644). With `follow_links` (a user's file: a recipe, a lockfile,
+    perhaps kept elsewhere and linked into a project), a symbolic link stays one and the file it points to
+    is rewritten; without (recipec's own files), a link put in their place is replaced, never followed."""
+    path = Path(os.path.realpath(path)) if follow_links and path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        mode = stat.S_IMODE(path.lstat().st_mode) if not path.is_symlink() else 0o644
     except FileNotFoundError:
         mode = 0o644
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
@@ -49,8 +50,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: Path, text: str, follow_links: bool = False) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), follow_links)
 
 
 def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:

@@ -130,7 +130,7 @@ def _sorted(value):
 
 
 def write_lock(path: Path, data: dict) -> None:
-    write_text_atomic(path, HEADER + tomli_w.dumps(_sorted({"version": LOCK_VERSION, **data})))
+    write_text_atomic(path, HEADER + tomli_w.dumps(_sorted({"version": LOCK_VERSION, **data})), follow_links=True)
 
 
 def read_lock(path: Path) -> dict | None:

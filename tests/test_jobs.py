@@ -258,6 +258,24 @@ def test_a_launched_worker_dies_with_its_driver(toy, launcher):
         driver.communicate()
 
 
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", "pass"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs unshare and the right to make a pid namespace")
+def test_a_worker_in_another_pid_namespace_runs(toy, capsys):
+    # There the driver's pid names another process, or none: the worker must not take that for its
+    # driver's death (as under a container launcher, or srun on another host).
+    recipe = _recipe(toy, "ns", 'launched_count(base, steps=3, tag="ns")')
+    status, err = _run(recipe, capsys, "--launch", f"unshare --pid --fork --mount-proc {sys.executable}")
+    assert status == 0, err
+    assert [line.split(" pid")[0] for line in _log(toy)] == ["start ns 0", "built ns"]
+
+
 def test_a_new_attempt_waits_for_the_workers_of_a_stopped_one(toy, capsys, monkeypatch):
     from recipec.backends.launch import hold_work
 

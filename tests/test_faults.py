@@ -254,7 +254,7 @@ def test_a_release_interrupted_before_its_swap_leaves_the_previous_one(chat_vect
     before = (release / "SHA256SUMS").read_text()
     chat_vector.write_text(CHAT_VECTOR.replace("0.8", "0.3"))
 
-    def killed(new, target):
+    def killed(new, target, *rest):
         raise KeyboardInterrupt  # the moment before the new release would take the old one's place
 
     monkeypatch.setattr(release_module, "_swap_into_place", killed)

@@ -88,7 +88,7 @@ def check_locked(engine: Engine) -> dict:
         resolved = [hashing._resolve_input(n) for n in reachable if not REGISTRY[n.op].builds]
     now = hashing.lock_data(resolved, [])["inputs"]
     inputs = {n.label: n for n in reachable if not REGISTRY[n.op].builds}
-    shown = {label: n.spans[0].text if label.startswith("%") and n.spans else label for label, n in inputs.items()}
+    shown = {label: n.written_as for label, n in inputs.items()}
     problems += [_drift(recipe, what, span=inputs[label].spans[0] if label in inputs and inputs[label].spans else None)
                  for label, what in inputs_drift(lock["inputs"], now, shown)]
     built = {n.label for n in reachable if REGISTRY[n.op].builds}
@@ -101,9 +101,8 @@ def check_locked(engine: Engine) -> dict:
 
 def _drift(recipe: Path, what: str, hint: str = _RELOCK, span=None) -> Diagnostic:
     """E506: `what` differs from the lock; at `span` (the input's call) where there is one."""
-    if span is not None:
-        return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", span, hint)
-    return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", path=str(recipe), hint=hint)
+    return Diagnostic("E506", f"{what} differs from {lock_path(recipe).name}", span, hint,
+                      path=None if span is not None else str(recipe))
 
 
 def _first_tensor_difference(a: Path, b: Path) -> str | None:

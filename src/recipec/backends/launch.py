@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..store.atomic import pid_exists
 from . import rule_module
 from .job import Job, RunFailure, RunWarning
 
@@ -118,12 +119,8 @@ def is_running(identity: str) -> bool:
     """Whether the process `process_identity` described is still running (a zombie is not); call only
     where `can_watch` it."""
     pid = int(identity.split(":")[0])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_exists(pid):
         return False
-    except PermissionError:  # someone else's: alive
-        pass
     try:
         if Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z"):
             return False

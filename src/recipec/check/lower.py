@@ -93,11 +93,6 @@ def _fmt(q: Fraction) -> str:
     return repr(round(as_float, 6)) if Fraction(repr(as_float)) == q else f"{q.numerator}/{q.denominator}"
 
 
-def _written_as(node: Node) -> str:
-    """A node as the recipe names it: its bound name, else the text that made it (a model string)."""
-    return node.label if node.names or not node.spans else node.spans[0].text
-
-
 def _out_of_range(q: Fraction) -> bool:
     return abs(q) > MAX_MAGNITUDE or (q != 0 and abs(q) < 1 / MAX_MAGNITUDE)
 
@@ -273,7 +268,7 @@ class Lowerer:
             for leaf, c in value.terms:
                 if _out_of_range(c):
                     self.diags.error(
-                        "E302", f"folding this expression gives `{_written_as(leaf)}` the coefficient {_magnitude(c)}, "
+                        "E302", f"folding this expression gives `{leaf.written_as}` the coefficient {_magnitude(c)}, "
                         "out of range", e.span,
                         "coefficients multiply through nested arithmetic (each `0.5*(...)` level halves them) and "
                         "must stay between 1e-300 and 1e300 in magnitude: write the final weights directly")

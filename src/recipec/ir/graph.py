@@ -46,6 +46,11 @@ class Node:
         """How the plan names this node: its first bound name, else `%id`."""
         return self.names[0] if self.names else f"%{self.id}"
 
+    @property
+    def written_as(self) -> str:
+        """How the recipe names this node: its bound name, else the text that made it (`text("a.jsonl")`)."""
+        return self.label if self.names or not self.spans else self.spans[0].text
+
     def __hash__(self) -> int:
         return self.id
 

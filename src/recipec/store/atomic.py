@@ -86,8 +86,11 @@ def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
 def _alive_elsewhere(pid: int) -> bool:
     """Whether `pid` is another process that is running (this machine's: temporaries are made beside
     their entry, and an entry is written by processes of one run)."""
-    if pid == os.getpid():
-        return False  # this process's own leftover, from an attempt that failed
+    return pid != os.getpid() and pid_exists(pid)  # our own leftover is from an attempt that failed
+
+
+def pid_exists(pid: int) -> bool:
+    """Whether a process `pid` exists on this machine (someone else's included; a zombie too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -210,7 +210,7 @@ def test_the_extended_vocabulary_example_feeds_a_chat_vector(tmp_path, capsys):
     shutil.copy(root / "chat_vector_extended.rcp", tmp_path)
     shutil.copytree(root / "data" / "chat_vector_extended", tmp_path / "data" / "chat_vector_extended")
     assert main(["run", str(tmp_path / "chat_vector_extended.rcp")]) == 0, capsys.readouterr().err
-    out = tmp_path / "out" / "zh_chat"
+    out = tmp_path / "out" / "zh_chat_extended"
     weights = load_file(out / "model.safetensors")
     assert len(AutoTokenizer.from_pretrained(str(out))) == 320 + 48 == weights[EMBED].shape[0]
 

@@ -8,7 +8,8 @@ constructor) on its thread's CPU clock and on the wall clock. REPORT.json gets, 
 hashed, calls, CPU seconds, and wall seconds during which at least one thread was hashing (the union of
 the calls' intervals, so two threads hashing at once count once). Works the same on a recipec that hashes
 with SHA-256 only, so the numbers compare across versions. A wrapper costs a few microseconds per call;
-recipec's calls hash a tensor or a chunk of megabytes each.
+recipec's calls hash a tensor or a chunk of megabytes each. Large input models that recipec hashes in a
+worker process are counted too: each request's wall time, its bytes and the worker's CPU time.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ class _Meter:
         self.lock = threading.Lock()
         self.totals: dict[str, dict] = {}
 
-    def timed(self, algorithm: str, nbytes: int, call):
-        cpu, wall = time.thread_time(), time.perf_counter()
+    def timed(self, algorithm: str, nbytes: int, call, cpu_clock=time.thread_time):
+        """Call `call`, counting `nbytes` hashed, the CPU time of `cpu_clock` and the wall time it took."""
+        cpu, wall = cpu_clock(), time.perf_counter()
         try:
             return call()
         finally:
-            cpu, end = time.thread_time() - cpu, time.perf_counter()
+            cpu, end = cpu_clock() - cpu, time.perf_counter()
             with self.lock:
                 entry = self.totals.setdefault(algorithm, {"bytes": 0, "calls": 0, "cpu_seconds": 0.0, "spans": []})
                 entry["bytes"] += nbytes
@@ -93,10 +95,36 @@ def install(meter: _Meter) -> None:
     blake3.blake3 = metered(meter, "blake3", blake3.blake3)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a live process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def install_worker_meter(meter: _Meter) -> None:
+    """Time what recipec hands to its hashing process (store/hash_process.py), where the wrappers above do
+    not reach: each request's wall time from this side, its bytes, and the worker's CPU from /proc."""
+    try:
+        from recipec.store import hash_process
+    except ImportError:  # a recipec that hashes in its own process only
+        return
+    ask = hash_process._Worker.digest
+
+    def timed_ask(worker, files, threads):
+        return meter.timed(CONTENT_ALGORITHM, files.nbytes, lambda: ask(worker, files, threads),
+                           cpu_clock=lambda: process_cpu_seconds(worker.process.pid))
+
+    hash_process._Worker.digest = timed_ask
+
+
+CONTENT_ALGORITHM = "blake3"
+
+
 def main() -> int:
     report, argv = Path(sys.argv[1]), sys.argv[2:]
     meter = _Meter()
     install(meter)
+    install_worker_meter(meter)
     from recipec.cli import entry  # as the `recipec` command runs, exit included
 
     sys.argv = ["recipec", *argv]

@@ -69,9 +69,9 @@ def input_digest(files: ModelFiles, cache: Cache, threads: int, rehash: bool) ->
     identity = weights_identity(files.root)
     weights = cache.known_digests().get(identity)
     if not weights or rehash:
-        from ..store.digests import hash_weights  # reads every weight
+        from ..store.hash_process import weights_digest  # reads every weight
 
-        weights = hash_weights(files, threads)
+        weights = weights_digest(files, threads)
         cache.remember_digest(identity, weights)
     return model_dir_digest(files.root, weights)
 

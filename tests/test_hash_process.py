@@ -1,0 +1,74 @@
+"""Large input models are hashed in a worker process (so the hashing never waits for the GIL that a
+torch import holds): the same digest as in process, and in process again whenever the worker fails."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_llama, write_model
+from recipec.arch import preset_config
+from recipec.store import hash_process
+from recipec.store.digests import hash_weights
+from recipec.store.model_dir import read_model_dir
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """Every model counts as large; a worker of this test's own, closed at its end."""
+    monkeypatch.setattr(hash_process, "OUT_OF_PROCESS_BYTES", 0)
+    monkeypatch.setattr(hash_process, "_worker", None)
+    monkeypatch.setattr(hash_process, "_worker_unavailable", False)
+    yield
+    if hash_process._worker is not None:
+        hash_process._worker.close()
+
+
+def flip_a_weight_byte(root: Path) -> None:
+    shard = sorted(root.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_the_worker_digests_a_model_as_this_process_does(worker, tmp_path, shards):
+    root = write_model(tmp_path / "m", preset_config("llama", "tiny"), shards=shards)
+    files = read_model_dir(root)
+    before = hash_process.weights_digest(files, threads=2)
+    assert before == hash_weights(files, threads=1)
+    assert hash_process._worker.process.poll() is None  # it was the worker, and it waits for the next model
+
+    flip_a_weight_byte(root)
+    after = hash_process.weights_digest(read_model_dir(root), threads=2)
+    assert after == hash_weights(read_model_dir(root), threads=1) != before
+
+
+def test_a_worker_that_cannot_run_leaves_the_hashing_to_this_process(worker, tmp_path, monkeypatch):
+    files = read_model_dir(tiny_llama(tmp_path / "m"))
+    expected = hash_weights(files, threads=1)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # starts, reads nothing, exits
+    assert hash_process.weights_digest(files, threads=2) == expected
+    assert hash_process._worker.failed  # and is not asked again
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))  # cannot start at all
+    hash_process._worker = None
+    assert hash_process.weights_digest(files, threads=2) == expected
+
+
+def test_a_model_the_worker_cannot_read_is_reported_by_this_process(worker, tmp_path):
+    root = tiny_llama(tmp_path / "m")
+    files = read_model_dir(root)
+    (root / "model.safetensors").unlink()  # gone between reading the header and hashing
+    with pytest.raises(OSError):
+        hash_process.weights_digest(files, threads=2)
+    assert hash_process._worker.process.poll() is None  # the worker answered, and still serves
+
+
+def test_the_worker_ends_when_its_parent_closes_it(worker, tmp_path):
+    files = read_model_dir(tiny_llama(tmp_path / "m"))
+    hash_process.weights_digest(files, threads=1)
+    process = hash_process._worker.process
+    hash_process._worker.close()
+    assert process.poll() == 0

@@ -431,21 +431,28 @@ class Lowerer:
                 ok = ok and node is not None
                 inputs.append(node)
         raw: dict[str, Any] = {}
+        arguments_ok = True
         for key, arg in bound.items():
             if isinstance(arg, ast.Name) and arg.id not in module.scope and arg.id in _choices(op, key):
                 self.diags.error("E101", f"unknown name `{arg.id}`", arg.span,
                                  f"`{key}` takes a string: did you mean `{key}=\"{arg.id}\"`?")
-                ok = False
+                arguments_ok = False
                 continue
             value = self.expr(module, arg)
             converted = _python(value)
             if converted is _NOT_A_PARAM:
                 if not isinstance(value, Poison):
                     self.diags.error("E206", f"`{key}` takes a plain value, not {_describe(value)}", arg.span)
-                ok = False
+                arguments_ok = False
                 continue
             raw[key] = converted
-        if not ok:
+        if not (ok and arguments_ok):
+            if arguments_ok and not any(inp.kind == LINEAR for inp in op.inputs):
+                # An input failed (often upstream): the arguments are still checked, as they do not
+                # depend on it, so that every problem of the recipe is reported at once.
+                params = self._params(op, raw, ctx)
+                if params is not None:
+                    op.check_params(ctx, params)
             return POISON
         if linear_input is not None:
             node = self.combine(module, linear_input, e.span, raw, ctx.arg_spans, allow_delta=True)
@@ -502,8 +509,14 @@ class Lowerer:
         return bound if ok else None
 
     def _validated(self, op: type[Op], inputs: list[Node], raw: dict[str, Any], ctx: Context) -> Node | None:
+        params = self._params(op, raw, ctx)
+        return self._apply(op, inputs, params, ctx) if params is not None else None
+
+    @staticmethod
+    def _params(op: type[Op], raw: dict[str, Any], ctx: Context):
+        """The op's validated `Params`, or None after reporting every argument that is wrong."""
         try:
-            params = op.Params(**raw)
+            return op.Params(**raw)
         except ValidationError as err:
             reported: set[str] = set()
             for problem in err.errors():
@@ -512,10 +525,11 @@ class Lowerer:
                     reported.add(name)
                     _report_param_error(op, problem, raw, ctx)
             return None
-        return self._apply(op, inputs, params, ctx)
 
     def _apply(self, op: type[Op], inputs: list[Node], params, ctx: Context) -> Node | None:
         errors_before = len(ctx.diags.errors)
+        if not op.check_params(ctx, params):
+            return None
         out: Type = op.output_type(ctx, inputs, params)
         if len(ctx.diags.errors) > errors_before or out.kind is Kind.ERROR:
             return None

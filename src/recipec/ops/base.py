@@ -102,6 +102,11 @@ class Context:
         self.diags.error(code, message, self.arg_spans.get(arg, self.span) if arg else self.span, hint, notes)
         return ERROR_TYPE
 
+    def reject(self, code: str, message: str, arg: str | None = None, hint: str | None = None) -> bool:
+        """Report an error at an argument (or the call) and return False, as `check_params` does."""
+        self.error(code, message, arg, hint)
+        return False
+
 
 ERROR_TYPE = Type(Kind.ERROR)
 
@@ -123,8 +128,17 @@ class Op:
     Params: ClassVar[type[Params]] = Params
 
     @classmethod
+    def check_params(cls, ctx: Context, params: Params) -> bool:
+        """Checks of the arguments that need no input's type (choices given together, bounds that depend on
+        one another; `ctx.given` says which inputs the call passes). Run before `output_type`, and also when
+        an input failed (often upstream), so that every problem of a recipe is reported at once. Reports
+        through `ctx`; False when anything is wrong."""
+        return True
+
+    @classmethod
     def output_type(cls, ctx: Context, inputs: list[Node], params: Params) -> Type:
-        """The type of the op's result, checking its inputs; reports through `ctx`."""
+        """The type of the op's result, checking its inputs (its parameters passed `check_params`);
+        reports through `ctx`."""
         raise NotImplementedError
 
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..ir.types import Kind, Type
-from .base import ERROR_TYPE, Context, Cost, Input, Op, register
+from .base import Context, Cost, Input, Op, register
 from .train import (
     TrainParams,
     check_training,
@@ -64,10 +64,12 @@ class Distill(Op):
     Params = DistillParams
 
     @classmethod
+    def check_params(cls, ctx, params):
+        return check_training(ctx, params)
+
+    @classmethod
     def output_type(cls, ctx, inputs, params):
         teacher, student = inputs[0], inputs[1]
-        if not check_training(ctx, params):
-            return ERROR_TYPE
         for node in (teacher, student):
             positions = _positions(node, ctx)
             if positions is not None and params.seq_len > positions:

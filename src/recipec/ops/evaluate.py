@@ -198,18 +198,23 @@ class Eval(Op):
                                                   "keeps them all)")
 
     @classmethod
-    def output_type(cls, ctx, inputs, params):
-        has_corpus, has_prompts = ctx.given.get("corpus"), bool(ctx.given.get("prompts") or params.prompts)
+    def check_params(cls, ctx, params):
+        has_corpus, has_prompts = ctx.given.get("corpus"), _has_prompts(ctx, params)
         if not (has_corpus or has_prompts):
-            return ctx.error("E475", "eval has nothing to measure: give it `corpus=`, `prompts=` or both",
-                             hint='e.g. eval(base, chat, corpus=text("data/*.jsonl"), '
-                                  'prompts=chat("data/prompts.jsonl"), language="en")')
+            return ctx.reject("E475", "eval has nothing to measure: give it `corpus=`, `prompts=` or both",
+                              hint='e.g. eval(base, chat, corpus=text("data/*.jsonl"), '
+                                   'prompts=chat("data/prompts.jsonl"), language="en")')
         if params.language is not None and not _check_language(ctx, params.language, has_prompts):
-            return ERROR_TYPE
+            return False
         if params.stride is not None and params.seq_len is not None and params.stride > params.seq_len:
-            return ctx.error("E480", f"stride={params.stride} is longer than seq_len={params.seq_len}: tokens "
-                             "between windows would never be scored", "stride",
-                             f"use a stride of at most {params.seq_len}")
+            return ctx.reject("E480", f"stride={params.stride} is longer than seq_len={params.seq_len}: tokens "
+                              "between windows would never be scored", "stride",
+                              f"use a stride of at most {params.seq_len}")
+        return True
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
+        has_corpus, has_prompts = ctx.given.get("corpus"), _has_prompts(ctx, params)
         if has_prompts and not _check_prompt_set(ctx, inputs, params):
             return ERROR_TYPE
         models = [n for n in inputs if n.type.kind is Kind.MODEL]
@@ -261,6 +266,11 @@ def _prompt_count(path: Path) -> int:
         return len(read_prompt_lines(path.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, PromptError):
         return 0
+
+
+def _has_prompts(ctx, params) -> bool:
+    """Whether the call gives prompts: a `chat(...)` dataset, or a JSON-lines file's path."""
+    return bool(ctx.given.get("prompts") or params.prompts)
 
 
 def _check_language(ctx: Context, language: str, has_prompts: bool) -> bool:

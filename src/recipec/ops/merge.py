@@ -68,25 +68,19 @@ class Merge(Op):
     internal = frozenset({"with_base"})
 
     @classmethod
-    def output_type(cls, ctx: Context, inputs, params):
+    def check_params(cls, ctx: Context, params) -> bool:
         with_base = bool(ctx.given.get("base"))
-        models = inputs[:-1] if with_base else inputs
         method = params.method
         if method in NEEDS_BASE and not with_base:
-            return ctx.error("E204", f"method `{method}` needs `base=`", "method",
-                             "name the model the others were fine-tuned from: "
-                             f"merge(a, b, base=..., method=\"{method}\")")
+            return ctx.reject("E204", f"method `{method}` needs `base=`", "method",
+                              "name the model the others were fine-tuned from: "
+                              f"merge(a, b, base=..., method=\"{method}\")")
         if method not in NEEDS_BASE and with_base:
-            return ctx.error("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
-        if method == "slerp" and len(models) != 2:
-            return ctx.error("E205", f"slerp interpolates exactly 2 models, got {len(models)}", "models")
-        if params.weights is not None and len(params.weights) != len(models):
-            return ctx.error("E203", f"`weights` has {len(params.weights)} entries for {len(models)} models", "weights",
-                             "give one weight per model, in order")
+            return ctx.reject("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
         bad = out_of_scale(params.weights or ())
         if bad is not None:
-            return ctx.error("E203", f"`weights` has {bad:g}; weights must be finite and within ±{MAX_SCALE:g}",
-                             "weights", SCALE_HINT)
+            return ctx.reject("E203", f"`weights` has {bad:g}; weights must be finite and within ±{MAX_SCALE:g}",
+                              "weights", SCALE_HINT)
         for name in ctx.arg_spans:  # in the order the call gives them
             if name in TUNING_PARAMS and name not in METHOD_PARAMS[method]:
                 users = [m for m, names in METHOD_PARAMS.items() if name in names]
@@ -94,8 +88,18 @@ class Merge(Op):
                             f"remove `{name}`, or choose a method that uses it: "
                             + ", ".join(f'"{m}"' for m in users))
         if params.normalize and params.weights is not None and sum(params.weights) == 0:
-            return ctx.error("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
-                             "give weights that do not sum to 0, or drop `normalize`")
+            return ctx.reject("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
+                              "give weights that do not sum to 0, or drop `normalize`")
+        return True
+
+    @classmethod
+    def output_type(cls, ctx: Context, inputs, params):
+        models = inputs[:-1] if ctx.given.get("base") else inputs
+        if params.method == "slerp" and len(models) != 2:
+            return ctx.error("E205", f"slerp interpolates exactly 2 models, got {len(models)}", "models")
+        if params.weights is not None and len(params.weights) != len(models):
+            return ctx.error("E203", f"`weights` has {len(params.weights)} entries for {len(models)} models", "weights",
+                             "give one weight per model, in order")
         vocab_policy = params.embeddings in ("keep", "overlap")
         return check_same_architecture(ctx, list(inputs), Kind.MODEL, params.dtype, "models", vocab_policy,
                                        MERGE_POLICY_HINT)

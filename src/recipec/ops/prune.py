@@ -247,31 +247,33 @@ class Prune(Op):
         shuffle_buffer: int = Field(1024, gt=0, description="packed sequences shuffled together")
 
     @classmethod
-    def output_type(cls, ctx, inputs, params):
+    def check_params(cls, ctx, params):
         structured = params.heads is not None or params.ffn is not None
         if params.sparsity is None and not structured:
-            return ctx.error("E456", "prune needs `sparsity=`, `heads=` or `ffn=`",
-                             hint="e.g. prune(model, sparsity=0.5) or prune(model, heads=0.25, ffn=0.5)")
+            return ctx.reject("E456", "prune needs `sparsity=`, `heads=` or `ffn=`",
+                              hint="e.g. prune(model, sparsity=0.5) or prune(model, heads=0.25, ffn=0.5)")
         if params.sparsity is not None and structured:
-            return ctx.error("E456", "prune zeroes weights (`sparsity=`) or removes heads and neurons "
-                             "(`heads=`, `ffn=`), not both in one call", "sparsity",
-                             "chain two calls: prune(prune(model, heads=0.25), sparsity=0.5)")
+            return ctx.reject("E456", "prune zeroes weights (`sparsity=`) or removes heads and neurons "
+                              "(`heads=`, `ffn=`), not both in one call", "sparsity",
+                              "chain two calls: prune(prune(model, heads=0.25), sparsity=0.5)")
         if params.score == "gradient" and not ctx.given.get("data"):
-            return ctx.error("E454", "`score=\"gradient\"` needs `data=`: the gradient is taken on a corpus",
-                             "score", "e.g. prune(model, heads=0.25, score=\"gradient\", data=text(\"d/*.txt\"))")
+            return ctx.reject("E454", "`score=\"gradient\"` needs `data=`: the gradient is taken on a corpus",
+                              "score", "e.g. prune(model, heads=0.25, score=\"gradient\", data=text(\"d/*.txt\"))")
         if ctx.given.get("data") and not (structured and params.score == "gradient"):
-            return ctx.error("E454", "`data=` is only read by `score=\"gradient\"`", "data",
-                             "add score=\"gradient\" (with heads= or ffn=), or drop data=")
+            return ctx.reject("E454", "`data=` is only read by `score=\"gradient\"`", "data",
+                              "add score=\"gradient\" (with heads= or ffn=), or drop data=")
         for name in ("seq_len", "batch", "max_sequences"):
             if getattr(params, name) < 1:
-                return ctx.error("E454", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
+                return ctx.reject("E454", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
         for name in ("sparsity", "heads", "ffn"):
             value = getattr(params, name)
             if value is not None and not 0 <= value < 1:
-                return ctx.error("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
-                                 f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
-        if not check_schedule(ctx, params):
-            return ERROR_TYPE
+                return ctx.reject("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
+                                  f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
+        return check_schedule(ctx, params)
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
         sig = inputs[0].type.signature
         if sig is None:
             return Type(Kind.MODEL, None)  # known once the model is locked
@@ -434,21 +436,21 @@ def check_rounds(ctx: Context, sig: Signature, params) -> bool:
     if family is not None and (family not in CAUSAL_FAMILIES or layer_prefix(family, sig.by_name) not in
                                (None, LAYOUTS[family].prefixes[0])):
         what = "an encoder" if family not in CAUSAL_FAMILIES else "a headless model (no LM head)"
-        return not ctx.error("E489", f"recovery training is next-token training of a causal LM, and this {family} "
-                             f"model is {what}", "retrain", "prune it once (drop steps= and retrain=), then "
-                             "fine-tune it with its own objective; iterative pruning supports "
-                             + " and ".join(CAUSAL_FAMILIES) + " models with their LM head")
+        return ctx.reject("E489", f"recovery training is next-token training of a causal LM, and this {family} "
+                              f"model is {what}", "retrain", "prune it once (drop steps= and retrain=), then "
+                              "fine-tune it with its own objective; iterative pruning supports "
+                              + " and ".join(CAUSAL_FAMILIES) + " models with their LM head")
     facts = sig.facts
     if facts is not None and facts.positions is not None and params.seq_len > facts.positions:
-        return not ctx.error("E433", f"seq_len={params.seq_len} is beyond the model's {facts.positions} positions",
-                             "seq_len", f"set `seq_len` to at most {facts.positions}")
+        return ctx.reject("E433", f"seq_len={params.seq_len} is beyond the model's {facts.positions} positions",
+                              "seq_len", f"set `seq_len` to at most {facts.positions}")
     nm = PATTERNS[params.pattern] if params.sparsity is not None else None
     if nm is not None and (nm[1] - nm[0]) % params.steps:
         valid = [s for s in range(1, nm[1] - nm[0] + 1) if (nm[1] - nm[0]) % s == 0]
-        return not ctx.error("E488", f"pattern {params.pattern} zeroes {nm[1] - nm[0]} of every {nm[1]} weights: "
-                             f"{params.steps} rounds cannot zero equal whole numbers of them", "steps",
-                             f"valid steps: {', '.join(map(str, valid))} (round r keeps "
-                             f"{nm[1]} - {nm[1] - nm[0]}·r/steps of every {nm[1]})")
+        return ctx.reject("E488", f"pattern {params.pattern} zeroes {nm[1] - nm[0]} of every {nm[1]} weights: "
+                              f"{params.steps} rounds cannot zero equal whole numbers of them", "steps",
+                              f"valid steps: {', '.join(map(str, valid))} (round r keeps "
+                              f"{nm[1]} - {nm[1] - nm[0]}·r/steps of every {nm[1]})")
     if params.heads and params.uniform and facts is not None:
         def fits(rounds: int) -> bool:
             return all(isinstance(heads_removed(facts, params.heads * r / rounds), list)
@@ -456,10 +458,10 @@ def check_rounds(ctx: Context, sig: Signature, params) -> bool:
         if not fits(params.steps):
             most = max(groups(facts, i)[0] for i in range(facts.layers))
             valid = [s for s in range(1, most + 1) if fits(s)]
-            return not ctx.error("E488", f"heads={params.heads:g} in {params.steps} equal rounds removes a "
-                                 "fraction of a key/value group in some round", "steps",
-                                 f"valid steps: {', '.join(map(str, valid))}; or uniform=false, which ranks "
-                                 "heads across layers")
+            return ctx.reject("E488", f"heads={params.heads:g} in {params.steps} equal rounds removes a "
+                                  "fraction of a key/value group in some round", "steps",
+                                  f"valid steps: {', '.join(map(str, valid))}; or uniform=false, which ranks "
+                                  "heads across layers")
     return True
 
 

@@ -69,13 +69,20 @@ def layer_count(model_type: str, names) -> int:
 
 # --- drop_layers ------------------------------------------------------------------------------------------
 
+def selection_problem(keep: float | None, layers: list[int] | None) -> SelectionError | None:
+    """What is wrong with how the layers kept are chosen, whatever the model: not exactly one way."""
+    if (keep is None) == (layers is None):
+        return SelectionError("drop_layers needs exactly one of `keep=` or `layers=`",
+                              "e.g. keep=0.5 keeps every other layer; layers=[0, 2] keeps those two")
+    return None
+
+
 def kept_layers(count: int, keep: float | None, layers: list[int] | None) -> tuple[int, ...]:
     """The indices of the layers kept, in order. `keep`: a whole number is a count, a number below 1 a fraction,
     evenly spaced from the first layer (index ⌊i·count/kept⌋: keep=0.5 keeps every other layer); `layers`: the
     indices themselves. Raises SelectionError."""
-    if (keep is None) == (layers is None):
-        raise SelectionError("drop_layers needs exactly one of `keep=` or `layers=`",
-                             "e.g. keep=0.5 keeps every other layer; layers=[0, 2] keeps those two")
+    if (problem := selection_problem(keep, layers)) is not None:
+        raise problem
     if layers is not None:
         if not layers:
             raise SelectionError("`layers` is empty: a model needs at least one layer",
@@ -150,12 +157,14 @@ class DropLayers(Op):
         layers: list[int] | None = Field(None, description="the indices of the layers kept, in increasing order")
 
     @classmethod
+    def check_params(cls, ctx, params):
+        problem = selection_problem(params.keep, params.layers)
+        return problem is None or ctx.reject("E459", problem.message, problem.arg, problem.hint)
+
+    @classmethod
     def output_type(cls, ctx, inputs, params):
         sig = inputs[0].type.signature
         if sig is None:
-            if (params.keep is None) == (params.layers is None):
-                return ctx.error("E459", "drop_layers needs exactly one of `keep=` or `layers=`",
-                                 hint="e.g. keep=0.5 keeps every other layer; layers=[0, 2] keeps those two")
             return Type(Kind.MODEL, None)  # the layers are known once the model is
         count = _check_supported(ctx, sig)
         if count is None:
@@ -324,12 +333,16 @@ class Lowrank(Op):
     Params = LowrankParams
 
     @classmethod
-    def output_type(cls, ctx, inputs, params):
+    def check_params(cls, ctx, params):
         given = [n for n in ("rank", "ratio", "energy") if getattr(params, n) is not None]
         if len(given) != 1:
-            return ctx.error("E461", f"lowrank needs exactly one of `rank=`, `ratio=`, `energy=` (got "
-                                     f"{', '.join(given) or 'none'})", given[1] if len(given) > 1 else None,
-                             "e.g. ratio=0.5 keeps half of each linear's parameters")
+            return ctx.reject("E461", f"lowrank needs exactly one of `rank=`, `ratio=`, `energy=` (got "
+                                      f"{', '.join(given) or 'none'})", given[1] if len(given) > 1 else None,
+                              "e.g. ratio=0.5 keeps half of each linear's parameters")
+        return True
+
+    @classmethod
+    def output_type(cls, ctx, inputs, params):
         sig = inputs[0].type.signature
         if sig is None:
             return Type(Kind.MODEL, None)

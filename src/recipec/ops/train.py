@@ -82,10 +82,12 @@ class _Training(Op):
     uses_template = False
 
     @classmethod
+    def check_params(cls, ctx: Context, params) -> bool:
+        return check_training(ctx, params)
+
+    @classmethod
     def output_type(cls, ctx: Context, inputs, params):
         model = inputs[0]
-        if not check_training(ctx, params):
-            return ERROR_TYPE
         config = model_config(model, ctx.recipe_dir)
         positions = _positions(model, config)
         if positions is not None and params.seq_len > positions:

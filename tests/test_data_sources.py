@@ -164,6 +164,17 @@ def test_malformed_data_is_reported_all_at_once_by_file_and_line(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_a_glob_of_only_empty_files_is_found_by_check(tmp_path, capsys, toy):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/a.txt").write_text("")
+    (tmp_path / "d/b.txt").write_text("")
+    recipe = write_recipe(tmp_path, 'x = tally(text("d/*.txt"))\nexport x to "out/x"\n')
+    status, _, err = run(["check", str(recipe)], capsys)
+    assert status == 66 and "r.rcp:2:16: error[E405]: 'd/*.txt' matches only empty files (2, " in err, err
+    (tmp_path / "d/b.txt").write_text("one line\n")
+    assert run(["check", str(recipe)], capsys)[0] == 0  # one file with data is enough
+
+
 def test_chat_records_are_validated_and_normalized(tmp_path, capsys, toy):
     (tmp_path / "sft.jsonl").write_text(
         '{"messages": [{"role": "user", "content": "hi", "extra": 1}, {"role": "assistant", "content": "yo"}]}\n'

@@ -177,7 +177,8 @@ _ENTRIES = [
          "reads (`vocab_size`, `hidden_size`, `num_hidden_layers`, ...) with the wrong type, e.g. a string\n"
          "where transformers needs an integer. The message names the field."),
     Code("E405", "no data files", MISSING,
-         "A corpus or dataset glob matches no files. Globs are relative to the recipe's directory."),
+         "A corpus or dataset glob matches no files, or only empty ones. Globs are relative to the recipe's\n"
+         "directory."),
     Code("E440", "tokenizer vocabulary too small", RECIPE,
          "`tokenizer(corpus, vocab_size=N)` trains a byte-level BPE: its vocabulary holds the 256 bytes, the\n"
          "special tokens (`<s>`, `</s>`, `<pad>`, `special_tokens=`, the chat template's markers) and at least\n"

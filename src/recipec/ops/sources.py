@@ -357,6 +357,10 @@ def _data_files(ctx: Context, pattern: str) -> list[Path] | None:
         ctx.error("E405", f"{pattern!r} matches no files (relative to {ctx.recipe_dir})", "glob",
                   "check the pattern; `**` matches directories recursively")
         return None
+    if not any(p.stat().st_size for p in files):  # caught here, not after a run has started training on it
+        ctx.error("E405", f"{pattern!r} matches only empty files ({len(files)}, relative to {ctx.recipe_dir})",
+                  "glob", "write the data first, or point the pattern at the files that hold it")
+        return None
     return files
 
 

@@ -47,13 +47,37 @@ def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
     assert objects(cache) == before
     _, out, _ = run(["plan", "--cache", str(cache), str(merges)], capsys)
     assert f"Plan: 0 to build, {3 + MERGES} cached" in out
-    # Once merge_methods' lock is gone, nothing keeps its merges.
-    merges.with_name(merges.name + ".lock").unlink()
+    # Once merge_methods' lock is gone, its merges are kept (the project may have moved) until asked for.
+    merges_lock = merges.with_name(merges.name + ".lock").resolve()
+    merges_lock.unlink()
     status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and "removed 0 objects" in err and "used by 1 lockfile" in err
+    assert f"kept {MERGES} objects (" in err and f"for {merges_lock}, which is gone: moved or deleted?" in err
+    _, out, _ = run(["cache", "ls", "--cache", str(cache)], capsys)
+    assert out.count(f"kept for {merges_lock}, which is gone") == MERGES
+    status, out, err = run(["cache", "gc", "--forget-missing", "--cache", str(cache)], capsys)
     assert status == 0 and f"removed {MERGES} objects" in err and "used by 1 lockfile" in err
-    assert f"forgot {merges.with_name(merges.name + '.lock').resolve()}: the lockfile is gone" in out
+    assert f"forgot {merges_lock}: the lockfile is gone" in out
     assert objects(cache) == set(lock_keys(quickstart).values())
     assert len(list(Cache(cache).roots.iterdir())) == 1
+
+
+def test_gc_keeps_a_moved_project_s_objects_and_forgets_its_old_place_once_it_ran_again(shared, capsys):
+    cache, quickstart, merges = shared
+    before = objects(cache)
+    moved = quickstart.parent / "moved"
+    copy_example(moved, quickstart.name)  # the project's other files
+    for name in (quickstart.name, quickstart.name + ".lock"):
+        shutil.move(quickstart.with_name(name), moved / name)
+    status, _, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and "removed 0 objects" in err and "which is gone: moved or deleted?" in err
+    assert objects(cache) == before
+    status, _, err = run(["run", "--cache", str(cache), str(moved / quickstart.name)], capsys)
+    assert status == 0 and "Built 0," in err, err
+    status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and "removed 0 objects" in err and "which is gone" not in err
+    assert f"forgot {quickstart.with_name(quickstart.name + '.lock').resolve()}: the lockfile is gone" in out
+    assert objects(cache) == before
 
 
 def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, capsys):

@@ -137,7 +137,7 @@ def test_the_lock_and_the_caches_root_are_written_while_the_run_holds_the_cache(
 
     held = []
 
-    def register_root(cache, lock):
+    def register_root(cache, lock, references):
         with open(cache.home / ".lock", "a+") as probe:
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -7,6 +7,7 @@ reports. Sizes are in binary units (KiB, MiB, GiB), as everywhere in recipec.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -34,7 +35,9 @@ def run_cache_action(args) -> int:
     if args.action == "verify":
         return verify_cache(cache, args.threads or os.cpu_count() or 1)
     try:
-        return collect_garbage(cache, recipe, args.dry_run, args.checkpoints) if args.action == "gc" else remove_objects(cache, args.keys)
+        if args.action == "gc":
+            return collect_garbage(cache, recipe, args.dry_run, args.checkpoints, args.forget_missing)
+        return remove_objects(cache, args.keys)
     except PermissionError as err:  # a read-only cache can be listed and used, not pruned
         sys.stderr.write(f"recipec: cannot change the cache {cache.root}: {err.strerror}: {err.filename}\n")
         return 1
@@ -106,7 +109,9 @@ def list_all(cache: Cache) -> int:
                      f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
     for path in objects:
         users = found.users.get(path.name)
+        missing = found.kept_for_missing.get(path.name)
         note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
+                else f"kept for {', '.join(sorted(map(str, missing)))}, which is gone" if missing
                 else "unused: `recipec cache gc` removes it")
         sys.stdout.write(_row(path, apparent_size(path), note))
     stale = set(found.stale_work)
@@ -121,15 +126,20 @@ def _tree_size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoints: bool = False) -> int:
+def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoints: bool = False,
+                    forget_missing: bool = False) -> int:
     """Remove what no lockfile uses; with `dry_run`, only say what that would be. Checkpoints of unfinished
-    builds go only with `checkpoints`."""
+    builds go only with `checkpoints`; what lockfiles that are gone used, only with `forget_missing`."""
     own_lock = lock_path(recipe) if recipe else None
     extra = (own_lock,) if own_lock and own_lock.is_file() else ()
     with cache.locked(tidy=False):  # no run may commit an object between deciding and removing
-        found = collect(cache, extra)
+        found = collect(cache, extra, forget_missing)
         _warn_unreadable(found)
-        kept = len(cache.object_dirs()) - len(found.garbage)
+        objects = cache.object_dirs()
+        kept = len(objects) - len(found.garbage)
+        # per lockfile that is gone, the objects kept for it alone (no live lockfile uses them)
+        kept_for = {root.lock: [p for p in objects if p.name in root.references and p.name not in found.users]
+                    for root in found.missing_roots}
         freed = sum(freeable_size(p) for p in found.garbage)
         linked = sum(apparent_size(p) for p in found.garbage) - freed
         work_sizes = {p: _tree_size(p) for p in found.stale_work}
@@ -142,14 +152,19 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         if not dry_run:
             sweep(cache, found, checkpoints)
             for lock in extra:
-                cache.register_root(lock)
+                with contextlib.suppress(ValueError):  # an unreadable lock was reported, and keeps everything
+                    cache.register_root(lock, read_references(lock))
     report += [f"{verb} work directory {p.name[:16]} ({human_bytes(work_sizes[p])}): checkpoints no lockfile "
                "uses\n" for p in dropped]
     sys.stdout.write("".join(report))
     shared = f" ({human_bytes(linked)} more stays on disk: releases hard-link it)" if linked else ""
     sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
-                     f"{'to free' if dry_run else 'freed'}{shared}; kept {kept} used by "
-                     f"{_plural(len(found.live_roots), 'lockfile')}\n")
+                     f"{'to free' if dry_run else 'freed'}{shared}; kept {kept - len(set().union(*kept_for.values()))} "
+                     f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
+    for lock, alone in kept_for.items():
+        sys.stderr.write(f"kept {_plural(len(alone), 'object')} ({human_bytes(sum(map(apparent_size, alone)))}) for "
+                         f"{lock}, which is gone: moved or deleted? Run its recipe where it now is (or name it "
+                         "to gc) to keep them; `recipec cache gc --forget-missing` removes them\n")
     left = [p for p in found.stale_work if p not in dropped]
     if left:
         sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "

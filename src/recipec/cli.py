@@ -228,7 +228,7 @@ def cmd_run(args) -> int:
     def record(result) -> None:
         """The cache's root and the lock (never under --locked: the engine held every node and release to
         it), written while the run still holds the cache, so `cache gc` cannot come between."""
-        engine.cache.register_root(lock_path(recipe))
+        _register_root(engine, recipe, result.lock)
         if not args.locked:
             _update_lock(recipe, result.lock)
 
@@ -263,6 +263,14 @@ def cmd_run(args) -> int:
         sys.stderr.write(f"Built {built}, {cached} cached, {len(result.exports)} exported in "
                          f"{result.seconds:.1f} s{flagged}; lock: {lock_path(recipe)}{' (matches)' if args.locked else ''}\n")
     return 0
+
+
+def _register_root(engine, recipe: Path, lock: dict) -> None:
+    """The recipe's lockfile as a root of the cache the run used, with what the lock references."""
+    from .store.gc import references
+    from .store.lockfile import lock_path
+
+    engine.cache.register_root(lock_path(recipe), references(lock))
 
 
 def _update_lock(recipe: Path, data: dict) -> None:
@@ -305,7 +313,7 @@ def cmd_lock(args) -> int:
 
     def record(result) -> None:  # while the run holds the cache (see cmd_run)
         carried.append(carry_outputs(previous, result.lock))
-        engine.cache.register_root(lock_path(recipe))
+        _register_root(engine, recipe, result.lock)
         _write_lock(recipe, result.lock)
 
     engine.run(then=record)
@@ -481,6 +489,9 @@ def _cache_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--dry-run", action="store_true", help="show what would be removed; change nothing")
     q.add_argument("--checkpoints", action="store_true",
                    help="also remove checkpoints of unfinished builds no lockfile uses (never a running one's)")
+    q.add_argument("--forget-missing", action="store_true",
+                   help="also remove what registered lockfiles that are gone used (kept by default: a project "
+                        "may have moved)")
     q = action("verify", "re-hash every file of every object against the sha256 recorded when it was built",
                "a recipe (locates the cache)")
     q.add_argument("--threads", type=_thread_count, default=0, help="hashing threads (default: all cores)")

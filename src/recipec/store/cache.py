@@ -87,6 +87,26 @@ class CachedObject:
         return self.meta.get("files", {})
 
 
+@dataclass(frozen=True)
+class RegisteredRoot:
+    """A lockfile registered as a user of the cache, as its entry under `roots/` records it."""
+
+    entry: Path  # the file under <cache>/roots
+    lock: Path | None  # None when the entry names nothing readable
+    references: dict[str, list[str]]  # cache key -> labels, when registered (empty in entries before them)
+
+    @classmethod
+    def parse(cls, entry: Path, text: str) -> RegisteredRoot:
+        if not text.startswith("{"):  # an entry written before references were kept: the lock's path alone
+            return cls(entry, Path(text.strip()) if text.strip() else None, {})
+        try:
+            data = json.loads(text)
+            references = {str(k): [str(label) for label in v] for k, v in data.get("references", {}).items()}
+            return cls(entry, Path(data["lock"]), references)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(entry, None, {})
+
+
 class Cache:
     def __init__(self, root: Path):
         self.root = root  # the directory the user names, in every message
@@ -259,12 +279,14 @@ class Cache:
 
     # roots: the lockfiles that use this cache
 
-    def register_root(self, lock: Path) -> None:
+    def register_root(self, lock: Path, references: dict[str, list[str]]) -> None:
         """Record `lock` as a user of this cache so that `cache gc` keeps what it references; a read-only
-        cache that does not know the lock yet gets a warning instead."""
+        cache that does not know the lock yet gets a warning instead. The entry remembers `references`
+        (cache key -> the labels using it, as the lock has them), so that gc can still tell what the lock
+        used once it is gone: moved with its project, or deleted."""
         lock = lock.resolve()
         entry = self.roots / hashlib.sha256(str(lock).encode()).hexdigest()
-        text = f"{lock}\n"
+        text = json.dumps({"lock": str(lock), "references": references}, sort_keys=True) + "\n"
         try:
             if entry.is_file() and entry.read_text(encoding="utf-8") == text:
                 return  # known already: nothing to write, so a read-only cache is fine
@@ -274,19 +296,18 @@ class Cache:
                              f"({os.strerror(err.errno) if err.errno else err}); `recipec cache gc` there "
                              "will not keep its objects\n")
 
-    def registered_roots(self) -> list[tuple[Path, Path | None]]:
-        """(root entry, lockfile it names) for every registered root, whether or not the lock still exists;
-        None for an entry that names nothing readable."""
+    def registered_roots(self) -> list[RegisteredRoot]:
+        """Every registered root, whether or not its lock still exists."""
         if not self.roots.is_dir():
             return []
-        found: list[tuple[Path, Path | None]] = []
+        found: list[RegisteredRoot] = []
         for entry in sorted(self.roots.iterdir()):
             if entry.name.startswith(TMP_PREFIX) or not entry.is_file():
                 continue
             try:
-                found.append((entry, Path(entry.read_text(encoding="utf-8").strip())))
+                found.append(RegisteredRoot.parse(entry, entry.read_text(encoding="utf-8")))
             except (OSError, UnicodeDecodeError):
-                found.append((entry, None))
+                found.append(RegisteredRoot(entry, None, {}))
         return found
 
     # small memo tables: input digests by file identity, this machine's speed per op

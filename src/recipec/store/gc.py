@@ -3,11 +3,18 @@
 Every `run` and `lock` registers its lockfile as a root of the cache it used (`Cache.register_root`).
 An object is live when an existing root's lock names it: a node's `key`, or the object an input's
 pickled weights were converted into, or a data source's records normalized into (`converted_key`).
-Everything else in `objects/` is garbage, and so are roots whose lockfile is gone and the temporaries of
-killed runs. Work directories (checkpoints of failed or killed jobs) of keys no lock references are
-garbage only when asked (`checkpoints=True`): the first build of an hours-long node has no lock yet, and
-its checkpoints are what the next run resumes from. No run builds meanwhile: gc holds the cache exclusively, every run holds it shared. A lock that
-cannot be read keeps every object: gc never guesses what a root needs.
+Everything else in `objects/` is garbage, and so are the temporaries of killed runs.
+
+A root whose lockfile is gone may have been moved with its project, not deleted: gc cannot tell, and a
+rebuild can cost hours of training. Its entry remembers what the lock referenced when it was registered,
+and gc keeps those objects and says so, until they are asked for (`forget_missing`) or every one of them
+is used by a live root again (the project ran where it now is); then the root is forgotten.
+
+Work directories (checkpoints of failed or killed jobs) of keys no lock references are garbage only
+when asked (`checkpoints=True`): the first build of an hours-long node has no lock yet, and its
+checkpoints are what the next run resumes from. No run builds meanwhile: gc holds the cache
+exclusively, every run holds it shared. A lock that cannot be read keeps every object: gc never guesses
+what a root needs.
 """
 
 from __future__ import annotations
@@ -15,14 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache import Cache
+from .cache import Cache, RegisteredRoot as Root
 from .lockfile import read_lock
-
-
-@dataclass(frozen=True)
-class Root:
-    entry: Path  # the file under <cache>/roots that registers the lock
-    lock: Path | None  # None when the entry names nothing readable
 
 
 @dataclass
@@ -32,7 +33,9 @@ class Collection:
     garbage: list[Path] = field(default_factory=list)  # object directories no root references
     users: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)  # key -> [(lock, label)]
     live_roots: list[Root] = field(default_factory=list)
-    dead_roots: list[Root] = field(default_factory=list)  # the lockfile no longer exists
+    dead_roots: list[Root] = field(default_factory=list)  # forgotten: the lockfile is gone, nothing kept for it
+    missing_roots: list[Root] = field(default_factory=list)  # the lockfile is gone; its objects are kept
+    kept_for_missing: dict[str, list[Path]] = field(default_factory=dict)  # key -> the missing locks using it
     unreadable: list[tuple[Root, str]] = field(default_factory=list)  # (root, why): everything is kept
     temporaries: list[Path] = field(default_factory=list)
     stale_work: list[Path] = field(default_factory=list)  # work directories of keys no root references
@@ -67,20 +70,21 @@ def read_references(lock: Path) -> dict[str, list[str]]:
     return references(data)
 
 
-def collect(cache: Cache, extra_locks: tuple[Path, ...] = ()) -> Collection:
-    """Decide, without changing anything, what gc removes. `extra_locks` count as roots too."""
+def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bool = False) -> Collection:
+    """Decide, without changing anything, what gc removes. `extra_locks` count as roots too; with
+    `forget_missing`, roots whose lockfile is gone keep nothing."""
     found = Collection(temporaries=cache.temporaries())
     registered: dict[Path, Root] = {}
-    for entry, lock in cache.registered_roots():
-        if lock is None:
-            found.dead_roots.append(Root(entry, None))
-        else:
-            registered.setdefault(lock.resolve(), Root(entry, lock))
-    for lock in extra_locks:
-        registered.setdefault(lock.resolve(), Root(lock, lock))
-    for root in registered.values():
-        if not root.lock.is_file():  # moved or deleted: its objects are no longer needed
+    for root in cache.registered_roots():
+        if root.lock is None:
             found.dead_roots.append(root)
+        else:
+            registered.setdefault(root.lock.resolve(), root)
+    for lock in extra_locks:
+        registered.setdefault(lock.resolve(), Root(lock, lock, {}))
+    for root in registered.values():
+        if not root.lock.is_file():  # moved or deleted
+            (found.missing_roots if root.references and not forget_missing else found.dead_roots).append(root)
             continue
         found.live_roots.append(root)
         try:
@@ -90,10 +94,25 @@ def collect(cache: Cache, extra_locks: tuple[Path, ...] = ()) -> Collection:
             continue
         for key, labels in used.items():
             found.users.setdefault(key, []).extend((root.lock, label) for label in labels)
+    _keep_for_missing(cache, found)
     if not found.unreadable:
-        found.garbage = [p for p in cache.object_dirs() if p.name not in found.users]
-        found.stale_work = [p for p in cache.work_dirs() if p.name not in found.users]
+        kept = found.users.keys() | found.kept_for_missing.keys()
+        found.garbage = [p for p in cache.object_dirs() if p.name not in kept]
+        found.stale_work = [p for p in cache.work_dirs() if p.name not in kept]
     return found
+
+
+def _keep_for_missing(cache: Cache, found: Collection) -> None:
+    """Keep the objects of roots whose lockfile is gone; forget a root whose every object still here is
+    used by a live root (a moved project that ran again where it now is)."""
+    present = {p.name for p in cache.object_dirs()}
+    for root in list(found.missing_roots):
+        if all(key in found.users for key in root.references.keys() & present):
+            found.missing_roots.remove(root)
+            found.dead_roots.append(root)
+            continue
+        for key in root.references:
+            found.kept_for_missing.setdefault(key, []).append(root.lock)
 
 
 def apparent_size(directory: Path) -> int:

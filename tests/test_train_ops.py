@@ -181,6 +181,24 @@ def test_a_run_killed_mid_training_resumes_to_the_same_bytes(tmp_path):
     assert (clean.parent / "out" / "cp" / "training_metrics.jsonl").read_text() == metrics
 
 
+def test_how_often_a_run_checkpoints_is_not_part_of_its_key(tmp_path, capsys, monkeypatch):
+    # Checkpoints never change what is trained, so a new `save_every` reuses the result.
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    recipe = workspace(tmp_path, RESUMABLE)
+    assert run(["run", str(recipe)], capsys)[0] == 0
+    weights = (tmp_path / "out" / "cp" / "model.safetensors").read_bytes()
+
+    without = workspace(tmp_path / "without", RESUMABLE.replace(", save_every=2", ""))
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "without" / "cache"))
+    assert run(["run", str(without)], capsys)[0] == 0
+    assert (tmp_path / "without" / "out" / "cp" / "model.safetensors").read_bytes() == weights
+
+    monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))
+    recipe.write_text(RESUMABLE.replace("save_every=2", "save_every=5"))
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 0 and "Built 0, 2 cached" in err, err
+
+
 def test_a_built_model_without_a_chat_template_is_a_located_error_when_run(tmp_path, capsys, monkeypatch):
     # A combination's tokenizer is only known once built, so this is found at run time, not at check time.
     monkeypatch.setenv("RECIPEC_CACHE", str(tmp_path / "cache"))

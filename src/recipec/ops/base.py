@@ -125,6 +125,9 @@ class Op:
     toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
     runtime_bytes: ClassVar[int] = 0  # memory the libraries its rule imports add to the process, for good
     launchable: ClassVar[bool] = False  # its rule runs in a worker process, under `run --launch` if given
+    # Parameters that cannot change the bytes built (how often to checkpoint): the key holds their default,
+    # so changing one reuses the result, and keys made before it was declared stay valid.
+    unkeyed: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type[Params]] = Params
 
     @classmethod
@@ -242,11 +245,12 @@ def key_toolchain(op: type[Op]) -> dict[str, str]:
 
 
 def cache_key(node: Node, input_digests: list[str]) -> str:
-    """sha256 over canonical JSON of op, op version, parameters (file parameters by content; a compute
-    precision where the op has one), input content digests, the installed versions of the packages
+    """sha256 over canonical JSON of op, op version, parameters (file parameters by content, `unkeyed` ones
+    at their default; a compute precision where the op has one), input content digests, the installed versions of the packages
     that can change this op's bytes (`key_toolchain`) and the names its result shows (`shown_names`)."""
     op = REGISTRY[node.op]
-    doc = {"op": node.op, "version": op.version, "params": key_params(node.params), "inputs": input_digests,
+    params = key_params(node.params) | {name: op.Params.model_fields[name].default for name in op.unkeyed}
+    doc = {"op": node.op, "version": op.version, "params": params, "inputs": input_digests,
            "toolchain": key_toolchain(op)}
     names = list(op.shown_names(node).values())
     if names:  # only ops that show names have the field: every other key stays as it was

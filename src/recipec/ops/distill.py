@@ -58,6 +58,7 @@ class Distill(Op):
               Input("student", Kind.MODEL, doc="the model trained (the result has its shape)"),
               Input("corpus", Kind.CORPUS, doc="the documents both read"))
     launchable = True
+    unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
     runtime_bytes = 320 << 20  # torch, transformers and accelerate imported into the process, as for cp
     rule = "recipec.backends.train.distill:build_distill"

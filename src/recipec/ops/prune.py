@@ -209,6 +209,7 @@ class Prune(Op):
                                                                "rounds of `steps=`"))
     toolchain = ("torch", "transformers", "tokenizers", "accelerate")
     rule = "prune:build_prune"
+    unkeyed = frozenset({"save_every"})  # resuming retraining is exact: checkpoints never change the result
 
     class Params(Params):
         sparsity: float | None = Field(None, description="the fraction of targeted weights set to zero, in [0, 1)")

@@ -76,6 +76,7 @@ class _Training(Op):
 
     version = 1
     launchable = True
+    unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
     runtime_bytes = 320 << 20  # torch, transformers and accelerate imported into the process
     rule = "train:build_train"

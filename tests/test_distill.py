@@ -169,3 +169,19 @@ def test_a_teacher_whose_tokens_differ_is_refused_when_the_run_reads_them(tmp_pa
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _killed_script(Path(sys.argv[2]), int(sys.argv[3]))
+
+
+@pytest.mark.parametrize("gpu, precision", [(False, "fp32"), (True, "bf16")])
+def test_auto_precision_is_keyed_as_this_machine_trains(tmp_path, monkeypatch, gpu, precision):
+    # bf16 and fp32 students differ in their bytes: `auto` must not key them alike on a GPU and a CPU.
+    from recipec.check.lower import lower_file
+    from recipec.ops.train_config import Device
+
+    for extra in ("tokenizers", "data"):
+        shutil.copytree(EXAMPLES / extra, tmp_path / extra)
+    (tmp_path / "d.rcp").write_text(RECIPE)
+    device = Device("NVIDIA H100 80GB HBM3", 80 << 30, bf16=True) if gpu else Device(None, 16 << 30)
+    monkeypatch.setattr("recipec.ops.distill.this_machine", lambda: device)
+    program = lower_file(tmp_path / "d.rcp")
+    student = next(n for n in program.graph.reachable() if n.op == "distill")
+    assert student.params["precision"] == precision

@@ -23,7 +23,7 @@ from .train import (
     training_flops,
     training_memory,
 )
-from .train_config import this_machine
+from .train_config import machine_precision, this_machine
 
 
 class DistillParams(TrainParams):
@@ -84,6 +84,10 @@ class Distill(Op):
                              "distill into a student made from the teacher (drop_layers, prune, init with the "
                              "teacher's tokenizer), so that both share one tokenizer")
         return Type(Kind.MODEL, student.type.signature)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        return machine_precision(params, this_machine()).model_dump(mode="json")
 
     @classmethod
     def cost(cls, inputs, params, out, threads):

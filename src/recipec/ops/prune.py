@@ -28,7 +28,7 @@ from ..arch import ArchFacts
 from ..ir.types import Kind, Signature, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
 from .train import BYTES_PER_TOKEN, TrainParams, training_flops, training_memory
-from .train_config import TrainConfig, TrainingError, batch_shape
+from .train_config import TrainConfig, TrainingError, batch_shape, machine_precision, this_machine
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
 # Linear weights inside the transformer layers: what magnitude pruning targets unless `targets=` says otherwise
@@ -272,6 +272,11 @@ class Prune(Op):
                 return ctx.reject("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
                                   f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
         return check_schedule(ctx, params)
+
+    @classmethod
+    def node_params(cls, params, ctx):
+        # Retraining's precision is keyed as it runs here; without rounds (`steps`) nothing trains.
+        return (machine_precision(params, this_machine()) if params.steps is not None else params).model_dump(mode="json")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):

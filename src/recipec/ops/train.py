@@ -34,7 +34,7 @@ from .train_config import (
     TrainingError,
     batch_shape,
     largest_fitting_micro_batch,
-    resolved_precision,
+    machine_precision,
     this_machine,
 )
 
@@ -101,12 +101,12 @@ class _Training(Op):
     @classmethod
     def node_params(cls, params, ctx):
         # `auto` becomes the precision this machine trains in, so the key (and the plan) say what runs.
-        resolved: dict = {"precision": resolved_precision(params.precision, this_machine())}
+        params = machine_precision(params, this_machine())
         template = getattr(params, "template", None)
         if template is not None:
             # The template's content decides the tokens; its path goes along only to read it from.
-            resolved["template"] = file_digest(ctx, template)
-        return params.model_copy(update=resolved).model_dump(mode="json")
+            params = params.model_copy(update={"template": file_digest(ctx, template)})
+        return params.model_dump(mode="json")
 
     @classmethod
     def cost(cls, inputs, params, out, threads):

@@ -155,6 +155,13 @@ def resolved_precision(precision: str, device: Device) -> Literal["fp32", "bf16"
     return "bf16" if device.gpu is not None and device.bf16 else "fp32"
 
 
+def machine_precision(params, device: Device):
+    """`params` with `precision="auto"` replaced by the precision `device` (this machine) trains in, as every
+    op that trains keys its node: the key, the plan and the run then say what runs (bf16 and fp32 bytes
+    differ)."""
+    return params.model_copy(update={"precision": resolved_precision(params.precision, device)})
+
+
 def largest_fitting_micro_batch(per_process: int, bytes_at: Callable[[int], int], budget: int) -> int:
     """The largest micro-batch that divides `per_process` and whose planned memory (`bytes_at(m)`) stays
     within `budget`; 1 when none does (the run may then fail for memory, and says so)."""

@@ -30,19 +30,20 @@ class _Meter:
         self.lock = threading.Lock()
         self.totals: dict[str, dict] = {}
 
-    def timed(self, algorithm: str, nbytes: int, call, cpu_clock=time.thread_time):
-        """Call `call`, counting `nbytes` hashed, the CPU time of `cpu_clock` and the wall time it took."""
+    def timed(self, algorithm: str, nbytes: int, call, cpu_clock=time.thread_time, hashed=lambda result: True):
+        """Call `call`, counting `nbytes` hashed, the CPU time of `cpu_clock` and the wall time it took,
+        unless `hashed(result)` says it hashed nothing (its caller then hashes elsewhere, and is counted there)."""
         cpu, wall = cpu_clock(), time.perf_counter()
-        try:
-            return call()
-        finally:
-            cpu, end = cpu_clock() - cpu, time.perf_counter()
+        result = call()
+        cpu, end = cpu_clock() - cpu, time.perf_counter()
+        if hashed(result):
             with self.lock:
                 entry = self.totals.setdefault(algorithm, {"bytes": 0, "calls": 0, "cpu_seconds": 0.0, "spans": []})
                 entry["bytes"] += nbytes
                 entry["calls"] += 1
                 entry["cpu_seconds"] += cpu
                 entry["spans"].append((wall, end))
+        return result
 
     def report(self) -> dict:
         return {name: {"bytes": t["bytes"], "calls": t["calls"], "cpu_seconds": t["cpu_seconds"],
@@ -95,9 +96,13 @@ def install(meter: _Meter) -> None:
     blake3.blake3 = metered(meter, "blake3", blake3.blake3)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of a live process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def worker_cpu_seconds(worker) -> float:
+    """User plus system CPU seconds of the hashing process, from /proc (Linux, as the benchmarks are); 0 once
+    it has ended."""
+    try:
+        fields = Path(f"/proc/{worker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -112,7 +117,7 @@ def install_worker_meter(meter: _Meter) -> None:
 
     def timed_ask(worker, files, threads):
         return meter.timed(CONTENT_ALGORITHM, files.nbytes, lambda: ask(worker, files, threads),
-                           cpu_clock=lambda: process_cpu_seconds(worker.process.pid))
+                           cpu_clock=lambda: worker_cpu_seconds(worker), hashed=lambda digest: digest is not None)
 
     hash_process._Worker.digest = timed_ask
 

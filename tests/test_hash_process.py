@@ -66,6 +66,54 @@ def test_a_model_the_worker_cannot_read_is_reported_by_this_process(worker, tmp_
     assert hash_process._worker.process.poll() is None  # the worker answered, and still serves
 
 
+class Answering:
+    """A stand-in for the worker's output: `readline` gives `line`, or raises what it is given."""
+
+    def __init__(self, line):
+        self.line = line
+
+    def readline(self):
+        if isinstance(self.line, BaseException):
+            raise self.line
+        return self.line
+
+
+def test_an_interrupted_request_retires_the_worker(worker, tmp_path):
+    # Its answer, arriving late, must never be read as the answer to the next model's request.
+    files = read_model_dir(tiny_llama(tmp_path / "m"))
+    expected = hash_weights(files, threads=1)
+    assert hash_process.weights_digest(files, threads=1) == expected
+    running = hash_process._worker
+    running.process.stdout = Answering(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        hash_process.weights_digest(files, threads=1)
+    assert running.failed and running.process.wait(timeout=10) != 0  # killed
+    assert hash_process.weights_digest(files, threads=1) == expected  # in this process from now on
+
+
+def test_an_answer_for_another_directory_is_not_taken(worker, tmp_path):
+    files = read_model_dir(tiny_llama(tmp_path / "m"))
+    hash_process.weights_digest(files, threads=1)
+    running = hash_process._worker
+    running.process.stdout = Answering('{"root": "/elsewhere", "digest": "blake3:00"}\n')
+    assert hash_process.weights_digest(files, threads=1) == hash_weights(files, threads=1)
+    assert running.failed
+
+
+def test_the_worker_runs_this_recipec_whatever_lies_in_the_working_directory(worker, tmp_path, monkeypatch):
+    shadow = tmp_path / "cwd" / "recipec" / "store"
+    shadow.mkdir(parents=True)
+    (shadow.parent / "__init__.py").write_text("")
+    (shadow / "__init__.py").write_text("")
+    (shadow / "hash_process.py").write_text("import sys\ndef _serve():\n    for line in sys.stdin:\n"
+                                            "        print('{\"root\": \"x\", \"digest\": \"blake3:shadow\"}', "
+                                            "flush=True)\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    files = read_model_dir(tiny_llama(tmp_path / "m"))
+    assert hash_process.weights_digest(files, threads=1) == hash_weights(files, threads=1)
+    assert not hash_process._worker.failed  # the real worker answered
+
+
 def test_the_worker_ends_when_its_parent_closes_it(worker, tmp_path):
     files = read_model_dir(tiny_llama(tmp_path / "m"))
     hash_process.weights_digest(files, threads=1)

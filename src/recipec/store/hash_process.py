@@ -8,16 +8,17 @@ hashed, and torch imported, in ≈3.6 s instead of ≈4.2 s. Small models are ha
 starting the worker costs ≈0.2 s.
 
 The worker reads one request per line (a model directory and a thread count) and answers one line (the
-weights' digest, exactly as `hash_weights` computes it, or why it could not). It ends when its input
-closes, so it outlives its parent by at most the request it is on. Whatever goes wrong with it, the
-caller hashes in its own process, where a problem gets its usual diagnostic.
+directory again and the weights' digest, exactly as `hash_weights` computes it, or why it could not). It
+ends when its input closes, so it outlives its parent by at most the request it is on. Whatever goes
+wrong with it (it dies, answers for another directory, or its caller is interrupted while it hashes, so
+that a late answer could be read for the next request), it is retired and the caller hashes in its own
+process from then on, where a problem gets its usual diagnostic.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,26 +35,34 @@ class _Worker:
     """One hashing process, started on first use, asked one model at a time."""
 
     def __init__(self) -> None:
-        package_parent = str(Path(__file__).resolve().parents[2])  # the recipec this process runs, not another
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_parent,
-                                                                        os.environ.get("PYTHONPATH")])))
-        self.process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+        # -P: nothing from the working directory on the path, and this process's recipec first, so that the
+        # worker runs the same code (a `recipec/` or `json.py` where the user stands must not answer).
+        package_parent = str(Path(__file__).resolve().parents[2])
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", _BOOT, package_parent], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.lock = threading.Lock()
         self.failed = False
 
     def digest(self, files: ModelFiles, threads: int) -> str | None:
         """The weights' digest, or None when the worker could not give it (then it is not asked again)."""
+        root = str(files.root)
         with self.lock:
             if self.failed:
                 return None
             try:
-                self.process.stdin.write(json.dumps({"root": str(files.root), "threads": threads}) + "\n")
+                self.process.stdin.write(json.dumps({"root": root, "threads": threads}) + "\n")
                 self.process.stdin.flush()
                 answer = json.loads(self.process.stdout.readline())
             except (OSError, ValueError):  # it died, or never ran: hash in this process from now on
                 self.failed = True
                 return None
+            except BaseException:  # interrupted while it hashes: its late answer must never be taken for the next
+                self.failed = True
+                self.process.kill()
+                raise
+        if not isinstance(answer, dict) or answer.get("root") != root:
+            self.failed = True
+            return None
         return answer.get("digest")
 
     def close(self) -> None:
@@ -67,6 +76,8 @@ class _Worker:
             self.process.kill()
 
 
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] not in sys.path else None; "
+         "from recipec.store.hash_process import _serve; _serve()")
 _worker: _Worker | None = None
 _worker_unavailable = False
 _worker_lock = threading.Lock()
@@ -101,12 +112,10 @@ def _serve() -> None:
     for line in sys.stdin:
         try:
             request = json.loads(line)
-            answer = {"digest": hash_weights(read_model_dir(Path(request["root"])), int(request["threads"]))}
+            answer = {"root": request["root"],
+                      "digest": hash_weights(read_model_dir(Path(request["root"])), int(request["threads"]))}
         except Exception as err:  # noqa: BLE001 - the caller hashes again in process and reports it there
             answer = {"error": f"{type(err).__name__}: {err}"}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
-
-if __name__ == "__main__":
-    _serve()

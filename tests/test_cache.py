@@ -59,7 +59,13 @@ def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
     assert status == 0 and f"removed {MERGES} objects" in err and "used by 1 lockfile" in err
     assert f"forgot {merges_lock}: the lockfile is gone" in out
     assert objects(cache) == set(lock_keys(quickstart).values())
-    assert len(list(Cache(cache).roots.iterdir())) == 1
+    assert len(list(Cache(cache).roots.iterdir())) == len(list(Cache(cache).root_references.iterdir())) == 1
+
+
+def test_a_root_entry_stays_the_lockfile_s_path_that_every_recipec_of_this_layout_reads(shared):
+    cache, quickstart, _ = shared
+    entries = {p.read_text() for p in Cache(cache).roots.iterdir()}
+    assert f"{quickstart.with_name(quickstart.name + '.lock').resolve()}\n" in entries
 
 
 def test_gc_keeps_a_moved_project_s_objects_and_forgets_its_old_place_once_it_ran_again(shared, capsys):

@@ -162,6 +162,9 @@ def test_a_lockfile_that_cannot_be_written_is_an_error_not_a_traceback(project, 
     assert status != 0 and "error[E504]: cannot write the lockfile" in err and "Permission denied" in err, err
     assert "Traceback" not in err and "run again" in err
     assert (project.parent / "out" / "m" / "model.safetensors").is_file()
+    # No lockfile was ever there: the cache does not keep objects for it (gc would say it is "gone").
+    cache = Cache(Path(os.environ["RECIPEC_CACHE"]))
+    assert not list(cache.roots.iterdir()) and not list(cache.root_references.iterdir())
 
 
 def test_run_locked_does_not_wait_for_another_run_on_the_cache(project, capsys):

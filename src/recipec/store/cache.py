@@ -93,18 +93,7 @@ class RegisteredRoot:
 
     entry: Path  # the file under <cache>/roots
     lock: Path | None  # None when the entry names nothing readable
-    references: dict[str, list[str]]  # cache key -> labels, when registered (empty in entries before them)
-
-    @classmethod
-    def parse(cls, entry: Path, text: str) -> RegisteredRoot:
-        if not text.startswith("{"):  # an entry written before references were kept: the lock's path alone
-            return cls(entry, Path(text.strip()) if text.strip() else None, {})
-        try:
-            data = json.loads(text)
-            references = {str(k): [str(label) for label in v] for k, v in data.get("references", {}).items()}
-            return cls(entry, Path(data["lock"]), references)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return cls(entry, None, {})
+    references: dict[str, list[str]]  # cache key -> labels, when registered (empty: not known)
 
 
 class Cache:
@@ -113,6 +102,9 @@ class Cache:
         self.home = root / LAYOUT  # where this layout keeps everything
         self.objects = self.home / "objects"
         self.roots = self.home / "roots"
+        # what each root's lock referenced when registered, beside roots/ (whose entries stay a plain path,
+        # as every recipec of this layout reads them)
+        self.root_references = self.home / "root-references"
         self.work = self.home / "work"
         self.key_locks = self.home / "locks"
         _note_older_layouts(root)
@@ -250,13 +242,17 @@ class Cache:
         for lock in self.key_locks.glob("*.lock") if self.key_locks.is_dir() else ():
             lock.unlink(missing_ok=True)
 
+    @property
+    def _places(self) -> tuple[Path, ...]:
+        """The directories recipec writes in, where a killed run may leave a temporary."""
+        return self.home, self.objects, self.roots, self.root_references, self.work
+
     def temporaries(self) -> list[Path]:
         """What killed runs left behind: half-built objects and half-written files."""
-        places = (self.home, self.objects, self.roots, self.work)
-        return sorted(p for d in places if d.is_dir() for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
+        return sorted(p for d in self._places if d.is_dir() for p in d.iterdir() if p.name.startswith(TMP_PREFIX))
 
     def clean_temporaries(self) -> int:
-        return sum(remove_stale_temporaries(d) for d in (self.home, self.objects, self.roots, self.work))
+        return sum(remove_stale_temporaries(d) for d in self._places)
 
     def damage(self, path: Path, threads: int) -> str | None:
         """What is wrong with the object at `path`, judged by content: None when every file still has the
@@ -281,20 +277,33 @@ class Cache:
 
     def register_root(self, lock: Path, references: dict[str, list[str]]) -> None:
         """Record `lock` as a user of this cache so that `cache gc` keeps what it references; a read-only
-        cache that does not know the lock yet gets a warning instead. The entry remembers `references`
-        (cache key -> the labels using it, as the lock has them), so that gc can still tell what the lock
-        used once it is gone: moved with its project, or deleted."""
+        cache that does not know the lock yet gets a warning instead. `references` (cache key -> the labels
+        using it, as the lock has them) are remembered beside it where the cache can be written, so that gc
+        can still tell what the lock used once it is gone: moved with its project, or deleted."""
         lock = lock.resolve()
-        entry = self.roots / hashlib.sha256(str(lock).encode()).hexdigest()
-        text = json.dumps({"lock": str(lock), "references": references}, sort_keys=True) + "\n"
+        name = hashlib.sha256(str(lock).encode()).hexdigest()
+        entry, text = self.roots / name, f"{lock}\n"
         try:
-            if entry.is_file() and entry.read_text(encoding="utf-8") == text:
-                return  # known already: nothing to write, so a read-only cache is fine
-            write_bytes_atomic(entry, text.encode())
+            if not (entry.is_file() and entry.read_text(encoding="utf-8") == text):  # else known: nothing to write
+                write_bytes_atomic(entry, text.encode())
         except OSError as err:
             sys.stderr.write(f"recipec: warning: cannot register {lock} as a user of the cache {self.root} "
                              f"({os.strerror(err.errno) if err.errno else err}); `recipec cache gc` there "
                              "will not keep its objects\n")
+            return
+        remembered = self.root_references / name
+        data = json.dumps(references, sort_keys=True).encode()
+        try:
+            if not (remembered.is_file() and remembered.read_bytes() == data):
+                write_bytes_atomic(remembered, data)
+        except OSError:  # read-only: the lock itself tells gc what it uses while it exists
+            pass
+
+    def unregister_root(self, lock: Path) -> None:
+        """Forget `lock` as a user of this cache (a run whose lockfile could not be written)."""
+        name = hashlib.sha256(str(lock.resolve()).encode()).hexdigest()
+        for path in (self.roots / name, self.root_references / name):
+            path.unlink(missing_ok=True)
 
     def registered_roots(self) -> list[RegisteredRoot]:
         """Every registered root, whether or not its lock still exists."""
@@ -305,10 +314,19 @@ class Cache:
             if entry.name.startswith(TMP_PREFIX) or not entry.is_file():
                 continue
             try:
-                found.append(RegisteredRoot.parse(entry, entry.read_text(encoding="utf-8")))
+                text = entry.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError):
-                found.append(RegisteredRoot(entry, None, {}))
+                text = ""
+            found.append(RegisteredRoot(entry, Path(text) if text else None, self._references(entry.name)))
         return found
+
+    def _references(self, name: str) -> dict[str, list[str]]:
+        """What a root's lock referenced when registered; empty when unknown (registered before, or unreadable)."""
+        try:
+            data = json.loads((self.root_references / name).read_bytes())
+            return {str(k): [str(label) for label in v] for k, v in data.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            return {}
 
     # small memo tables: input digests by file identity, this machine's speed per op
 

@@ -134,5 +134,6 @@ def sweep(cache: Cache, found: Collection, checkpoints: bool = False) -> None:
     for root in found.dead_roots:
         if root.entry.parent == cache.roots:  # only our own registrations, never a lockfile
             root.entry.unlink(missing_ok=True)
+            (cache.root_references / root.entry.name).unlink(missing_ok=True)
     cache.clean_temporaries()
     cache.drop_key_locks()

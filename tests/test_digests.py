@@ -205,3 +205,19 @@ def test_a_file_changed_after_writing_is_hashed_again(tmp_path):
     remember_written_hash(path, "stale")
     path.write_bytes(b"two, longer")
     assert hash_file(path) == hashlib.sha256(b"two, longer").hexdigest()
+
+
+def test_a_large_file_read_twice_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    # A rerun looks at the old release before and after replacing it: its weights are read once.
+    from recipec.store import filehash
+
+    monkeypatch.setattr(filehash, "_REMEMBERED_FROM", 0)
+    expected = hashlib.sha256(b"b" * 1000).hexdigest()
+    counter = HashCounter(monkeypatch)
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = filehash.hash_file(weights)
+    assert filehash.hash_file(weights) == first and counter.bytes["sha256"] == 1000
+    weights.write_bytes(b"b" * 1000)  # same size, same inode
+    assert filehash.hash_file(weights) == expected != first
+    assert counter.bytes["sha256"] == 2000

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,15 +38,28 @@ def remember_written_hash(path: Path, sha256: str) -> None:
     _WRITTEN[str(path)] = (_identity(path), sha256)
 
 
+# SHA-256 of large files this process read, by the inode's full identity (a change to the bytes changes
+# the mtime or, if that is set back, the ctime, which no one can set): a release's weights looked at
+# before and after it is replaced are read once. Small files are read again: they cost little.
+_READ: dict[tuple[int, ...], str] = {}
+_REMEMBERED_FROM = 16 << 20
+
+
 def hash_file(path: Path) -> str:
     """The SHA-256 of a file, as `sha256sum` prints it."""
     known = _WRITTEN.pop(str(path), None)
     if known is not None and known[0] == _identity(path):
         return known[1]
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if identity in _READ:
+            return _READ[identity]
+        digest = hashlib.sha256()
         while block := f.read(_BLOCK):
             digest.update(block)
+    if st.st_size >= _REMEMBERED_FROM:
+        _READ[identity] = digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -46,14 +46,13 @@ from .base import (
     register,
     upstream_names,
 )
-from .text import TOKENS_PER_CORPUS_BYTE, corpus_bytes
+from .text import corpus_bytes, corpus_documents, corpus_tokens
 from .train import model_config, tokenizer_encoder
 
 DEFAULT_SEQ_LEN = 1024  # the longest default window: longer ones cost memory (logits) for little change
 # Files a tokenizer directory may hold that are no tokenizer by themselves.
 NOT_A_TOKENIZER = ("generation_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 PROMPT_TOKENS = 64  # a prompt rendered with its template, for cost estimates only
-BYTES_PER_CONVERSATION = 256  # a chat dataset's conversations, estimated from its bytes for the cost only
 
 
 class PromptError(ValueError):
@@ -238,8 +237,8 @@ class Eval(Op):
         models = [n.type.signature for n in inputs if n.type.kind is Kind.MODEL and n.type.signature]
         corpus = next((n for n in inputs if n.type.kind is Kind.CORPUS), None)
         dataset = next((n for n in inputs if n.type.kind is Kind.DATASET), None)
-        tokens = int(corpus_bytes(corpus) * TOKENS_PER_CORPUS_BYTE) if corpus is not None else 0
-        prompts = corpus_bytes(dataset) // BYTES_PER_CONVERSATION if dataset is not None else 0
+        tokens = corpus_tokens(corpus) if corpus is not None else 0
+        prompts = corpus_documents(dataset) if dataset is not None else 0
         file = params.prompts  # the planner passes the node's data unvalidated: a checked file is a dict here
         path = file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
         if path is not None:
@@ -290,7 +289,7 @@ def _check_prompt_set(ctx: Context, inputs: list[Node], params) -> bool:
     """The prompts exist and are not empty, as far as check time can read them."""
     if params.prompts is None:
         dataset = next(n for n in inputs if n.type.kind is Kind.DATASET)
-        if corpus_bytes(dataset) == 0:
+        if corpus_bytes(dataset) and not corpus_documents(dataset):  # files of blank lines (empty ones are E405)
             ctx.error("E476", "the prompt set is empty: its files hold no conversations", "prompts",
                       "add conversations whose last user message is the prompt, one JSON object per line")
             return False

@@ -27,7 +27,8 @@ from .. import modeling
 from ..arch import ArchFacts
 from ..ir.types import Kind, Signature, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
-from .train import BYTES_PER_TOKEN, TrainParams, training_flops, training_memory
+from .text import corpus_tokens
+from .train import TrainParams, training_flops, training_memory
 from .train_config import TrainConfig, TrainingError, batch_shape, machine_precision, this_machine
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
@@ -477,7 +478,7 @@ def round_tokens(params, retrain) -> int:
         return params.tokens
     if params.train_steps is not None:
         return params.train_steps * params.batch * params.seq_len
-    return int(retrain.params.get("bytes", 0) / BYTES_PER_TOKEN * params.epochs)
+    return int(corpus_tokens(retrain) * params.epochs)
 
 
 def _iterative_cost(one: Cost, inputs, params, out) -> Cost:

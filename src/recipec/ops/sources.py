@@ -16,7 +16,7 @@ from pydantic import Field
 
 from .. import arch as archs
 from ..artifacts import Artifact
-from ..artifacts.corpus import CorpusKind, read_texts
+from ..artifacts.corpus import JSON_SUFFIXES, CorpusKind, read_texts
 from ..artifacts.data import remembered_records_digest, resolve_records
 from ..artifacts.dataset import DatasetKind, read_conversations
 from ..artifacts.model import ModelKind, file_records, input_digest, remembered_input_digest
@@ -26,6 +26,7 @@ from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
 from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
+from ..textprep.estimate import estimate_files
 from .base import ERROR_TYPE, Context, Cost, FileDigests, Input, Op, Params, register
 from .resolve import ResolveContext, Resolved
 
@@ -377,9 +378,18 @@ class _DataSource(Op):
     @classmethod
     def node_params(cls, params, ctx):
         data = params.model_dump(mode="json")
-        data["files"] = [str(p.resolve()) for p in _data_files(ctx, params.glob) or ()]
-        data["bytes"] = sum(Path(p).stat().st_size for p in data["files"])
+        files = [p.resolve() for p in _data_files(ctx, params.glob) or ()]
+        data["files"] = [str(p) for p in files]
+        data["bytes"] = sum(p.stat().st_size for p in files)
+        # What the plan sizes training and evaluation by (the files are read by content only when run).
+        estimate = estimate_files(files, cls.holds_json)
+        data["estimated_tokens"], data["estimated_documents"] = estimate.tokens, estimate.documents
         return data
+
+    @staticmethod
+    def holds_json(path: Path) -> bool:
+        """Whether the source reads this file as JSON lines."""
+        return True
 
     @classmethod
     def read_options(cls, params: dict) -> dict:
@@ -423,6 +433,10 @@ class Text(_DataSource):
     @classmethod
     def read_options(cls, params):
         return {"field": params["field"]}
+
+    @staticmethod
+    def holds_json(path: Path) -> bool:
+        return path.suffix in JSON_SUFFIXES
 
     @classmethod
     def reader(cls, params, shown):

@@ -24,7 +24,6 @@ VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer
 TOKENIZER_BYTES_PER_TOKEN = 64
 # The `tokenizers` trainer's working memory per byte of corpus (word counts, pair tables), measured roughly.
 TRAIN_BYTES_PER_CORPUS_BYTE = 8
-TOKENS_PER_CORPUS_BYTE = 0.5  # byte-level BPE on mixed text: a token per two bytes, for cost estimates only
 
 
 def chat_template_file(ctx: Context, path: str | None) -> bool:
@@ -36,12 +35,27 @@ def chat_template_file(ctx: Context, path: str | None) -> bool:
     return False
 
 
-def corpus_bytes(node) -> int:
-    """The bytes of a data source's files, where the node knows them (0 otherwise); a `ppl_filter` result
-    is planned at its input's size, which bounds it."""
+def _data_size(node, name: str) -> int:
+    """A size a data source's node knows (0 otherwise); a `ppl_filter` result is planned at its input's
+    size, which bounds it."""
     if getattr(node, "op", None) == PplFilter.name:
-        return corpus_bytes(node.inputs[0])
-    return int(node.params.get("bytes", 0)) if isinstance(node.params, dict) else 0
+        return _data_size(node.inputs[0], name)
+    return int(node.params.get(name, 0)) if isinstance(node.params, dict) else 0
+
+
+def corpus_bytes(node) -> int:
+    """The bytes of a data source's files."""
+    return _data_size(node, "bytes")
+
+
+def corpus_tokens(node) -> int:
+    """The tokens of a data source's text, as estimated at check time (textprep/estimate.py)."""
+    return _data_size(node, "estimated_tokens")
+
+
+def corpus_documents(node) -> int:
+    """The documents (or conversations) of a data source, as estimated at check time."""
+    return _data_size(node, "estimated_documents")
 
 
 @register
@@ -208,7 +222,7 @@ class PplFilter(Op):
         data = corpus_bytes(inputs[0])
         if model is None:
             return Cost(bytes_read=data)
-        tokens = int(data * TOKENS_PER_CORPUS_BYTE)
+        tokens = corpus_tokens(inputs[0])
         logits = params.batch * params.seq_len * (model.vocab_size or 0) * 4
         return Cost(bytes_read=data + model.nbytes, bytes_written=data, flops=2 * model.params * tokens,
                     peak_bytes=model.params * 4 + 3 * logits)

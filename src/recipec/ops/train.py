@@ -26,7 +26,7 @@ from ..textprep.errors import TextPrepError
 from ..textprep.templates import missing_markers, read_chat_template
 from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .sources import Init
-from .text import corpus_bytes
+from .text import corpus_documents, corpus_tokens
 from .train_config import (
     BatchShape,
     Device,
@@ -39,7 +39,9 @@ from .train_config import (
 )
 
 LENGTHS = ("steps", "epochs", "tokens")
-BYTES_PER_TOKEN = 4  # a corpus's tokens, estimated from its bytes before it is tokenized (BPE on prose: 3-5)
+# A chat template's markers around each document (`inscp`: an empty user turn, the assistant's header and end)
+# or conversation (`sft`), beyond the text itself: ChatML and Llama-2 chat spend 10-20 tokens
+TEMPLATE_TOKENS_PER_DOCUMENT = 12
 MEMORY_SHARE = 0.8  # of a device's memory, what a micro-batch chosen from memory may plan to fill
 # The reference GPU of a plan's advice: an H100 SXM's dense bf16 tensor-core peak and its memory, and the
 # model FLOPs utilization a well-tuned training run reaches on it.
@@ -113,7 +115,7 @@ class _Training(Op):
         sig = out.signature
         if sig is None:
             return Cost()
-        tokens = planned_tokens(params, inputs[1])
+        tokens = planned_tokens(params, inputs[1], wrapped=cls.uses_template)
         shape = planned_shape(sig, params, this_machine())
         states, activations = training_memory(sig, params, shape.micro_batch)
         memory = states + activations
@@ -229,13 +231,15 @@ def tokenizer_encoder(directory: Path):
     return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def planned_tokens(params: TrainParams, data: Node) -> int:
-    """Tokens the run trains on: as given, from the steps, or estimated from the data's size in bytes."""
+def planned_tokens(params: TrainParams, data: Node, wrapped: bool = False) -> int:
+    """Tokens the run trains on: as given, from the steps, or estimated from the data (each document or
+    conversation in a chat template when `wrapped`, as `inscp` and `sft` train)."""
     if params.tokens is not None:
         return params.tokens
     if params.steps is not None:
         return params.steps * params.batch * params.seq_len
-    return int(corpus_bytes(data) / BYTES_PER_TOKEN * params.epochs)
+    per_epoch = corpus_tokens(data) + (TEMPLATE_TOKENS_PER_DOCUMENT * corpus_documents(data) if wrapped else 0)
+    return int(per_epoch * params.epochs)
 
 
 def training_flops(sig, seq_len: int, tokens: int) -> int:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
     assert f"forgot {merges_lock}: the lockfile is gone" in out
     assert objects(cache) == set(lock_keys(quickstart).values())
     assert len(list(Cache(cache).roots.iterdir())) == len(list(Cache(cache).root_references.iterdir())) == 1
+
+
+def test_a_vanished_lockfile_s_objects_go_a_month_after_its_last_run(shared, capsys):
+    cache, _, merges = shared
+    merges_lock = merges.with_name(merges.name + ".lock").resolve()
+    merges_lock.unlink()
+    assert "removed 0 objects" in run(["cache", "gc", "--cache", str(cache)], capsys)[2]
+    month_ago = time.time() - 31 * 86400
+    for remembered in Cache(cache).root_references.iterdir():  # a live lockfile keeps its objects regardless
+        os.utime(remembered, (month_ago, month_ago))
+    status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and f"removed {MERGES} objects" in err and "which is gone" not in err
+    assert f"forgot {merges_lock}: the lockfile is gone" in out
 
 
 def test_a_root_entry_stays_the_lockfile_s_path_that_every_recipec_of_this_layout_reads(shared):

@@ -12,12 +12,13 @@ import errno
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .diagnostics import Diagnostic, RecipeError
 from .units import human_bytes
 from .store.cache import OBJECT_META, Cache, default_cache_dir
-from .store.gc import Collection, apparent_size, collect, freeable_size, read_references, sweep
+from .store.gc import MISSING_GRACE_SECONDS, Collection, apparent_size, collect, freeable_size, read_references, sweep
 from .store.lockfile import lock_path
 
 
@@ -161,10 +162,12 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
     sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
                      f"{'to free' if dry_run else 'freed'}{shared}; kept {kept - len(set().union(*kept_for.values()))} "
                      f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
-    for lock, alone in kept_for.items():
+    for root in found.missing_roots:
+        alone = kept_for[root.lock]
+        until = time.strftime("%Y-%m-%d", time.localtime(root.registered + MISSING_GRACE_SECONDS))
         sys.stderr.write(f"kept {_plural(len(alone), 'object')} ({human_bytes(sum(map(apparent_size, alone)))}) for "
-                         f"{lock}, which is gone: moved or deleted? Run its recipe where it now is (or name it "
-                         "to gc) to keep them; `recipec cache gc --forget-missing` removes them\n")
+                         f"{root.lock}, which is gone: moved or deleted? Run its recipe where it now is to keep "
+                         f"them; gc removes them from {until}, or now with `--forget-missing`\n")
     left = [p for p in found.stale_work if p not in dropped]
     if left:
         sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "

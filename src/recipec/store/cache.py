@@ -94,6 +94,7 @@ class RegisteredRoot:
     entry: Path  # the file under <cache>/roots
     lock: Path | None  # None when the entry names nothing readable
     references: dict[str, list[str]]  # cache key -> labels, when registered (empty: not known)
+    registered: float = 0.0  # when a run last registered it (seconds since the epoch; 0: not known)
 
 
 class Cache:
@@ -294,7 +295,9 @@ class Cache:
         remembered = self.root_references / name
         data = json.dumps(references, sort_keys=True).encode()
         try:
-            if not (remembered.is_file() and remembered.read_bytes() == data):
+            if remembered.is_file() and remembered.read_bytes() == data:
+                os.utime(remembered)  # when it was last used: gc keeps a vanished lock's objects for a while after
+            else:
                 write_bytes_atomic(remembered, data)
         except OSError:  # read-only: the lock itself tells gc what it uses while it exists
             pass
@@ -317,16 +320,18 @@ class Cache:
                 text = entry.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError):
                 text = ""
-            found.append(RegisteredRoot(entry, Path(text) if text else None, self._references(entry.name)))
+            found.append(RegisteredRoot(entry, Path(text) if text else None, *self._references(entry.name)))
         return found
 
-    def _references(self, name: str) -> dict[str, list[str]]:
-        """What a root's lock referenced when registered; empty when unknown (registered before, or unreadable)."""
+    def _references(self, name: str) -> tuple[dict[str, list[str]], float]:
+        """What a root's lock referenced when last registered, and when; empty when unknown (registered by
+        an older recipec, or unreadable)."""
+        path = self.root_references / name
         try:
-            data = json.loads((self.root_references / name).read_bytes())
-            return {str(k): [str(label) for label in v] for k, v in data.items()}
+            data = json.loads(path.read_bytes())
+            return {str(k): [str(label) for label in v] for k, v in data.items()}, path.stat().st_mtime
         except (OSError, ValueError, AttributeError, TypeError):
-            return {}
+            return {}, 0.0
 
     # small memo tables: input digests by file identity, this machine's speed per op
 

@@ -6,9 +6,11 @@ pickled weights were converted into, or a data source's records normalized into 
 Everything else in `objects/` is garbage, and so are the temporaries of killed runs.
 
 A root whose lockfile is gone may have been moved with its project, not deleted: gc cannot tell, and a
-rebuild can cost hours of training. Its entry remembers what the lock referenced when it was registered,
-and gc keeps those objects and says so, until they are asked for (`forget_missing`) or every one of them
-is used by a live root again (the project ran where it now is); then the root is forgotten.
+rebuild can cost hours of training. Its entry remembers what the lock referenced when it was last
+registered, and gc keeps those objects and says so for `MISSING_GRACE_SECONDS` after that run, unless
+asked not to (`forget_missing`); the root is forgotten then, or as soon as every one of its objects is
+used by a live root again (the project ran where it now is). A deleted project's objects (a CI checkout,
+a temporary directory) so go in time without anyone's help.
 
 Work directories (checkpoints of failed or killed jobs) of keys no lock references are garbage only
 when asked (`checkpoints=True`): the first build of an hours-long node has no lock yet, and its
@@ -19,11 +21,14 @@ what a root needs.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import Cache, RegisteredRoot as Root
 from .lockfile import read_lock
+
+MISSING_GRACE_SECONDS = 30 * 86400  # how long after its last run a vanished lockfile's objects are kept
 
 
 @dataclass
@@ -70,9 +75,12 @@ def read_references(lock: Path) -> dict[str, list[str]]:
     return references(data)
 
 
-def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bool = False) -> Collection:
+def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bool = False,
+            now: float | None = None) -> Collection:
     """Decide, without changing anything, what gc removes. `extra_locks` count as roots too; with
-    `forget_missing`, roots whose lockfile is gone keep nothing."""
+    `forget_missing`, roots whose lockfile is gone keep nothing, and without it only for
+    `MISSING_GRACE_SECONDS` after they were last registered (before `now`)."""
+    now = time.time() if now is None else now
     found = Collection(temporaries=cache.temporaries())
     registered: dict[Path, Root] = {}
     for root in cache.registered_roots():
@@ -84,7 +92,8 @@ def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bo
         registered.setdefault(lock.resolve(), Root(lock, lock, {}))
     for root in registered.values():
         if not root.lock.is_file():  # moved or deleted
-            (found.missing_roots if root.references and not forget_missing else found.dead_roots).append(root)
+            kept = root.references and not forget_missing and now < root.registered + MISSING_GRACE_SECONDS
+            (found.missing_roots if kept else found.dead_roots).append(root)
             continue
         found.live_roots.append(root)
         try:

@@ -28,6 +28,7 @@ from recipec.cli import main
 from recipec.ir.types import Kind, Type
 from recipec.ops import REGISTRY
 from recipec.ops.sources import signature_of_config
+from recipec.ops.train import TEMPLATE_TOKENS_PER_DOCUMENT
 from helpers import run_cli
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -117,7 +118,7 @@ def test_a_process_count_other_than_the_recipes_is_a_located_error(tmp_path, cap
 
 def _cost(op: str, **params):
     sig = signature_of_config(preset_config("llama", "tiny"))
-    data = type("Data", (), {"params": {"bytes": 4000}})()
+    data = type("Data", (), {"params": {"bytes": 4000, "estimated_tokens": 1000, "estimated_documents": 10}})()
     cls = REGISTRY[op]
     values = cls.Params(seq_len=32, batch=4, lr=1e-3, **params)
     return sig, cls.cost([None, data], values, Type(Kind.MODEL, sig), threads=1)
@@ -129,7 +130,10 @@ def test_the_plan_costs_training_by_tokens_and_precision():
     attention = 12 * sig.facts.layers * 32 * sig.facts.hidden
     assert by_steps.flops == (6 * sig.params + attention) * tokens
     assert _cost("cp", tokens=tokens)[1].flops == by_steps.flops
-    assert _cost("sft", epochs=2)[1].flops == (6 * sig.params + attention) * 2000  # 4000 bytes ≈ 1000 tokens
+    # each of the 10 conversations in the chat template, twice
+    per_epoch = 1000 + 10 * TEMPLATE_TOKENS_PER_DOCUMENT
+    assert _cost("sft", epochs=2)[1].flops == (6 * sig.params + attention) * 2 * per_epoch
+    assert _cost("cp", epochs=2)[1].flops == (6 * sig.params + attention) * 2 * 1000  # plain text: no template
     assert by_steps.accelerator_bytes is None and by_steps.peak_bytes > 16 * sig.params
     _, bf16 = _cost("cp", steps=10, precision="bf16")
     assert bf16.accelerator_bytes is not None and 16 * sig.params < bf16.accelerator_bytes < by_steps.peak_bytes

@@ -218,3 +218,17 @@ def test_grammar_table_cache_honours_xdg_cache_home(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _table_cache_path(grammar_text()).parent == tmp_path / "xdg" / "recipec"
+
+
+def test_a_broken_tokenizer_or_generation_file_is_refused_at_check_not_shipped(tmp_path, capsys):
+    model = tiny_llama(tmp_path / "models" / "m")
+    (model / "generation_config.json").write_text('{"do_sample": false}\nextra')
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{")
+    (tmp_path / "r.rcp").write_text('recipec 1\na = load("models/m")\n'
+                                    'b = init("llama", size="tiny", tokenizer="tok")\nexport a to "out/a"\n')
+    status, _, err = run_cli(["check", str(tmp_path / "r.rcp")], capsys)
+    assert status == 65 and "Traceback" not in err
+    assert "r.rcp:2:10: error[E404]: generation_config.json is not valid JSON" in err
+    assert "r.rcp:3:42: error[E404]: tokenizer.json is not valid JSON" in err

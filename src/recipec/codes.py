@@ -172,10 +172,12 @@ _ENTRIES = [
          "A `model.safetensors.index.json` maps a tensor to a file outside the model directory (`..`, an\n"
          "absolute path, a subdirectory). recipec never follows such a path: a downloaded model must not\n"
          "be able to make recipec read arbitrary files."),
-    Code("E404", "bad config.json", RECIPE,
+    Code("E404", "bad config or tokenizer file", RECIPE,
          "A model's config.json is not valid JSON, lacks `model_type`, or gives a field the signature\n"
          "reads (`vocab_size`, `hidden_size`, `num_hidden_layers`, ...) with the wrong type, e.g. a string\n"
-         "where transformers needs an integer. The message names the field."),
+         "where transformers needs an integer. The message names the field. Or a JSON file beside the\n"
+         "weights, or in a tokenizer folder (tokenizer.json, tokenizer_config.json, generation_config.json,\n"
+         "...), does not parse: a release would ship it as it is."),
     Code("E405", "no data files", MISSING,
          "A corpus or dataset glob matches no files, or only empty ones. Globs are relative to the recipe's\n"
          "directory."),

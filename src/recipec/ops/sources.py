@@ -25,7 +25,8 @@ from ..dtypes import DTYPE_CODES
 from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
-from ..store.model_dir import TOKENIZER_FILES, ModelDirError, ModelFiles, pickled_weights, read_config, read_model_dir
+from ..store.model_dir import (TOKENIZER_FILES, ModelDirError, ModelFiles, check_json_files, pickled_weights, read_config,
+                               read_model_dir)
 from ..textprep.estimate import estimate_files
 from .base import ERROR_TYPE, Context, Cost, FileDigests, Input, Op, Params, register
 from .resolve import ResolveContext, Resolved
@@ -68,9 +69,11 @@ def _vocab_size(config: dict) -> int | None:
 
 def _dir_type(ctx: Context, root: Path, arg: str) -> Type:
     try:
-        return Type(Kind.MODEL, signature_of_dir(root))
+        signature = signature_of_dir(root)
+        check_json_files(root)
     except ModelDirError as err:
         return ctx.error(err.code, err.message, arg, err.hint)
+    return Type(Kind.MODEL, signature)
 
 
 @register
@@ -310,6 +313,11 @@ class Init(Op):
         if params.tokenizer is not None and not tokenizer_digests(ctx.recipe_dir / params.tokenizer):
             return ctx.error("E401", f"no tokenizer files in {params.tokenizer!r} (relative to {ctx.recipe_dir})",
                              "tokenizer", "a tokenizer directory holds tokenizer.json or tokenizer_config.json")
+        if params.tokenizer is not None:
+            try:
+                check_json_files(ctx.recipe_dir / params.tokenizer)
+            except ModelDirError as err:
+                return ctx.error(err.code, err.message, "tokenizer", err.hint)
         config = cls.config_for(ctx, params)
         if config is None:
             return ERROR_TYPE  # config_for said why

@@ -87,6 +87,21 @@ def check_links(root: Path) -> None:
                                 "copy the file into the directory (`cp -L`), or remove the link")
 
 
+def check_json_files(root: Path) -> None:
+    """Every JSON file beside the weights (tokenizer, generation config) parses: a release ships them as
+    they are and transformers reads them, so a broken one is refused where the recipe names the folder,
+    not found by the user of a release, or late in an export. Raises ModelDirError (E404)."""
+    for name in TOKENIZER_FILES:
+        path = root / name
+        if name.endswith(".json") and path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ModelDirError("E404", f"{name} is not valid JSON: {err}", path,
+                                    f"fix or remove {path}: releases ship it as it is, and transformers "
+                                    "reads it") from None
+
+
 def read_config(root: Path) -> dict:
     """config.json of a model directory (or a config file itself), validated enough to be trusted."""
     if root.is_dir():

@@ -53,12 +53,13 @@ def test_gc_keeps_what_another_recipe_sharing_the_cache_uses(shared, capsys):
     merges_lock.unlink()
     status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
     assert status == 0 and "removed 0 objects" in err and "used by 1 lockfile" in err
-    assert f"kept {MERGES} objects (" in err and f"for {merges_lock}, which is gone: moved or deleted?" in err
+    assert f"kept {MERGES} objects (" in err
+    assert f"for {merges_lock}, which is not there: moved, deleted, or its run did not finish?" in err
     _, out, _ = run(["cache", "ls", "--cache", str(cache)], capsys)
-    assert out.count(f"kept for {merges_lock}, which is gone") == MERGES
+    assert out.count(f"kept for {merges_lock}, which is not there") == MERGES
     status, out, err = run(["cache", "gc", "--forget-missing", "--cache", str(cache)], capsys)
     assert status == 0 and f"removed {MERGES} objects" in err and "used by 1 lockfile" in err
-    assert f"forgot {merges_lock}: the lockfile is gone" in out
+    assert f"forgot {merges_lock}: the lockfile is not there" in out
     assert objects(cache) == set(lock_keys(quickstart).values())
     assert len(list(Cache(cache).roots.iterdir())) == len(list(Cache(cache).root_references.iterdir())) == 1
 
@@ -72,8 +73,8 @@ def test_a_vanished_lockfile_s_objects_go_a_month_after_its_last_run(shared, cap
     for remembered in Cache(cache).root_references.iterdir():  # a live lockfile keeps its objects regardless
         os.utime(remembered, (month_ago, month_ago))
     status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
-    assert status == 0 and f"removed {MERGES} objects" in err and "which is gone" not in err
-    assert f"forgot {merges_lock}: the lockfile is gone" in out
+    assert status == 0 and f"removed {MERGES} objects" in err and "which is not there" not in err
+    assert f"forgot {merges_lock}: the lockfile is not there" in out
 
 
 def test_a_root_entry_stays_the_lockfile_s_path_that_every_recipec_of_this_layout_reads(shared):
@@ -90,13 +91,13 @@ def test_gc_keeps_a_moved_project_s_objects_and_forgets_its_old_place_once_it_ra
     for name in (quickstart.name, quickstart.name + ".lock"):
         shutil.move(quickstart.with_name(name), moved / name)
     status, _, err = run(["cache", "gc", "--cache", str(cache)], capsys)
-    assert status == 0 and "removed 0 objects" in err and "which is gone: moved or deleted?" in err
+    assert status == 0 and "removed 0 objects" in err and "which is not there: moved, deleted, or its run" in err
     assert objects(cache) == before
     status, _, err = run(["run", "--cache", str(cache), str(moved / quickstart.name)], capsys)
     assert status == 0 and "Built 0," in err, err
     status, out, err = run(["cache", "gc", "--cache", str(cache)], capsys)
-    assert status == 0 and "removed 0 objects" in err and "which is gone" not in err
-    assert f"forgot {quickstart.with_name(quickstart.name + '.lock').resolve()}: the lockfile is gone" in out
+    assert status == 0 and "removed 0 objects" in err and "which is not there" not in err
+    assert f"forgot {quickstart.with_name(quickstart.name + '.lock').resolve()}: the lockfile is not there" in out
     assert objects(cache) == before
 
 

@@ -112,7 +112,7 @@ def list_all(cache: Cache) -> int:
         users = found.users.get(path.name)
         missing = found.kept_for_missing.get(path.name)
         note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
-                else f"kept for {', '.join(sorted(map(str, missing)))}, which is gone" if missing
+                else f"kept for {', '.join(sorted(map(str, missing)))}, which is not there" if missing
                 else "unused: `recipec cache gc` removes it")
         sys.stdout.write(_row(path, apparent_size(path), note))
     stale = set(found.stale_work)
@@ -146,7 +146,7 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         work_sizes = {p: _tree_size(p) for p in found.stale_work}
         verb = "would remove" if dry_run else "removed"
         report = ([f"{verb} " + _row(p, apparent_size(p), "unused") for p in found.garbage]
-                  + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is gone\n"
+                  + [f"{'would forget' if dry_run else 'forgot'} {r.lock or r.entry}: the lockfile is not there\n"
                      for r in found.dead_roots]
                   + [f"{verb} {p}: left by a killed run\n" for p in found.temporaries])
         dropped = found.stale_work if checkpoints else []
@@ -166,8 +166,9 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         alone = kept_for[root.lock]
         until = time.strftime("%Y-%m-%d", time.localtime(root.registered + MISSING_GRACE_SECONDS))
         sys.stderr.write(f"kept {_plural(len(alone), 'object')} ({human_bytes(sum(map(apparent_size, alone)))}) for "
-                         f"{root.lock}, which is gone: moved or deleted? Run its recipe where it now is to keep "
-                         f"them; gc removes them from {until}, or now with `--forget-missing`\n")
+                         f"{root.lock}, which is not there: moved, deleted, or its run did not finish? Run its recipe "
+                         f"where it now is to keep them; gc removes them from {until}, or now with "
+                         "`--forget-missing`\n")
     left = [p for p in found.stale_work if p not in dropped]
     if left:
         sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "

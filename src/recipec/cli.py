@@ -228,8 +228,9 @@ def cmd_run(args) -> int:
     def record(result) -> None:
         """The cache's root and the lock (never under --locked: the engine held every node and release to
         it), written while the run still holds the cache, so `cache gc` cannot come between."""
-        _register_and_write(engine, recipe, result.lock,
-                            (lambda: None) if args.locked else (lambda: _update_lock(recipe, result.lock)))
+        _register_root(engine, recipe, result.lock)
+        if not args.locked:
+            _update_lock(recipe, result.lock)
 
     try:
         with _tracking(args.log_with, recipe):
@@ -264,22 +265,12 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _register_and_write(engine, recipe: Path, lock: dict, write) -> None:
-    """Register the recipe's lockfile as a root of the cache the run used (with what `lock` references),
-    then `write` it; a lockfile that could not be written, and was not there before, is unregistered, so
-    that gc never keeps objects for a lock that never existed."""
+def _register_root(engine, recipe: Path, lock: dict) -> None:
+    """The recipe's lockfile as a root of the cache the run used, with what `lock` references."""
     from .store.gc import references
     from .store.lockfile import lock_path
 
-    path = lock_path(recipe)
-    existed = path.is_file()
-    engine.cache.register_root(path, references(lock))
-    try:
-        write()
-    except BaseException:
-        if not existed:
-            engine.cache.unregister_root(path)
-        raise
+    engine.cache.register_root(lock_path(recipe), references(lock))
 
 
 def _update_lock(recipe: Path, data: dict) -> None:
@@ -322,7 +313,8 @@ def cmd_lock(args) -> int:
 
     def record(result) -> None:  # while the run holds the cache (see cmd_run)
         carried.append(carry_outputs(previous, result.lock))
-        _register_and_write(engine, recipe, result.lock, lambda: _write_lock(recipe, result.lock))
+        _register_root(engine, recipe, result.lock)
+        _write_lock(recipe, result.lock)
 
     engine.run(then=record)
     sys.stderr.write(f"wrote {lock_path(recipe)}\n")

@@ -286,6 +286,7 @@ class Engine:
                 weights = run_launched(job, self.options.launch) if op.launchable else rule_for(node.op)(job)
                 digest = artifact_kind(node.type.kind).digest(tmp, weights)
                 self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
+            self.cache.register_root(lock_path(self.recipe), {key: [node.label]}, building=True)
             self.cache.drop_work(key)
             self._calibrate(node.op, cost, time.monotonic() - started)
         except RunFailure as err:

@@ -276,11 +276,13 @@ class Cache:
 
     # roots: the lockfiles that use this cache
 
-    def register_root(self, lock: Path, references: dict[str, list[str]]) -> None:
+    def register_root(self, lock: Path, references: dict[str, list[str]], building: bool = False) -> None:
         """Record `lock` as a user of this cache so that `cache gc` keeps what it references; a read-only
         cache that does not know the lock yet gets a warning instead. `references` (cache key -> the labels
         using it, as the lock has them) are remembered beside it where the cache can be written, so that gc
-        can still tell what the lock used once it is gone: moved with its project, or deleted."""
+        can still tell what the lock used once it is gone: moved with its project, or deleted. While a run
+        is `building`, each result it commits is added to them: a first run killed before it could write its
+        lock leaves results that hours of training made, which gc must not take for garbage."""
         lock = lock.resolve()
         name = hashlib.sha256(str(lock).encode()).hexdigest()
         entry, text = self.roots / name, f"{lock}\n"
@@ -293,6 +295,8 @@ class Cache:
                              "will not keep its objects\n")
             return
         remembered = self.root_references / name
+        if building:
+            references = {**self._references(name)[0], **references}
         data = json.dumps(references, sort_keys=True).encode()
         try:
             if remembered.is_file() and remembered.read_bytes() == data:
@@ -301,12 +305,6 @@ class Cache:
                 write_bytes_atomic(remembered, data)
         except OSError:  # read-only: the lock itself tells gc what it uses while it exists
             pass
-
-    def unregister_root(self, lock: Path) -> None:
-        """Forget `lock` as a user of this cache (a run whose lockfile could not be written)."""
-        name = hashlib.sha256(str(lock.resolve()).encode()).hexdigest()
-        for path in (self.roots / name, self.root_references / name):
-            path.unlink(missing_ok=True)
 
     def registered_roots(self) -> list[RegisteredRoot]:
         """Every registered root, whether or not its lock still exists."""

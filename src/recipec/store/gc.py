@@ -5,8 +5,9 @@ An object is live when an existing root's lock names it: a node's `key`, or the 
 pickled weights were converted into, or a data source's records normalized into (`converted_key`).
 Everything else in `objects/` is garbage, and so are the temporaries of killed runs.
 
-A root whose lockfile is gone may have been moved with its project, not deleted: gc cannot tell, and a
-rebuild can cost hours of training. Its entry remembers what the lock referenced when it was last
+A root whose lockfile is gone may have been moved with its project, not deleted, or never written by a
+run that was killed (each result a run commits is registered at once): gc cannot tell, and a rebuild can
+cost hours of training. Its entry remembers what the lock referenced when it was last
 registered, and gc keeps those objects and says so for `MISSING_GRACE_SECONDS` after that run, unless
 asked not to (`forget_missing`); the root is forgotten then, or as soon as every one of its objects is
 used by a live root again (the project ran where it now is). A deleted project's objects (a CI checkout,

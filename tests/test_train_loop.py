@@ -218,8 +218,12 @@ def test_micro_batch_and_accumulation_follow_from_batch():
     assert (batch_shape(config(batch=8, grad_accum=4), 1).micro_batch) == 2
     with pytest.raises(TrainingError, match="does not split over 3 processes"):
         batch_shape(config(batch=8), 3)
-    with pytest.raises(TrainingError, match="is not micro_batch=3"):
+    with pytest.raises(TrainingError, match=r"^micro_batch=3 does not divide batch=8 \(8 per process\)$"):
         batch_shape(config(batch=8, micro_batch=3), 1)
+    with pytest.raises(TrainingError, match=r"^grad_accum=4 does not divide batch=12 over 2 processes \(6 per"):
+        batch_shape(config(batch=12, grad_accum=4), 2)
+    with pytest.raises(TrainingError, match=r"^batch=8 is not micro_batch=2 × grad_accum=2$"):
+        batch_shape(config(batch=8, micro_batch=2, grad_accum=2), 1)
 
 
 def test_exactly_one_of_steps_epochs_tokens():

@@ -117,7 +117,8 @@ def list_all(cache: Cache) -> int:
         sys.stdout.write(_row(path, apparent_size(path), note))
     stale = set(found.stale_work)
     for path in cache.work_dirs():
-        note = ("stale: `recipec cache gc --checkpoints` removes it" if path in stale
+        note = ("checkpoints of an unfinished build no lockfile uses yet: the next run resumes from them; "
+                "`recipec cache gc --checkpoints` removes them" if path in stale
                 else "checkpoints of an unfinished build: the next run resumes from them")
         sys.stdout.write(f"{path.name[:16]}  {'work':<10} {human_bytes(_tree_size(path)):>10}  {note}\n")
     return 0

@@ -85,10 +85,14 @@ def batch_shape(config: TrainConfig, world_size: int) -> BatchShape:
     elif accum is None:
         accum = per_process // micro
     if micro < 1 or accum < 1 or micro * accum != per_process:
-        raise TrainingError(
-            f"batch={config.batch} over {world_size} process(es) is not micro_batch={config.micro_batch} "
-            f"× grad_accum={config.grad_accum}",
-            "give `batch` = micro_batch × grad_accum × processes, or only one of micro_batch and grad_accum")
+        given = " × ".join(f"{name}={value}" for name, value in (("micro_batch", config.micro_batch),
+                                                                ("grad_accum", config.grad_accum)) if value is not None)
+        over = f" over {world_size} processes" if world_size != 1 else ""
+        if config.micro_batch is not None and config.grad_accum is not None:
+            raise TrainingError(f"batch={config.batch}{over} is not {given}",
+                                "give `batch` = micro_batch × grad_accum × processes, or only one of the two")
+        raise TrainingError(f"{given} does not divide batch={config.batch}{over} ({per_process} per process)",
+                            f"give a divisor of {per_process}")
     return BatchShape(micro, accum, world_size)
 
 

@@ -345,22 +345,23 @@ def test_a_folder_without_a_tokenizer_is_refused_not_loaded_empty(tmp_path):
 
 
 def test_the_estimate_counts_wide_characters_as_tokens_and_prose_by_four_characters(tmp_path):
-    from recipec.textprep.estimate import estimate_files
+    from recipec.textprep.estimate import TOKENS_PER_WIDE_CHAR, estimate_files
 
     english, chinese = tmp_path / "en.txt", tmp_path / "zh.txt"
     english.write_text("abcd efgh\n\n" * 10)  # 10 documents of 9 characters; blank lines are not documents
     chinese.write_text("臺灣最高的山是玉山\n" * 10)  # 10 documents of 9 characters (27 bytes each)
     assert estimate_files([english], lambda p: False) == (round(10 * 9 / 4) + 10, 10)
-    assert estimate_files([chinese], lambda p: False) == (10 * 9 + 10, 10)
+    assert estimate_files([chinese], lambda p: False) == (round(10 * 9 * TOKENS_PER_WIDE_CHAR) + 10, 10)
 
 
 def test_the_estimate_of_json_lines_counts_their_strings_not_their_keys(tmp_path):
-    from recipec.textprep.estimate import estimate_files
+    from recipec.textprep.estimate import TOKENS_PER_WIDE_CHAR, estimate_files
 
     records = tmp_path / "d.jsonl"
     records.write_text('{"text": "你好", "id": 7}\n' * 4 + '{"messages": [{"role": "user", "content": "你好"}]}\n')
     tokens, documents = estimate_files([records], lambda p: True)
-    assert documents == 5 and tokens == 5 * 2 + 1 + 5  # "user" is a token; one end-of-text per document
+    # "user" is a token; one end-of-text per document
+    assert documents == 5 and tokens == round(5 * 2 * TOKENS_PER_WIDE_CHAR + 1 + 5)
 
 
 def test_the_estimate_of_a_large_corpus_scales_its_sample_to_the_file_sizes(tmp_path, monkeypatch):
@@ -375,4 +376,5 @@ def test_the_estimate_of_a_large_corpus_scales_its_sample_to_the_file_sizes(tmp_
     tokens, documents = estimate.estimate_files(files, lambda p: False)
     lines = sum(500 + 100 * i for i in range(7))
     assert abs(documents - lines) <= 0.02 * lines
-    assert abs(tokens - lines * (4 + 1 + len(" and some prose") / 4)) <= 0.02 * tokens
+    per_line = 4 * estimate.TOKENS_PER_WIDE_CHAR + len(" and some prose") / 4 + 1
+    assert abs(tokens - lines * per_line) <= 0.02 * tokens

@@ -21,7 +21,8 @@ from typing import NamedTuple
 SAMPLE_BYTES = 1 << 20  # read from the start of a file
 SAMPLED_FILES = 16  # at most, spread over the files, so that a corpus of thousands is estimated as fast
 CHARS_PER_TOKEN = 4.0  # alphabetic scripts, spaces and punctuation (BPE on English prose: 3.5-4.5)
-TOKENS_PER_WIDE_CHAR = 1.0  # CJK, kana, hangul (Llama-2's vocabulary ≈1.4; one extended for Chinese ≈0.7)
+TOKENS_PER_WIDE_CHAR = 1.3  # CJK, kana, hangul (Llama-2's vocabulary and small BPEs ≈1.4; one extended for
+# Chinese ≈0.7)
 
 _WIDE = re.compile("[\u1100-\u11ff\u2e80-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef]")
 

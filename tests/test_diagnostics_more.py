@@ -232,3 +232,17 @@ def test_a_broken_tokenizer_or_generation_file_is_refused_at_check_not_shipped(t
     assert status == 65 and "Traceback" not in err
     assert "r.rcp:2:10: error[E404]: generation_config.json is not valid JSON" in err
     assert "r.rcp:3:42: error[E404]: tokenizer.json is not valid JSON" in err
+
+
+def test_every_problem_of_one_call_s_arguments_is_reported_at_once(tmp_path, capsys):
+    (tmp_path / "zh.txt").write_text("一些文字\n")
+    (tmp_path / "r.rcp").write_text('recipec 1\nbase = init("llama", size="tiny")\n'
+                                    'a = prune(base, sparsity=1.5, heads=0.3, batch=0)\n'
+                                    'b = cp(base, text("zh.txt"), seq_len=64, batch=3, micro_batch=2, lr=1e-3)\n'
+                                    'export a to "out/a"\nexport b to "out/b"\n')
+    status, _, err = run_cli(["check", str(tmp_path / "r.rcp")], capsys)
+    assert status == 65
+    for code in ("E456", "E454", "E450"):  # both ways of pruning, a batch of 0, a fraction above 1
+        assert f"error[{code}]" in err
+    assert "r.rcp:4:5: error[E430]" in err and "r.rcp:4:48: error[E434]: micro_batch=2 does not divide batch=3" in err
+    assert "5 errors found" in err

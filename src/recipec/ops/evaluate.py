@@ -198,18 +198,19 @@ class Eval(Op):
 
     @classmethod
     def check_params(cls, ctx, params):
+        ok = True
         has_corpus, has_prompts = ctx.given.get("corpus"), _has_prompts(ctx, params)
         if not (has_corpus or has_prompts):
-            return ctx.reject("E475", "eval has nothing to measure: give it `corpus=`, `prompts=` or both",
-                              hint='e.g. eval(base, chat, corpus=text("data/*.jsonl"), '
-                                   'prompts=chat("data/prompts.jsonl"), language="en")')
+            ok = ctx.reject("E475", "eval has nothing to measure: give it `corpus=`, `prompts=` or both",
+                            hint='e.g. eval(base, chat, corpus=text("data/*.jsonl"), '
+                             'prompts=chat("data/prompts.jsonl"), language="en")')
         if params.language is not None and not _check_language(ctx, params.language, has_prompts):
-            return False
+            ok = False
         if params.stride is not None and params.seq_len is not None and params.stride > params.seq_len:
-            return ctx.reject("E480", f"stride={params.stride} is longer than seq_len={params.seq_len}: tokens "
-                              "between windows would never be scored", "stride",
-                              f"use a stride of at most {params.seq_len}")
-        return True
+            ok = ctx.reject("E480", f"stride={params.stride} is longer than seq_len={params.seq_len}: tokens "
+                            "between windows would never be scored", "stride",
+                            f"use a stride of at most {params.seq_len}")
+        return ok
 
     @classmethod
     def output_type(cls, ctx, inputs, params):

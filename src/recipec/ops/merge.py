@@ -69,18 +69,19 @@ class Merge(Op):
 
     @classmethod
     def check_params(cls, ctx: Context, params) -> bool:
+        ok = True
         with_base = bool(ctx.given.get("base"))
         method = params.method
         if method in NEEDS_BASE and not with_base:
-            return ctx.reject("E204", f"method `{method}` needs `base=`", "method",
-                              "name the model the others were fine-tuned from: "
-                              f"merge(a, b, base=..., method=\"{method}\")")
+            ok = ctx.reject("E204", f"method `{method}` needs `base=`", "method",
+                            "name the model the others were fine-tuned from: "
+                            f"merge(a, b, base=..., method=\"{method}\")")
         if method not in NEEDS_BASE and with_base:
-            return ctx.reject("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
+            ok = ctx.reject("E202", f"method `{method}` takes no `base=`", "base", "remove `base=`")
         bad = out_of_scale(params.weights or ())
         if bad is not None:
-            return ctx.reject("E203", f"`weights` has {bad:g}; weights must be finite and within ±{MAX_SCALE:g}",
-                              "weights", SCALE_HINT)
+            ok = ctx.reject("E203", f"`weights` has {bad:g}; weights must be finite and within ±{MAX_SCALE:g}",
+                            "weights", SCALE_HINT)
         for name in ctx.arg_spans:  # in the order the call gives them
             if name in TUNING_PARAMS and name not in METHOD_PARAMS[method]:
                 users = [m for m, names in METHOD_PARAMS.items() if name in names]
@@ -88,9 +89,9 @@ class Merge(Op):
                             f"remove `{name}`, or choose a method that uses it: "
                             + ", ".join(f'"{m}"' for m in users))
         if params.normalize and params.weights is not None and sum(params.weights) == 0:
-            return ctx.reject("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
-                              "give weights that do not sum to 0, or drop `normalize`")
-        return True
+            ok = ctx.reject("E203", "`normalize=true` divides by the sum of `weights`, which is 0", "weights",
+                            "give weights that do not sum to 0, or drop `normalize`")
+        return ok
 
     @classmethod
     def output_type(cls, ctx: Context, inputs, params):

@@ -250,29 +250,30 @@ class Prune(Op):
 
     @classmethod
     def check_params(cls, ctx, params):
+        ok = True
         structured = params.heads is not None or params.ffn is not None
         if params.sparsity is None and not structured:
-            return ctx.reject("E456", "prune needs `sparsity=`, `heads=` or `ffn=`",
-                              hint="e.g. prune(model, sparsity=0.5) or prune(model, heads=0.25, ffn=0.5)")
+            ok = ctx.reject("E456", "prune needs `sparsity=`, `heads=` or `ffn=`",
+                            hint="e.g. prune(model, sparsity=0.5) or prune(model, heads=0.25, ffn=0.5)")
         if params.sparsity is not None and structured:
-            return ctx.reject("E456", "prune zeroes weights (`sparsity=`) or removes heads and neurons "
-                              "(`heads=`, `ffn=`), not both in one call", "sparsity",
-                              "chain two calls: prune(prune(model, heads=0.25), sparsity=0.5)")
+            ok = ctx.reject("E456", "prune zeroes weights (`sparsity=`) or removes heads and neurons "
+                            "(`heads=`, `ffn=`), not both in one call", "sparsity",
+                            "chain two calls: prune(prune(model, heads=0.25), sparsity=0.5)")
         if params.score == "gradient" and not ctx.given.get("data"):
-            return ctx.reject("E454", "`score=\"gradient\"` needs `data=`: the gradient is taken on a corpus",
-                              "score", "e.g. prune(model, heads=0.25, score=\"gradient\", data=text(\"d/*.txt\"))")
+            ok = ctx.reject("E454", "`score=\"gradient\"` needs `data=`: the gradient is taken on a corpus",
+                            "score", "e.g. prune(model, heads=0.25, score=\"gradient\", data=text(\"d/*.txt\"))")
         if ctx.given.get("data") and not (structured and params.score == "gradient"):
-            return ctx.reject("E454", "`data=` is only read by `score=\"gradient\"`", "data",
-                              "add score=\"gradient\" (with heads= or ffn=), or drop data=")
+            ok = ctx.reject("E454", "`data=` is only read by `score=\"gradient\"`", "data",
+                            "add score=\"gradient\" (with heads= or ffn=), or drop data=")
         for name in ("seq_len", "batch", "max_sequences"):
             if getattr(params, name) < 1:
-                return ctx.reject("E454", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
+                ok = ctx.reject("E454", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
         for name in ("sparsity", "heads", "ffn"):
             value = getattr(params, name)
             if value is not None and not 0 <= value < 1:
-                return ctx.reject("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
-                                  f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
-        return check_schedule(ctx, params)
+                ok = ctx.reject("E450", f"`{name}` must be in [0, 1), got {value:g}", name,
+                                f"`{name}` is the fraction to remove: 0 keeps everything, 1 would remove all")
+        return check_schedule(ctx, params) and ok
 
     @classmethod
     def node_params(cls, params, ctx):

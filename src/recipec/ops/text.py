@@ -82,15 +82,16 @@ class TrainTokenizer(Op):
     def check_params(cls, ctx, params):
         if not chat_template_file(ctx, params.chat_template):
             return False
+        ok = True
         template = ((ctx.recipe_dir / params.chat_template).read_text(encoding="utf-8")
                     if params.chat_template else DEFAULT_CHAT_TEMPLATE)
         specials = special_token_list("<s>", "</s>", "<pad>", params.special_tokens, template)
         smallest = BYTE_ALPHABET + len(specials) + 1
         if params.vocab_size < smallest:
-            return ctx.reject("E440", f"vocab_size {params.vocab_size} is too small for a byte-level BPE with "
-                              f"{len(specials)} special tokens", "vocab_size",
-                              f"use vocab_size >= {smallest} (256 bytes, the special tokens, one merge)")
-        return True
+            ok = ctx.reject("E440", f"vocab_size {params.vocab_size} is too small for a byte-level BPE with "
+                            f"{len(specials)} special tokens", "vocab_size",
+                            f"use vocab_size >= {smallest} (256 bytes, the special tokens, one merge)")
+        return ok
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
@@ -144,12 +145,13 @@ class ExtendVocab(Op):
 
     @classmethod
     def check_params(cls, ctx, params):
+        ok = True
         if ctx.given.get("tokenizer") == ctx.given.get("corpus"):
-            return ctx.reject("E442", "extend_vocab takes new tokens from `tokenizer=` or `corpus=`, exactly one",
-                              hint="e.g. extend_vocab(base, corpus=text(\"zh/*.txt\"), add=2000)")
+            ok = ctx.reject("E442", "extend_vocab takes new tokens from `tokenizer=` or `corpus=`, exactly one",
+                            hint="e.g. extend_vocab(base, corpus=text(\"zh/*.txt\"), add=2000)")
         if params.add < 1:
-            return ctx.reject("E441", f"`add` must be a positive number of tokens, got {params.add}", "add")
-        return True
+            ok = ctx.reject("E441", f"`add` must be a positive number of tokens, got {params.add}", "add")
+        return ok
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
@@ -197,20 +199,21 @@ class PplFilter(Op):
 
     @classmethod
     def check_params(cls, ctx, params):
+        ok = True
         if params.max is None and params.min is None:
-            return ctx.reject("E444", "ppl_filter needs a bound: `max=`, `min=` or both",
-                              hint="e.g. ppl_filter(data, model, max=15)")
+            ok = ctx.reject("E444", "ppl_filter needs a bound: `max=`, `min=` or both",
+                            hint="e.g. ppl_filter(data, model, max=15)")
         for name in ("max", "min"):
             value = getattr(params, name)
             if value is not None and not value > 0:
-                return ctx.reject("E444", f"`{name}` is a perplexity, which is above 0; got {value:g}", name)
+                ok = ctx.reject("E444", f"`{name}` is a perplexity, which is above 0; got {value:g}", name)
         if params.max is not None and params.min is not None and params.max <= params.min:
-            return ctx.reject("E444", f"`max` ({params.max:g}) must be above `min` ({params.min:g})", "max",
-                              "nothing lies between them: every document would be dropped")
+            ok = ctx.reject("E444", f"`max` ({params.max:g}) must be above `min` ({params.min:g})", "max",
+                            "nothing lies between them: every document would be dropped")
         for name in ("seq_len", "batch"):
             if getattr(params, name) < 1:
-                return ctx.reject("E444", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
-        return True
+                ok = ctx.reject("E444", f"`{name}` must be at least 1, got {getattr(params, name)}", name)
+        return ok
 
     @classmethod
     def output_type(cls, ctx, inputs, params):

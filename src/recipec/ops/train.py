@@ -140,19 +140,18 @@ class _Training(Op):
 
 
 def check_training(ctx: Context, params: TrainParams) -> bool:
-    """The checks every training call needs, each reported at the call; True when all pass."""
+    """The checks every training call needs, each reported at the call (all of them); True when all pass."""
+    ok = True
     given = [name for name in LENGTHS if getattr(params, name) is not None]
     if len(given) != 1:
-        ctx.error("E430", f"give exactly one of `steps=`, `epochs=`, `tokens=` (got {', '.join(given) or 'none'})",
-                  given[1] if len(given) > 1 else None,
-                  "`steps` counts optimizer steps, `epochs` passes over the data, `tokens` tokens trained on")
-        return False
+        ok = ctx.reject("E430", f"give exactly one of `steps=`, `epochs=`, `tokens=` (got "
+                        f"{', '.join(given) or 'none'})", given[1] if len(given) > 1 else None,
+                        "`steps` counts optimizer steps, `epochs` passes over the data, `tokens` tokens trained on")
     try:
         batch_shape(params, params.processes)
     except TrainingError as err:
-        ctx.error("E434", err.message, "batch", err.hint)
-        return False
-    return True
+        ok = ctx.reject("E434", err.message, "batch", err.hint)
+    return ok
 
 
 def model_config(node: Node, recipe_dir: Path) -> dict | None:

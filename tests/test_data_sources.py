@@ -175,12 +175,24 @@ def test_a_glob_of_only_empty_files_is_found_by_check(tmp_path, capsys, toy):
     assert run(["check", str(recipe)], capsys)[0] == 0  # one file with data is enough
 
 
+def test_files_of_the_wrong_format_are_found_by_check_from_their_first_record(tmp_path, capsys, toy):
+    (tmp_path / "zh").mkdir()
+    (tmp_path / "zh/a.txt").write_text("第一行\n" * 40)
+    (tmp_path / "zh/b.jsonl").write_text('{"text": "x"}\n')
+    recipe = write_recipe(tmp_path, 'x = tally(chat("zh/*.txt"))\ny = tally(text("zh/*.jsonl", field="body"))\n'
+                                    'export x to "out/x"\nexport y to "out/y"\n')
+    status, _, err = run(["check", str(recipe)], capsys)
+    assert status == 65 and err.count("error[") == 2, err  # one per file, not one per line
+    assert "r.rcp:2:16: error[E551]: zh/a.txt:1: not JSON" in err and "plain text is read by text(...)" in err
+    assert "r.rcp:3:16: error[E552]: zh/b.jsonl:1: no field `body`" in err
+
+
 def test_chat_records_are_validated_and_normalized(tmp_path, capsys, toy):
     (tmp_path / "sft.jsonl").write_text(
         '{"messages": [{"role": "user", "content": "hi", "extra": 1}, {"role": "assistant", "content": "yo"}]}\n'
         '{"messages": []}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
-    recipe = write_recipe(tmp_path, 'c = chat("sft.jsonl")\nx = tally(text("sft.jsonl", field="messages"))\n'
-                                    'export x to "out/x"\n')
+    (tmp_path / "d.txt").write_text("some text\n")
+    recipe = write_recipe(tmp_path, 'c = chat("sft.jsonl")\nx = tally(text("d.txt"))\nexport x to "out/x"\n')
     # `c` is bound but unread: a chat source alone builds nothing; read it through the engine directly.
     from recipec.check import lower_file
     from recipec.engine import Engine, RunOptions

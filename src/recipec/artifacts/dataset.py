@@ -28,7 +28,9 @@ def read_conversations(path: Path, shown: str) -> Records:
     """The conversations of one chat file, and a Problem for each line that is not one."""
     for number, value in json_lines(path, shown):
         if isinstance(value, Problem):
-            yield value
+            yield (value if value.code != "E551" else
+                   Problem(value.code, value.message, 'chat reads JSON lines, each {"messages": [{"role": "user", '
+                           '"content": "..."}, ...]}; plain text is read by text(...)'))
             continue
         problem = _conversation_problem(value)
         if problem:

@@ -8,6 +8,7 @@ never read a weight or touch the network. A string where a model is expected goe
 from __future__ import annotations
 
 import difflib
+import os
 import glob as globlib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .. import arch as archs
-from ..artifacts import Artifact
+from ..artifacts import Artifact, Problem
 from ..artifacts.corpus import JSON_SUFFIXES, CorpusKind, read_texts
 from ..artifacts.data import remembered_records_digest, resolve_records
 from ..artifacts.dataset import DatasetKind, read_conversations
@@ -359,6 +360,9 @@ def tokenizer_digests(root: Path) -> dict[str, str]:
     return named_file_hashes(root, TOKENIZER_FILES)
 
 
+CHECKED_FILES = 64  # data files whose first record check reads (one line each)
+
+
 def _data_files(ctx: Context, pattern: str) -> list[Path] | None:
     matches = sorted(Path(p) for p in globlib.glob(str(ctx.recipe_dir / pattern), recursive=True))
     files = [p for p in matches if p.is_file()]
@@ -381,7 +385,23 @@ class _DataSource(Op):
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
-        return Type(cls.artifact_kind.kind) if _data_files(ctx, params.glob) is not None else ERROR_TYPE
+        files = _data_files(ctx, params.glob)
+        if files is None or not cls._first_records_read(ctx, params, files):
+            return ERROR_TYPE
+        return Type(cls.artifact_kind.kind)
+
+    @classmethod
+    def _first_records_read(cls, ctx, params, files: list[Path]) -> bool:
+        """Each file's first record reads as `run` will read them all (JSON, the text field, a conversation,
+        UTF-8): files of the wrong format are found here, not after training has started on the others.
+        Reports one problem per file, of the first `CHECKED_FILES` files."""
+        read = cls.reader(params.model_dump(), lambda p: os.path.relpath(p, ctx.recipe_dir))
+        ok = True
+        for path in files[:CHECKED_FILES]:
+            first = next(iter(read(path)), None)
+            if isinstance(first, Problem):
+                ok = ctx.reject(first.code, first.message, "glob", first.hint)
+        return ok
 
     @classmethod
     def node_params(cls, params, ctx):

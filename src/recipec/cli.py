@@ -490,8 +490,8 @@ def _cache_parser(p: argparse.ArgumentParser) -> None:
     q.add_argument("--checkpoints", action="store_true",
                    help="also remove checkpoints of unfinished builds no lockfile uses (never a running one's)")
     q.add_argument("--forget-missing", action="store_true",
-                   help="also remove what registered lockfiles that are gone used (kept by default: a project "
-                        "may have moved)")
+                   help="also remove, at once, what registered lockfiles that are not there used (kept 30 days "
+                        "after their last run otherwise: a project may have moved, or its first run been killed)")
     q = action("verify", "re-hash every file of every object against the sha256 recorded when it was built",
                "a recipe (locates the cache)")
     q.add_argument("--threads", type=_thread_count, default=0, help="hashing threads (default: all cores)")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-SAMPLE_BYTES = 1 << 20  # read from the start of a file
-SAMPLED_FILES = 16  # at most, spread over the files, so that a corpus of thousands is estimated as fast
+SAMPLE_BYTES = 64 << 10  # read from the start of a file: enough lines for a ratio, cheap on every check
+SAMPLED_FILES = 8  # at most, spread over the files, so that a corpus of thousands is estimated as fast
 CHARS_PER_TOKEN = 4.0  # alphabetic scripts, spaces and punctuation (BPE on English prose: 3.5-4.5)
 TOKENS_PER_WIDE_CHAR = 1.3  # CJK, kana, hangul (Llama-2's vocabulary and small BPEs ≈1.4; one extended for
 # Chinese ≈0.7)

@@ -138,10 +138,10 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         found = collect(cache, extra, forget_missing)
         _warn_unreadable(found)
         objects = cache.object_dirs()
-        kept = len(objects) - len(found.garbage)
         # per lockfile that is gone, the objects kept for it alone (no live lockfile uses them)
         kept_for = {root.lock: [p for p in objects if p.name in root.references and p.name not in found.users]
                     for root in found.missing_roots}
+        kept = len(objects) - len(found.garbage) - len(set().union(*kept_for.values()))  # for live lockfiles
         freed = sum(freeable_size(p) for p in found.garbage)
         linked = sum(apparent_size(p) for p in found.garbage) - freed
         work_sizes = {p: _tree_size(p) for p in found.stale_work}
@@ -161,8 +161,8 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
     sys.stdout.write("".join(report))
     shared = f" ({human_bytes(linked)} more stays on disk: releases hard-link it)" if linked else ""
     sys.stderr.write(f"{verb} {_plural(len(found.garbage), 'object')}, {human_bytes(freed)} "
-                     f"{'to free' if dry_run else 'freed'}{shared}; kept {kept - len(set().union(*kept_for.values()))} "
-                     f"used by {_plural(len(found.live_roots), 'lockfile')}\n")
+                     f"{'to free' if dry_run else 'freed'}{shared}; kept {kept} used by "
+                     f"{_plural(len(found.live_roots), 'lockfile')}\n")
     for root in found.missing_roots:
         alone = kept_for[root.lock]
         until = time.strftime("%Y-%m-%d", time.localtime(root.registered + MISSING_GRACE_SECONDS))

@@ -246,8 +246,9 @@ def key_toolchain(op: type[Op]) -> dict[str, str]:
 
 def cache_key(node: Node, input_digests: list[str]) -> str:
     """sha256 over canonical JSON of op, op version, parameters (file parameters by content, `unkeyed` ones
-    at their default; a compute precision where the op has one), input content digests, the installed versions of the packages
-    that can change this op's bytes (`key_toolchain`) and the names its result shows (`shown_names`)."""
+    at their default; a compute precision where the op has one), input content digests, the installed
+    versions of the packages that can change this op's bytes (`key_toolchain`) and the names its result
+    shows (`shown_names`)."""
     op = REGISTRY[node.op]
     params = key_params(node.params) | {name: op.Params.model_fields[name].default for name in op.unkeyed}
     doc = {"op": node.op, "version": op.version, "params": params, "inputs": input_digests,

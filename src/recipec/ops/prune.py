@@ -278,7 +278,8 @@ class Prune(Op):
     @classmethod
     def node_params(cls, params, ctx):
         # Retraining's precision is keyed as it runs here; without rounds (`steps`) nothing trains.
-        return (machine_precision(params, this_machine()) if params.steps is not None else params).model_dump(mode="json")
+        keyed = machine_precision(params, this_machine()) if params.steps is not None else params
+        return keyed.model_dump(mode="json")
 
     @classmethod
     def output_type(cls, ctx, inputs, params):

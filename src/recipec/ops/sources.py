@@ -8,8 +8,8 @@ never read a weight or touch the network. A string where a model is expected goe
 from __future__ import annotations
 
 import difflib
-import os
 import glob as globlib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +26,8 @@ from ..dtypes import DTYPE_CODES
 from ..ir.types import Kind, Signature, Type
 from ..store import hub
 from ..store.filehash import named_file_hashes
-from ..store.model_dir import (TOKENIZER_FILES, ModelDirError, ModelFiles, check_json_files, pickled_weights, read_config,
-                               read_model_dir)
+from ..store.model_dir import (TOKENIZER_FILES, ModelDirError, ModelFiles, check_json_files, pickled_weights,
+                               read_config, read_model_dir)
 from ..textprep.estimate import estimate_files
 from .base import ERROR_TYPE, Context, Cost, FileDigests, Input, Op, Params, register
 from .resolve import ResolveContext, Resolved

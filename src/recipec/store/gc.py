@@ -76,12 +76,11 @@ def read_references(lock: Path) -> dict[str, list[str]]:
     return references(data)
 
 
-def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bool = False,
-            now: float | None = None) -> Collection:
+def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bool = False) -> Collection:
     """Decide, without changing anything, what gc removes. `extra_locks` count as roots too; with
     `forget_missing`, roots whose lockfile is gone keep nothing, and without it only for
-    `MISSING_GRACE_SECONDS` after they were last registered (before `now`)."""
-    now = time.time() if now is None else now
+    `MISSING_GRACE_SECONDS` after they were last registered."""
+    now = time.time()
     found = Collection(temporaries=cache.temporaries())
     registered: dict[Path, Root] = {}
     for root in cache.registered_roots():
@@ -104,18 +103,18 @@ def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bo
             continue
         for key, labels in used.items():
             found.users.setdefault(key, []).extend((root.lock, label) for label in labels)
-    _keep_for_missing(cache, found)
+    objects = cache.object_dirs()
+    _keep_for_missing({p.name for p in objects}, found)
     if not found.unreadable:
         kept = found.users.keys() | found.kept_for_missing.keys()
-        found.garbage = [p for p in cache.object_dirs() if p.name not in kept]
+        found.garbage = [p for p in objects if p.name not in kept]
         found.stale_work = [p for p in cache.work_dirs() if p.name not in kept]
     return found
 
 
-def _keep_for_missing(cache: Cache, found: Collection) -> None:
-    """Keep the objects of roots whose lockfile is gone; forget a root whose every object still here is
-    used by a live root (a moved project that ran again where it now is)."""
-    present = {p.name for p in cache.object_dirs()}
+def _keep_for_missing(present: set[str], found: Collection) -> None:
+    """Keep the objects of roots whose lockfile is gone; forget a root whose every object still `present`
+    is used by a live root (a moved project that ran again where it now is)."""
     for root in list(found.missing_roots):
         if all(key in found.users for key in root.references.keys() & present):
             found.missing_roots.remove(root)

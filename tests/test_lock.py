@@ -130,6 +130,42 @@ def test_run_locked_refuses_a_tampered_key_digest_or_output_and_never_writes_the
     assert status == 0 and lock_file(project).read_text() == good
 
 
+def test_run_locked_names_the_file_parameter_whose_content_moved_the_key(project, capsys):
+    # The recipe's text, the toolchain and the inputs all match the lock; only a file a parameter names
+    # was edited. The lock records each node's keyed parameters, so the message can say which.
+    template = project.parent / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tokenizer = project.parent / "tok"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(project.parent / "models" / "a" / name, tokenizer / name)
+    project.write_text('recipec 1\na = load("models/a")\nb = load("models/b")\n'
+                       'm = combine(a + 0.5*(b - a), tokenizer="tok", chat_template="chat.jinja")\n'
+                       'export m to "out/m"\n')
+    assert run(["run", project], capsys)[0] == 0
+    assert tomllib.loads(lock_file(project).read_text())["nodes"]["m"]["params"]["coefficients"] == [0.5, 0.5]
+    template.write_text(template.read_text() + "\n")
+    status, _, err = run(["run", "--locked", project], capsys)
+    assert status == 65 and "error[E506]: parameter `chat_template` (the file's content) of node `m` differs" in err, err
+    write_data_file(tokenizer, "tokenizer_config.json", {"model_max_length": 65})
+    status, _, err = run(["run", "--locked", project], capsys)
+    assert status == 65 and ("error[E506]: parameters `chat_template` (the file's content); `tokenizer` (file "
+                             "tokenizer_config.json) of node `m`") in err, err
+
+
+def test_a_lock_of_format_2_is_still_read_and_a_drifted_key_named_as_before(project, capsys):
+    assert run(["run", project], capsys)[0] == 0
+    lock = tomllib.loads(lock_file(project).read_text())
+    text = lock_file(project).read_text().replace("version = 3", "version = 2", 1)
+    text = text[:text.index("[nodes.\"%2\".params]")] + text[text.index("[outputs."):]  # format 2 had no params
+    lock_file(project).write_text(text)
+    assert "params" not in tomllib.loads(text)["nodes"]["%2"]
+    assert run(["run", "--locked", project], capsys)[0] == 0
+    tamper(project, lock["nodes"]["%2"]["key"], "0" * 64)
+    status, _, err = run(["run", "--locked", project], capsys)
+    assert status == 65 and "error[E506]: the key of node `%2`" in err, err
+
+
 def test_the_lock_and_the_caches_root_are_written_while_the_run_holds_the_cache(project, capsys, monkeypatch):
     # `cache gc` takes the cache exclusively: were the root registered after the run let go, a gc in
     # between would find the new objects unreferenced and remove them.
@@ -257,7 +293,7 @@ def test_an_unusable_lockfile_is_refused_before_anything_is_built(project, capsy
         assert status == 65 and "error[E520]" in err and says in err and "recipec lock" in err, err
     assert not (project.parent / "out").exists()
     assert run(["run", project], capsys)[0] == 0  # a plain run replaces it
-    assert tomllib.loads(lock_file(project).read_text())["version"] == 2
+    assert tomllib.loads(lock_file(project).read_text())["version"] == 3
 
 
 def test_the_wrong_shape_is_named(project, capsys):

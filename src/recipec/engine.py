@@ -29,9 +29,9 @@ from .backends.launch import run_launched
 from .check import Program
 from .diagnostics import Diagnostic, RecipeError
 from .exports import Problem, cache_place, keeps_code_references, leaves, place_problem
-from .ir.graph import Node
+from .ir.graph import Node, plain_data
 from .ops import REGISTRY
-from .ops.base import cache_key
+from .ops.base import cache_key, keyed_params
 from .ops.resolve import ResolveContext
 from .plan.cache_status import cached_keys
 from .plan.plan import CALIBRATION_SECONDS, default_threads, modelled_seconds, step_cost
@@ -232,7 +232,7 @@ class Engine:
     def _check_locked(self, node: Node, key: str | None = None, digest: str | None = None) -> None:
         if self.options.locked is None:
             return
-        drift = node_drift(self.options.locked, node.label, key, digest)
+        drift = node_drift(self.options.locked, node.label, key, digest, plain_data(keyed_params(node)))
         if drift:
             raise _failure(node, "E506", f"{drift} differs from {lock_path(self.recipe).name}",
                            "run `recipec lock` to accept the change, or restore the lockfile")
@@ -377,7 +377,8 @@ class Engine:
         """The lockfile's content for these results and written exports (store/lockfile.py lays it out)."""
         inputs = {r.node.label: {"op": r.node.op, "written": _written(r.node), "digest": r.artifact.digest,
                                  **r.resolved} for r in results if r.status == "input"}
-        nodes = {r.node.label: {"op": r.node.op, "key": r.key, "digest": r.artifact.digest}
+        nodes = {r.node.label: {"op": r.node.op, "key": r.key, "digest": r.artifact.digest,
+                                "params": plain_data(keyed_params(r.node))}
                  for r in results if r.status != "input" and r.key is not None}
         return lock_data(self.recipe, self.versions, inputs, nodes, exports)
 

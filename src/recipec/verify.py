@@ -156,7 +156,8 @@ def _lock_differences(lock: dict, current: dict) -> list[str]:
     found = [f"{what} differs from {name}" for what, _ in pinned_drift(lock, current)]
     found += [f"{what} differs from {name}" for _, what in inputs_drift(lock["inputs"], current["inputs"])]
     for label, node in current["nodes"].items():
-        drift = node_drift(lock, label, node["key"], None) or node_drift(lock, label, None, node["digest"])
+        drift = (node_drift(lock, label, node["key"], None, node.get("params"))
+                 or node_drift(lock, label, None, node["digest"]))
         if drift:
             found.append(f"{drift} differs from {name}")
     found += [f"node `{label}` is in the lock, not in the rebuild"

@@ -23,6 +23,11 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
 
 
+def plain_data(value: Any) -> Any:
+    """Parameter values as canonical JSON reads back: fractions as numbers, tuples as lists, paths as text."""
+    return json.loads(canonical_json(value))
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Fraction):
         return int(value) if value.denominator == 1 else float(value)

@@ -244,14 +244,20 @@ def key_toolchain(op: type[Op]) -> dict[str, str]:
     return {package: package_version(package) for package in ("recipec", *op.toolchain)}
 
 
-def cache_key(node: Node, input_digests: list[str]) -> str:
-    """sha256 over canonical JSON of op, op version, parameters (file parameters by content, `unkeyed` ones
-    at their default; a compute precision where the op has one), input content digests, the installed
-    versions of the packages that can change this op's bytes (`key_toolchain`) and the names its result
-    shows (`shown_names`)."""
+def keyed_params(node: Node) -> dict[str, Any]:
+    """A node's parameters as its cache key holds them: file parameters by content (`key_params`),
+    `unkeyed` ones at their default, a compute precision resolved for this machine (lowering did that).
+    The lockfile records them, so that a key that drifted can be explained by the parameter that did."""
     op = REGISTRY[node.op]
-    params = key_params(node.params) | {name: op.Params.model_fields[name].default for name in op.unkeyed}
-    doc = {"op": node.op, "version": op.version, "params": params, "inputs": input_digests,
+    return key_params(node.params) | {name: op.Params.model_fields[name].default for name in op.unkeyed}
+
+
+def cache_key(node: Node, input_digests: list[str]) -> str:
+    """sha256 over canonical JSON of op, op version, parameters (`keyed_params`), input content digests,
+    the installed versions of the packages that can change this op's bytes (`key_toolchain`) and the
+    names its result shows (`shown_names`)."""
+    op = REGISTRY[node.op]
+    doc = {"op": node.op, "version": op.version, "params": keyed_params(node), "inputs": input_digests,
            "toolchain": key_toolchain(op)}
     names = list(op.shown_names(node).values())
     if names:  # only ops that show names have the field: every other key stays as it was

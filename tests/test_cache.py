@@ -101,6 +101,40 @@ def test_gc_keeps_a_moved_project_s_objects_and_forgets_its_old_place_once_it_ra
     assert objects(cache) == before
 
 
+def test_gc_keeps_what_a_rerun_built_before_it_was_interrupted_while_the_old_lock_stands(tmp_path, capsys,
+                                                                                       monkeypatch):
+    # The project has a lock from its first run; the recipe is edited and run again, and that run is
+    # interrupted after it built the new result, before it could write the lock. The old lock still
+    # stands (and does not name the new result): gc must not take the new result for garbage.
+    from recipec.engine import Engine
+
+    cache = tmp_path / "cache"
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 0
+    recipe.write_text(recipe.read_text().replace("0.8*", "0.7*"))
+
+    def interrupted(self, results):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Engine, "_export_all", interrupted)
+        assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 130
+    new = set(objects(cache)) - set(lock_keys(recipe).values())
+    assert len(new) == 1
+    _, out, _ = run(["cache", "ls", "--cache", str(cache)], capsys)
+    assert f"built by a run of {recipe} that did not finish" in out, out
+    for gc in (["cache", "gc", "--cache", str(cache)], ["cache", "gc", "--cache", str(cache), str(recipe)]):
+        status, _, err = run(gc, capsys)
+        assert status == 0 and "removed 0 objects" in err and "kept 1 object (" in err, err
+        assert "that did not finish (its lock still names the results before)" in err, err
+        assert new <= objects(cache)
+    status, _, err = run(["run", "--cache", str(cache), str(recipe)], capsys)  # finishes: nothing rebuilt
+    assert status == 0 and "Built 0, 4 cached" in err, err
+    status, _, err = run(["cache", "gc", "--cache", str(cache)], capsys)
+    assert status == 0 and "removed 1 object" in err and "did not finish" not in err, err  # the old result
+    assert new <= objects(cache)
+
+
 def test_gc_dry_run_changes_nothing_and_a_real_gc_removes_leftovers(tmp_path, capsys):
     recipe = copy_example(tmp_path, "quickstart.rcp")
     cache = Path(os.environ["RECIPEC_CACHE"])

@@ -111,8 +111,11 @@ def list_all(cache: Cache) -> int:
     for path in objects:
         users = found.users.get(path.name)
         missing = found.kept_for_missing.get(path.name)
+        unfinished = found.kept_unfinished.get(path.name)
         note = (", ".join(sorted(f"{_shown(lock)} ({label})" for lock, label in users)) if users
                 else f"kept for {', '.join(sorted(map(str, missing)))}, which is not there" if missing
+                else f"built by a run of {', '.join(sorted(_shown(r.lock) for r in unfinished))} that did not "
+                     "finish: kept until one does" if unfinished
                 else "unused: `recipec cache gc` removes it")
         sys.stdout.write(_row(path, apparent_size(path), note))
     stale = set(found.stale_work)
@@ -141,7 +144,8 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         # per lockfile that is gone, the objects kept for it alone (no live lockfile uses them)
         kept_for = {root.lock: [p for p in objects if p.name in root.references and p.name not in found.users]
                     for root in found.missing_roots}
-        kept = len(objects) - len(found.garbage) - len(set().union(*kept_for.values()))  # for live lockfiles
+        unfinished = {p for p in objects if p.name in found.kept_unfinished and p.name not in found.users}
+        kept = len(objects) - len(found.garbage) - len(set().union(*kept_for.values(), unfinished))  # by live locks
         freed = sum(freeable_size(p) for p in found.garbage)
         linked = sum(apparent_size(p) for p in found.garbage) - freed
         work_sizes = {p: _tree_size(p) for p in found.stale_work}
@@ -155,7 +159,8 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
             sweep(cache, found, checkpoints)
             for lock in extra:
                 with contextlib.suppress(ValueError):  # an unreadable lock was reported, and keeps everything
-                    cache.register_root(lock, read_references(lock))
+                    # building: what an unfinished run of it built stays remembered (and kept) beside the lock's
+                    cache.register_root(lock, read_references(lock), building=True)
     report += [f"{verb} work directory {p.name[:16]} ({human_bytes(work_sizes[p])}): checkpoints no lockfile "
                "uses\n" for p in dropped]
     sys.stdout.write("".join(report))
@@ -170,6 +175,14 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
                          f"{root.lock}, which is not there: moved, deleted, or its run did not finish? Run its recipe "
                          f"where it now is to keep them; gc removes them from {until}, or now with "
                          "`--forget-missing`\n")
+    if unfinished:
+        roots = {r.lock: r for p in unfinished for r in found.kept_unfinished[p.name]}
+        until = time.strftime("%Y-%m-%d", time.localtime(max(r.registered for r in roots.values())
+                                                         + MISSING_GRACE_SECONDS))
+        sys.stderr.write(f"kept {_plural(len(unfinished), 'object')} ({human_bytes(sum(map(apparent_size, unfinished)))}) "
+                         f"built by a run of {', '.join(sorted(map(_shown, roots)))} that did not finish (its lock still "
+                         f"names the results before): a run that finishes records them, or lets gc remove them; "
+                         f"else gc removes them from {until}\n")
     left = [p for p in found.stale_work if p not in dropped]
     if left:
         sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "

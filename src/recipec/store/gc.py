@@ -11,7 +11,10 @@ cost hours of training. Its entry remembers what the lock referenced when it was
 registered, and gc keeps those objects and says so for `MISSING_GRACE_SECONDS` after that run, unless
 asked not to (`forget_missing`); the root is forgotten then, or as soon as every one of its objects is
 used by a live root again (the project ran where it now is). A deleted project's objects (a CI checkout,
-a temporary directory) so go in time without anyone's help.
+a temporary directory) so go in time without anyone's help. The same holds for what a rerun of an existing
+lock built before it failed or was killed (its lock still names the previous results): the root's entry
+remembers those keys too, and gc keeps them for as long, or until a run of that recipe finishes and its
+lock says what it uses now.
 
 Work directories (checkpoints of failed or killed jobs) of keys no lock references are garbage only
 when asked (`checkpoints=True`): the first build of an hours-long node has no lock yet, and its
@@ -42,6 +45,8 @@ class Collection:
     dead_roots: list[Root] = field(default_factory=list)  # forgotten: the lockfile is gone, nothing kept for it
     missing_roots: list[Root] = field(default_factory=list)  # the lockfile is gone; its objects are kept
     kept_for_missing: dict[str, list[Path]] = field(default_factory=dict)  # key -> the missing locks using it
+    # key -> the locks whose last run built it and did not finish (the lock does not name it yet)
+    kept_unfinished: dict[str, list[Root]] = field(default_factory=dict)
     unreadable: list[tuple[Root, str]] = field(default_factory=list)  # (root, why): everything is kept
     temporaries: list[Path] = field(default_factory=list)
     stale_work: list[Path] = field(default_factory=list)  # work directories of keys no root references
@@ -103,10 +108,13 @@ def collect(cache: Cache, extra_locks: tuple[Path, ...] = (), forget_missing: bo
             continue
         for key, labels in used.items():
             found.users.setdefault(key, []).extend((root.lock, label) for label in labels)
+        if now < root.registered + MISSING_GRACE_SECONDS:
+            for key in root.references.keys() - used.keys():
+                found.kept_unfinished.setdefault(key, []).append(root)
     objects = cache.object_dirs()
     _keep_for_missing({p.name for p in objects}, found)
     if not found.unreadable:
-        kept = found.users.keys() | found.kept_for_missing.keys()
+        kept = found.users.keys() | found.kept_for_missing.keys() | found.kept_unfinished.keys()
         found.garbage = [p for p in objects if p.name not in kept]
         found.stale_work = [p for p in cache.work_dirs() if p.name not in kept]
     return found

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -231,6 +232,62 @@ def test_a_file_added_while_the_release_is_replaced_moves_it_aside(project, caps
     assert status == 0, err
     (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
     assert (aside / "late.txt").read_text() == "written during the run" and f"moved to {aside}" in err
+
+
+def test_a_swap_that_fails_between_its_renames_puts_the_previous_release_back(project, capsys, monkeypatch):
+    from recipec.store import release
+
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    before = snapshot(target)
+    r.write_text(r.read_text().replace("0.5*a + 0.5*b", "0.25*a + 0.75*b"))
+    rename = os.rename
+
+    def interrupted(source, dest):
+        if Path(source).name.startswith(".recipec-tmp-model-"):  # the new release, about to take its place
+            raise KeyboardInterrupt
+        rename(source, dest)
+
+    monkeypatch.setattr(release.os, "rename", interrupted)
+    assert run(["run", str(r)], capsys)[0] == 130
+    monkeypatch.undo()
+    assert snapshot(target) == before and sorted(p.name for p in (project / "out").iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_a_release_a_killed_swap_left_renamed_away_is_put_back_or_kept(project, capsys, monkeypatch, changed):
+    # Killed between the two renames: the previous release lies under its temporary name. The next export
+    # puts it back where nothing took its place, and keeps it aside where it was changed by the user.
+    import subprocess
+    import sys
+
+    target = project / "out" / "model"
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    assert run(["run", str(r)], capsys)[0] == 0
+    if changed:
+        (target / "notes.txt").write_text("mine")
+    before, card = snapshot(target), (target / "README.md").stat().st_ino
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = project / "out" / f".recipec-tmp-old-model-{dead.pid}"
+    os.rename(target, old)
+    if changed:  # the new release had arrived when the run was killed
+        shutil.copytree(old, target, ignore=shutil.ignore_patterns("notes.txt"))
+        assert run(["run", str(r)], capsys)[0] == 0
+        (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
+        assert snapshot(aside) == before and (target / ".recipec-release").is_file()
+    else:  # and the next export fails too, writing its release (a full disk): the previous one is back
+        from recipec.store import release
+
+        def full(file, dest):
+            raise OSError(28, "No space left on device", str(dest))
+
+        monkeypatch.setattr(release, "_put", full)
+        status, _, err = run(["run", str(r)], capsys)
+        assert status != 0 and "No space left on device" in err, err
+        assert snapshot(target) == before and (target / "README.md").stat().st_ino == card  # put back, not rewritten
+    assert not [p for p in (project / "out").iterdir() if p.name.startswith(".recipec-tmp")]
 
 
 def test_an_export_to_another_filesystem_is_copied(project, capsys, monkeypatch):

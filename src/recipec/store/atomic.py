@@ -70,7 +70,7 @@ def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
     for entry in directory.iterdir():
         if pattern is not None:
             match = pattern.fullmatch(entry.name)
-            stale = match is not None and not _alive_elsewhere(int(match.group(1)))
+            stale = match is not None and not alive_elsewhere(int(match.group(1)))
         else:
             stale = entry.name.startswith(TMP_PREFIX)
         if not stale:
@@ -83,7 +83,7 @@ def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
     return removed
 
 
-def _alive_elsewhere(pid: int) -> bool:
+def alive_elsewhere(pid: int) -> bool:
     """Whether `pid` is another process that is running (this machine's: temporaries are made beside
     their entry, and an entry is written by processes of one run)."""
     return pid != os.getpid() and pid_exists(pid)  # our own leftover is from an attempt that failed

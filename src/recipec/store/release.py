@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries
+from .atomic import TMP_PREFIX, alive_elsewhere, fsync_dir, remove_stale_temporaries
 from .filehash import hash_file
 
 MARKER = ".recipec-release"
@@ -197,6 +197,7 @@ def output_lock(target: Path) -> Iterator[None]:
     fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _recover_interrupted_swaps(target)
         remove_stale_temporaries(target.parent, target.name)
         yield
     finally:
@@ -334,12 +335,19 @@ def _swap_into_place(new: Path, target: Path, sources: dict[str, Path]) -> Path 
     """Rename the finished release to `target`. Only recipec's own previous release, as it wrote it, is
     removed: looked at again once renamed away, so a file added to it meanwhile moves it aside instead
     (returned: where it is kept). An empty directory is replaced by the rename itself, and anything else
-    makes the rename fail."""
+    makes the rename fail. Should the second rename fail or be interrupted, the previous release goes back;
+    should the process be killed between the renames, the next export to `target` puts it back
+    (`_recover_interrupted_swaps`)."""
     old = None
     if is_release(target):
-        old = target.parent / f"{TMP_PREFIX}old-{target.name}-{os.getpid()}"
+        old = _old_release_name(target, os.getpid())
         os.rename(target, old)
-    os.rename(new, target)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
     fsync_dir(target.parent)
     if old is None:
         return None
@@ -349,3 +357,23 @@ def _swap_into_place(new: Path, target: Path, sources: dict[str, Path]) -> Path 
         return aside
     shutil.rmtree(old, ignore_errors=True)
     return None
+
+
+def _old_release_name(target: Path, pid: int) -> Path:
+    """Where process `pid` keeps the release it replaces while it swaps the new one in."""
+    return target.parent / f"{TMP_PREFIX}old-{target.name}-{pid}"
+
+
+def _recover_interrupted_swaps(target: Path) -> None:
+    """A previous release that an export killed between its two renames (or before it could look at it
+    again) left under its temporary name: put back at `target` when nothing took its place, else moved
+    aside when it was changed since recipec wrote it, as a finished swap would have done. What is left,
+    a release as recipec wrote it and replaced since, goes with the other stale temporaries."""
+    for entry in target.parent.iterdir():
+        pid = entry.name.removeprefix(f"{TMP_PREFIX}old-{target.name}-")
+        if not pid.isdigit() or entry != _old_release_name(target, int(pid)) or alive_elsewhere(int(pid)):
+            continue
+        if not os.path.lexists(target):
+            os.rename(entry, target)
+        elif not is_release(entry) or release_changes(entry):
+            os.rename(entry, _aside_name(target))

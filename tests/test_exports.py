@@ -290,6 +290,30 @@ def test_a_release_a_killed_swap_left_renamed_away_is_put_back_or_kept(project, 
     assert not [p for p in (project / "out").iterdir() if p.name.startswith(".recipec-tmp")]
 
 
+def test_a_weight_link_that_cannot_be_made_read_only_is_copied_never_written_through(project, capsys, monkeypatch):
+    # Linked, then chmod refused (someone else's cache, root squashed): the copy that follows must not be
+    # written through the link, which is the cache's own file.
+    from recipec.store import release
+
+    chmod = os.chmod
+
+    def refused(path, mode, *args, **kwargs):
+        if Path(path).name == "model.safetensors" and os.stat(path).st_nlink > 1:
+            raise PermissionError(1, "Operation not permitted", str(path))
+        chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(release.os, "chmod", refused)
+    r = recipe(project, MERGE + 'export m to "out/model"\n')
+    status, _, err = run(["run", str(r)], capsys)
+    assert status == 0, err
+    weights = project / "out" / "model" / "model.safetensors"
+    assert weights.stat().st_nlink == 1 and weights.stat().st_size > 0
+    monkeypatch.undo()
+    status, _, err = run(["cache", "verify", str(r)], capsys)
+    assert status == 0 and "damaged" not in err, err
+    assert run(["run", "--locked", str(r)], capsys)[0] == 0
+
+
 def test_an_export_to_another_filesystem_is_copied(project, capsys, monkeypatch):
     # Hard links and copy_file_range both fail across filesystems (EXDEV, on kernels since 5.19 for the
     # latter): the weights are then copied read-only through sendfile.

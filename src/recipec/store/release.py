@@ -243,8 +243,13 @@ def _place(source: Path, dest: Path) -> None:
     else a read-only copy. Read-only, because an edit in place would change the cache and every release."""
     try:
         os.link(source, dest)
-        os.chmod(dest, SHARED_MODE)
     except OSError:  # another filesystem, or links not allowed
+        _copy(source, dest, SHARED_MODE)
+        return
+    try:
+        os.chmod(dest, SHARED_MODE)
+    except OSError:  # not the file's owner (root squashed, someone else's cache): a copy of our own instead,
+        dest.unlink()  # never written through the link, which is the cache's file
         _copy(source, dest, SHARED_MODE)
 
 

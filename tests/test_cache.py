@@ -283,9 +283,29 @@ def test_a_read_only_cache_serves_a_run_that_builds_nothing(tmp_path, capsys):
         recipe.write_text(recipe.read_text().replace("0.8*(chat - base)", "0.5*(chat - base)"))
         done = subprocess.run([*command, str(recipe)], capture_output=True, text=True)
         assert done.returncode == 1 and "error[E504]: cannot write the result of `model`" in done.stderr
+        assert "make the cache (or the export's folder) writable" in done.stderr, done.stderr
         assert "internal error" not in done.stderr
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(cache)], check=True)
+
+
+def test_gc_on_a_read_only_mount_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    # A read-only mount says EROFS, which is no PermissionError: it was an internal error.
+    import errno
+
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    cache = tmp_path / "cache"
+    assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 0
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self.key_locks))
+
+    monkeypatch.setattr(Cache, "drop_key_locks", read_only)
+    monkeypatch.setattr(Cache, "remove", read_only)
+    for verb in (["gc"], ["rm", lock_keys(recipe)["model"]]):
+        status, _, err = run(["cache", *verb, "--cache", str(cache)], capsys)
+        assert status == 1 and f"cannot change the cache {cache}: Read-only file system" in err, err
+        assert "internal error" not in err
 
 
 @pytest.mark.parametrize("verb", ["run", "plan", "cache ls"])

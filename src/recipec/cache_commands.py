@@ -39,7 +39,9 @@ def run_cache_action(args) -> int:
         if args.action == "gc":
             return collect_garbage(cache, recipe, args.dry_run, args.checkpoints, args.forget_missing)
         return remove_objects(cache, args.keys)
-    except PermissionError as err:  # a read-only cache can be listed and used, not pruned
+    except OSError as err:  # a read-only cache (permissions, a read-only mount) can be listed and used, not pruned
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
         sys.stderr.write(f"recipec: cannot change the cache {cache.root}: {err.strerror}: {err.filename}\n")
         return 1
 

@@ -96,9 +96,14 @@ def _artifact_failure(node: Node, err: ArtifactError) -> RecipeError:
 
 
 def _os_failure(node: Node, err: OSError) -> RecipeError:
-    if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+    if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return _failure(node, "E504", f"cannot write the result of `{node.label}`: {os.strerror(err.errno)}",
                         "free space or lift the limit and run again; finished steps are cached")
+    if err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        where = f" ({err.filename})" if err.filename else ""
+        return _failure(node, "E504", f"cannot write the result of `{node.label}`: {os.strerror(err.errno)}{where}",
+                        "make the cache (or the export's folder) writable, or give another with --cache, and "
+                        "run again; finished steps are cached")
     return _failure(node, "E505", f"I/O error while building `{node.label}`: {err}", "check the input files")
 
 

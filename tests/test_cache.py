@@ -289,6 +289,29 @@ def test_a_read_only_cache_serves_a_run_that_builds_nothing(tmp_path, capsys):
         subprocess.run(["chmod", "-R", "u+w", str(cache)], check=True)
 
 
+@pytest.mark.parametrize("verb", ["run", "cache gc"])
+@pytest.mark.parametrize("code", ["ENOSYS", "ENOLCK"])
+def test_a_cache_on_a_filesystem_without_locks_is_a_clear_error(tmp_path, capsys, monkeypatch, verb, code):
+    # Lustre without `-o flock` and NFS mounted `nolock` answer flock with an error: recipec must say so,
+    # and never go on unlocked.
+    import errno
+    import fcntl
+
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    cache = tmp_path / "cache"
+    assert run(["run", "--cache", str(cache), str(recipe)], capsys)[0] == 0
+    (tmp_path / "out").rename(tmp_path / "out.before")
+
+    def no_locks(handle, mode):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    status, _, err = run([*verb.split(), "--cache", str(cache), str(recipe)], capsys)
+    assert status == 1 and f"error[E532]: {cache} is on a filesystem without file locks" in err, err
+    assert "internal error" not in err and "--cache DIR" in err
+    assert not (tmp_path / "out").exists() and len(objects(cache)) == 4
+
+
 def test_gc_on_a_read_only_mount_is_a_clear_error(tmp_path, capsys, monkeypatch):
     # A read-only mount says EROFS, which is no PermissionError: it was an internal error.
     import errno

@@ -396,6 +396,12 @@ _ENTRIES += [
     Code("E531", "cache is not a directory", RUNTIME,
          "--cache or $RECIPEC_CACHE names an existing file, or a path under one. The cache is a directory;\n"
          "recipec creates it when it does not exist."),
+    Code("E532", "no file locks", RUNTIME,
+         "The cache or an export folder lies on a filesystem that answers file locks (flock) with an error:\n"
+         "Lustre mounted without `flock`, NFS mounted `nolock`, some FUSE filesystems. recipec never shares\n"
+         "a cache or an export folder unlocked, as two runs, or a `cache gc` beside a run, would then lose\n"
+         "work without a word. Keep the cache on a local disk (--cache DIR or $RECIPEC_CACHE), export to\n"
+         "one, or mount the filesystem with locks."),
     Code("E536", "malformed measured values", RUNTIME,
          "A report that holds measurements (a `stats` report's times and memory) lists them in its\n"
          "`measured.json`, and its files are compared without them; but a listed value is missing, a table\n"

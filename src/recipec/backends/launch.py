@@ -40,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..store.atomic import pid_exists
+from ..store.locks import NO_LOCKS
 from . import rule_module
 from .job import Job, RunFailure, RunWarning
 
@@ -148,7 +149,7 @@ def hold_work(work: Path, exclusive: bool, waiting: str | None = None) -> int | 
             fcntl.flock(fd, mode)
     except OSError as err:
         os.close(fd)
-        if err.errno in (errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+        if err.errno in NO_LOCKS | {errno.EBADF}:
             return None
         raise
     except BaseException:

@@ -30,7 +30,6 @@ import re
 import secrets
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..diagnostics import Diagnostic, RecipeError
+from . import locks
 from .atomic import TMP_PREFIX, fsync_dir, remove_stale_temporaries, write_bytes_atomic
 from .filehash import hash_files
 
@@ -234,7 +234,7 @@ class Cache:
             yield
             return
         with handle:
-            _flock(handle, fcntl.LOCK_EX, f"waiting for another run building {key[:16]} in {self.root}")
+            locks.lock(handle, fcntl.LOCK_EX, self.root, f"waiting for another run building {key[:16]} in {self.root}")
             yield
 
     def drop_key_locks(self) -> None:
@@ -377,12 +377,12 @@ class Cache:
             return
         with handle:
             if exclusive:
-                _flock(handle, fcntl.LOCK_EX, f"waiting for the runs using {self.root} to finish")
-            alone = exclusive or _try_flock(handle, fcntl.LOCK_EX)
+                locks.lock(handle, fcntl.LOCK_EX, self.root, f"waiting for the runs using {self.root} to finish")
+            alone = exclusive or locks.try_lock(handle, fcntl.LOCK_EX, self.root)
             if tidy and writable and alone:
                 self.clean_temporaries()  # nobody else is here: every temporary is a killed run's
             if not exclusive:
-                _flock(handle, fcntl.LOCK_SH, f"waiting for a `recipec cache` command on {self.root}")
+                locks.lock(handle, fcntl.LOCK_SH, self.root, f"waiting for a `recipec cache` command on {self.root}")
             yield
 
     def _open_lock_file(self):
@@ -400,22 +400,6 @@ class Cache:
             return None, False
 
 
-def _try_flock(handle, mode: int) -> bool:
-    try:
-        fcntl.flock(handle, mode | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _flock(handle, mode: int, waiting: str) -> None:
-    """Take a file lock, saying on stderr that we wait and for how long, when another holds it."""
-    if _try_flock(handle, mode):
-        return
-    sys.stderr.write(f"recipec: {waiting}\n")
-    started = time.monotonic()
-    fcntl.flock(handle, mode)
-    sys.stderr.write(f"recipec: went on after {time.monotonic() - started:.1f} s\n")
 
 
 @functools.cache  # once per cache and process, however often it is opened

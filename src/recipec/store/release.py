@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import locks
 from .atomic import TMP_PREFIX, alive_elsewhere, fsync_dir, remove_stale_temporaries
 from .filehash import hash_file
 
@@ -196,7 +197,7 @@ def output_lock(target: Path) -> Iterator[None]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        locks.lock(fd, fcntl.LOCK_EX, target.parent, f"waiting for another run exporting to {target.parent}")
         _recover_interrupted_swaps(target)
         remove_stale_temporaries(target.parent, target.name)
         yield

@@ -312,6 +312,26 @@ def test_a_cache_on_a_filesystem_without_locks_is_a_clear_error(tmp_path, capsys
     assert not (tmp_path / "out").exists() and len(objects(cache)) == 4
 
 
+def test_a_filesystem_that_refuses_to_fsync_a_directory_still_runs(tmp_path, capsys, monkeypatch):
+    # Some FUSE and SMB mounts answer fsync of a directory with EINVAL: the rename before it has happened,
+    # and reporting it as a failure said "cannot write the lockfile" of a lockfile that was written.
+    import errno
+    import stat
+
+    fsync = os.fsync
+
+    def refuses_directories(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", refuses_directories)
+    recipe = copy_example(tmp_path, "quickstart.rcp")
+    status, _, err = run(["run", "--cache", str(tmp_path / "cache"), str(recipe)], capsys)
+    assert status == 0 and "Built 4" in err, err
+    assert run(["run", "--locked", "--cache", str(tmp_path / "cache"), str(recipe)], capsys)[0] == 0
+
+
 def test_gc_on_a_read_only_mount_is_a_clear_error(tmp_path, capsys, monkeypatch):
     # A read-only mount says EROFS, which is no PermissionError: it was an internal error.
     import errno

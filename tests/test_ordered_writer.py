@@ -144,3 +144,31 @@ def test_a_combine_that_a_later_node_reads_stays_in_the_page_cache(tmp_path, cap
     for line in (out / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split()
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_a_writer_that_cannot_reserve_a_shard_closes_every_file_it_opened(tmp_path, monkeypatch, ordered):
+    # A full disk at the second shard: the first shard's descriptor would keep its space allocated after
+    # the failed build's folder is deleted, until the process ends.
+    import os
+
+    specs = [TensorSpec(f"t{i}", "F32", (1024,)) for i in range(4)]
+    reserve = tensors._reserve
+    calls = []
+
+    def full(fd, size):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        reserve(fd, size)
+
+    monkeypatch.setattr(tensors, "_reserve", full)
+    before = set(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        calls.clear()
+        with pytest.raises(OSError, match="No space left"):
+            if ordered:
+                OrderedModelWriter(tmp_path, specs, 8192, 2, 1 << 20, 1 << 20, 1)
+            else:
+                ModelWriter(tmp_path, specs, 8192)
+    assert set(os.listdir("/proc/self/fd")) == before

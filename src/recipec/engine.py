@@ -256,6 +256,10 @@ class Engine:
                     changed = (self.cache.objects / key).is_dir()  # there, but edited since it was committed
                     job = self._run_job(node, inputs, key, upstream)
                     cached = self.cache.lookup(key)
+                    if cached is None:  # something changed it between its commit and now
+                        raise _failure(node, "E530", f"the result of `{node.label}` was changed on disk as "
+                                       "soon as it was built (a file's size or time differs)",
+                                       "make sure no other program writes into the cache, and run again")
                     if changed:
                         job.warnings.append(RunWarning(
                             "E530", f"the cached result of `{node.label}` was changed on disk after it was built "

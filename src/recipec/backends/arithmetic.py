@@ -16,6 +16,7 @@ the output ties, or not, as the first model does.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import threading
 from collections.abc import Callable
@@ -205,27 +206,29 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
     front to back, past the page cache (store/tensors.py's OrderedModelWriter), for a `compute` that writes
     tensors in chunks as it goes; one that writes whole tensors (merge's kernels) would wait for the
     file's frontier with each."""
-    readers = [ModelReader(a.files) for a in job.inputs]
-    if ordered and not job.read_again:
-        workers = max(1, job.threads)
-        writer = OrderedModelWriter(job.out, out, shard_size, workers, (workers - 1) * STREAM_AHEAD_BYTES_PER_WORKER,
-                                    STREAM_WRITE_BYTES, STREAM_WRITERS)
-    else:
-        writer = ModelWriter(job.out, out, shard_size)
-    local = threading.local()
-    by_name = {t.name: t for t in out}
+    with contextlib.ExitStack() as stack:  # whatever was opened is closed, however far this got
+        readers = [stack.enter_context(contextlib.closing(ModelReader(a.files))) for a in job.inputs]
+        if ordered and not job.read_again:
+            workers = max(1, job.threads)
+            writer = OrderedModelWriter(job.out, out, shard_size, workers,
+                                        (workers - 1) * STREAM_AHEAD_BYTES_PER_WORKER, STREAM_WRITE_BYTES,
+                                        STREAM_WRITERS)
+        else:
+            writer = ModelWriter(job.out, out, shard_size)
+        stack.callback(writer.close)  # before the readers: its threads may still read their maps
+        local = threading.local()
+        by_name = {t.name: t for t in out}
 
-    def one(plan: TensorPlan) -> None:
-        if job.cancelled.is_set():
-            return
-        if not hasattr(local, "kernel"):
-            local.kernel = _Kernel()
-        compute(plan, by_name[plan.name], readers, writer, local.kernel)
-        job.progress(by_name[plan.name].nbytes)
+        def one(plan: TensorPlan) -> None:
+            if job.cancelled.is_set():
+                return
+            if not hasattr(local, "kernel"):
+                local.kernel = _Kernel()
+            compute(plan, by_name[plan.name], readers, writer, local.kernel)
+            job.progress(by_name[plan.name].nbytes)
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
-    try:
+        stack.callback(torch.set_num_threads, torch.get_num_threads())
+        torch.set_num_threads(1)  # parallelism is ours, across tensors: results never depend on it
         by_plan = {p.name: p for p in plans}
         with ThreadPoolExecutor(max_workers=max(1, job.threads)) as pool:
             # In file order: the writer hashes (and, ordered, writes) each file front to back.
@@ -242,11 +245,6 @@ def stream_tensors(job: Job, out: list[TensorSpec], plans: list[TensorPlan], com
         digest = writer.finish()
         _report_nonfinite(job, readers, plans, writer.nonfinite)
         return digest
-    finally:
-        torch.set_num_threads(previous_threads)
-        writer.close()
-        for r in readers:
-            r.close()
 
 
 def _report_nonfinite(job: Job, readers: list[ModelReader], plans: list[TensorPlan], written: dict[str, int]) -> None:

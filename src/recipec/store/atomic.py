@@ -7,6 +7,7 @@ killed process leaves only a `.recipec-tmp-*` sibling, which the next run remove
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,9 +19,14 @@ TMP_PREFIX = ".recipec-tmp-"
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the renames in a directory durable. Some filesystems (certain FUSE and SMB mounts) refuse to
+    fsync a directory (EINVAL, EBADF): they commit renames themselves, and the write has happened."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -118,21 +118,24 @@ class ModelWriter:
         self._background = ThreadPoolExecutor(max_workers=self._background_threads, thread_name_prefix="recipec-writer")
         self._pending: list = []  # its futures, whose errors must surface
         self.sizes: list[int] = []  # each shard's size in bytes
-        for k, (shard, file) in enumerate(zip(self.layout, self.files)):
-            header, offsets = header_bytes(shard)
-            self._file_sums.append(hashlib.sha256())
-            self._file_hashed.append(0)
-            self.sizes.append(len(header) + sum(t.nbytes for t in shard))
-            fd = os.open(directory / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            if self.sizes[k]:
-                os.posix_fallocate(fd, 0, self.sizes[k])  # a full disk fails here, before any work is done
-            for t in shard:
-                begin, _ = offsets[t.name]
-                self._where[t.name] = (k, len(header) + begin, t)
-                self._done[t.name] = 0
-                self._hashes[t.name] = content_hasher()
-            self._start(k, header)
+        try:
+            for k, (shard, file) in enumerate(zip(self.layout, self.files)):
+                header, offsets = header_bytes(shard)
+                self._file_sums.append(hashlib.sha256())
+                self._file_hashed.append(0)
+                self.sizes.append(len(header) + sum(t.nbytes for t in shard))
+                fd = os.open(directory / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _reserve(fd, self.sizes[k])  # a full disk fails here, before any work is done
+                for t in shard:
+                    begin, _ = offsets[t.name]
+                    self._where[t.name] = (k, len(header) + begin, t)
+                    self._done[t.name] = 0
+                    self._hashes[t.name] = content_hasher()
+                self._start(k, header)
+        except BaseException:  # no descriptor of a file about to be deleted stays open, holding its space
+            self.close()
+            raise
 
     def _start(self, k: int, header: bytes) -> None:
         """Begin shard `k` with its header."""
@@ -381,6 +384,12 @@ class OrderedModelWriter(ModelWriter):
             if fd is not None:
                 os.close(fd)
                 self._direct[k] = None
+
+
+def _reserve(fd: int, size: int) -> None:
+    """The file's space, allocated now where the system can (not macOS: the writes claim it as they go)."""
+    if size and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
 
 
 _ALIGN = 4096  # what O_DIRECT asks of offsets, lengths and memory, on every device Linux supports

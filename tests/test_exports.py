@@ -314,6 +314,27 @@ def test_a_weight_link_that_cannot_be_made_read_only_is_copied_never_written_thr
     assert run(["run", "--locked", str(r)], capsys)[0] == 0
 
 
+def test_an_input_reached_under_another_name_is_not_an_export_target(project):
+    # One folder, two names (here a bind mount; a case-insensitive filesystem does the same): exporting to
+    # the other name would replace the input. Judged by identity, not only by name.
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare")
+    (project / "alias").mkdir()
+    r = recipe(project, 'a = load("models/a")\nb = load("models/b")\nexport 0.5*a + 0.5*b to "alias/a"\n')
+    script = (f"mount --bind {project / 'models'} {project / 'alias'} && "
+              f"{sys.executable} -m recipec check {r}")
+    done = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script],
+                          capture_output=True, text=True, cwd=project)
+    if "mount" in done.stderr and "error[" not in done.stderr:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()}")
+    assert done.returncode == 65 and "error[E310]: export to 'alias/a' would replace an input of `a`" in done.stderr, \
+        done.stderr
+
+
 def test_an_export_to_another_filesystem_is_copied(project, capsys, monkeypatch):
     # Hard links and copy_file_range both fail across filesystems (EXDEV, on kernels since 5.19 for the
     # latter): the weights are then copied read-only through sendfile.

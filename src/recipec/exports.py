@@ -5,11 +5,12 @@ disjoint from every place the build reads or keeps — not equal to, inside or a
 input, the cache or another export. The recipe's directory is the one place a target may lie inside
 (that is where `out/` lives) but never be, nor be above. A relative path means a place inside the
 recipe's directory; a recipe that means a place outside it says so with an absolute path. Paths are
-judged after resolving symlinks, by where they point.
+judged after resolving symlinks, by where they point, and by identity where they exist (one folder under
+two names: a bind mount, a case-insensitive filesystem).
 
 What a release may contain is `recipec.store.release_files`'s to say.
 
-Pure functions over paths and small JSON files; no torch.
+Functions over paths (a stat at most) and small JSON files; no torch.
 """
 
 from __future__ import annotations
@@ -40,8 +41,22 @@ class Problem:
 
 
 def is_within(path: Path, other: Path) -> bool:
-    """Whether `path` is `other` or lies inside it (both resolved)."""
-    return path == other or other in path.parents
+    """Whether `path` is `other` or lies inside it (both resolved): by name, and where they exist by
+    identity, as a bind mount or a case-insensitive filesystem gives one folder two names."""
+    if path == other or other in path.parents:
+        return True
+    try:
+        wanted = other.stat()
+    except OSError:
+        return False
+    for candidate in (path, *path.parents):
+        try:
+            found = candidate.stat()
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
 
 
 def written_problem(written: str) -> Problem | None:

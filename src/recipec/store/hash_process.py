@@ -9,7 +9,8 @@ starting the worker costs ≈0.2 s.
 
 The worker reads one request per line (a model directory and a thread count) and answers one line (the
 directory again and the weights' digest, exactly as `hash_weights` computes it, or why it could not). It
-ends when its input closes, so it outlives its parent by at most the request it is on. Whatever goes
+ends when its input closes, and on Linux at once when its parent dies (SIGKILL included), so a killed
+run leaves no process hashing gigabytes for no one. Whatever goes
 wrong with it (it dies, answers for another directory, or its caller is interrupted while it hashes, so
 that a late answer could be read for the next request), it is retired and the caller hashes in its own
 process from then on, where a problem gets its usual diagnostic.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -38,7 +40,8 @@ class _Worker:
         # -P: nothing from the working directory on the path, and this process's recipec first, so that the
         # worker runs the same code (a `recipec/` or `json.py` where the user stands must not answer).
         package_parent = str(Path(__file__).resolve().parents[2])
-        self.process = subprocess.Popen([sys.executable, "-P", "-c", _BOOT, package_parent], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", _BOOT, package_parent, str(os.getpid())],
+                                        stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.lock = threading.Lock()
         self.failed = False
@@ -77,7 +80,7 @@ class _Worker:
 
 
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]) if sys.argv[1] not in sys.path else None; "
-         "from recipec.store.hash_process import _serve; _serve()")
+         "from recipec.store.hash_process import _serve; _serve(int(sys.argv[2]))")
 _worker: _Worker | None = None
 _worker_unavailable = False
 _worker_lock = threading.Lock()
@@ -107,8 +110,9 @@ def weights_digest(files: ModelFiles, threads: int) -> str:
     return hash_weights(files, threads)
 
 
-def _serve() -> None:
+def _serve(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C reaches the whole process group: end quietly
+    _die_with(parent)
     for line in sys.stdin:
         try:
             request = json.loads(line)
@@ -119,3 +123,14 @@ def _serve() -> None:
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
+
+def _die_with(parent: int) -> None:
+    """Be killed when `parent` dies (Linux: PR_SET_PDEATHSIG); if it is already gone, end now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the closed input still ends it after its request
+        return
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(0)

@@ -221,9 +221,12 @@ def remove_objects(cache: Cache, prefixes: list[str]) -> int:
             return 2
         chosen.append(matches[0])
     with cache.locked():
+        users = collect(cache).users
         for key in chosen:
             built = cache.lookup(key)
             cache.remove(key)
-            sys.stdout.write(f"removed {key[:16]}  {built.meta.get('op', '?') if built else '(incomplete)'}\n")
+            used = sorted(f"{_shown(lock)} ({label})" for lock, label in users.get(key, []))
+            rebuilt = f"  used by {', '.join(used)}: its next run builds it again" if used else ""
+            sys.stdout.write(f"removed {key[:16]}  {built.meta.get('op', '?') if built else '(incomplete)'}{rebuilt}\n")
     sys.stderr.write(f"removed {_plural(len(chosen), 'object')} from {cache.root}\n")
     return 0

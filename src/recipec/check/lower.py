@@ -401,9 +401,7 @@ class Lowerer:
                     else _did_you_mean(name, REGISTRY) or "`recipec explain ops` lists the ops")
             self.diags.error("E201", f"unknown op `{name}`", e.func.span, hint)
             return POISON
-        bound = self._bind_arguments(op, e)
-        if bound is None:
-            return POISON
+        bound, bound_ok = self._bind_arguments(op, e)
         ctx = Context(module.dir, self.diags, e.span, {k: v.span for k, v in bound.items()})
         inputs: list[Node] = []
         linear_input: Linear | None = None
@@ -417,7 +415,8 @@ class Lowerer:
             if arg is None and inp.optional:
                 continue
             if arg is None:
-                self.diags.error("E204", f"`{name}` needs `{inp.name}`", e.span, f"pass {inp.doc or inp.name}")
+                if bound_ok:  # else most likely the argument misnamed or misplaced, reported as such
+                    self.diags.error("E204", f"`{name}` needs `{inp.name}`", e.span, f"pass {inp.doc or inp.name}")
                 ok = False
                 continue
             if inp.kind == LINEAR:
@@ -446,11 +445,12 @@ class Lowerer:
                 arguments_ok = False
                 continue
             raw[key] = converted
-        if not (ok and arguments_ok):
+        if not (ok and arguments_ok and bound_ok):
             if arguments_ok and not any(inp.kind == LINEAR for inp in op.inputs):
-                # An input failed (often upstream): the arguments are still checked, as they do not
-                # depend on it, so that every problem of the recipe is reported at once.
-                params = self._params(op, raw, ctx)
+                # An input failed (often upstream), or an argument could not be bound: the other arguments
+                # are still checked, as they do not depend on it, so that every problem is reported at
+                # once (what a misnamed argument leaves missing is that misnaming, already reported).
+                params = self._params(op, raw, ctx, report_missing=bound_ok)
                 if params is not None:
                     op.check_params(ctx, params)
             return POISON
@@ -472,8 +472,9 @@ class Lowerer:
             self.diags.error("E206", f"`{inp.name}` must be a {wanted}, got {_describe(value)}", arg.span)
         return None
 
-    def _bind_arguments(self, op: type[Op], e: ast.Call) -> dict[str, ast.Expr] | None:
-        """Map a call's arguments to the op's input and parameter names, reporting misuse."""
+    def _bind_arguments(self, op: type[Op], e: ast.Call) -> tuple[dict[str, ast.Expr], bool]:
+        """Map a call's arguments to the op's input and parameter names, reporting misuse: (the arguments
+        that could be bound, whether all could)."""
         variadic = next((i for i in op.inputs if i.variadic), None)
         slots = [i.name for i in op.inputs if not i.optional] + list(op.positional)  # optional inputs by keyword
         fields = set(op.Params.model_fields) - getattr(op, "internal", frozenset())
@@ -506,21 +507,24 @@ class Lowerer:
                 ok = False
             else:
                 bound[kw.name] = kw.value
-        return bound if ok else None
+        return bound, ok
 
     def _validated(self, op: type[Op], inputs: list[Node], raw: dict[str, Any], ctx: Context) -> Node | None:
         params = self._params(op, raw, ctx)
         return self._apply(op, inputs, params, ctx) if params is not None else None
 
     @staticmethod
-    def _params(op: type[Op], raw: dict[str, Any], ctx: Context):
-        """The op's validated `Params`, or None after reporting every argument that is wrong."""
+    def _params(op: type[Op], raw: dict[str, Any], ctx: Context, report_missing: bool = True):
+        """The op's validated `Params`, or None after reporting every argument that is wrong (and every
+        one missing, unless not `report_missing`)."""
         try:
             return op.Params(**raw)
         except ValidationError as err:
             reported: set[str] = set()
             for problem in err.errors():
                 name = str(problem["loc"][0]) if problem["loc"] else ""
+                if problem["type"] == "missing" and not report_missing:
+                    continue
                 if name not in reported:  # one diagnostic per argument, however many items are wrong
                     reported.add(name)
                     _report_param_error(op, problem, raw, ctx)

@@ -209,8 +209,8 @@ BAD_CALLS = {  # the call bound to each name: its error's code and words
     "b": ("E488", "`retrain=` is read by iterative pruning only"),
     "c": ("E488", "must be at least 1, got 0"),
     "d": ("E489", "this bert model is an encoder"),
-    "e": ("E488", "exactly one of `train_steps=`, `epochs=`, `tokens=`"),
-    "f": ("E488", "needs a learning rate"),
+    "e": ("E488", "it needs one of `train_steps=`, `epochs=`, `tokens=` (per round)"),
+    "f": ("E488", "it needs `lr=` (a learning rate)"),
     "g": ("E488", "valid steps: 1, 2"),
     "h": ("E488", "valid steps: 1"),
     "i": ("E488", "`lr=` is read by iterative pruning only"),
@@ -227,3 +227,25 @@ def test_bad_schedules_are_refused_at_check_time(tmp_path, capsys):
         block = next(b for b in blocks if f"  {name} = prune(" in b)
         assert f"error[{code}]" in block and words in block, block
     assert len([b for b in blocks if "error[" in b]) == len(BAD_CALLS)
+
+
+def test_every_problem_of_a_schedule_is_reported_at_once(tmp_path, capsys):
+    recipe = HEADER + """a = prune(llama, sparsity=0.5, steps=0, retrain=corpus, train_steps=2, epochs=1)
+b = prune(llama, sparsity=0.5, retrain=corpus, lr=1e-3, warmup=2)
+c = prune(llama, sparsity=0.5, steps=2)
+export a to "out/a"
+export b to "out/b"
+export c to "out/c"
+"""
+    status, _, err = run_cli(["check", _workspace(tmp_path, recipe)], capsys)
+    assert status == 65 and "Traceback" not in err
+    blocks = [b for b in err.split("\n\n") if "error[" in b]
+    said = {name: [b for b in blocks if f"  {name} = prune(" in b] for name in "abc"}
+    assert len(said["a"]) == 3 and any("must be at least 1, got 0" in b for b in said["a"])
+    assert any("it needs `lr=` (a learning rate)" in b for b in said["a"])
+    assert any("takes exactly one of `train_steps=`, `epochs=`, `tokens=` per round (got train_steps, epochs)" in b
+               for b in said["a"])
+    assert [b.split("`")[1] for b in said["b"]] == ["retrain=", "lr=", "warmup="]  # each stray, at its argument
+    (only,) = said["c"]  # what the rounds lack, in one message
+    assert ("it needs `retrain=` (a corpus to train on), one of `train_steps=`, `epochs=`, `tokens=` (per round) "
+            "and `lr=` (a learning rate)") in only

@@ -399,44 +399,45 @@ def retrain_config(params) -> TrainConfig:
 
 
 def check_schedule(ctx: Context, params) -> bool:
-    """`steps=` and `retrain=` come together, with a complete set of training settings; True when all hold."""
+    """`steps=` and `retrain=` come together, with a complete set of training settings; True when all hold.
+    Every problem is reported, each at its own argument."""
     retrain = bool(ctx.given.get("retrain"))
     if params.steps is None:
-        stray = [name for name in RETRAIN_FIELDS if name in params.model_fields_set]
-        if retrain or stray:
-            what = "`retrain=`" if retrain else f"`{stray[0]}=`"
-            ctx.error("E488", f"{what} is read by iterative pruning only, and this call prunes once",
-                      "retrain" if retrain else stray[0], "add steps=N to prune in N rounds with recovery training "
-                      f"between them ({SCHEDULE_EXAMPLE}), or drop {what}")
-            return False
-        return True
+        stray = (["retrain"] if retrain else []) + [name for name in RETRAIN_FIELDS if name in params.model_fields_set]
+        for name in stray:
+            ctx.error("E488", f"`{name}=` is read by iterative pruning only, and this call prunes once", name,
+                      f"add steps=N to prune in N rounds with recovery training between them ({SCHEDULE_EXAMPLE}), "
+                      f"or drop `{name}=`")
+        return not stray
+    ok = True
     if params.steps < 1:
         ctx.error("E488", f"`steps` is the number of pruning rounds and must be at least 1, got {params.steps}",
                   "steps", "steps=1 prunes once and retrains; steps=5 reaches the target in 5 equal increments")
-        return False
-    if not retrain:
-        ctx.error("E488", "`steps=` prunes in rounds with recovery training between them: it needs `retrain=`, "
-                  "a corpus to train on", "steps", f"{SCHEDULE_EXAMPLE}; or drop steps= to prune once")
-        return False
+        ok = False
     given = [name for name in LENGTHS if getattr(params, name) is not None]
-    if len(given) != 1:
-        ctx.error("E488", "recovery training needs exactly one of `train_steps=`, `epochs=`, `tokens=` per round "
-                  f"(got {', '.join(given) or 'none'})", given[1] if len(given) > 1 else "steps",
+    missing = ((["`retrain=` (a corpus to train on)"] if not retrain else [])
+               + (["one of `train_steps=`, `epochs=`, `tokens=` (per round)"] if not given else [])
+               + (["`lr=` (a learning rate)"] if params.lr is None else []))
+    if missing:  # one message for what the rounds lack, however much
+        needs = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        ctx.error("E488", f"`steps=` prunes in rounds with recovery training between them: it needs {needs}",
+                  "steps", f"{SCHEDULE_EXAMPLE}; or drop steps= to prune once")
+    if len(given) > 1:
+        ctx.error("E488", "recovery training takes exactly one of `train_steps=`, `epochs=`, `tokens=` per round "
+                  f"(got {', '.join(given)})", given[1],
                   "they apply to each round: `train_steps` counts optimizer steps, `epochs` passes over `retrain`, "
                   "`tokens` tokens trained on")
-        return False
-    if params.lr is None:
-        ctx.error("E488", "recovery training needs a learning rate: `lr=`", "steps", SCHEDULE_EXAMPLE)
-        return False
-    try:
-        batch_shape(retrain_config(params), 1)
-    except TrainingError as err:
-        ctx.error("E434", err.message, "batch", err.hint)
-        return False
-    except ValidationError as err:  # seq_len below 2, or a bound the field types do not say
-        ctx.error("E488", f"recovery training cannot use these settings: {err.errors()[0]['msg']}", "seq_len")
-        return False
-    return True
+    settings_ok = not missing and len(given) == 1
+    if settings_ok:  # the batch shape is judged on a complete set of settings only
+        try:
+            batch_shape(retrain_config(params), 1)
+        except TrainingError as err:
+            ctx.error("E434", err.message, "batch", err.hint)
+            settings_ok = False
+        except ValidationError as err:  # seq_len below 2, or a bound the field types do not say
+            ctx.error("E488", f"recovery training cannot use these settings: {err.errors()[0]['msg']}", "seq_len")
+            settings_ok = False
+    return ok and settings_ok
 
 
 def check_rounds(ctx: Context, sig: Signature, params) -> bool:

@@ -108,6 +108,11 @@ def parse(text: str, source: Source | None = None) -> ast.Recipe:
         span = Span(source, err.start, err.end)
         if err.kind == "string":
             diags.error("E002", "unclosed string", span, 'close the string with `"` on the same line')
+        elif err.kind == "mismatch":
+            closer = ")" if err.opener == "(" else "]"
+            line, column = text.count("\n", 0, err.opened) + 1, err.opened - text.rfind("\n", 0, err.opened)
+            diags.error("E002", f"`{text[err.start]}` closes an outer bracket while the `{err.opener}` opened at "
+                        f"{line}:{column} is still open", span, f"close that `{err.opener}` with `{closer}` first")
         else:
             closer = ")" if err.opener == "(" else "]"
             diags.error("E002", f"unclosed `{err.opener}`", span, f"close it with `{closer}` where the expression ends")

@@ -24,10 +24,11 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ScanError:
-    kind: str  # "string" or "bracket"
+    kind: str  # "string", "bracket" (never closed) or "mismatch" (closed by the wrong closer, at start)
     start: int
     end: int
     opener: str
+    opened: int = -1  # a mismatch: where the bracket it should have closed was opened
 
 
 @dataclass
@@ -103,6 +104,13 @@ def scan(text: str) -> Scan:
             stack.append(pos)
         elif ch in ")]" and stack and _CLOSER[text[stack[-1]]] == ch:
             stack.pop()
+        elif ch in ")]" and any(_CLOSER[text[i]] == ch for i in stack):
+            # `f([a, b)`: this closer ends an outer bracket while an inner one is open. Said here, at the
+            # closer, naming the inner one; the brackets up to its match are taken as closed.
+            out.errors.append(ScanError("mismatch", pos, pos + 1, text[stack[-1]], stack[-1]))
+            broken = True
+            while _CLOSER[text[stack.pop()]] != ch:
+                pass
         pos += 1
     close_chunk(n)
     out.errors.sort(key=lambda e: e.start)

@@ -332,3 +332,11 @@ def test_committed_locks_hold_at_any_path(tmp_path, capsys):
         assert lock_file(recipe).read_text() == committed
     status, _, err = run(["verify", copy / "chat_vector_zh.rcp"], capsys)
     assert status == 0, err
+
+
+def test_a_model_bound_to_a_string_is_named_by_its_binding(project, capsys):
+    project.write_text('recipec 1\nbase = "models/a"\nchat = "models/b"\nexport base + 0.5*(chat - base) to "out/m"\n')
+    status, out, _ = run(["plan", project], capsys)
+    assert status == 0 and '< base  "models/a"' in out and '< chat  "models/b"' in out and "%0" not in out, out
+    assert run(["run", project], capsys)[0] == 0
+    assert set(tomllib.loads(lock_file(project).read_text())["inputs"]) == {"base", "chat"}

@@ -248,7 +248,7 @@ class Lowerer:
         if isinstance(value, Graphed) and value.node.type.kind in (Kind.MODEL, Kind.DELTA):
             return Linear(((value.node, Fraction(1)),))
         if isinstance(value, Text):
-            node = self._reference(module, value.value, value.span or e.span)
+            node = self._referenced(module, value, e)
             return Linear(((node, Fraction(1)),)) if node else None
         if not isinstance(value, Poison):
             self.diags.error("E302", f"cannot do model arithmetic with {_describe(value)}", e.span,
@@ -323,6 +323,14 @@ class Lowerer:
 
     # models
 
+    def _referenced(self, module: Module, value: Text, e: ast.Expr) -> Node | None:
+        """The input node of a model reference string used as a model; named by the binding it came
+        through (`base = "models/a"`: the plan and the lock call it `base`)."""
+        node = self._reference(module, value.value, value.span or e.span)
+        if node is not None and isinstance(e, ast.Name) and e.id not in node.names:
+            node.names.append(e.id)
+        return node
+
     def _reference(self, module: Module, text: str, span: Span) -> Node | None:
         ctx = Context(module.dir, self.diags, span)
         resolved = model_reference(ctx, text)
@@ -336,7 +344,7 @@ class Lowerer:
         if isinstance(value, Poison):
             return None
         if isinstance(value, Text):
-            return self._reference(module, value.value, value.span or e.span)
+            return self._referenced(module, value, e)
         if isinstance(value, Graphed) and value.node.type.kind is Kind.MODEL:
             return value.node
         if isinstance(value, Graphed) and value.node.type.kind is Kind.DELTA and allow_delta:

@@ -156,12 +156,26 @@ def test_malformed_data_is_reported_all_at_once_by_file_and_line(tmp_path, capsy
     recipe = write_recipe(tmp_path, 'x = tally(text("d/*"))\nexport x to "out/x"\n')
     status, _, err = run(["run", str(recipe)], capsys)
     assert status == 65
-    assert "d/a.jsonl:2: not JSON" in err and "error[E551]" in err
+    assert "d/a.jsonl:2:1: not JSON: expecting value" in err and "error[E551]" in err
     assert "d/a.jsonl:3: no field `text`" in err and "d/a.jsonl:4: field `text` is int" in err
     assert "d/b.txt:2: invalid UTF-8" in err and "error[E550]" in err
     assert err.count("r.rcp:2:") == 4  # each at the data source's call, not a traceback
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_every_data_source_is_read_before_anything_is_built(tmp_path, capsys, toy):
+    # Two sources, each with its own bad lines, each read by its own node: all of it is said at once,
+    # before the first node is built (which, in training, would be hours before the second source is read).
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"text": 1}\n{"messages": []}\n')
+    recipe = write_recipe(tmp_path, 'x = tally(text("a.jsonl"))\ny = tally(text("b.jsonl"))\n'
+                                    'export x to "out/x"\nexport y to "out/y"\n')
+    status, _, err = run(["run", str(recipe)], capsys)
+    assert status == 65 and err.count("error[") == 3, err
+    assert "a.jsonl:2:10: not JSON: unterminated string starting" in err, err
+    assert "b.jsonl:2: field `text` is int" in err and "b.jsonl:3: no field `text`" in err
+    assert not (tmp_path / "out").exists() and "Built" not in err
 
 
 def test_a_glob_of_only_empty_files_is_found_by_check(tmp_path, capsys, toy):
@@ -183,7 +197,7 @@ def test_files_of_the_wrong_format_are_found_by_check_from_their_first_record(tm
                                     'export x to "out/x"\nexport y to "out/y"\n')
     status, _, err = run(["check", str(recipe)], capsys)
     assert status == 65 and err.count("error[") == 2, err  # one per file, not one per line
-    assert "r.rcp:2:16: error[E551]: zh/a.txt:1: not JSON" in err and "plain text is read by text(...)" in err
+    assert "r.rcp:2:16: error[E551]: zh/a.txt:1:1: not JSON" in err and "plain text is read by text(...)" in err
     assert "r.rcp:3:16: error[E552]: zh/b.jsonl:1: no field `body`" in err
 
 
@@ -205,7 +219,7 @@ def test_chat_records_are_validated_and_normalized(tmp_path, capsys, toy):
     with pytest.raises(RecipeError) as err:
         engine._resolve_input(node)
     messages = [d.message for d in err.value.diagnostics]
-    assert messages == ["sft.jsonl:2: no `messages` list",
+    assert messages == ["sft.jsonl:2: an empty `messages` list",
                         "sft.jsonl:3: message 1 has role 'robot', not one of system, user, assistant, tool"]
     assert {d.code for d in err.value.diagnostics} == {"E553"}
 

@@ -165,14 +165,23 @@ class Engine:
         self.hub_snapshots = self._resolve_hub_inputs()
         if self._may_build():
             self.importing = import_torch_in_background()  # torch loads while the inputs are hashed
+        # Every input first, and every problem of every input at once (a malformed line in the last corpus
+        # is said before hours of training on the first, not after).
+        problems: list[Diagnostic] = []
         for node in self.program.graph.reachable():
-            op = REGISTRY[node.op]
-            if not op.builds:
-                by_id[node.id] = self._resolve_input(node)
+            if not REGISTRY[node.op].builds:
+                try:
+                    by_id[node.id] = self._resolve_input(node)
+                except RecipeError as err:
+                    problems.extend(err.diagnostics)
+        if problems:
+            raise RecipeError(problems)
+        for node in self.program.graph.reachable():
+            if not REGISTRY[node.op].builds:
                 continue
             inputs = [by_id[i.id].artifact for i in node.inputs]
             by_id[node.id] = self._build(node, inputs, {n.id: by_id[n.id].artifact for n in _upstream(node)})
-        return list(by_id.values())
+        return [by_id[node.id] for node in self.program.graph.reachable()]
 
     def _may_build(self) -> bool:
         """Whether this process may have to build a node: one not known to be cached (without reading a

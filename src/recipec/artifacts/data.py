@@ -61,8 +61,14 @@ def json_lines(path: Path, shown: str) -> Iterator[tuple[int, object | Problem]]
         if isinstance(text, Problem):
             yield number, text
         elif text.strip():
+            line = text.rstrip("\r\n")  # a newline inside a cut-off string is not the problem to name
             try:
-                yield number, json.loads(text)
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:  # where in the line, as file:line:column
+                column = err.colno
+                yield number, Problem("E551", f"{shown}:{number}:{column}: not JSON: "
+                                      f"{err.msg.removesuffix(' at').lower()}",
+                                      "each line of a .jsonl file is one JSON object")
             except ValueError as err:
                 yield number, Problem("E551", f"{shown}:{number}: not JSON ({err})",
                                       "each line of a .jsonl file is one JSON object")

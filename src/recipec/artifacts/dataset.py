@@ -42,8 +42,10 @@ def read_conversations(path: Path, shown: str) -> Records:
 
 def _conversation_problem(value: object) -> str | None:
     messages = value.get("messages") if isinstance(value, dict) else None
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
         return "no `messages` list"
+    if not messages:
+        return "an empty `messages` list"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             return f"message {i + 1} is not an object"

@@ -35,9 +35,11 @@ H100 = Device("NVIDIA H100 80GB HBM3", 80 << 30, bf16=True)
 
 
 def sparse_model(root: Path, config: dict, dtype: str = "F16") -> None:
-    """A model directory whose safetensors header is real and whose data is a hole (no disk used)."""
+    """A model directory whose safetensors header is real and whose data is a hole (no disk used), with a
+    tokenizer as hub models have (training needs one; its content does not matter to check and plan)."""
     root.mkdir(parents=True)
     (root / "config.json").write_text(json.dumps(config))
+    (root / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 4096}))
     header, offset = {}, 0
     for name, shape in sorted(arch.tensor_shapes(config).items()):
         size = DTYPE_BYTES[dtype]

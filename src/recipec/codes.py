@@ -580,9 +580,10 @@ _ENTRIES += [
          "not a prompt. Each line is a JSON string, `{\"prompt\": \"...\"}`, or `{\"messages\": [...]}` whose\n"
          "last user message is the prompt. The message names the line."),
     Code("E478", "model without a tokenizer", RECIPE,
-         "eval turns text into each model's own tokens, and this model has no tokenizer (e.g. `init`\n"
+         "eval, training (cp, inscp, sft, distill's student, prune's recovery rounds), ppl_filter and\n"
+         "extend_vocab turn text into the model's own tokens, and this model has no tokenizer (e.g. `init`\n"
          "without `tokenizer=`). Give it one: `init(..., tokenizer=\"dir\")` or `tokenizer=tokenizer(corpus,\n"
-         "...)`, or evaluate a model directory that ships tokenizer.json."),
+         "...)`, or use a model directory that ships tokenizer.json."),
     Code("E479", "prompts for a model without a chat template", RECIPE,
          "eval renders each prompt with the model's own chat template, and this model has none (or its\n"
          "template cannot be read). Evaluate a chat model, or give the model a template: `chat_template=`\n"

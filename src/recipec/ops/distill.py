@@ -12,7 +12,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..ir.types import Kind, Type
-from .base import Context, Cost, Input, Op, register
+from .base import ERROR_TYPE, Context, Cost, Input, Op, register
+from .tokenizer_facts import require_tokenizer
 from .train import (
     TrainParams,
     check_training,
@@ -71,6 +72,8 @@ class Distill(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         teacher, student = inputs[0], inputs[1]
+        if not require_tokenizer(ctx, student, "distill", "student"):  # it reads the corpus with the student's
+            return ERROR_TYPE
         for node in (teacher, student):
             positions = _positions(node, ctx)
             if positions is not None and params.seq_len > positions:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
@@ -29,13 +28,11 @@ from pydantic import Field
 from ..artifacts.report import REPORT
 from ..ir.graph import Node
 from ..ir.types import Kind, Type
-from ..store.model_dir import TOKENIZER_FILES
 from ..textprep.errors import TextPrepError
 from ..textprep.language import SUPPORTED_LANGUAGES, canonical_language
-from ..textprep.templates import DEFAULT_CHAT_TEMPLATE, missing_markers, read_chat_template
+from ..textprep.templates import missing_markers
 from .base import (
     ERROR_TYPE,
-    REGISTRY,
     Context,
     Cost,
     FileDigest,
@@ -47,11 +44,10 @@ from .base import (
     upstream_names,
 )
 from .text import corpus_bytes, corpus_documents, corpus_tokens
+from .tokenizer_facts import no_tokenizer, tokenizer_facts
 from .train import model_config, tokenizer_encoder
 
 DEFAULT_SEQ_LEN = 1024  # the longest default window: longer ones cost memory (logits) for little change
-# Files a tokenizer directory may hold that are no tokenizer by themselves.
-NOT_A_TOKENIZER = ("generation_config.json", "chat_template.jinja", "chat_template.json", "special_tokens_map.json")
 PROMPT_TOKENS = 64  # a prompt rendered with its template, for cost estimates only
 
 
@@ -97,63 +93,6 @@ def read_prompt_lines(text: str) -> list[list[dict]]:
         except ValueError as err:  # json.JSONDecodeError is a ValueError too
             raise PromptError(str(err), number) from None
     return prompts
-
-
-# ----------------------------------------------------------------------------- what check time knows of a model
-
-
-@dataclass(frozen=True)
-class TokenizerFacts:
-    """A model's tokenizer as check time sees it: whether it has one, where its files are (None when a
-    `tokenizer` op builds them) and its chat template."""
-
-    present: bool
-    directory: Path | None = None
-    template: str | None = None
-
-
-def tokenizer_facts(node: Node, recipe_dir: Path) -> TokenizerFacts | None:
-    """What a model node's tokenizer will be, or None when only building the model tells."""
-    op = REGISTRY[node.op]
-    if node.op == "init":
-        if node.params.get("tokenizer"):
-            return _directory_facts(Path(node.params["tokenizer"]["path"]))
-        if node.inputs:  # a `tokenizer` op's result: its template is the op's file or the default one
-            template = node.inputs[0].params.get("chat_template")
-            return TokenizerFacts(True, None, Path(template["path"]).read_text(encoding="utf-8")
-                                  if template else DEFAULT_CHAT_TEMPLATE)
-        return TokenizerFacts(False)
-    if not op.builds:
-        source = op.source_dir(node.params, recipe_dir)
-        return _directory_facts(source) if source is not None else None
-    models = [n for n in node.inputs if n.type.kind in (Kind.MODEL, Kind.DELTA)]
-    if not models:
-        return None
-    if node.op == "combine":
-        return _combination_facts(node, models, recipe_dir)
-    return tokenizer_facts(models[0], recipe_dir)  # training, vocabulary growth, compression keep the input's
-
-
-def _directory_facts(directory: Path) -> TokenizerFacts:
-    present = any((directory / name).is_file() for name in TOKENIZER_FILES if name not in NOT_A_TOKENIZER)
-    return TokenizerFacts(present, directory, read_chat_template(directory) if present else None)
-
-
-def _combination_facts(node: Node, leaves: list[Node], recipe_dir: Path) -> TokenizerFacts | None:
-    """A combination ships its first model's tokenizer (or `tokenizer=`) and a chat model's template (or
-    `chat_template=`): the template is known when any leaf has one."""
-    given = node.params.get("tokenizer")
-    first = _directory_facts(Path(given["path"])) if given else tokenizer_facts(leaves[0], recipe_dir)
-    if first is None:
-        return None
-    if node.params.get("chat_template"):
-        template = Path(node.params["chat_template"]["path"]).read_text(encoding="utf-8")
-    else:
-        leaf_facts = [tokenizer_facts(leaf, recipe_dir) for leaf in leaves]
-        if any(f is None for f in leaf_facts) and first.present and first.template is None:
-            return None  # a leaf built by the recipe may bring the template: known once built
-        template = next((f.template for f in leaf_facts if f.template), None)
-    return TokenizerFacts(first.present, first.directory, template)
 
 
 # ----------------------------------------------------------------------------- the op
@@ -322,10 +261,7 @@ def _check_model(ctx: Context, model: Node, params, has_corpus: bool, has_prompt
         ctx.error("E479", f"cannot read the chat template of `{model.label}`: {getattr(err, 'message', err)}")
         return False
     if facts is not None and not facts.present:
-        ctx.error("E478", f"`{model.label}` has no tokenizer, so eval cannot turn text into its tokens",
-                  hint='give the model one: init(..., tokenizer="dir" or tokenizer(corpus, ...)), or a model '
-                       "directory with tokenizer.json")
-        return False
+        return no_tokenizer(ctx, model, "eval")
     if has_corpus and params.seq_len is not None:
         positions = _positions(model, ctx.recipe_dir)
         if positions is not None and params.seq_len > positions:

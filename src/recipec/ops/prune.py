@@ -28,6 +28,7 @@ from ..arch import ArchFacts
 from ..ir.types import Kind, Signature, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
 from .text import corpus_tokens
+from .tokenizer_facts import require_tokenizer
 from .train import TrainParams, training_flops, training_memory
 from .train_config import TrainConfig, TrainingError, batch_shape, machine_precision, this_machine
 
@@ -291,6 +292,8 @@ class Prune(Op):
         else:
             out = cls._structured_type(ctx, sig, params)
         if params.steps is not None and out.kind != Kind.ERROR and not check_rounds(ctx, sig, params):
+            return ERROR_TYPE
+        if params.steps is not None and not require_tokenizer(ctx, inputs[0], "recovery training", "retrain"):
             return ERROR_TYPE
         return out
 

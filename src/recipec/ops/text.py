@@ -16,7 +16,8 @@ from ..artifacts.tokenizer import TOKENIZER
 from ..ir.types import Kind, Signature, Type
 from ..textprep.bpe import BYTE_ALPHABET, special_token_list
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE
-from .base import Context, Cost, FileDigest, Input, Op, Params, bytes_read, file_digest, register
+from .base import ERROR_TYPE, Context, Cost, FileDigest, Input, Op, Params, bytes_read, file_digest, register
+from .tokenizer_facts import require_tokenizer
 
 # The tensors whose rows are vocabulary entries (input embeddings and output projections), by architecture.
 VOCAB_ROW_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "transformer.wte.weight")
@@ -156,11 +157,15 @@ class ExtendVocab(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         sig = inputs[0].type.signature
+        if sig is not None and (sig.vocab_size is None or not any(t.name in VOCAB_ROW_TENSORS for t in sig.tensors)):
+            ctx.error("E443", f"cannot find the vocabulary rows of this {sig.model_type} model", "model",
+                      "extend_vocab knows " + ", ".join(f"`{n}`" for n in VOCAB_ROW_TENSORS))
+            require_tokenizer(ctx, inputs[0], "extend_vocab", "model")
+            return ERROR_TYPE
+        if not require_tokenizer(ctx, inputs[0], "extend_vocab", "model"):
+            return ERROR_TYPE
         if sig is None:
             return Type(Kind.MODEL, None)  # known once the model is locked
-        if sig.vocab_size is None or not any(t.name in VOCAB_ROW_TENSORS for t in sig.tensors):
-            return ctx.error("E443", f"cannot find the vocabulary rows of this {sig.model_type} model", "model",
-                             "extend_vocab knows " + ", ".join(f"`{n}`" for n in VOCAB_ROW_TENSORS))
         return Type(Kind.MODEL, grown_signature(sig, params.add))
 
     @classmethod
@@ -217,6 +222,8 @@ class PplFilter(Op):
 
     @classmethod
     def output_type(cls, ctx, inputs, params):
+        if not require_tokenizer(ctx, inputs[1], "ppl_filter", "model"):
+            return ERROR_TYPE
         return Type(inputs[0].type.kind)
 
     @classmethod

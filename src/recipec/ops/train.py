@@ -27,6 +27,7 @@ from ..textprep.templates import missing_markers, read_chat_template
 from .base import ERROR_TYPE, REGISTRY, Context, Cost, FileDigest, Input, Op, Params, file_digest, register
 from .sources import Init
 from .text import corpus_documents, corpus_tokens
+from .tokenizer_facts import require_tokenizer
 from .train_config import (
     BatchShape,
     Device,
@@ -91,6 +92,8 @@ class _Training(Op):
     @classmethod
     def output_type(cls, ctx: Context, inputs, params):
         model = inputs[0]
+        if not require_tokenizer(ctx, model, cls.name, "model"):
+            return ERROR_TYPE
         config = model_config(model, ctx.recipe_dir)
         positions = _positions(model, config)
         if positions is not None and params.seq_len > positions:

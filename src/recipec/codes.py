@@ -325,6 +325,10 @@ _ENTRIES += [
          "model's tokenizer does not encode as one token, so every training example would be cut into\n"
          "pieces the model never sees at inference. Use a template written for this tokenizer, or add its\n"
          "markers to the tokenizer as special tokens first."),
+    Code("E435", "more training than one pass over the data", NO_EXIT,
+         "`steps=` and `tokens=` read the data once, and the training asked for needs more tokens than one\n"
+         "pass over it holds, as check estimates them from a sample of each file. The run stops when the data\n"
+         "runs out (E570). Give `epochs=` to read the data more than once, or ask for fewer steps or tokens."),
     Code("E433", "sequence length beyond the model's positions", RECIPE,
          "`seq_len` is longer than the model's `max_position_embeddings`. Lower `seq_len` to at most\n"
          "that; training cannot teach positions the model does not have."),

@@ -16,6 +16,7 @@ from .base import ERROR_TYPE, Context, Cost, Input, Op, register
 from .tokenizer_facts import require_tokenizer
 from .train import (
     TrainParams,
+    check_one_pass,
     check_training,
     model_config,
     planned_shape,
@@ -86,6 +87,7 @@ class Distill(Op):
                                      "vocabularies", "student",
                              "distill into a student made from the teacher (drop_layers, prune, init with the "
                              "teacher's tokenizer), so that both share one tokenizer")
+        check_one_pass(ctx, params, inputs[2])
         return Type(Kind.MODEL, student.type.signature)
 
     @classmethod

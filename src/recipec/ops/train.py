@@ -101,6 +101,7 @@ class _Training(Op):
                              "seq_len", f"set `seq_len` to at most {positions}")
         if cls.uses_template and not _check_template(ctx, model, params):
             return ERROR_TYPE
+        check_one_pass(ctx, params, inputs[1], wrapped=cls.uses_template)
         return Type(Kind.MODEL, model.type.signature)
 
     @classmethod
@@ -240,8 +241,30 @@ def planned_tokens(params: TrainParams, data: Node, wrapped: bool = False) -> in
         return params.tokens
     if params.steps is not None:
         return params.steps * params.batch * params.seq_len
-    per_epoch = corpus_tokens(data) + (TEMPLATE_TOKENS_PER_DOCUMENT * corpus_documents(data) if wrapped else 0)
-    return int(per_epoch * params.epochs)
+    return int(tokens_per_epoch(data, wrapped) * params.epochs)
+
+
+def tokens_per_epoch(data: Node, wrapped: bool = False) -> int:
+    """One pass over the data, as estimated at check time (0: not known); with the chat template's tokens
+    around each document when `wrapped`."""
+    return corpus_tokens(data) + (TEMPLATE_TOKENS_PER_DOCUMENT * corpus_documents(data) if wrapped else 0)
+
+
+def check_one_pass(ctx: Context, params: TrainParams, data: Node, wrapped: bool = False) -> None:
+    """Warn (E435) when `steps=` or `tokens=` asks for more than one pass over the data holds, as far as the
+    estimate tells: the run stops there (E570), as they read the data once; `epochs=` reads it again."""
+    holds = tokens_per_epoch(data, wrapped)
+    if params.tokens is not None:
+        needs, asked, argument = params.tokens, f"tokens={params.tokens}", "tokens"
+    elif params.steps is not None:
+        needs = params.steps * params.batch * params.seq_len
+        asked, argument = f"steps={params.steps} at batch={params.batch} and seq_len={params.seq_len}", "steps"
+    else:
+        return
+    if holds and needs > holds:
+        ctx.warning("E435", f"{asked} trains on {needs:,} tokens, and one pass over the data holds about "
+                    f"{holds:,} (estimated): the run stops if it holds fewer", argument,
+                    f"`{argument}` reads the data once: give `epochs=` to read it more than once, or ask for less")
 
 
 def training_flops(sig, seq_len: int, tokens: int) -> int:

@@ -326,6 +326,7 @@ def test_nodes_upstream_of_a_report_are_named_without_plan_numbers(tmp_path):
 
     for name in ("m", "n", "o"):
         write_model(tmp_path / name, arch.preset_config("gpt2", "tiny"))
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")  # cp trains it: it needs a tokenizer
     (tmp_path / "c.jsonl").write_text('{"text": "a b c"}\n')
     (tmp_path / "r.rcp").write_text(
         'recipec 1\nbase = load("m")\nhalf = combine(0.5*base + 0.5*load("n"))\ncorpus = text("c.jsonl")\n'

@@ -34,7 +34,7 @@ from .ops import REGISTRY
 from .ops.base import cache_key, keyed_params
 from .ops.resolve import ResolveContext
 from .plan.cache_status import cached_keys
-from .plan.plan import CALIBRATION_SECONDS, default_threads, modelled_seconds, step_cost
+from .plan.plan import Libraries, default_threads, measured_speed, modelled_seconds, startup, step_cost
 from .store.cache import Cache
 from .store.digests import model_dir_digest
 from .store.filehash import hash_files
@@ -114,6 +114,7 @@ class Engine:
         self.versions = toolchain_versions()
         self.cancelled = threading.Event()
         self.importing: threading.Thread | None = None  # torch, imported while the inputs are hashed
+        self.libraries = Libraries()  # what rules imported into this process (for the time model)
         # What happened to what stood at the export paths, as it happens: said even if a later step fails.
         self.notices: list[str] = []
 
@@ -293,6 +294,7 @@ class Engine:
         directory is removed once the result is committed, kept on failure when it holds anything."""
         op = REGISTRY[node.op]
         cost = step_cost(node, self.options.threads)
+        fixed = startup(node, self.libraries)[0]
         meter = Meter(node.label, total=cost.bytes_written or None, sink=self.options.progress or (lambda m: None))
         started = time.monotonic()
         try:
@@ -306,7 +308,7 @@ class Engine:
                 self.cache.commit_meta(tmp, key, node.op, digest, self.options.threads)
             self.cache.register_root(lock_path(self.recipe), {key: [node.label]}, building=True)
             self.cache.drop_work(key)
-            self._calibrate(node.op, cost, time.monotonic() - started)
+            self._calibrate(node.op, cost, fixed, time.monotonic() - started)
         except RunFailure as err:
             raise _failure(node, err.code, err.message, err.hint) from None
         except OSError as err:
@@ -320,12 +322,12 @@ class Engine:
         """Whether another node this run builds reads `node`'s result (it then stays in the page cache)."""
         return any(node in n.inputs for n in self.program.graph.reachable())
 
-    def _calibrate(self, op: str, cost, seconds: float) -> None:
-        """Remember how this machine compares with the plan's time model for `op`; only builds the model
-        says take a while count, as a tiny one's time is all start-up."""
-        modelled = modelled_seconds(cost, self.options.threads)
-        if modelled >= CALIBRATION_SECONDS:
-            self.cache.remember_speed(op, seconds / modelled)
+    def _calibrate(self, op: str, cost, fixed: float, seconds: float) -> None:
+        """Remember how this machine compares with the plan's time model for `op`'s work (its start-up
+        taken out); only builds whose modelled work takes a while count."""
+        speed = measured_speed(seconds, modelled_seconds(cost, self.options.threads), fixed)
+        if speed is not None:
+            self.cache.remember_speed(op, speed)
 
     def _export_all(self, results: list[NodeResult]) -> list[dict]:
         by_node = {r.node.id: r for r in results}

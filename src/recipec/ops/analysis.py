@@ -19,14 +19,12 @@ from ..arch import ArchFacts
 from ..artifacts.report import REPORT
 from ..ir.types import Kind, Signature, Type
 from .base import Cost, Input, Op, Params, bytes_read, model_names, register
-from .export import family_problem
+from .export import ONNX_FIXED_SECONDS, family_problem
 
 # Model types that encode without generating: their measurement has no decode step.
 ENCODER_TYPES = frozenset({"bert"})
 # Matrices of each layer's feed-forward block: gated (llama: gate, up, down) or not (gpt2, bert: in, out).
 _FFN_MATRICES = {"llama": 3, "gpt2": 2, "bert": 2}
-# Memory of the libraries the rule imports into the process (torch and transformers).
-_RUNTIME_BYTES = 320 << 20
 
 
 class StatsParams(Params):
@@ -54,7 +52,7 @@ class Stats(Op):
     version = 3  # 3: models named as the recipe binds them, low-rank MACs, onnxruntime latency
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="one or more models; ratios are to the first"),)
     toolchain = ("numpy", "torch", "transformers")  # MACs are counted on transformers' modules
-    runtime_bytes = _RUNTIME_BYTES
+    imports = ("torch", "transformers")
     rule = "analysis:build_stats"
     Params = StatsParams
 
@@ -74,6 +72,12 @@ class Stats(Op):
                 return ctx.error("E469", f"`{name}`: {problem[0]}, so `stats` cannot time it in "
                                  "onnxruntime", "onnx", "set `onnx=false`, or measure it in a `stats` of its own")
         return Type(REPORT)
+
+    @classmethod
+    def startup(cls, node):
+        if not node.params.get("onnx"):
+            return cls.imports, cls.fixed_seconds
+        return cls.imports + ("torch.export", "onnxruntime"), ONNX_FIXED_SECONDS * len(node.inputs)
 
     @classmethod
     def cost(cls, inputs, params, out, threads):

@@ -97,6 +97,7 @@ class Combine(Op):
     """
 
     name = "combine"
+    imports = ("torch",)
     card_relation = "merge"
     inputs = (Input("expr", LINEAR, doc="an affine expression over models"),)
     rule = "arithmetic:build_combine"

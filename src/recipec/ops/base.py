@@ -123,7 +123,8 @@ class Op:
     # any importable module (a plugin's, a test's). Resolved by backends on first use.
     rule: ClassVar[str | None] = None
     toolchain: ClassVar[tuple[str, ...]] = ("torch",)  # packages whose version can change the bytes built
-    runtime_bytes: ClassVar[int] = 0  # memory the libraries its rule imports add to the process, for good
+    imports: ClassVar[tuple[str, ...]] = ()  # the libraries its rule imports (plan.IMPORTS: time and memory)
+    fixed_seconds: ClassVar[float] = 0.0  # what its rule takes whatever the size (tracing, warm-ups), for the plan
     launchable: ClassVar[bool] = False  # its rule runs in a worker process, under `run --launch` if given
     # Parameters that cannot change the bytes built (how often to checkpoint): the key holds their default,
     # so changing one reuses the result, and keys made before it was declared stay valid.
@@ -143,6 +144,12 @@ class Op:
         """The type of the op's result, checking its inputs (its parameters passed `check_params`);
         reports through `ctx`."""
         raise NotImplementedError
+
+    @classmethod
+    def startup(cls, node: Node) -> tuple[tuple[str, ...], float]:
+        """The libraries a build of `node` imports and the time it takes whatever the size, on the
+        reference machine: the fixed part of the plan's time and memory (plan.startup)."""
+        return cls.imports, cls.fixed_seconds
 
     @classmethod
     def cost(cls, inputs: list[Node], params: Params, out: Type, threads: int) -> Cost:

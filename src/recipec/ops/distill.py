@@ -15,6 +15,7 @@ from ..ir.types import Kind, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, register
 from .tokenizer_facts import require_tokenizer
 from .train import (
+    TRAINING_FIXED_SECONDS,
     TrainParams,
     check_one_pass,
     check_training,
@@ -62,7 +63,8 @@ class Distill(Op):
     launchable = True
     unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
-    runtime_bytes = 320 << 20  # torch, transformers and accelerate imported into the process, as for cp
+    imports = ("torch", "transformers", "accelerate")
+    fixed_seconds = TRAINING_FIXED_SECONDS
     rule = "recipec.backends.train.distill:build_distill"
     Params = DistillParams
 

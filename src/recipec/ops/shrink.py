@@ -147,6 +147,7 @@ class DropLayers(Op):
     """
 
     name = "drop_layers"
+    imports = ("torch",)
     inputs = (Input("model", Kind.MODEL, doc="the model to make shallower"),)
     toolchain = ("torch",)
     rule = "shrink:build_drop_layers"
@@ -329,7 +330,7 @@ class Lowrank(Op):
               Input("data", Kind.CORPUS, optional=True, doc="a corpus to calibrate the scaling on"))
     toolchain = ("torch", "transformers", "tokenizers")
     rule = "shrink:build_lowrank"
-    runtime_bytes = 192 << 20  # transformers and its model code, imported to calibrate (as for `init`)
+    imports = ("torch", "transformers")
     Params = LowrankParams
 
     @classmethod

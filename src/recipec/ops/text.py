@@ -194,7 +194,7 @@ class PplFilter(Op):
               Input("model", Kind.MODEL, doc="the model that scores it (with its tokenizer)"))
     toolchain = ("torch", "transformers", "tokenizers")
     rule = "text:build_ppl_filter"
-    runtime_bytes = 192 << 20  # transformers and its model code, as for `init`
+    imports = ("torch", "transformers")
 
     class Params(Params):
         max: float | None = Field(None, description="the largest perplexity kept")

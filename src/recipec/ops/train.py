@@ -74,6 +74,9 @@ class ChatTrainParams(TrainParams):
     system: str | None = Field(None, description="a system prompt put before every example")
 
 
+TRAINING_FIXED_SECONDS = 1.0  # loading the model, tokenizing, the first step's allocations (plan's time)
+
+
 class _Training(Op):
     """What cp, inscp and sft share: inputs, output type, checks, cost, key."""
 
@@ -81,7 +84,8 @@ class _Training(Op):
     launchable = True
     unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
-    runtime_bytes = 320 << 20  # torch, transformers and accelerate imported into the process
+    imports = ("torch", "transformers", "accelerate")
+    fixed_seconds = TRAINING_FIXED_SECONDS
     rule = "train:build_train"
     uses_template = False
 

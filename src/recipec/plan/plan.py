@@ -7,13 +7,16 @@ model, for the number of worker threads the run will use. Rendering (text and JS
 Peak memory is what a user sees of `recipec run`: the private (anonymous) memory of the run process,
 interpreter and libraries included, memory-mapped input files not (the kernel can drop those pages at
 any time). A step's peak is the process's baseline, plus the libraries its and earlier steps' rules
-imported (they stay loaded), plus the step's own working memory; the run's peak is the largest step's, since
+imported (they stay loaded; `IMPORTS`), plus the step's own working memory (and a launched step's own
+process: its baseline and libraries); the run's peak is the largest step's, since
 steps run one after another and each result is streamed to disk.
 
-Time is a simple model: reading, writing and arithmetic one after another, at rates of a typical
-machine (`BASE_RATES`), multiplied by how much slower or faster this machine was at the same op in
-earlier runs (the cache remembers each op's ratio of measured to modelled time, `speed`). The run's
-time is the sum of its steps'.
+Time is a simple model: a step's start-up (the libraries its process has not imported yet, a launched
+step's own process, and its op's fixed work such as tracing a graph: `startup`), then reading,
+writing and arithmetic one after another at rates of a typical machine (`BASE_RATES`), multiplied by
+how much slower or faster this machine was at that work for the same op in earlier runs (the cache
+remembers each op's ratio of measured to modelled work, `speed`). The run's time is the sum of its
+steps'.
 
 An op may add advice to a step it is about to build, through an optional `plan_advice(node, cost,
 seconds)` classmethod: the training ops say when a step is out of reach on this machine (no GPU, longer
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..ir.graph import ExportSpec, Graph, Node
@@ -53,7 +56,57 @@ class Rates:
 
 
 BASE_RATES = Rates()
-CALIBRATION_SECONDS = 1.0  # a build the model says is shorter is dominated by start-up, not by rates
+CALIBRATION_SECONDS = 1.0  # a build whose modelled work is shorter tells more of noise than of rates
+
+# What importing a library costs a process on the reference machine (2 x86-64 cores; torch 2.13 and
+# transformers 5, measured): (seconds, private bytes it adds, for good). A process pays each once, in the
+# first step that needs it; a launched step (training) runs in a process of its own and pays its imports,
+# the interpreter's start and its baseline every time.
+IMPORTS = {
+    "torch": (2.4, 0),  # its memory is part of PROCESS_BYTES: every run process imports it
+    "transformers": (5.5, 192 << 20),  # and its model code
+    "accelerate": (0.3, 128 << 20),
+    "torch.export": (2.2, 192 << 20),  # with dynamo, which traces
+    "onnxruntime": (0.4, 128 << 20),  # and the ONNX translation
+}
+PROCESS_START_SECONDS = 0.5
+
+
+@dataclass
+class Libraries:
+    """What a run's process has imported so far, and its private memory with them."""
+
+    loaded: set[str] = field(default_factory=set)
+    bytes: int = PROCESS_BYTES
+
+
+def startup(node: Node, process: Libraries) -> tuple[float, int]:
+    """The fixed part of a step, whatever its size: (seconds: its op's fixed work (`Op.startup`) and the
+    imports it does; bytes its own process adds for the step, a launched step's). `process` is updated: an
+    in-process rule's libraries stay loaded, and in memory, for the rest of the run."""
+    op = REGISTRY[node.op]
+    imports, fixed = op.startup(node)
+    if op.launchable:
+        return (PROCESS_START_SECONDS + fixed + sum(IMPORTS[lib][0] for lib in imports),
+                PROCESS_BYTES + sum(IMPORTS[lib][1] for lib in imports))
+    missing = [lib for lib in imports if lib not in process.loaded]
+    process.loaded.update(missing)
+    process.bytes += sum(IMPORTS[lib][1] for lib in missing)
+    return fixed + sum(IMPORTS[lib][0] for lib in missing), 0
+
+
+def step_seconds(work: float, startup: float, speed: float | None) -> float:
+    """A step's estimated time: its start-up, and its modelled work at this machine's measured speed for
+    the op (`speed`: measured / modelled work, None before one was measured)."""
+    return startup + work * (speed or 1.0)
+
+
+def measured_speed(seconds: float, work: float, startup: float) -> float | None:
+    """What a build that took `seconds` says of this machine's speed at its op's work; None when its work
+    is too short to tell (start-up and noise would decide)."""
+    if work < CALIBRATION_SECONDS:
+        return None
+    return max(seconds - startup, 0.1 * work) / work
 
 
 def modelled_seconds(cost: Cost, threads: int, rates: Rates = BASE_RATES) -> float:
@@ -127,7 +180,7 @@ def make_plan(graph: Graph, recipe: str, is_cached: Callable[[Node], bool] = lam
     built nodes the cache already holds; `speed` is this machine's measured/modelled time ratio per op."""
     threads = threads or default_threads()
     speed = speed or {}
-    steps, process, imported = [], PROCESS_BYTES, set()
+    steps, process = [], Libraries()
     for node in graph.reachable():
         op = REGISTRY[node.op]
         if not op.builds:
@@ -138,12 +191,10 @@ def make_plan(graph: Graph, recipe: str, is_cached: Callable[[Node], bool] = lam
             status = BUILD
         cost, seconds = step_cost(node, threads), 0.0
         if status == BUILD:
-            if op.name not in imported:  # a rule's libraries stay loaded for the rest of the run
-                process += op.runtime_bytes
-                imported.add(op.name)
-            if node.type.signature is not None:
-                cost = replace(cost, peak_bytes=process + cost.peak_bytes)
-            seconds = modelled_seconds(cost, threads) * speed.get(op.name, 1.0)
+            fixed, own_process = startup(node, process)
+            if cost != Cost():  # known (a report or an ONNX model has no signature, but a cost)
+                cost = replace(cost, peak_bytes=process.bytes + own_process + cost.peak_bytes)
+                seconds = step_seconds(modelled_seconds(cost, threads), fixed, speed.get(op.name))
         steps.append(Step(node, status, cost, describe(node), seconds, _advice(op, node, status, cost, seconds)))
     return Plan(recipe, tuple(steps), tuple(graph.exports), threads)
 

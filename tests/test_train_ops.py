@@ -147,6 +147,10 @@ def test_the_plan_shows_tokens_steps_and_memory_per_device(tmp_path, capsys):
     status, out, err = run(["plan", str(recipe)], capsys)
     assert status == 0, err
     assert "8.2 K tokens · 64 steps of 4 × 32 · micro-batch 2 × 2 on 1 process · bf16: weights, gradients, AdamW" in out
+    # tokens= is trained in whole steps: where that is much more than asked, the plan says so (and "1 step")
+    recipe.write_text(recipe.read_text().replace("tokens=8192", "tokens=10", 1))
+    status, out, err = run(["plan", str(recipe)], capsys)
+    assert status == 0 and "128 tokens (10 asked, rounded up to whole steps) · 1 step of 4 × 32" in out, out
 
 
 RESUMABLE = """recipec 1

@@ -241,8 +241,9 @@ def tokenizer_encoder(directory: Path):
 def planned_tokens(params: TrainParams, data: Node, wrapped: bool = False) -> int:
     """Tokens the run trains on: as given, from the steps, or estimated from the data (each document or
     conversation in a chat template when `wrapped`, as `inscp` and `sft` train)."""
-    if params.tokens is not None:
-        return params.tokens
+    if params.tokens is not None:  # whole steps: the last one is full
+        per_step = params.batch * params.seq_len
+        return math.ceil(params.tokens / per_step) * per_step
     if params.steps is not None:
         return params.steps * params.batch * params.seq_len
     return int(tokens_per_epoch(data, wrapped) * params.epochs)
@@ -311,7 +312,10 @@ def training_detail(params: TrainParams, shape: BatchShape, tokens: int, states:
 
     steps = params.steps or math.ceil(tokens / (params.batch * params.seq_len))
     estimated = "≈" if params.epochs is not None else ""
-    return (f"{estimated}{human_count(tokens)} tokens · {estimated}{steps:,} steps of {params.batch} × "
+    rounded = (f" ({params.tokens:,} asked, rounded up to whole steps)"
+               if params.tokens is not None and tokens > 1.01 * params.tokens else "")  # said where it matters
+    return (f"{estimated}{human_count(tokens)} tokens{rounded} · {estimated}{steps:,} step{'s' if steps != 1 else ''} "
+            f"of {params.batch} × "
             f"{params.seq_len} · micro-batch {shape.micro_batch} × {shape.grad_accum} on {params.processes} "
             f"process{'es' if params.processes != 1 else ''} · {params.precision}: weights, gradients, AdamW "
             f"{human_bytes(states)} + activations {human_bytes(activations)} per device")

@@ -204,6 +204,13 @@ def test_inspect_refuses_what_it_cannot_measure(tmp_path, capsys):
     assert "hint: set --seq-len to at most 112" in err
     status, _, err = run_cli(["inspect", tmp_path], capsys)
     assert status == 66 and "error[E401]" in err
+    status, _, err = run_cli(["inspect", tmp_path / "gtp2"], capsys)  # a typo: no recipe to be relative to
+    assert status == 66 and "does not exist" in err and "relative to where you run recipec" in err, err
+    exported = tmp_path / "m.onnx"
+    exported.mkdir()
+    (exported / "model.onnx").write_bytes(b"onnx")
+    status, _, err = run_cli(["inspect", exported], capsys)
+    assert status == 66 and "is an ONNX model: inspect reads Hugging Face model folders" in err, err
     strange = write_model(tmp_path / "strange", arch.preset_config("gpt2", "tiny"))
     (strange / "config.json").write_text(json.dumps(arch.preset_config("gpt2", "tiny") | {"model_type": "nonesuch"}))
     status, _, err = run_cli(["inspect", strange], capsys)

@@ -287,10 +287,15 @@ def inspect_dir(root: Path, params: StatsParams) -> Report:
     code of what is wrong: a folder that is not a model (E4xx), a sequence beyond its positions (E482)."""
     from ..store.model_dir import ModelDirError, read_model_dir
 
+    if (root / "model.onnx").is_file() and not (root / "config.json").is_file():
+        raise RunFailure("E401", f"{root} is an ONNX model: inspect reads Hugging Face model folders (config.json "
+                         "and safetensors)", "inspect the folder the ONNX model was exported from, or time the "
+                         "ONNX model with `stats(model, onnx=true)` in a recipe")
     try:
         files = read_model_dir(root)
     except ModelDirError as err:
-        raise RunFailure(err.code, err.message, err.hint) from None
+        hint = err.hint if root.is_dir() else "check the path: it is relative to where you run recipec"
+        raise RunFailure(err.code, err.message, hint) from None
     try:
         facts = facts_from_config(files.config)
     except ValueError:

@@ -202,7 +202,7 @@ class Lowerer:
         if entry is None:
             hint = _did_you_mean(name.id, module.scope) or (
                 f"`{name.id}` is an op: call it, e.g. `{name.id}(...)`" if name.id in REGISTRY else
-                f"bind it first: `{name.id} = ...`")
+                _STATEMENTS.get(name.id) or f"bind it first: `{name.id} = ...`")
             self.diags.error("E101", f"unknown name `{name.id}`", name.span, hint)
             return POISON
         owner, assign = entry
@@ -765,6 +765,12 @@ def _range_of(op: type[Op], name: str) -> str | None:
         return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
     key = next(iter(bounds), None)
     return f"{_RANGE_KEYS[key]} {bounds[key]}" if key else None
+
+
+# Words that begin a statement, met where a value is expected (`m = export`): what the statement looks like.
+_STATEMENTS = {"export": '`export` is a statement of its own: `export VALUE to "path"`',
+               "use": '`use` is a statement of its own: `use "other.rcp"` brings in its definitions',
+               "recipec": "`recipec 1` is the recipe's first line, not a value"}
 
 
 def _report_param_error(op: type[Op], problem: dict, raw: dict[str, Any], ctx: Context) -> None:

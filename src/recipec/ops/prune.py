@@ -225,7 +225,7 @@ class Prune(Op):
         heads: float | None = Field(None, description="the fraction of attention heads to remove, in [0, 1)")
         ffn: float | None = Field(None, description="the fraction of FFN neurons to remove, in [0, 1)")
         score: Literal["l1", "gradient"] = Field("l1", description="how heads and neurons are ranked")
-        uniform: bool = Field(True, description="remove the same count in every layer")
+        uniform: bool = Field(True, description="whether to remove the same count in every layer")
         seq_len: int = Field(128, description="tokens per sequence when scoring on `data` or retraining")
         batch: int = Field(4, description="sequences per scoring step, or per optimizer step of retraining")
         max_sequences: int = Field(64, description="at most this many sequences of `data` are scored")

@@ -155,6 +155,7 @@ def test_a_node_killed_mid_job_resumes_from_its_checkpoint(toy, capsys):
 
     status, err = _run(recipe, capsys)
     assert status == 0, err
+    assert "recipec: `m` goes on from what an unfinished run of it left" in err, err  # said, not silent
     assert [line.split(" pid")[0] for line in _log(toy)] == ["start a 0", "start a 3", "built a"]
     assert (Cache(_cache()).objects / kept.name).is_dir() and not kept.exists()  # committed: work dir gone
     assert (toy / "out" / "a" / "model.safetensors").is_file()

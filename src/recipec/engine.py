@@ -296,6 +296,10 @@ class Engine:
         cost = step_cost(node, self.options.threads)
         fixed = startup(node, self.libraries)[0]
         meter = Meter(node.label, total=cost.bytes_written or None, sink=self.options.progress or (lambda m: None))
+        work = self.cache.work_dir(key)
+        if work.is_dir() and any(work.iterdir()):
+            self.notices.append(f"`{node.label}` goes on from what an unfinished run of it left ({work}: checkpoints, "
+                                "prepared data), not from the start")
         started = time.monotonic()
         try:
             with self.cache.new_object(key) as tmp:

@@ -244,3 +244,21 @@ def test_what_only_the_run_can_see_fails_at_the_op(call, code, tmp_path, capsys)
                                 f"e = {call}\n")
     status, _, err = run_cli(["run", "r.rcp"], capsys, cwd=root)
     assert status != 0 and f"error[{code}]" in err and "r.rcp:3:5" in err, err
+
+
+def test_perplexity_is_compared_only_between_models_that_cut_the_corpus_into_the_same_tokens():
+    # A model with an extended vocabulary scores the same text in fewer tokens: its perplexity per token is
+    # not the reference's kind of number. Bits per byte compares them; the report says so.
+    from recipec.backends.evaluate import eval_report
+
+    def scored(label, tokens, nll):
+        return {"label": label, "trained": None, "nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens),
+                "bits_per_byte": nll / math.log(2) / 1000}
+
+    models = [scored("base", 500, 2000.0), scored("same", 500, 1500.0), scored("zh", 300, 1400.0)]
+    report = eval_report(models, Eval.Params(), {"documents": 3, "bytes": 1000}, [])
+    same, zh = report.data["models"][1]["vs_reference"], report.data["models"][2]["vs_reference"]
+    assert same["perplexity"] == pytest.approx(math.exp(3) / math.exp(4)) and zh["perplexity"] is None
+    assert zh["bits_per_byte"] == pytest.approx(0.7)
+    page = report.page()
+    assert "(other tokens)" in page and "across tokenizers, compare bits per byte" in page

@@ -238,21 +238,30 @@ def _prompts(job: Job, params: Eval.Params) -> list[list[dict]]:
 
 
 def _with_reference(models: list[dict], language: str | None) -> None:
-    """Each model's ratios (perplexity, bits per byte) and differences (language share) to the first."""
+    """Each model's ratios (perplexity, bits per byte) and differences (language share) to the first.
+    Perplexity is per token of a model's own tokenizer: it is compared only where the corpus gave the
+    same number of tokens (one tokenization); bits per byte compares models across tokenizers."""
     first = models[0]
     for model in models:
+        comparable = {"perplexity": model.get("tokens") == first.get("tokens"), "bits_per_byte": True}
         model["vs_reference"] = {
-            **{key: (model[key] / first[key] if key in model and first.get(key) else None)
+            **{key: (model[key] / first[key] if key in model and first.get(key) and comparable[key] else None)
                for key in ("perplexity", "bits_per_byte")},
             **({"language_share": model["language_share"] - first["language_share"]} if language else {}),
         }
+
+
+def _other_tokens(models: list[dict]) -> bool:
+    return any("perplexity" in m and m["vs_reference"]["perplexity"] is None for m in models[1:])
 
 
 def _ratio_cell(model: dict, key: str, first: bool) -> str:
     value, ratio = model.get(key), model["vs_reference"].get(key)
     if value is None:
         return "—"
-    return f"{value:.4g}" if first or ratio is None else f"{value:.4g} ({ratio:.2f}×)"
+    if first:
+        return f"{value:.4g}"
+    return f"{value:.4g} (other tokens)" if ratio is None else f"{value:.4g} ({ratio:.2f}×)"
 
 
 def _share_cell(model: dict, first: bool) -> str:
@@ -328,6 +337,9 @@ def eval_report(models: list[dict], params: Eval.Params, corpus: dict | None, pr
     data = {"kind": "eval", "settings": params.model_dump(mode="json", exclude={"prompts"}), "corpus": corpus,
             "prompts": prompts, "models": models, "training": curves}
     sections = [_settings(params, corpus, prompts)]
+    if corpus is not None and _other_tokens(models):
+        sections.append("Perplexity is per token of each model's own tokenizer, so it is compared only between "
+                        "models that cut the corpus into the same tokens; across tokenizers, compare bits per byte.")
     sample = _samples(models, prompts, params.samples)
     if sample:
         sections.append(sample)

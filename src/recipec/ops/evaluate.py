@@ -108,6 +108,7 @@ class Eval(Op):
     """
 
     name = "eval"
+    version = 2  # 2: perplexity compared only between models that cut the corpus into the same tokens
     inputs = (Input("models", Kind.MODEL, variadic=True, doc="one or more models; the first is the reference"),
               Input("corpus", Kind.CORPUS, optional=True, doc="documents to measure perplexity on"),
               Input("prompts", Kind.DATASET, optional=True, doc="conversations whose last user message is answered"))

@@ -340,3 +340,21 @@ def test_a_model_bound_to_a_string_is_named_by_its_binding(project, capsys):
     assert status == 0 and '< base  "models/a"' in out and '< chat  "models/b"' in out and "%0" not in out, out
     assert run(["run", project], capsys)[0] == 0
     assert set(tomllib.loads(lock_file(project).read_text())["inputs"]) == {"base", "chat"}
+
+
+def test_a_parameter_toml_cannot_hold_is_recorded_as_json_or_its_hash(tmp_path, capsys):
+    # init(config=...) keys the whole config; a null inside a list has no TOML form (it ended run and lock
+    # in an internal error, after the release was written).
+    from recipec.arch import preset_config
+
+    config = preset_config("llama", "tiny") | {"extra_list": [1, None]}
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.rcp"
+    recipe.write_text('recipec 1\nm = init("llama", config="cfg.json", seed=1)\nexport m to "out/m"\n')
+    assert run(["run", recipe], capsys)[0] == 0
+    recorded = tomllib.loads(lock_file(recipe).read_text())["nodes"]["m"]["params"]
+    assert recorded["seed"] == 1 and recorded["config"].startswith("sha256:")
+    assert run(["run", "--locked", recipe], capsys)[0] == 0
+    (tmp_path / "cfg.json").write_text(json.dumps(config | {"extra_list": [2, None]}))
+    status, _, err = run(["run", "--locked", recipe], capsys)
+    assert status == 65 and "error[E506]: parameter `config` (its content) of node `m` differs" in err, err

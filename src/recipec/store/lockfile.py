@@ -9,8 +9,8 @@ is named by hash. It pins
   `revision` and `commit`, or a data source's `glob`), its content digest, and (after `recipec lock`)
   every file the digest covers with size and sha256 (a data source's names relative to the recipe);
 - `[nodes.NAME]`: every built node's cache key and content digest, and the parameters its key holds
-  (file parameters by content, a precision as resolved for the machine; TOML has no null, so a parameter
-  that is None is left out), so that a key that drifted is explained by the parameters that did;
+  (file parameters by content, a precision as resolved for the machine; structured values as JSON or its
+  hash, see `recorded_params`), so that a key that drifted is explained by the parameters that did;
 - `[outputs."PATH"]`: every export's node, digest and release files with their sha256 (after `run`); a file
   that holds measurements (a report's times) also has `reproducible`, the sha256 of its reproducible part
   (the measured values masked), which is what is compared.
@@ -115,7 +115,7 @@ def lock_data(recipe: Path, toolchain: dict[str, str], inputs: dict[str, dict], 
     """What a lockfile holds: the recipe, the toolchain, each input's and built node's entry (by label), and
     each written export (the engine's record of it: path, node, digest, files, measured files' parts)."""
     outputs = {e["path"]: {"node": e["node"], "digest": e["digest"], "files": _output_files(e)} for e in exports}
-    nodes = {label: {**entry, "params": _without_nulls(entry["params"])} if "params" in entry else entry
+    nodes = {label: {**entry, "params": recorded_params(entry["params"])} if "params" in entry else entry
              for label, entry in nodes.items()}
     return {"recipe": {"path": recipe.name, "sha256": hashlib.sha256(recipe.read_bytes()).hexdigest()},
             "toolchain": toolchain, "inputs": inputs, "nodes": nodes, "outputs": outputs}
@@ -127,12 +127,27 @@ def _output_files(export: dict) -> list[dict]:
             for n, h in sorted(export["files"].items())]
 
 
-def _without_nulls(value):
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
+SHOWN_PARAM_CHARS = 120  # a structured parameter longer than this as JSON is recorded by its hash
+
+
+def recorded_params(params: dict) -> dict:
+    """A node's keyed parameters as the lock records them, in TOML (which has no null): a plain value or a
+    list of them as it is, a file parameter as its files' hashes, anything else (a config dict, nested
+    lists, a list holding a null) as its canonical JSON, or that JSON's sha256 when long. A parameter that
+    is None is left out."""
+    return {name: _recorded(value) for name, value in params.items() if value is not None}
+
+
+def _recorded(value):
+    plain = (str, int, float, bool)
+    if isinstance(value, plain) or (isinstance(value, list) and all(isinstance(v, plain) for v in value)):
+        return value
+    if isinstance(value, dict) and set(value) == {"files"} and all(isinstance(v, str) for v in value["files"].values()):
+        return value
+    if isinstance(value, dict) and set(value) == {"sha256"} and isinstance(value["sha256"], str):
+        return value
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= SHOWN_PARAM_CHARS else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _sorted(value):
@@ -221,7 +236,7 @@ def params_drift(locked: dict | None, current: dict | None) -> str | None:
     or nothing differs."""
     if locked is None or current is None:
         return None
-    was, now = locked, _without_nulls(current)
+    was, now = locked, recorded_params(current)
     differences = [_param_difference(name, now.get(name), was.get(name))
                    for name in sorted(set(was) | set(now)) if was.get(name) != now.get(name)]
     if not differences:
@@ -235,6 +250,8 @@ def _param_difference(name: str, now, was) -> str:
         return f"`{name}` (file{'s' if len(files) != 1 else ''} {', '.join(files)})"
     if isinstance(now, dict) and isinstance(was, dict) and "sha256" in now and "sha256" in was:
         return f"`{name}` (the file's content)"
+    if isinstance(now, str) and isinstance(was, str) and now.startswith("sha256:") and was.startswith("sha256:"):
+        return f"`{name}` (its content)"
     return f"`{name}` ({json.dumps(now)}, locked {json.dumps(was)})"
 
 

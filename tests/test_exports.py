@@ -270,13 +270,19 @@ def test_a_release_a_killed_swap_left_renamed_away_is_put_back_or_kept(project, 
     before, card = snapshot(target), (target / "README.md").stat().st_ino
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    old = project / "out" / f".recipec-tmp-old-model-{dead.pid}"
+    old = project / "out" / f".recipec-old-{dead.pid}-model"
     os.rename(target, old)
+    # What another export's killed run left (a half-written release for a target named `old-model`, in the
+    # older naming) is never taken for this target's previous release.
+    (project / "out" / f".recipec-tmp-old-model-{dead.pid}").mkdir()
+    (project / "out" / f".recipec-tmp-old-model-{dead.pid}" / "config.json").write_text("{}")
     if changed:  # the new release had arrived when the run was killed
         shutil.copytree(old, target, ignore=shutil.ignore_patterns("notes.txt"))
-        assert run(["run", str(r)], capsys)[0] == 0
+        status, _, err = run(["run", str(r)], capsys)
+        assert status == 0, err
         (aside,) = [p for p in (project / "out").iterdir() if p.name.startswith("model.replaced-")]
         assert snapshot(aside) == before and (target / ".recipec-release").is_file()
+        assert f"is kept as {aside}" in err
     else:  # and the next export fails too, writing its release (a full disk): the previous one is back
         from recipec.store import release
 
@@ -287,7 +293,7 @@ def test_a_release_a_killed_swap_left_renamed_away_is_put_back_or_kept(project, 
         status, _, err = run(["run", str(r)], capsys)
         assert status != 0 and "No space left on device" in err, err
         assert snapshot(target) == before and (target / "README.md").stat().st_ino == card  # put back, not rewritten
-    assert not [p for p in (project / "out").iterdir() if p.name.startswith(".recipec-tmp")]
+    assert not [p for p in (project / "out").iterdir() if p.name.startswith((".recipec-tmp", ".recipec-old"))]
 
 
 def test_a_weight_link_that_cannot_be_made_read_only_is_copied_never_written_through(project, capsys, monkeypatch):

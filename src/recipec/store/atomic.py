@@ -64,7 +64,7 @@ def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
     """Delete temporaries a killed run left in a directory; returns how many.
 
     With `owner`, only the temporaries recipec names after that entry (`.recipec-tmp-NAME-PID` and
-    `.recipec-tmp-old-NAME-PID`): a directory shared with the user's files loses nothing else; and of
+    `.recipec-tmp-old-NAME-PID`, as older recipecs named a release being replaced): a directory shared with the user's files loses nothing else; and of
     those, only the ones whose process is gone. Another live process may be writing the same entry (two
     ranks of a launched job tokenizing the same data, two runs exporting to one place): removing its
     temporary from under it would let it publish an entry with files missing.

@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -365,21 +366,33 @@ def _swap_into_place(new: Path, target: Path, sources: dict[str, Path]) -> Path 
     return None
 
 
+# A release being replaced lies under this prefix while the new one is swapped in: not TMP_PREFIX, so that no
+# cleanup of temporaries ever takes it for one, and with the pid first, so that its name is unambiguous
+# (`.recipec-old-PID-NAME`: the pid is the first run of digits, the rest is the target's name).
+OLD_PREFIX = ".recipec-old-"
+
+
 def _old_release_name(target: Path, pid: int) -> Path:
     """Where process `pid` keeps the release it replaces while it swaps the new one in."""
-    return target.parent / f"{TMP_PREFIX}old-{target.name}-{pid}"
+    return target.parent / f"{OLD_PREFIX}{pid}-{target.name}"
 
 
 def _recover_interrupted_swaps(target: Path) -> None:
     """A previous release that an export killed between its two renames (or before it could look at it
-    again) left under its temporary name: put back at `target` when nothing took its place, else moved
-    aside when it was changed since recipec wrote it, as a finished swap would have done. What is left,
-    a release as recipec wrote it and replaced since, goes with the other stale temporaries."""
+    again) left under its temporary name: put back at `target` when nothing took its place; else kept
+    aside (said on stderr) when it is not a release as recipec wrote it, as a finished swap would have
+    done; else, replaced as it was meant to be, removed."""
+    pattern = re.compile(rf"{re.escape(OLD_PREFIX)}(\d+)-{re.escape(target.name)}")
     for entry in target.parent.iterdir():
-        pid = entry.name.removeprefix(f"{TMP_PREFIX}old-{target.name}-")
-        if not pid.isdigit() or entry != _old_release_name(target, int(pid)) or alive_elsewhere(int(pid)):
+        match = pattern.fullmatch(entry.name)
+        if match is None or alive_elsewhere(int(match.group(1))):
             continue
-        if not os.path.lexists(target):
+        if not os.path.lexists(target) and is_release(entry):
             os.rename(entry, target)
         elif not is_release(entry) or release_changes(entry):
-            os.rename(entry, _aside_name(target))
+            aside = _aside_name(target)
+            os.rename(entry, aside)
+            sys.stderr.write(f"recipec: an export to {target} was interrupted; the release it was replacing, "
+                             f"changed since recipec wrote it, is kept as {aside}\n")
+        else:
+            shutil.rmtree(entry, ignore_errors=True)

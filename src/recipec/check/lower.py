@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
@@ -104,9 +105,14 @@ def _magnitude(q: Fraction) -> str:
     return f"{'-' if q < 0 else ''}{mantissa:.2f}e{exponent:+d}"
 
 
-def _did_you_mean(name: str, candidates) -> str | None:
+def _closest(name: str, candidates) -> str | None:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean `{close[0]}`?" if close else None
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str, candidates) -> str | None:
+    close = _closest(name, candidates)
+    return f"did you mean `{close}`?" if close else None
 
 
 # --- modules (one recipe file each) --------------------------------------------------------------------
@@ -409,7 +415,7 @@ class Lowerer:
                     else _did_you_mean(name, REGISTRY) or "`recipec explain ops` lists the ops")
             self.diags.error("E201", f"unknown op `{name}`", e.func.span, hint)
             return POISON
-        bound, bound_ok = self._bind_arguments(op, e)
+        bound, bound_ok, meant = self._bind_arguments(op, e)
         ctx = Context(module.dir, self.diags, e.span, {k: v.span for k, v in bound.items()})
         inputs: list[Node] = []
         linear_input: Linear | None = None
@@ -423,7 +429,7 @@ class Lowerer:
             if arg is None and inp.optional:
                 continue
             if arg is None:
-                if bound_ok:  # else most likely the argument misnamed or misplaced, reported as such
+                if not meant(inp.name):  # else most likely the argument misnamed or misplaced, reported so
                     self.diags.error("E204", f"`{name}` needs `{inp.name}`", e.span, f"pass {inp.doc or inp.name}")
                 ok = False
                 continue
@@ -457,9 +463,10 @@ class Lowerer:
             if arguments_ok and not any(inp.kind == LINEAR for inp in op.inputs):
                 # An input failed (often upstream), or an argument could not be bound: the other arguments
                 # are still checked, as they do not depend on it, so that every problem is reported at
-                # once (what a misnamed argument leaves missing is that misnaming, already reported).
-                params = self._params(op, raw, ctx, report_missing=bound_ok)
-                if params is not None:
+                # once. What a misnamed argument leaves missing is that misnaming, already reported; and the
+                # op's own checks across its arguments would judge the call without it, so they wait.
+                params = self._params(op, raw, ctx, reported_missing=meant)
+                if params is not None and bound_ok:
                     op.check_params(ctx, params)
             return POISON
         if linear_input is not None:
@@ -480,9 +487,10 @@ class Lowerer:
             self.diags.error("E206", f"`{inp.name}` must be a {wanted}, got {_describe(value)}", arg.span)
         return None
 
-    def _bind_arguments(self, op: type[Op], e: ast.Call) -> tuple[dict[str, ast.Expr], bool]:
+    def _bind_arguments(self, op: type[Op], e: ast.Call) -> tuple[dict[str, ast.Expr], bool, Callable]:
         """Map a call's arguments to the op's input and parameter names, reporting misuse: (the arguments
-        that could be bound, whether all could)."""
+        that could be bound, whether all could, whether a name that is missing may be what an argument
+        without a place was meant to be: a misnamed keyword close to it, or any, for an extra positional)."""
         variadic = next((i for i in op.inputs if i.variadic), None)
         slots = [i.name for i in op.inputs if not i.optional] + list(op.positional)  # optional inputs by keyword
         fields = set(op.Params.model_fields) - getattr(op, "internal", frozenset())
@@ -490,6 +498,8 @@ class Lowerer:
         known = [i.name for i in op.inputs if not i.optional] + sorted(fields | keyword_inputs)
         bound: dict[str, ast.Expr] = {}
         ok = True
+        meant: set[str] = set()  # what misnamed keywords are closest to
+        extra = False  # a positional argument beyond the op's
         positional = list(e.args)
         if variadic is not None and positional:
             bound[variadic.name] = ast.List(tuple(positional), span=positional[0].span.to(positional[-1].span))
@@ -501,7 +511,7 @@ class Lowerer:
                                  "name the remaining arguments: "
                                  + ", ".join(f"`{k}=`" for k in known if k not in slots)
                                  if len(known) > len(slots) else None)
-                ok = False
+                ok, extra = False, True
                 break
             bound[slots[i]] = arg
         for kw in e.kwargs:
@@ -509,29 +519,31 @@ class Lowerer:
                 hint = _did_you_mean(kw.name, known) or (f"`{op.name}` takes " + ", ".join(f"`{k}`" for k in known))
                 self.diags.error("E202", f"`{op.name}` has no parameter `{kw.name}`", kw.name_span, hint)
                 ok = False
+                meant.add(_closest(kw.name, known) or "")
             elif kw.name in bound:
                 self.diags.error("E207", f"`{kw.name}` is given twice", kw.span,
                                  "pass each argument once, by position or by keyword")
                 ok = False
             else:
                 bound[kw.name] = kw.value
-        return bound, ok
+        return bound, ok, lambda name: extra or name in meant
 
     def _validated(self, op: type[Op], inputs: list[Node], raw: dict[str, Any], ctx: Context) -> Node | None:
         params = self._params(op, raw, ctx)
         return self._apply(op, inputs, params, ctx) if params is not None else None
 
     @staticmethod
-    def _params(op: type[Op], raw: dict[str, Any], ctx: Context, report_missing: bool = True):
-        """The op's validated `Params`, or None after reporting every argument that is wrong (and every
-        one missing, unless not `report_missing`)."""
+    def _params(op: type[Op], raw: dict[str, Any], ctx: Context,
+                reported_missing: Callable[[str], bool] = lambda name: False):
+        """The op's validated `Params`, or None after reporting every argument that is wrong, and every one
+        missing but those `reported_missing` (what a misnamed argument was meant to be, said already)."""
         try:
             return op.Params(**raw)
         except ValidationError as err:
             reported: set[str] = set()
             for problem in err.errors():
                 name = str(problem["loc"][0]) if problem["loc"] else ""
-                if problem["type"] == "missing" and not report_missing:
+                if problem["type"] == "missing" and reported_missing(name):
                     continue
                 if name not in reported:  # one diagnostic per argument, however many items are wrong
                     reported.add(name)

@@ -123,11 +123,15 @@ def test_gc_keeps_what_a_rerun_built_before_it_was_interrupted_while_the_old_loc
     assert len(new) == 1
     _, out, _ = run(["cache", "ls", "--cache", str(cache)], capsys)
     assert f"built by a run of {recipe} that did not finish" in out, out
-    for gc in (["cache", "gc", "--cache", str(cache)], ["cache", "gc", "--cache", str(cache), str(recipe)]):
+    remembered = next(Cache(cache).root_references.iterdir())
+    registered = remembered.stat().st_mtime_ns
+    for gc in (["cache", "gc", "--cache", str(cache)], ["cache", "gc", "--cache", str(cache), str(recipe)]) * 2:
         status, _, err = run(gc, capsys)
         assert status == 0 and "removed 0 objects" in err and "kept 1 object (" in err, err
         assert "that did not finish (its lock still names the results before)" in err, err
         assert new <= objects(cache)
+        # gc, even naming the recipe, neither forgets what the unfinished run built nor extends its grace
+        assert remembered.stat().st_mtime_ns == registered
     status, _, err = run(["run", "--cache", str(cache), str(recipe)], capsys)  # finishes: nothing rebuilt
     assert status == 0 and "Built 0, 4 cached" in err, err
     status, _, err = run(["cache", "gc", "--cache", str(cache)], capsys)

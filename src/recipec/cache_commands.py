@@ -162,7 +162,7 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
             for lock in extra:
                 with contextlib.suppress(ValueError):  # an unreadable lock was reported, and keeps everything
                     # building: what an unfinished run of it built stays remembered (and kept) beside the lock's
-                    cache.register_root(lock, read_references(lock), building=True)
+                    cache.register_root(lock, read_references(lock), building=True, ran=False)
     report += [f"{verb} work directory {p.name[:16]} ({human_bytes(work_sizes[p])}): checkpoints no lockfile "
                "uses\n" for p in dropped]
     sys.stdout.write("".join(report))
@@ -181,10 +181,11 @@ def collect_garbage(cache: Cache, recipe: Path | None, dry_run: bool, checkpoint
         roots = {r.lock: r for p in unfinished for r in found.kept_unfinished[p.name]}
         until = time.strftime("%Y-%m-%d", time.localtime(max(r.registered for r in roots.values())
                                                          + MISSING_GRACE_SECONDS))
-        sys.stderr.write(f"kept {_plural(len(unfinished), 'object')} ({human_bytes(sum(map(apparent_size, unfinished)))}) "
-                         f"built by a run of {', '.join(sorted(map(_shown, roots)))} that did not finish (its lock still "
-                         f"names the results before): a run that finishes records them, or lets gc remove them; "
-                         f"else gc removes them from {until}\n")
+        size = human_bytes(sum(map(apparent_size, unfinished)))
+        sys.stderr.write(f"kept {_plural(len(unfinished), 'object')} ({size}) built by a run of "
+                         f"{', '.join(sorted(map(_shown, roots)))} that did not finish (its lock still names the "
+                         "results before): a run that finishes records them, or lets gc remove them; else gc "
+                         f"removes them from {until}\n")
     left = [p for p in found.stale_work if p not in dropped]
     if left:
         sys.stderr.write(f"kept {_plural(len(left), 'work directory')} ({human_bytes(sum(work_sizes[p] for p in left))}): "

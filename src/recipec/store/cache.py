@@ -276,13 +276,16 @@ class Cache:
 
     # roots: the lockfiles that use this cache
 
-    def register_root(self, lock: Path, references: dict[str, list[str]], building: bool = False) -> None:
+    def register_root(self, lock: Path, references: dict[str, list[str]], building: bool = False,
+                      ran: bool = True) -> None:
         """Record `lock` as a user of this cache so that `cache gc` keeps what it references; a read-only
         cache that does not know the lock yet gets a warning instead. `references` (cache key -> the labels
         using it, as the lock has them) are remembered beside it where the cache can be written, so that gc
         can still tell what the lock used once it is gone: moved with its project, or deleted. While a run
         is `building`, each result it commits is added to them: a first run killed before it could write its
-        lock leaves results that hours of training made, which gc must not take for garbage."""
+        lock leaves results that hours of training made, which gc must not take for garbage. Unless it `ran`
+        (gc naming the recipe registers it too), the time of the last registration stays: gc keeps what a
+        vanished or unfinished run's lock used for a while after that run, not after the last gc."""
         lock = lock.resolve()
         name = hashlib.sha256(str(lock).encode()).hexdigest()
         entry, text = self.roots / name, f"{lock}\n"
@@ -299,10 +302,14 @@ class Cache:
             references = {**self._references(name)[0], **references}
         data = json.dumps(references, sort_keys=True).encode()
         try:
-            if remembered.is_file() and remembered.read_bytes() == data:
-                os.utime(remembered)  # when it was last used: gc keeps a vanished lock's objects for a while after
+            last = remembered.stat().st_mtime_ns if remembered.is_file() else None
+            if last is not None and remembered.read_bytes() == data:
+                if ran:
+                    os.utime(remembered)  # when it was last used: gc keeps a vanished lock's objects for a while after
             else:
                 write_bytes_atomic(remembered, data)
+                if not ran and last is not None:
+                    os.utime(remembered, ns=(last, last))
         except OSError:  # read-only: the lock itself tells gc what it uses while it exists
             pass
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from ..diagnostics import Diagnostic, RecipeError
 
-NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
+# ENOTSUP is EOPNOTSUPP on Linux, another number on macOS (where SMB and NFS mounts answer with it).
+NO_LOCKS = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP),
+                      errno.EINVAL})
 
 
 def try_lock(handle, mode: int, where: Path) -> bool:

@@ -166,6 +166,7 @@ class Engine:
         self.hub_snapshots = self._resolve_hub_inputs()
         if self._may_build():
             self.importing = import_torch_in_background()  # torch loads while the inputs are hashed
+            self.libraries.loaded.add("torch")  # so no build's time is taken to include it
         # Every input first, and every problem of every input at once (a malformed line in the last corpus
         # is said before hours of training on the first, not after).
         problems: list[Diagnostic] = []

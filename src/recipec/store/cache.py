@@ -48,6 +48,9 @@ LAYOUT = "v2"
 _OLDER_LAYOUT = re.compile(r"objects|roots|digests\.json|v\d+")
 CACHE_ENV = "RECIPEC_CACHE"
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+# op -> this machine's measured / modelled time of its work. Named for the model it calibrates: the
+# ratios of `speeds.json` included start-up, which the plan now models apart, and are not read.
+SPEEDS = "work-speeds.json"
 
 
 def default_cache_dir(recipe: Path | None, override: str | None = None) -> Path:
@@ -365,11 +368,11 @@ class Cache:
         self._remember("digests.json", identity, digest)
 
     def known_speeds(self) -> dict[str, float]:
-        """op -> measured / modelled build time on this machine, for `plan`'s time estimates."""
-        return self._read_table("speeds.json")
+        """op -> measured / modelled time of its work on this machine, for `plan`'s time estimates."""
+        return self._read_table(SPEEDS)
 
     def remember_speed(self, op: str, ratio: float) -> None:
-        self._remember("speeds.json", op, round(ratio, 3))
+        self._remember(SPEEDS, op, round(ratio, 3))
 
     @contextmanager
     def locked(self, tidy: bool = True, exclusive: bool = True) -> Iterator[None]:

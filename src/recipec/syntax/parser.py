@@ -108,6 +108,8 @@ def parse(text: str, source: Source | None = None) -> ast.Recipe:
         span = Span(source, err.start, err.end)
         if err.kind == "string":
             diags.error("E002", "unclosed string", span, 'close the string with `"` on the same line')
+        elif err.kind == "stray":
+            diags.error("E002", f"`{err.opener}` closes no open bracket", span, "remove it, or open what it closes")
         elif err.kind == "mismatch":
             closer = ")" if err.opener == "(" else "]"
             line, column = text.count("\n", 0, err.opened) + 1, err.opened - text.rfind("\n", 0, err.opened)

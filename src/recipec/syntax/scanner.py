@@ -24,7 +24,7 @@ class Chunk:
 
 @dataclass(frozen=True)
 class ScanError:
-    kind: str  # "string", "bracket" (never closed) or "mismatch" (closed by the wrong closer, at start)
+    kind: str  # "string", "bracket" (never closed), "mismatch" (closed by the wrong closer, at start) or "stray"
     start: int
     end: int
     opener: str
@@ -111,6 +111,9 @@ def scan(text: str) -> Scan:
             broken = True
             while _CLOSER[text[stack.pop()]] != ch:
                 pass
+        elif ch in ")]":  # closes no bracket that is open: `merge([a, b]))`
+            out.errors.append(ScanError("stray", pos, pos + 1, ch))
+            broken = True
         pos += 1
     close_chunk(n)
     out.errors.sort(key=lambda e: e.start)

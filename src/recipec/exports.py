@@ -59,6 +59,14 @@ def is_within(path: Path, other: Path) -> bool:
     return False
 
 
+def same_place(path: Path, other: Path) -> bool:
+    """Whether two resolved paths are one place: by name, or where both exist, by identity."""
+    try:
+        return path == other or (path.exists() and other.exists() and os.path.samefile(path, other))
+    except OSError:
+        return False
+
+
 def written_problem(written: str) -> Problem | None:
     """What is wrong with an export path as the recipe wrote it, before it means any place."""
     if not written.strip():
@@ -101,7 +109,7 @@ def format_problem(written: str, asked: str | None, known: list[str]) -> Problem
 def place_problem(target: Path, written: str, place: Place) -> Problem | None:
     """What an export to `target` would destroy of `place`, if anything."""
     if is_within(place.path, target):
-        whole = "" if place.path == target else ", which is inside it"
+        whole = "" if same_place(place.path, target) else ", which is inside it"
         return Problem("E310", f"export to {written!r} would replace {place.what}{whole}", _hint(place))
     if is_within(target, place.path) and not place.may_contain_exports:
         return Problem("E310", f"export to {written!r} writes inside {place.what}", _hint(place))
@@ -118,7 +126,8 @@ def overlap_problem(written: str, target: Path, other_written: str, other: Path)
     """Two exports whose targets are one inside the other (the same path is E306)."""
     if target != other and (is_within(target, other) or is_within(other, target)):
         inner, outer = (written, other_written) if is_within(target, other) else (other_written, written)
-        return Problem("E311", f"exports overlap: {inner!r} is inside {outer!r}",
+        where = "is the same folder as" if same_place(target, other) else "is inside"
+        return Problem("E311", f"exports overlap: {inner!r} {where} {outer!r}",
                        "give each export a directory of its own, side by side: \"out/a\", \"out/b\"")
     return None
 

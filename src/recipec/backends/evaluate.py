@@ -261,7 +261,9 @@ def _ratio_cell(model: dict, key: str, first: bool) -> str:
         return "—"
     if first:
         return f"{value:.4g}"
-    return f"{value:.4g} (other tokens)" if ratio is None else f"{value:.4g} ({ratio:.2f}×)"
+    if ratio is None:
+        return f"{value:.4g} (other tokens)" if key == "perplexity" and "perplexity" in model else f"{value:.4g}"
+    return f"{value:.4g} ({ratio:.2f}×)"
 
 
 def _share_cell(model: dict, first: bool) -> str:

@@ -36,10 +36,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from ..store.atomic import pid_exists
+from ..store.atomic import death_signal, pid_exists
 from ..store.locks import NO_LOCKS
 from . import rule_module
 from .job import Job, RunFailure, RunWarning
@@ -158,20 +157,6 @@ def hold_work(work: Path, exclusive: bool, waiting: str | None = None) -> int | 
     return fd
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """What the child runs between fork and exec to be killed when the driver dies (SIGKILL included),
-    Linux only; None elsewhere. prctl is looked up here, in the driver: the child may not import or dlopen,
-    as another thread of the driver (importing torch, say) may have held those locks at the fork."""
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    set_death_signal, kill = 1, int(signal.SIGKILL)  # PR_SET_PDEATHSIG
-    return lambda: prctl(set_death_signal, kill)
-
-
 class _Tail:
     """Reads the progress lines a worker appends, from where it last stopped; a line still being
     written (no newline yet) waits for the next read."""
@@ -208,7 +193,7 @@ def run_launched(job: Job, prefix: list[str]) -> str:
     tail = _Tail(control / "progress.jsonl", job)
     try:
         try:
-            child = subprocess.Popen(command(spec, prefix), env=_environment(), preexec_fn=_die_with_parent())
+            child = subprocess.Popen(command(spec, prefix), env=_environment(), preexec_fn=death_signal())
         except OSError as err:
             raise RunFailure("E560", f"cannot start the launched job for `{job.node.label}`: {err}",
                              "check the --launch command: it must accept `-m MODULE ARGS` like python") from None

@@ -80,7 +80,8 @@ def require_tokenizer(ctx: Context, model: Node, needs: str, argument: str | Non
 
 def no_tokenizer(ctx: Context, model: Node, needs: str, argument: str | None = None) -> bool:
     """E478 for `model`, which has no tokenizer that `needs` could turn text into its tokens with; False."""
-    ctx.error("E478", f"`{model.label}` has no tokenizer, so {needs} cannot turn text into its tokens", argument,
+    who = f"`{model.label}`" if model.names else "this model"  # never the plan's `%id`
+    ctx.error("E478", f"{who} has no tokenizer, so {needs} cannot turn text into its tokens", argument,
               'give the model one: init(..., tokenizer="dir" or tokenizer(corpus, ...)), or a model '
               "directory with tokenizer.json")
     return False

@@ -11,8 +11,10 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 TMP_PREFIX = ".recipec-tmp-"
@@ -63,11 +65,12 @@ def write_text_atomic(path: Path, text: str, follow_links: bool = False) -> None
 def remove_stale_temporaries(directory: Path, owner: str | None = None) -> int:
     """Delete temporaries a killed run left in a directory; returns how many.
 
-    With `owner`, only the temporaries recipec names after that entry (`.recipec-tmp-NAME-PID` and
-    `.recipec-tmp-old-NAME-PID`, as older recipecs named a release being replaced): a directory shared with the user's files loses nothing else; and of
-    those, only the ones whose process is gone. Another live process may be writing the same entry (two
-    ranks of a launched job tokenizing the same data, two runs exporting to one place): removing its
-    temporary from under it would let it publish an entry with files missing.
+    With `owner`, only the temporaries recipec names after that entry (`.recipec-tmp-NAME-PID`, and
+    `.recipec-tmp-old-NAME-PID`, as older recipecs named a release being replaced): a directory shared
+    with the user's files loses nothing else; and of those, only the ones whose process is gone. Another
+    live process may be writing the same entry (two ranks of a launched job tokenizing the same data, two
+    runs exporting to one place): removing its temporary from under it would let it publish an entry with
+    files missing.
     """
     removed = 0
     if not directory.is_dir():
@@ -104,3 +107,17 @@ def pid_exists(pid: int) -> bool:
     except PermissionError:  # someone else's process, alive
         return True
     return True
+
+
+def death_signal() -> Callable[[], None] | None:
+    """What a child process runs to be killed (SIGKILL) when the thread that started it, in its parent,
+    ends (the parent's death included), Linux only; None elsewhere. Looked up here, in the parent: a child
+    between fork and exec may not import or dlopen, as another thread may have held those locks at the fork."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    set_death_signal, kill = 1, int(signal.SIGKILL)  # PR_SET_PDEATHSIG
+    return lambda: prctl(set_death_signal, kill)

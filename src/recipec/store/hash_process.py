@@ -27,6 +27,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .atomic import death_signal
 from .digests import hash_weights
 from .model_dir import ModelFiles, read_model_dir
 
@@ -125,12 +126,11 @@ def _serve(parent: int) -> None:
 
 
 def _die_with(parent: int) -> None:
-    """Be killed when `parent` dies (Linux: PR_SET_PDEATHSIG); if it is already gone, end now."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the closed input still ends it after its request
+    """Be killed when `parent` dies (Linux); if it is already gone, end now. The worker is started from the
+    thread that hashes the inputs, the main thread in a run: the signal follows that thread."""
+    arm = death_signal()
+    if arm is None:  # not Linux: the closed input still ends it after its request
         return
+    arm()
     if os.getppid() != parent:  # it died before the signal was asked for
         os._exit(0)

@@ -124,33 +124,33 @@ def test_the_worker_ends_when_its_parent_closes_it(worker, tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_the_worker_dies_with_a_killed_parent_even_in_the_middle_of_a_request(tmp_path):
-    # A run killed with SIGKILL: the worker's input closes, but a worker hashing gigabytes would read it
-    # only once done. What it runs first (`_die_with`) has it killed with its parent; here the "request"
-    # it is in the middle of is a sleep.
+    # A run killed with SIGKILL: the worker's input closes, but a worker hashing gigabytes would read it only
+    # once done. A stopped worker stands for one that is busy: only the parent-death signal reaches it.
     import os
     import signal
     import subprocess
     import time
 
     src = str(Path(hash_process.__file__).resolve().parents[2])
-    worker = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); "
-              "from recipec.store.hash_process import _die_with; _die_with(os.getppid()); time.sleep(60)")
-    parent = ("import subprocess, sys, time; "
-              f"child = subprocess.Popen([sys.executable, '-c', {worker!r}, sys.argv[1]]); "
-              "print(child.pid, flush=True); time.sleep(60)")
+    parent = ("import sys, time; sys.path.insert(0, sys.argv[1]); from recipec.store import hash_process as h; "
+              "print(h._shared_worker().process.pid, flush=True); time.sleep(60)")
     driver = subprocess.Popen([sys.executable, "-c", parent, src], stdout=subprocess.PIPE, text=True)
+    worker = int(driver.stdout.readline())
     try:
-        child = int(driver.stdout.readline())
-        time.sleep(1)  # the child has started and asked for the signal
-        assert _running(child)
+        time.sleep(1)  # it has booted and asked for the signal
+        os.kill(worker, signal.SIGSTOP)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
         deadline = time.monotonic() + 10
-        while _running(child) and time.monotonic() < deadline:
+        while _running(worker) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _running(child)
+        assert not _running(worker)
     finally:
         driver.kill()
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _running(pid: int) -> bool:

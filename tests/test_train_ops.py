@@ -221,3 +221,13 @@ export wrapped to "out/inscp"
     assert status == 1
     assert "train.rcp:5:11: error[E571]: cannot prepare the data of `wrapped`: the tokenizer has no chat template" in err
     assert "hint: give the op `template=`" in err and "Traceback" not in err
+
+
+def test_a_tokenizer_whose_chat_template_cannot_be_read_is_no_internal_error_at_check(tmp_path, capsys):
+    # Whether a model has a tokenizer (E478) is judged without its chat template; one that cannot be read
+    # (a tokenizer_config.json that is not an object, a template that is not UTF-8) is said where it is read.
+    recipe = workspace(tmp_path, RECIPE)
+    (tmp_path / "tokenizers" / "llama-chat" / "tokenizer_config.json").write_text("[]")
+    status, _, err = run(["check", str(recipe)], capsys)
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert "E478" not in err and err.count("error[E431]") == 2, err  # inscp and sft, which read the template

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..ir.graph import Node
 from ..ir.types import Kind
 from ..store.model_dir import TOKENIZER_FILES
+from ..textprep.errors import TextPrepError
 from ..textprep.templates import DEFAULT_CHAT_TEMPLATE, read_chat_template
 from .base import REGISTRY, Context
 
@@ -73,8 +74,12 @@ def _combination_facts(node: Node, leaves: list[Node], recipe_dir: Path) -> Toke
 
 
 def require_tokenizer(ctx: Context, model: Node, needs: str, argument: str | None = None) -> bool:
-    """False after E478 when `model` is known to have no tokenizer; `needs` says what for ("eval", "cp"...)."""
-    facts = tokenizer_facts(model, ctx.recipe_dir)
+    """False after E478 when `model` is known to have no tokenizer; `needs` says what for ("eval", "cp"...).
+    A tokenizer whose chat template cannot be read is judged where the template is (E479, E571), not here."""
+    try:
+        facts = tokenizer_facts(model, ctx.recipe_dir)
+    except (OSError, TextPrepError):
+        return True
     return facts is None or facts.present or no_tokenizer(ctx, model, needs, argument)
 
 

@@ -48,7 +48,10 @@ def read_chat_template(directory: Path) -> str | None:
     """The chat template a tokenizer directory ships, as transformers finds it, or None."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TextPrepError(f"{jinja} is not UTF-8 text: {e}", "save it as UTF-8") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = directory / name
         if not path.is_file():

@@ -146,7 +146,8 @@ def test_run_locked_names_the_file_parameter_whose_content_moved_the_key(project
     assert tomllib.loads(lock_file(project).read_text())["nodes"]["m"]["params"]["coefficients"] == [0.5, 0.5]
     template.write_text(template.read_text() + "\n")
     status, _, err = run(["run", "--locked", project], capsys)
-    assert status == 65 and "error[E506]: parameter `chat_template` (the file's content) of node `m` differs" in err, err
+    assert status == 65, err
+    assert "error[E506]: parameter `chat_template` (the file's content) of node `m` differs" in err, err
     write_data_file(tokenizer, "tokenizer_config.json", {"model_max_length": 65})
     status, _, err = run(["run", "--locked", project], capsys)
     assert status == 65 and ("error[E506]: parameters `chat_template` (the file's content); `tokenizer` (file "

@@ -170,7 +170,8 @@ class Engine:
         # Every input first, and every problem of every input at once (a malformed line in the last corpus
         # is said before hours of training on the first, not after).
         problems: list[Diagnostic] = []
-        for node in self.program.graph.reachable():
+        nodes = self.program.graph.reachable()
+        for node in nodes:
             if not REGISTRY[node.op].builds:
                 try:
                     by_id[node.id] = self._resolve_input(node)
@@ -178,12 +179,12 @@ class Engine:
                     problems.extend(err.diagnostics)
         if problems:
             raise RecipeError(problems)
-        for node in self.program.graph.reachable():
+        for node in nodes:
             if not REGISTRY[node.op].builds:
                 continue
             inputs = [by_id[i.id].artifact for i in node.inputs]
             by_id[node.id] = self._build(node, inputs, {n.id: by_id[n.id].artifact for n in _upstream(node)})
-        return [by_id[node.id] for node in self.program.graph.reachable()]
+        return [by_id[node.id] for node in nodes]
 
     def _may_build(self) -> bool:
         """Whether this process may have to build a node: one not known to be cached (without reading a

@@ -16,6 +16,7 @@ from .base import ERROR_TYPE, Context, Cost, Input, Op, register
 from .tokenizer_facts import require_tokenizer
 from .train import (
     TRAINING_FIXED_SECONDS,
+    TRAINING_IMPORTS,
     TrainParams,
     check_one_pass,
     check_training,
@@ -63,7 +64,7 @@ class Distill(Op):
     launchable = True
     unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
-    imports = ("torch", "transformers", "accelerate")
+    imports = TRAINING_IMPORTS
     fixed_seconds = TRAINING_FIXED_SECONDS
     rule = "recipec.backends.train.distill:build_distill"
     Params = DistillParams

@@ -29,7 +29,7 @@ from ..ir.types import Kind, Signature, Type
 from .base import ERROR_TYPE, Context, Cost, Input, Op, Params, bytes_read, concurrent_elements, register
 from .text import corpus_tokens
 from .tokenizer_facts import require_tokenizer
-from .train import TRAINING_FIXED_SECONDS, TrainParams, training_flops, training_memory
+from .train import TRAINING_FIXED_SECONDS, TRAINING_IMPORTS, TrainParams, training_flops, training_memory
 from .train_config import TrainConfig, TrainingError, batch_shape, machine_precision, this_machine
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4), "4:8": (4, 8)}
@@ -362,7 +362,7 @@ class Prune(Op):
         if not rounds:
             return cls.imports, cls.fixed_seconds
         # Recovery training in this process, as a training op's worker does it, once per round.
-        return ("torch", "transformers", "accelerate"), TRAINING_FIXED_SECONDS * rounds
+        return TRAINING_IMPORTS, TRAINING_FIXED_SECONDS * rounds
 
     @classmethod
     def cost(cls, inputs, params, out, threads):

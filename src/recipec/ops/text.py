@@ -157,12 +157,11 @@ class ExtendVocab(Op):
     @classmethod
     def output_type(cls, ctx, inputs, params):
         sig = inputs[0].type.signature
-        if sig is not None and (sig.vocab_size is None or not any(t.name in VOCAB_ROW_TENSORS for t in sig.tensors)):
+        rows = sig is None or (sig.vocab_size is not None and any(t.name in VOCAB_ROW_TENSORS for t in sig.tensors))
+        if not rows:
             ctx.error("E443", f"cannot find the vocabulary rows of this {sig.model_type} model", "model",
                       "extend_vocab knows " + ", ".join(f"`{n}`" for n in VOCAB_ROW_TENSORS))
-            require_tokenizer(ctx, inputs[0], "extend_vocab", "model")
-            return ERROR_TYPE
-        if not require_tokenizer(ctx, inputs[0], "extend_vocab", "model"):
+        if not require_tokenizer(ctx, inputs[0], "extend_vocab", "model") or not rows:
             return ERROR_TYPE
         if sig is None:
             return Type(Kind.MODEL, None)  # known once the model is locked

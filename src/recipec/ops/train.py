@@ -74,6 +74,7 @@ class ChatTrainParams(TrainParams):
     system: str | None = Field(None, description="a system prompt put before every example")
 
 
+TRAINING_IMPORTS = ("torch", "transformers", "accelerate")  # what a training process imports (plan's time)
 TRAINING_FIXED_SECONDS = 1.0  # loading the model, tokenizing, the first step's allocations (plan's time)
 
 
@@ -84,7 +85,7 @@ class _Training(Op):
     launchable = True
     unkeyed = frozenset({"save_every"})  # resuming is exact: checkpoints never change the result
     toolchain = ("torch", "transformers", "accelerate", "tokenizers")
-    imports = ("torch", "transformers", "accelerate")
+    imports = TRAINING_IMPORTS
     fixed_seconds = TRAINING_FIXED_SECONDS
     rule = "train:build_train"
     uses_template = False
@@ -259,10 +260,10 @@ def check_one_pass(ctx: Context, params: TrainParams, data: Node, wrapped: bool 
     """Warn (E435) when `steps=` or `tokens=` asks for more than one pass over the data holds, as far as the
     estimate tells: the run stops there (E570), as they read the data once; `epochs=` reads it again."""
     holds = tokens_per_epoch(data, wrapped)
-    if params.tokens is not None:
+    if params.tokens is not None:  # as asked: the run checks what is asked against the data
         needs, asked, argument = params.tokens, f"tokens={params.tokens}", "tokens"
     elif params.steps is not None:
-        needs = params.steps * params.batch * params.seq_len
+        needs = planned_tokens(params, data)
         asked, argument = f"steps={params.steps} at batch={params.batch} and seq_len={params.seq_len}", "steps"
     else:
         return

@@ -410,8 +410,6 @@ class Cache:
             return None, False
 
 
-
-
 @functools.cache  # once per cache and process, however often it is opened
 def _note_older_layouts(root: Path) -> None:
     """Say that the cache directory holds what another recipec's layout stored: it is never read here."""

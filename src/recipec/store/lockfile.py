@@ -1,7 +1,7 @@
 """The lockfile (`FILE.lock`, TOML, generated, sorted): what a recipe was built from and what it built.
 
-Format 3 (2 is read too: it lacks the nodes' parameters). Nothing in it depends on where the project lies: paths are relative to the recipe, content
-is named by hash. It pins
+Format 3 (2 is read too: it lacks the nodes' parameters). Nothing in it depends on where the project
+lies: paths are relative to the recipe, content is named by hash. It pins
 
 - `[recipe]`: the recipe file's name and sha256;
 - `[toolchain]`: the versions of the packages that can change the bytes built;

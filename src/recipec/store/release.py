@@ -356,14 +356,18 @@ def _swap_into_place(new: Path, target: Path, sources: dict[str, Path]) -> Path 
             os.rename(old, target)
         raise
     fsync_dir(target.parent)
-    if old is None:
+    return _retire(old, target, sources) if old is not None else None
+
+
+def _retire(old: Path, target: Path, sources: dict[str, Path] | None = None) -> Path | None:
+    """A release renamed away from `target` once its replacement is in place: removed when it is a release
+    as recipec wrote it, else moved aside and kept (returned: where)."""
+    if is_release(old) and not release_changes(old, sources):
+        shutil.rmtree(old, ignore_errors=True)
         return None
-    if release_changes(old, sources):
-        aside = _aside_name(target)
-        os.rename(old, aside)
-        return aside
-    shutil.rmtree(old, ignore_errors=True)
-    return None
+    aside = _aside_name(target)
+    os.rename(old, aside)
+    return aside
 
 
 # A release being replaced lies under this prefix while the new one is swapped in: not TMP_PREFIX, so that no
@@ -389,10 +393,6 @@ def _recover_interrupted_swaps(target: Path) -> None:
             continue
         if not os.path.lexists(target) and is_release(entry):
             os.rename(entry, target)
-        elif not is_release(entry) or release_changes(entry):
-            aside = _aside_name(target)
-            os.rename(entry, aside)
+        elif (aside := _retire(entry, target)) is not None:
             sys.stderr.write(f"recipec: an export to {target} was interrupted; the release it was replacing, "
                              f"changed since recipec wrote it, is kept as {aside}\n")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
